@@ -1,0 +1,185 @@
+"""Checkpoint I/O in Megatron-LM's layout through megatron-core ``dist_checkpointing`` (torch_dist).
+
+``<root>/latest_checkpointed_iteration.txt`` names ``iter_NNNNNNN`` (or ``release``), which holds the
+torch_dist files and ``common.pt``. This module reads boxes of stored global tensors and saves
+sharded state dicts; it knows nothing of cloning.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .errors import MegacloneError
+from .plan import Box
+
+LATEST = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """A stored global tensor: its full shape (layer axis first when stacked) and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def iteration_dirname(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def find_checkpoint(root: str | os.PathLike) -> Path:
+    """The iteration directory of a Megatron-LM checkpoint root (or the directory itself if it is one)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MegacloneError(f"checkpoint directory {root} does not exist", "pass the directory given to --save in training")
+    if (root / "metadata.json").exists():
+        return root
+    latest = root / LATEST
+    if not latest.exists():
+        raise MegacloneError(
+            f"{root} has no {LATEST}: it is not a complete Megatron-LM checkpoint",
+            "point at the directory training saved into, or at one of its iter_NNNNNNN directories",
+        )
+    text = latest.read_text().strip()
+    iteration: int | str = "release" if text == "release" else int(text)
+    path = root / iteration_dirname(iteration)
+    if not (path / "metadata.json").exists():
+        raise MegacloneError(
+            f"{latest} names {path.name}, but {path} is missing or is not a torch_dist checkpoint",
+            "save with --ckpt-format torch_dist (the default), or pass the right directory",
+        )
+    return path
+
+
+def read_common(ckpt: Path) -> dict[str, Any]:
+    """``common.pt``: args, iteration, checkpoint_version (everything not sharded)."""
+    from megatron.core import dist_checkpointing
+
+    if not (ckpt / "common.pt").exists():
+        raise MegacloneError(f"{ckpt / 'common.pt'} is missing", "the checkpoint is incomplete: save it again")
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    if "args" not in common:
+        raise MegacloneError(
+            f"{ckpt / 'common.pt'} holds no 'args'",
+            "megaclone needs a checkpoint written by Megatron-LM training (or megaclone), which stores its args",
+        )
+    return common
+
+
+def read_tensor_metadata(ckpt: Path) -> dict[str, TensorMeta]:
+    """Global shape and dtype of every stored tensor, keyed by its torch_dist key."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    except Exception as exc:  # the metadata file itself is unreadable
+        raise MegacloneError(f"cannot read the torch_dist metadata of {ckpt}: {exc}", "the checkpoint is damaged") from exc
+    return {key: TensorMeta(tuple(t.global_shape), t.dtype) for key, t in meta.items()}
+
+
+def check_storage(ckpt: Path) -> int:
+    """Every data file the metadata refers to exists and is long enough; returns the total bytes."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = ckpt / name
+        if not path.exists():
+            raise MegacloneError(f"shard file {path} is missing", "copy the complete checkpoint directory")
+        if path.stat().st_size < size:
+            raise MegacloneError(
+                f"shard file {path} is truncated ({path.stat().st_size} bytes, metadata needs {size})",
+                "copy the complete checkpoint directory again",
+            )
+    return sum(needed.values())
+
+
+def read_boxes(ckpt: Path, key: str, meta: TensorMeta, layer: Optional[int], boxes: Sequence[Box]) -> list[torch.Tensor]:
+    """Read grid-aligned boxes of one stored tensor (one layer of it when stacked) in a single load."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    prepend = 0 if layer is None else 1
+    requests = {}
+    for i, box in enumerate(boxes):
+        offsets = box.offsets if layer is None else (layer,) + box.offsets
+        shape = meta.shape[prepend:]
+        requests[f"box{i}"] = ShardedTensor(
+            key=key,
+            data=torch.empty(box.lengths, dtype=meta.dtype),
+            dtype=meta.dtype,
+            local_shape=box.lengths,
+            global_shape=meta.shape,
+            global_offset=offsets,
+            axis_fragmentations=((meta.shape[0],) if prepend else ()) + tuple(max(1, g // n) for g, n in zip(shape, box.lengths)),
+            replica_id=0,
+            prepend_axis_num=prepend,
+        )
+    loaded = dist_checkpointing.load(requests, str(ckpt), validate_access_integrity=False)
+    return [loaded[f"box{i}"] for i in range(len(boxes))]
+
+
+def save_sharded(ckpt: Path, sharded_state_dict: dict[str, Any]) -> None:
+    """Write this rank's part of a sharded state dict (every rank calls it together)."""
+    from megatron.core import dist_checkpointing
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(sharded_state_dict, str(ckpt))
+
+
+def mark_latest(root: Path, iteration: int | str) -> None:
+    """Publish the checkpoint: atomically write the tracker file that makes it loadable."""
+    tmp = root / (LATEST + ".tmp")
+    tmp.write_text(str(iteration))
+    os.replace(tmp, root / LATEST)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _is_checkpoint_entry(path: Path) -> bool:
+    return path.name in (LATEST, LATEST + ".tmp", "release") or path.name.startswith("iter_")
+
+
+def check_destination(dst: Path, overwrite: bool, sources: Sequence[Path]) -> None:
+    """Refuse a destination that overlaps a source, or that is non-empty without ``overwrite``."""
+    dst_r = dst.resolve()
+    for src in sources:
+        src_r = src.resolve()
+        if dst_r == src_r or src_r in dst_r.parents or dst_r in src_r.parents:
+            raise MegacloneError(
+                f"--save {dst} overlaps the source checkpoint {src}; the source is never written to",
+                "choose a --save directory outside the source",
+            )
+    if dst.exists() and not dst.is_dir():
+        raise MegacloneError(f"--save {dst} exists and is not a directory", "choose a directory path")
+    if dst.exists() and any(dst.iterdir()):
+        if not overwrite:
+            raise MegacloneError(f"--save {dst} is not empty", "pass --overwrite to replace it, or choose an empty directory")
+        strangers = [p.name for p in dst.iterdir() if not _is_checkpoint_entry(p)]
+        if strangers:
+            raise MegacloneError(
+                f"--save {dst} holds files that are not a checkpoint ({', '.join(sorted(strangers)[:5])}); "
+                "--overwrite only replaces checkpoints",
+                "choose another directory or remove them yourself",
+            )
+
+
+def clear_destination(dst: Path) -> None:
+    """Remove an old checkpoint: the tracker file first, so no half-deleted state looks complete."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (LATEST, LATEST + ".tmp"):
+        (dst / name).unlink(missing_ok=True)
+    for entry in dst.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()

@@ -1,0 +1,132 @@
+"""Clone rules: the values of a destination slice from the source values it needs.
+
+Given a source piece (the S rows/cols a slice needs) and the slice's destination indices, compute
+the slice (DESIGN.md section 2). No files, no processes: the same function serves every rank and the
+full-materialization path alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .index_maps import NO_SOURCE
+from .noise import stream_key, zero_sum_noise
+from .partition import ParamRule, Role, Split
+
+# Rows of noise generated at once: bounds the float64 working set of a noisy slice.
+_NOISE_CHUNK_ELEMENTS = 1 << 21
+
+
+class Variant(Enum):
+    SYMMETRIC = "symmetric"
+    NOISY_SYMMETRIC = "noisy-symmetric"
+    DIAGONAL = "diagonal"
+    NOISY_DIAGONAL = "noisy-diagonal"
+
+    @property
+    def noisy(self) -> bool:
+        return self in (Variant.NOISY_SYMMETRIC, Variant.NOISY_DIAGONAL)
+
+    @property
+    def diagonal(self) -> bool:
+        return self in (Variant.DIAGONAL, Variant.NOISY_DIAGONAL)
+
+
+@dataclass(frozen=True)
+class CloneConfig:
+    variant: Variant = Variant.SYMMETRIC
+    snr_db: float = 10.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SourcePiece:
+    """Source values ``data`` at S rows ``rows`` (sorted) and S cols ``cols`` (sorted; None for vectors)."""
+
+    data: torch.Tensor
+    rows: np.ndarray
+    cols: Optional[np.ndarray]
+
+
+def _positions(wanted: np.ndarray, have: np.ndarray) -> np.ndarray:
+    """Position of each wanted source index inside the sorted ``have`` (NO_SOURCE -> 0, masked later)."""
+    pos = np.searchsorted(have, np.maximum(wanted, 0))
+    ok = (wanted == NO_SOURCE) | ((pos < len(have)) & (have[np.minimum(pos, len(have) - 1)] == wanted))
+    if not ok.all():
+        raise AssertionError("source piece lacks indices the destination slice needs")
+    return np.where(wanted == NO_SOURCE, 0, pos)
+
+
+def clone_slice(
+    rule: ParamRule,
+    layer: int,
+    piece: SourcePiece,
+    dst_rows: np.ndarray,
+    dst_cols: Optional[np.ndarray],
+    cfg: CloneConfig,
+) -> torch.Tensor:
+    """Destination values at (dst_rows x dst_cols) of ``rule``, in the source's dtype.
+
+    Invariant: for the exact variants, the result equals the corresponding slice of the fully
+    materialized clone; for every variant it depends only on (cfg, rule.key, layer, indices).
+    """
+    src_rows, out_block = rule.rows(dst_rows)
+    values = piece.data.float() if piece.data.dtype != torch.float64 else piece.data
+    values = values.index_select(0, torch.from_numpy(_positions(src_rows, piece.rows)))
+    if rule.cols is not None:
+        src_cols, in_block = rule.cols(dst_cols)
+        values = values.index_select(1, torch.from_numpy(_positions(src_cols, piece.cols)))
+    missing = torch.from_numpy(src_rows == NO_SOURCE)
+    if missing.any():
+        values[missing] = 0
+
+    if rule.role is Role.VECTOR:
+        values = values * rule.scale if rule.scale != 1.0 else values
+    elif rule.role is Role.MATRIX and rule.c_in > 1:
+        if cfg.variant.diagonal:
+            # each output block reads exactly one input block, unscaled
+            keep = (in_block[None, :] == (out_block % rule.c_in)[:, None])
+            values = values * torch.from_numpy(keep).to(values.dtype)
+        else:
+            values = values / rule.c_in
+        if cfg.variant.noisy:
+            sigma = _noise_sigma(rule, piece, src_rows, src_cols, cfg.snr_db)
+            values = values + _noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, sigma).to(values.dtype)
+    return values.to(piece.data.dtype).contiguous()
+
+
+def _noise_sigma(rule: ParamRule, piece: SourcePiece, src_rows, src_cols, snr_db: float) -> torch.Tensor:
+    """Noise standard deviation broadcastable to the slice: power = mean(W_S^2) / 10^(snr/10).
+
+    The mean runs over the axis a rank always reads whole (a column-parallel row's fan-in, a
+    row-parallel column's fan-out), so it is computed locally and is the same on every layout.
+    """
+    sq = piece.data.double().square()
+    scale = 10.0 ** (-snr_db / 10.0)
+    if rule.split is Split.ROW:
+        per_col = sq.mean(dim=0) * scale
+        return per_col.sqrt().index_select(0, torch.from_numpy(_positions(src_cols, piece.cols)))[None, :]
+    per_row = (sq.mean(dim=1) * scale).sqrt()
+    sigma = per_row.index_select(0, torch.from_numpy(_positions(src_rows, piece.rows)))
+    sigma[torch.from_numpy(src_rows == NO_SOURCE)] = 0
+    return sigma[:, None]
+
+
+def _noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, sigma) -> torch.Tensor:
+    key = stream_key(cfg.seed, rule.key, layer)
+    rows_per_chunk = max(1, _NOISE_CHUNK_ELEMENTS // (len(src_cols) * rule.c_in))
+    chunks = []
+    for start in range(0, len(src_rows), rows_per_chunk):
+        sl = slice(start, start + rows_per_chunk)
+        chunks.append(
+            zero_sum_noise(
+                key, src_rows[sl], out_block[sl], src_cols, in_block, rule.cols.src_size, rule.c_out, rule.c_in
+            )
+        )
+    noise = torch.from_numpy(np.concatenate(chunks, axis=0))
+    return noise * sigma

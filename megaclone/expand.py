@@ -1,0 +1,222 @@
+"""The expansion job: every rank reads the source boxes its slices need, clones them, writes its shard.
+
+Order of a run (all ranks together):
+1. read and validate the source (args, stored shapes, shard files) and the request, before writing;
+2. build the destination GPTModel for this rank without initializing it (its shard is the only
+   large allocation), fill it parameter by parameter from source boxes;
+3. save with dist_checkpointing, then, once every rank has finished, publish
+   ``latest_checkpointed_iteration.txt``. A crash before that leaves no checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt_io
+from .clone import CloneConfig, SourcePiece, clone_slice
+from .errors import MegacloneError
+from .model import build_gpt, model_sharded_state_dict
+from .partition import ParamRule, param_rules
+from .plan import SliceTask, plan_rank
+from .runtime import agree, peak_rss_bytes
+from .spec import Factors, ModelSpec, check_divisible, grow
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A validated source checkpoint: where it is, its spec, args and stored tensors."""
+
+    path: Path
+    spec: ModelSpec
+    args: object
+    tensors: dict[str, ckpt_io.TensorMeta]
+    dtype: torch.dtype
+
+
+@dataclass
+class RankReport:
+    """What one rank did; rank 0 gathers them for the summary."""
+
+    rank: int
+    slices: int = 0
+    bytes_read: int = 0
+    bytes_computed: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss: dict[str, int] = field(default_factory=dict)
+
+
+def open_source(root: str | Path, vocab_size: Optional[int] = None) -> Source:
+    """Read and check a source checkpoint: args present, every tensor the model needs stored with the
+    shape its args imply, every shard file present and complete."""
+    path = ckpt_io.find_checkpoint(root)
+    common = ckpt_io.read_common(path)
+    spec = ModelSpec.from_args(common["args"], vocab_size=vocab_size)
+    tensors = ckpt_io.read_tensor_metadata(path)
+    ckpt_io.check_storage(path)
+    rules = param_rules(spec, spec)
+    for rule in rules:
+        expected = ((spec.num_layers,) if rule.per_layer else ()) + rule.src_shape
+        meta = tensors.get(rule.key)
+        if meta is None:
+            raise MegacloneError(
+                f"the source checkpoint {path} has no tensor {rule.key!r}, which its args imply",
+                "check that the args in common.pt describe the saved model (e.g. swiglu, add_bias_linear, "
+                "position_embedding_type, untie_embeddings_and_output_weights)",
+            )
+        if meta.shape != expected:
+            raise MegacloneError(
+                f"source tensor {rule.key!r} has shape {meta.shape}, but the checkpoint args imply {expected}",
+                "the checkpoint args do not match its weights; fix the args or re-save the checkpoint",
+            )
+    dtypes = {tensors[r.key].dtype for r in rules}
+    if len(dtypes) != 1:
+        raise MegacloneError(f"source parameters mix dtypes {sorted(map(str, dtypes))}", "save the source in one dtype")
+    return Source(path, spec, common["args"], tensors, dtypes.pop())
+
+
+def destination_spec(source: Source, factors: Factors, tp: int) -> ModelSpec:
+    dst = grow(source.spec, factors, tp)
+    check_divisible(dst)
+    return dst
+
+
+def _slot_index(model_sd: dict) -> dict[tuple[str, Optional[int]], torch.Tensor]:
+    """(torch_dist key, layer) -> the parameter tensor this rank fills."""
+    slots = {}
+    for name, item in model_sd.items():
+        data = getattr(item, "data", None)
+        if not isinstance(data, torch.Tensor) or name.endswith("_extra_state"):
+            continue
+        match = _LAYER.match(name)
+        slots[(item.key, int(match.group(1)) if match else None)] = data
+    return slots
+
+
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def read_piece(source: Source, task: SliceTask) -> tuple[SourcePiece, int]:
+    """The source values a slice needs, assembled from its grid-aligned boxes; also the bytes read."""
+    grid = task.boxes
+    flat = [box for row in grid for box in row]
+    parts = iter(ckpt_io.read_boxes(source.path, task.rule.key, source.tensors[task.rule.key], task.layer, flat))
+    data = _cat([_cat([next(parts) for _ in row], dim=-1) for row in grid], dim=0)
+    return SourcePiece(data, task.src_rows, task.src_cols), sum(b.numel for b in flat) * data.element_size()
+
+
+def fill_rank(
+    source: Source,
+    dst_spec: ModelSpec,
+    model_sd: dict,
+    tp_rank: int,
+    cfg: CloneConfig,
+    report: RankReport,
+    on_slice: Optional[Callable[[SliceTask, int], None]] = None,
+) -> None:
+    """Compute every destination slice this rank owns into the model's parameter tensors."""
+    rules = param_rules(source.spec, dst_spec)
+    slots = _slot_index(model_sd)
+    for task in plan_rank(rules, source.spec.num_layers, dst_spec.tensor_parallel, tp_rank):
+        target = slots.pop((task.rule.key, task.layer))
+        t0 = time.perf_counter()
+        piece, nbytes = read_piece(source, task)
+        t1 = time.perf_counter()
+        values = clone_slice(task.rule, task.layer or 0, piece, task.dst_rows, task.dst_cols, cfg)
+        if values.shape != target.shape:
+            raise AssertionError(f"{task.rule.key}: computed {tuple(values.shape)}, model holds {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(values)
+        t2 = time.perf_counter()
+        report.slices += 1
+        report.bytes_read += nbytes
+        report.bytes_computed += values.numel() * values.element_size()
+        report.seconds["read"] = report.seconds.get("read", 0.0) + t1 - t0
+        report.seconds["compute"] = report.seconds.get("compute", 0.0) + t2 - t1
+        if on_slice is not None:
+            on_slice(task, values.numel() * values.element_size())
+    if slots:
+        raise AssertionError(f"destination parameters without a clone rule: {sorted(k for k, _ in slots)}")
+
+
+def expand(
+    src_root: str | Path,
+    dst_root: str | Path,
+    factors: Factors,
+    tp: int,
+    cfg: CloneConfig = CloneConfig(),
+    overwrite: bool = False,
+    vocab_size: Optional[int] = None,
+    device: torch.device = torch.device("cpu"),
+    on_slice: Optional[Callable[[SliceTask, int], None]] = None,
+) -> list[RankReport]:
+    """Expand ``src_root`` into ``dst_root`` at TP ``tp``; returns every rank's report (on every rank).
+
+    The world may hold several TP groups (data-parallel replicas): each computes the same shard and
+    megatron-core writes only the main replica.
+    """
+    from megatron.core import parallel_state
+
+    from .runtime import init_parallel
+
+    start = time.perf_counter()
+    world = dist.get_world_size()
+    dst_root = Path(dst_root)
+    src_root = Path(src_root)
+
+    def validate():
+        if world % tp:
+            raise MegacloneError(f"world size {world} is not a multiple of --tp {tp}", f"launch with --nproc_per_node {tp}")
+        source = open_source(src_root, vocab_size)
+        dst_spec = destination_spec(source, factors, tp)
+        ckpt_io.check_destination(dst_root, overwrite, [src_root, source.path])
+        return source, dst_spec
+
+    source, dst_spec = agree(validate)
+    if dist.get_rank() == 0:
+        ckpt_io.clear_destination(dst_root)
+    dist.barrier()
+
+    report = RankReport(rank=dist.get_rank())
+    report.seconds["start-up"] = time.perf_counter() - start
+    init_parallel(tp)
+    model = build_gpt(dst_spec, dtype=source.dtype, device=device)
+    model_sd = model_sharded_state_dict(model)
+    fill_rank(source, dst_spec, model_sd, parallel_state.get_tensor_model_parallel_rank(), cfg, report, on_slice)
+
+    t0 = time.perf_counter()
+    iteration_dir = dst_root / ckpt_io.iteration_dirname(0)
+    state = {
+        "model": model_sd,
+        "args": dst_spec.to_args(source.args),
+        "iteration": 0,
+        "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
+        "megaclone": {
+            "factors": dataclasses.asdict(factors),
+            "variant": cfg.variant.value,
+            "snr_db": cfg.snr_db,
+            "seed": cfg.seed,
+            "source": str(source.path.resolve()),
+        },
+    }
+    ckpt_io.save_sharded(iteration_dir, state)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        ckpt_io.mark_latest(dst_root, 0)
+    report.seconds["write"] = time.perf_counter() - t0
+    report.seconds["total"] = time.perf_counter() - start
+    report.peak_rss = peak_rss_bytes()
+    del model, model_sd
+    reports: list[Optional[RankReport]] = [None] * world
+    dist.all_gather_object(reports, report)
+    return reports  # type: ignore[return-value]

@@ -1,0 +1,136 @@
+"""megatron-core GPTModel for a ModelSpec at the current tensor-parallel layout, and its state I/O.
+
+The destination's on-disk layout is whatever megatron-core's own ``GPTModel.sharded_state_dict``
+says, so megaclone never writes a look-alike of Megatron's format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .spec import ModelSpec
+
+# Transformer Engine norms (TE >= 1.13) request an _extra_state the local spec does not write; a
+# destination carries it so Megatron-LM's default TE-spec model loads the checkpoint.
+TE_ONLY_OBJECTS = ("decoder.final_layernorm._extra_state",)
+
+
+def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device, initialize: bool):
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.kv_channels,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        normalization=spec.normalization,
+        layernorm_epsilon=spec.norm_epsilon,
+        add_bias_linear=spec.add_bias_linear,
+        add_qkv_bias=spec.add_qkv_bias,
+        gated_linear_unit=spec.swiglu,
+        activation_func=torch.nn.functional.silu if spec.swiglu else torch.nn.functional.gelu,
+        tensor_model_parallel_size=spec.tensor_parallel,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=device.type == "cpu",
+        perform_initialization=initialize,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+    )
+
+
+def build_gpt(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+              initialize: bool = False):
+    """A GPTModel of ``spec`` sharded over the current megatron-core TP group (local layer spec).
+
+    With ``initialize=False`` the parameters are allocated but not written (the expander fills them).
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    device = device or torch.device("cpu")
+    model = GPTModel(
+        config=transformer_config(spec, dtype, device, initialize),
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization=spec.normalization),
+        vocab_size=spec.padded_vocab_size,
+        max_sequence_length=spec.max_position_embeddings,
+        pre_process=True,
+        post_process=True,
+        share_embeddings_and_output_weights=spec.tied,
+        position_embedding_type=spec.position_embedding_type,
+        rotary_percent=spec.rotary_percent,
+        rotary_base=spec.rotary_base,
+    )
+    return model.to(device)
+
+
+def model_sharded_state_dict(model) -> dict[str, Any]:
+    """``model.sharded_state_dict()`` plus the empty objects a Transformer Engine model requests."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    sd = model.sharded_state_dict()
+    replica = (0, parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank())
+    for key in TE_ONLY_OBJECTS:
+        sd.setdefault(key, ShardedObject(key, None, (1,), (0,), replica_id=replica))
+    return sd
+
+
+def load_model(model, ckpt: Path) -> dict[str, Any]:
+    """Load a checkpoint's model weights into ``model`` (resharding as needed); returns common state."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
+    model.load_state_dict(state["model"], strict=True)
+    return state
+
+
+def causal_mask(seq: int, device: torch.device | None = None) -> torch.Tensor:
+    """Megatron's attention mask convention: True where a query may NOT attend (the future)."""
+    return torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+def causal_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Eval-mode logits [batch, seq, vocab/TP] of this rank's vocab slice (explicit causal mask)."""
+    model.eval()
+    batch, seq = tokens.shape
+    positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, seq)
+    with torch.no_grad():
+        return model(tokens, positions, causal_mask(seq, tokens.device))
+
+
+def save_model_checkpoint(model, args: Any, root: Path, iteration: int) -> Path:
+    """Save ``model`` as Megatron-LM training does (torch_dist, common args) and publish it."""
+    import torch.distributed as dist
+
+    from . import checkpoint as ckpt_io
+
+    root = Path(root)
+    path = root / ckpt_io.iteration_dirname(iteration)
+    if dist.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    state = {
+        "model": model_sharded_state_dict(model),
+        "args": args,
+        "iteration": iteration,
+        "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
+    }
+    ckpt_io.save_sharded(path, state)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        ckpt_io.mark_latest(root, iteration)
+    dist.barrier()
+    return path

@@ -1,0 +1,153 @@
+"""Process start-up: rank discovery (torchrun or mpirun), device and backend choice, CPU shims.
+
+Nothing here knows about cloning or checkpoints. Every tool calls :func:`init_distributed` once, then
+:func:`init_parallel` for each tensor-parallel layout it needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable, Optional, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its rank in the world, the device for tensors and the backend."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+    launcher: str  # "torchrun", "mpirun" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(requested: Optional[str] = None) -> tuple[torch.device, str]:
+    """CUDA with NCCL when a GPU is visible, else CPU with gloo; ``requested`` ('cpu'/'cuda') overrides."""
+    kind = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", "0")))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device()), "nccl"
+    _install_cpu_shims()
+    return torch.device("cpu"), "gloo"
+
+
+def _install_cpu_shims() -> None:
+    """Let megatron-core build and run models without a GPU (see DESIGN.md section 5).
+
+    megatron-core asks torch.cuda for the current device, synchronizes, and forks a CUDA RNG tracker;
+    on CPU those become the CPU device, a no-op and a null context.
+    """
+    from megatron.core.tensor_parallel import random as tp_random
+
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+    tp_random.CudaRNGStatesTracker.fork = (  # type: ignore[method-assign]
+        lambda self, name="model-parallel-rng": contextlib.nullcontext()
+    )
+
+
+def _mpi_world() -> Optional[tuple[int, int]]:
+    """(rank, world) from mpi4py when launched by mpirun/mpiexec, else None."""
+    if not any(v in os.environ for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")):
+        return None
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    return comm.Get_rank(), comm.Get_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: Optional[str] = None, timeout_minutes: float = 10.0) -> Runtime:
+    """Join (or create) the default process group.
+
+    torchrun supplies RANK/WORLD_SIZE/MASTER_ADDR; under mpirun mpi4py supplies rank and world and
+    rank 0 broadcasts a rendezvous address; a plain ``python`` start is a world of one. Collectives
+    time out after ``timeout_minutes`` so a dead peer turns into an error rather than a hang.
+    """
+    dev, backend = pick_device(device)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if dist.is_initialized():
+        return Runtime(dist.get_rank(), dist.get_world_size(), dev, backend, "existing")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+        launcher = "torchrun"
+    else:
+        mpi = _mpi_world()
+        if mpi is not None:
+            from mpi4py import MPI
+
+            rank, world = mpi
+            addr = MPI.COMM_WORLD.bcast(
+                f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{_free_port()}" if rank == 0 else None,
+                root=0,
+            )
+            launcher = "mpirun"
+        else:
+            rank, world, addr, launcher = 0, 1, f"tcp://127.0.0.1:{_free_port()}", "single"
+        dist.init_process_group(backend, init_method=addr, rank=rank, world_size=world, timeout=timeout)
+    return Runtime(dist.get_rank(), dist.get_world_size(), dev, backend, launcher)
+
+
+def init_parallel(tensor_parallel: int) -> None:
+    """(Re)initialize megatron-core's parallel state with the given TP; the rest of the world is DP."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+
+
+def peak_rss_bytes() -> dict[str, int]:
+    """Peak resident memory of this process and of its largest finished child (e.g. save helpers)."""
+    import resource
+
+    return {
+        "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+    }
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def agree(check: Callable[[], T]) -> T:
+    """Run a validation on every rank; if any rank refuses, every rank raises the same error.
+
+    Keeps ranks from diverging (one raising while the others wait in a collective) on bad input.
+    """
+    from .errors import MegacloneError
+
+    error: Optional[MegacloneError] = None
+    result = None
+    try:
+        result = check()
+    except MegacloneError as exc:
+        error = exc
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else (error.problem, error.fix))
+    for found in errors:
+        if found is not None:
+            raise MegacloneError(*found)
+    return result  # type: ignore[return-value]

@@ -1,0 +1,123 @@
+"""Per-rank function-preservation check: the wide model's logits against the small model's.
+
+Every rank builds the destination GPTModel at its TP and computes its own vocab slice of the logits;
+the source model runs at the largest TP its shape allows within the same world, and its logits are
+gathered so each rank compares the matching slice over the real vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt_io
+from .errors import MegacloneError
+from .model import build_gpt, causal_logits, load_model
+from .runtime import agree, init_parallel
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """One rank's comparison over vocab ids [vocab_start, vocab_stop)."""
+
+    rank: int
+    vocab_start: int
+    vocab_stop: int
+    max_abs: float
+    max_rel: float  # max |D - S| / max |S| over the compared slice
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel <= self.tol
+
+    def line(self) -> str:
+        verdict = "ok" if self.ok else "FAIL"
+        return (
+            f"rank {self.rank}: vocab [{self.vocab_start}, {self.vocab_stop}) "
+            f"max abs diff {self.max_abs:.3e}  max rel diff {self.max_rel:.3e}  (tol {self.tol:.0e}) {verdict}"
+        )
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    return {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+
+
+def _open(root: Path) -> tuple[Path, ModelSpec, torch.dtype]:
+    path = ckpt_io.find_checkpoint(root)
+    spec = ModelSpec.from_args(ckpt_io.read_common(path)["args"])
+    meta = ckpt_io.read_tensor_metadata(path)
+    return path, spec, meta["embedding.word_embeddings.weight"].dtype
+
+
+def _largest_tp(spec: ModelSpec, world: int) -> int:
+    sizes = (spec.num_attention_heads, spec.num_query_groups, spec.ffn_hidden_size, spec.padded_vocab_size)
+    return max(d for d in range(1, world + 1) if world % d == 0 and all(s % d == 0 for s in sizes))
+
+
+def _full_logits(spec: ModelSpec, path: Path, dtype: torch.dtype, tokens: torch.Tensor, device) -> torch.Tensor:
+    """Logits over the whole padded vocab, computed at the largest feasible TP and gathered."""
+    from megatron.core import parallel_state
+
+    import dataclasses
+
+    tp = _largest_tp(spec, dist.get_world_size())
+    init_parallel(tp)
+    model = build_gpt(dataclasses.replace(spec, tensor_parallel=tp), dtype=dtype, device=device)
+    load_model(model, path)
+    local = causal_logits(model, tokens).float()
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def verify(
+    src_root: Path,
+    dst_root: Path,
+    tokens: Optional[torch.Tensor] = None,
+    tol: Optional[float] = None,
+    device: torch.device = torch.device("cpu"),
+    seed: int = 0,
+) -> list[RankResult]:
+    """Compare per-rank logits; returns every rank's result on every rank."""
+    from megatron.core import parallel_state
+
+    def validate():
+        src = _open(Path(src_root))
+        dst = _open(Path(dst_root))
+        if dist.get_world_size() % dst[1].tensor_parallel:
+            raise MegacloneError(
+                f"the destination has TP {dst[1].tensor_parallel}, but the world size is {dist.get_world_size()}",
+                f"launch with --nproc_per_node {dst[1].tensor_parallel}",
+            )
+        return src, dst
+
+    (src_path, src_spec, src_dtype), (dst_path, dst_spec, dst_dtype) = agree(validate)
+    if tokens is None:
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, src_spec.vocab_size, (2, min(32, src_spec.max_position_embeddings)), generator=gen)
+    tokens = tokens.to(device)
+    reference = _full_logits(src_spec, src_path, src_dtype, tokens, device)
+
+    init_parallel(dst_spec.tensor_parallel)
+    model = build_gpt(dst_spec, dtype=dst_dtype, device=device)
+    load_model(model, dst_path)
+    local = causal_logits(model, tokens).float()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    width = local.shape[-1]
+    start, stop = rank * width, min((rank + 1) * width, src_spec.vocab_size, dst_spec.vocab_size)
+    stop = max(start, stop)
+    expected = reference[..., start:stop]
+    diff = (local[..., : stop - start] - expected).abs()
+    max_abs = diff.max().item() if diff.numel() else 0.0
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    result = RankResult(dist.get_rank(), start, stop, max_abs, max_abs / max(scale, 1e-30),
+                        tol if tol is not None else default_tolerance(dst_dtype))
+    results: list = [None] * dist.get_world_size()
+    dist.all_gather_object(results, result)
+    return results
