@@ -56,7 +56,8 @@ class SourcePiece:
 def _positions(wanted: np.ndarray, have: np.ndarray) -> np.ndarray:
     """Position of each wanted source index inside the sorted ``have`` (NO_SOURCE -> 0, masked later)."""
     pos = np.searchsorted(have, np.maximum(wanted, 0))
-    ok = (wanted == NO_SOURCE) | ((pos < len(have)) & (have[np.minimum(pos, len(have) - 1)] == wanted))
+    found = (pos < len(have)) & (have[np.minimum(pos, len(have) - 1)] == wanted) if len(have) else False
+    ok = (wanted == NO_SOURCE) | found
     if not ok.all():
         raise AssertionError("source piece lacks indices the destination slice needs")
     return np.where(wanted == NO_SOURCE, 0, pos)
@@ -76,14 +77,8 @@ def clone_slice(
     materialized clone; for every variant it depends only on (cfg, rule.key, layer, indices).
     """
     src_rows, out_block = rule.rows(dst_rows)
-    values = piece.data.float() if piece.data.dtype != torch.float64 else piece.data
-    values = values.index_select(0, torch.from_numpy(_positions(src_rows, piece.rows)))
-    if rule.cols is not None:
-        src_cols, in_block = rule.cols(dst_cols)
-        values = values.index_select(1, torch.from_numpy(_positions(src_cols, piece.cols)))
-    missing = torch.from_numpy(src_rows == NO_SOURCE)
-    if missing.any():
-        values[missing] = 0
+    src_cols, in_block = rule.cols(dst_cols) if rule.cols is not None else (None, None)
+    values = _gather(piece, src_rows, src_cols)
 
     if rule.role is Role.VECTOR:
         values = values * rule.scale if rule.scale != 1.0 else values
@@ -100,14 +95,31 @@ def clone_slice(
     return values.to(piece.data.dtype).contiguous()
 
 
+def _gather(piece: SourcePiece, src_rows: np.ndarray, src_cols: Optional[np.ndarray]) -> torch.Tensor:
+    """values[r, c] = S[src_rows[r], src_cols[c]] in the working dtype; rows with NO_SOURCE are zero."""
+    work = torch.float64 if piece.data.dtype == torch.float64 else torch.float32
+    shape = (len(src_rows),) + (() if src_cols is None else (len(src_cols),))
+    if len(piece.rows) == 0:
+        return torch.zeros(shape, dtype=work)
+    values = piece.data.to(work).index_select(0, torch.from_numpy(_positions(src_rows, piece.rows)))
+    if src_cols is not None:
+        values = values.index_select(1, torch.from_numpy(_positions(src_cols, piece.cols)))
+    missing = torch.from_numpy(src_rows == NO_SOURCE)
+    if missing.any():
+        values[missing] = 0
+    return values
+
+
 def _noise_sigma(rule: ParamRule, piece: SourcePiece, src_rows, src_cols, snr_db: float) -> torch.Tensor:
     """Noise standard deviation broadcastable to the slice: power = mean(W_S^2) / 10^(snr/10).
 
     The mean runs over the axis a rank always reads whole (a column-parallel row's fan-in, a
     row-parallel column's fan-out), so it is computed locally and is the same on every layout.
     """
-    sq = piece.data.double().square()
     scale = 10.0 ** (-snr_db / 10.0)
+    if len(piece.rows) == 0:
+        return torch.zeros(len(src_rows), 1, dtype=torch.float64)
+    sq = piece.data.double().square()
     if rule.split is Split.ROW:
         per_col = sq.mean(dim=0) * scale
         return per_col.sqrt().index_select(0, torch.from_numpy(_positions(src_cols, piece.cols)))[None, :]

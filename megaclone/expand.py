@@ -107,11 +107,19 @@ def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 
 def read_piece(source: Source, task: SliceTask) -> tuple[SourcePiece, int]:
-    """The source values a slice needs, assembled from its grid-aligned boxes; also the bytes read."""
+    """The source values a slice needs, assembled from its grid-aligned boxes; also the bytes read.
+
+    Loading is collective, so a rank that needs nothing (vocab rows past the source) still takes part.
+    """
     grid = task.boxes
     flat = [box for row in grid for box in row]
-    parts = iter(ckpt_io.read_boxes(source.path, task.rule.key, source.tensors[task.rule.key], task.layer, flat))
-    data = _cat([_cat([next(parts) for _ in row], dim=-1) for row in grid], dim=0)
+    meta = source.tensors[task.rule.key]
+    parts = iter(ckpt_io.read_boxes(source.path, task.rule.key, meta, task.layer, flat))
+    if grid:
+        data = _cat([_cat([next(parts) for _ in row], dim=-1) for row in grid], dim=0)
+    else:
+        width = () if task.src_cols is None else (len(task.src_cols),)
+        data = torch.empty((0,) + width, dtype=meta.dtype)
     return SourcePiece(data, task.src_rows, task.src_cols), sum(b.numel for b in flat) * data.element_size()
 
 

@@ -37,7 +37,7 @@ class RankResult:
         return self.max_rel <= self.tol
 
     def line(self) -> str:
-        verdict = "ok" if self.ok else "FAIL"
+        verdict = ("ok" if self.ok else "FAIL") + ("" if self.vocab_stop > self.vocab_start else " (padding rows only)")
         return (
             f"rank {self.rank}: vocab [{self.vocab_start}, {self.vocab_stop}) "
             f"max abs diff {self.max_abs:.3e}  max rel diff {self.max_rel:.3e}  (tol {self.tol:.0e}) {verdict}"
@@ -83,6 +83,8 @@ def verify(
     tol: Optional[float] = None,
     device: torch.device = torch.device("cpu"),
     seed: int = 0,
+    batch: int = 2,
+    seq_length: int = 32,
 ) -> list[RankResult]:
     """Compare per-rank logits; returns every rank's result on every rank."""
     from megatron.core import parallel_state
@@ -100,7 +102,13 @@ def verify(
     (src_path, src_spec, src_dtype), (dst_path, dst_spec, dst_dtype) = agree(validate)
     if tokens is None:
         gen = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(0, src_spec.vocab_size, (2, min(32, src_spec.max_position_embeddings)), generator=gen)
+        shape = (batch, min(seq_length, src_spec.max_position_embeddings))
+        tokens = torch.randint(0, src_spec.vocab_size, shape, generator=gen)
+    if int(tokens.max()) >= src_spec.vocab_size or tokens.shape[1] > src_spec.max_position_embeddings:
+        raise MegacloneError(
+            f"tokens exceed the model (vocab {src_spec.vocab_size}, positions {src_spec.max_position_embeddings})",
+            "use a shorter --seq-length, or text whose byte values fit the vocabulary",
+        )
     tokens = tokens.to(device)
     reference = _full_logits(src_spec, src_path, src_dtype, tokens, device)
 
@@ -121,3 +129,13 @@ def verify(
     results: list = [None] * dist.get_world_size()
     dist.all_gather_object(results, result)
     return results
+
+
+def text_tokens(path: str | Path, batch: int, seq_length: int) -> torch.Tensor:
+    """Byte-level tokens of a UTF-8 file: ``batch`` consecutive windows of ``seq_length`` bytes."""
+    data = Path(path).read_bytes()
+    need = batch * seq_length
+    if len(data) < need:
+        raise MegacloneError(f"{path} has {len(data)} bytes, fewer than batch x seq-length = {need}",
+                             "pass a longer file or a smaller --batch / --seq-length")
+    return torch.tensor(list(data[:need]), dtype=torch.long).view(batch, seq_length)

@@ -1,0 +1,49 @@
+"""Shared shell for the command-line tools: error reporting and rank-0 printing.
+
+The tools in tools/ parse flags and call the library; this module only turns a MegacloneError into a
+clear message and exit code 2, and keeps output to rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+import torch.distributed as dist
+
+from .errors import MegacloneError
+
+EXIT_BAD_INPUT = 2
+
+
+def rank0_print(*args, **kwargs) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def run(main: Callable[[], int]) -> None:
+    """Run a tool's main; a MegacloneError prints 'error: ...' (once) and exits 2."""
+    try:
+        code = main()
+    except MegacloneError as exc:
+        rank0_print(f"error: {exc}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda (NCCL) when a GPU is visible, else cpu (gloo)")
+    parser.add_argument("--timeout-minutes", type=float, default=10.0,
+                        help="collective timeout: a dead peer becomes an error after this long (default 10)")

@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Grow a Megatron GPT checkpoint in width with HyperCloning, one process per destination TP rank.
+
+    torchrun --nproc_per_node 8 tools/expand_sharded.py --load small_ckpt --save wide_ckpt --tp 8 --factor 2
+    mpirun -n 8 python tools/expand_sharded.py --load small_ckpt --save wide_ckpt --tp 8 --factor 2
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megaclone import cli  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="source checkpoint root (Megatron-LM torch_dist layout)")
+    p.add_argument("--save", required=True, help="destination checkpoint root (created; must be empty)")
+    p.add_argument("--tp", type=int, required=True, help="destination tensor-parallel size = world size")
+    p.add_argument("--factor", type=int, default=2, help="growth factor for hidden, heads and FFN (default 2)")
+    p.add_argument("--hidden-factor", type=int, help="override the hidden-size factor")
+    p.add_argument("--head-factor", type=int, help="override the attention heads / query groups factor")
+    p.add_argument("--ffn-factor", type=int, help="override the FFN factor")
+    p.add_argument("--variant", default="symmetric",
+                   choices=["symmetric", "noisy-symmetric", "diagonal", "noisy-diagonal"])
+    p.add_argument("--snr-db", type=float, default=10.0, help="signal-to-noise ratio of the noisy variants (dB)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (noise never depends on rank or layout)")
+    p.add_argument("--vocab-size", type=int, help="true vocabulary size (default: args.vocab_size, else padded)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --save")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
+    cli.add_device_flags(p)
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
+    import torch.distributed as dist
+
+    from megaclone.clone import CloneConfig, Variant
+    from megaclone.errors import MegacloneError
+    from megaclone.expand import expand
+    from megaclone.progress import ExpandProgress, summary_table
+    from megaclone.runtime import init_distributed
+    from megaclone.spec import Factors
+
+    rt = init_distributed(args.device, args.timeout_minutes)
+    if rt.world_size != args.tp:
+        raise MegacloneError(
+            f"--tp {args.tp} but {rt.world_size} processes were started",
+            f"launch with torchrun --nproc_per_node {args.tp} (or mpirun -n {args.tp})",
+        )
+    factors = Factors(
+        args.hidden_factor or args.factor, args.head_factor or args.factor, args.ffn_factor or args.factor
+    )
+    progress = ExpandProgress(enabled=rt.is_main and not args.no_progress)
+    reports = expand(
+        args.load, args.save, factors, args.tp,
+        CloneConfig(Variant(args.variant), args.snr_db, args.seed),
+        overwrite=args.overwrite, vocab_size=args.vocab_size, device=rt.device, on_slice=progress.update,
+    )
+    progress.close()
+    if rt.is_main:
+        print(summary_table(reports, args.save), flush=True)
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
