@@ -105,28 +105,31 @@ def check_storage(ckpt: Path) -> int:
 
 
 def read_boxes(ckpt: Path, key: str, meta: TensorMeta, layer: Optional[int], boxes: Sequence[Box]) -> list[torch.Tensor]:
-    """Read grid-aligned boxes of one stored tensor (one layer of it when stacked) in a single load."""
+    """Read boxes of one stored tensor (one layer of it when stacked) in a single collective load.
+
+    Each box is requested as an irregular shard (no ``axis_fragmentations``), which megatron-core
+    hands to torch DCP as a checkpointable chunk: any offset and extent is read exactly, touching only
+    the stored chunks it overlaps. A stacked tensor is addressed as plain N-D with a layer extent of 1.
+    """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    prepend = 0 if layer is None else 1
+    lead = () if layer is None else (1,)
     requests = {}
     for i, box in enumerate(boxes):
-        offsets = box.offsets if layer is None else (layer,) + box.offsets
-        shape = meta.shape[prepend:]
+        shape = lead + box.lengths
         requests[f"box{i}"] = ShardedTensor(
             key=key,
-            data=torch.empty(box.lengths, dtype=meta.dtype),
+            data=torch.empty(shape, dtype=meta.dtype),
             dtype=meta.dtype,
-            local_shape=box.lengths,
+            local_shape=shape,
             global_shape=meta.shape,
-            global_offset=offsets,
-            axis_fragmentations=((meta.shape[0],) if prepend else ()) + tuple(max(1, g // n) for g, n in zip(shape, box.lengths)),
+            global_offset=(() if layer is None else (layer,)) + box.offsets,
+            axis_fragmentations=None,
             replica_id=0,
-            prepend_axis_num=prepend,
         )
     loaded = dist_checkpointing.load(requests, str(ckpt), validate_access_integrity=False)
-    return [loaded[f"box{i}"] for i in range(len(boxes))]
+    return [loaded[f"box{i}"].reshape(box.lengths) for i, box in enumerate(boxes)]
 
 
 def save_sharded(ckpt: Path, sharded_state_dict: dict[str, Any]) -> None:

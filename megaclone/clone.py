@@ -81,7 +81,7 @@ def clone_slice(
     values = _gather(piece, src_rows, src_cols)
 
     if rule.role is Role.VECTOR:
-        values = values * rule.scale if rule.scale != 1.0 else values
+        values = values / rule.divisor if rule.divisor != 1 else values
     elif rule.role is Role.MATRIX and rule.c_in > 1:
         if cfg.variant.diagonal:
             # each output block reads exactly one input block, unscaled

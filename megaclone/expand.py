@@ -107,7 +107,7 @@ def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 
 def read_piece(source: Source, task: SliceTask) -> tuple[SourcePiece, int]:
-    """The source values a slice needs, assembled from its grid-aligned boxes; also the bytes read.
+    """The source values a slice needs, assembled from its boxes; also the bytes read.
 
     Loading is collective, so a rank that needs nothing (vocab rows past the source) still takes part.
     """

@@ -35,7 +35,7 @@ class Role(Enum):
 
     MATRIX = "matrix"  # W_D[i, j] = W_S[i', j'] / c_in (+ noise), or the diagonal variant
     EMBEDDING = "embedding"  # a lookup table: tiled along hidden, never scaled
-    VECTOR = "vector"  # bias / norm: tiled, scaled only by ``scale``
+    VECTOR = "vector"  # bias / norm: tiled, divided only by ``divisor``
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ParamRule:
     split: Split
     role: Role
     per_layer: bool
-    scale: float = 1.0  # vectors only (the tied final norm takes 1/n)
+    divisor: int = 1  # vectors only (the tied final norm is divided by n)
 
     @property
     def src_shape(self) -> tuple[int, ...]:
@@ -115,10 +115,10 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
     if src.add_bias_linear:
         rules.append(ParamRule(f"{layer}mlp.linear_fc2.bias", hidden, None, Split.REPLICATED, Role.VECTOR, True))
     # Tied: the output layer reuses the unscaled embedding, so the final norm carries the 1/n.
-    final_scale = 1.0 / n if src.tied else 1.0
+    final_divisor = n if src.tied else 1
     for name in norm_names:
         rules.append(
-            ParamRule(f"decoder.final_layernorm.{name}", hidden, None, Split.REPLICATED, Role.VECTOR, False, final_scale)
+            ParamRule(f"decoder.final_layernorm.{name}", hidden, None, Split.REPLICATED, Role.VECTOR, False, final_divisor)
         )
     if not src.tied:
         rules.append(ParamRule("output_layer.weight", vocab, hidden, Split.COLUMN, Role.MATRIX, False))

@@ -1,7 +1,8 @@
 """Per-rank planner: for each destination slice a rank owns, exactly which source boxes it reads.
 
-A box is a rectangle of a source global tensor on megatron-core's grid (on every axis its offset is
-a multiple of its extent), so ``dist_checkpointing.load`` can read it directly. Pure index math.
+A box is any rectangle of a source global tensor: ``dist_checkpointing.load`` reads boxes off
+megatron-core's regular grid when they are described as irregular shards (torch >= 2.6), so one box
+per contiguous run of needed indices suffices. Pure index math.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .partition import ParamRule, dst_slice
 
 @dataclass(frozen=True)
 class Box:
-    """A grid-aligned rectangle of a source tensor: per-axis (offset, length), layer axis excluded."""
+    """A rectangle of a source tensor: per-axis (offset, length), layer axis excluded."""
 
     offsets: tuple[int, ...]
     lengths: tuple[int, ...]
@@ -41,10 +42,10 @@ class SliceTask:
     @property
     def boxes(self) -> list[list[Box]]:
         """Boxes covering (src_rows x src_cols) exactly: one list per row run, one box per col run."""
-        row_runs = grid_runs(self.src_rows)
+        row_runs = contiguous_runs(self.src_rows)
         if self.src_cols is None:
             return [[Box((o,), (n,))] for o, n in row_runs]
-        col_runs = grid_runs(self.src_cols)
+        col_runs = contiguous_runs(self.src_cols)
         return [[Box((ro, co), (rn, cn)) for co, cn in col_runs] for ro, rn in row_runs]
 
     @property
@@ -52,36 +53,12 @@ class SliceTask:
         return len(self.dst_rows) * (1 if self.dst_cols is None else len(self.dst_cols))
 
 
-def _largest_divisor_at_most(value: int, limit: int) -> int:
-    """Largest d with value % d == 0 and d <= limit (value > 0, limit >= 1)."""
-    best = 1
-    d = 1
-    while d * d <= value:
-        if value % d == 0:
-            for cand in (d, value // d):
-                if best < cand <= limit:
-                    best = cand
-        d += 1
-    return best
-
-
-def grid_runs(indices: np.ndarray) -> list[tuple[int, int]]:
-    """Cover sorted unique indices exactly with (offset, length) runs where offset % length == 0.
-
-    Contiguous stretches are cut greedily into the longest grid-aligned runs, so the common cases
-    (a whole axis, one TP shard of it, a group of heads) are a single run.
-    """
-    runs: list[tuple[int, int]] = []
+def contiguous_runs(indices: np.ndarray) -> list[tuple[int, int]]:
+    """Cover sorted unique indices exactly with maximal (offset, length) runs of consecutive indices."""
     if len(indices) == 0:
-        return runs
+        return []
     breaks = np.flatnonzero(np.diff(indices) != 1) + 1
-    for stretch in np.split(indices, breaks):
-        start, stop = int(stretch[0]), int(stretch[-1]) + 1
-        while start < stop:
-            length = stop - start if start == 0 else _largest_divisor_at_most(start, stop - start)
-            runs.append((start, length))
-            start += length
-    return runs
+    return [(int(run[0]), len(run)) for run in np.split(indices, breaks)]
 
 
 def _needed(dim_map, dst_indices: np.ndarray) -> np.ndarray:

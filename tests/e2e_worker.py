@@ -1,0 +1,158 @@
+"""The end-to-end matrix, run inside ONE torchrun process group (8 ranks) to pay start-up once.
+
+For each architecture: a trained source saved at TP 1 and resharded to TP 2; every (source TP,
+destination TP, variant, factor) is expanded by the library at that destination TP (other ranks act
+as data-parallel replicas) and verified per rank against the source's logits. Rank 0 then checks the
+gathered destinations: bit-identical across layouts and reruns, equal to an independent block-algebra
+reference (exact variants), zero-sum noise of the right power (noisy variants). Results go to JSON.
+
+    torchrun --nproc_per_node 8 tests/e2e_worker.py OUT_DIR [--quick]
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from megaclone import toy  # noqa: E402
+from megaclone.clone import CloneConfig, Variant  # noqa: E402
+from megaclone.expand import expand  # noqa: E402
+from megaclone.model import build_gpt, load_model, save_model_checkpoint  # noqa: E402
+from megaclone.runtime import init_distributed, init_parallel  # noqa: E402
+from megaclone.spec import Factors, ModelSpec, pad_vocab  # noqa: E402
+from megaclone.verify import verify  # noqa: E402
+from reference import expand_reference, zero_sum_violation  # noqa: E402
+
+SRC_TPS = (1, 2)
+DST_TPS = (1, 2, 4, 8)
+VARIANTS = [v.value for v in Variant]
+FACTORS = (2, 3)
+
+
+def plain_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from megatron.core import dist_checkpointing
+
+    from megaclone import checkpoint as ckpt_io
+
+    loaded = dist_checkpointing.load_plain_tensors(str(ckpt_io.find_checkpoint(path)))
+    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def reshard_source(src1: Path, dst: Path, spec1: ModelSpec, tp: int) -> ModelSpec:
+    """Re-save the TP-1 source at TP ``tp`` through megatron-core itself (vocab re-padded)."""
+    spec = dataclasses.replace(spec1, tensor_parallel=tp,
+                               padded_vocab_size=pad_vocab(spec1.vocab_size, spec1.make_vocab_size_divisible_by, tp))
+    init_parallel(tp)
+    model = build_gpt(spec)
+    load_model(model, src1 / "iter_0000002")
+    save_model_checkpoint(model, toy.megatron_args(spec), dst, iteration=2)
+    return spec
+
+
+def main() -> None:
+    rt = init_distributed()
+    out = Path(sys.argv[1])
+    quick = "--quick" in sys.argv
+    archs = ["llama", "gpt2"]
+    cases, groups, notes = [], [], {}
+    t_start = time.time()
+    for arch in archs:
+        spec1 = toy.preset_spec(arch, 1)
+        sources = {1: out / f"{arch}-src-tp1"}
+        toy.make_source(sources[1], spec1, train_steps=2)
+        sources[2] = out / f"{arch}-src-tp2"
+        reshard_source(sources[1], sources[2], spec1, 2)
+        # the resharded source computes the same function as the original
+        res = verify(sources[1], sources[2], tol=1e-5)
+        notes[f"{arch}-reshard-max-rel"] = max(r.max_rel for r in res)
+        src_plain = plain_tensors(sources[1])
+
+        for factor in FACTORS:
+            for variant in VARIANTS if not quick else ["symmetric", "noisy-diagonal"]:
+                digests, ref_diff = {}, None
+                for src_tp in SRC_TPS:
+                    for dst_tp in DST_TPS if not quick else (2, 8):
+                        dst = out / f"{arch}-f{factor}-{variant}-s{src_tp}-d{dst_tp}"
+                        t0 = time.time()
+                        expand(sources[src_tp], dst, Factors.uniform(factor), dst_tp,
+                               CloneConfig(Variant(variant), seed=7), overwrite=True)
+                        t1 = time.time()
+                        res = verify(sources[src_tp], dst)
+                        cases.append(dict(arch=arch, factor=factor, variant=variant, src_tp=src_tp, dst_tp=dst_tp,
+                                          max_rel=max(r.max_rel for r in res), max_abs=max(r.max_abs for r in res),
+                                          ranks=len(res), expand_s=t1 - t0, verify_s=time.time() - t1))
+                        plain = plain_tensors(dst)
+                        digests[f"s{src_tp}-d{dst_tp}"] = digest(plain)
+                        if rt.is_main and ref_diff is None:
+                            ref_diff, extra = check_against_reference(src_plain, plain, spec1, factor, variant, dst_tp)
+                        if quick or dst_tp != 8 or src_tp != 2:
+                            import shutil
+                            dist.barrier()
+                            if rt.is_main:
+                                shutil.rmtree(dst)
+                group = dict(arch=arch, factor=factor, variant=variant, digests=digests)
+                if rt.is_main:
+                    group.update(ref_max_diff=ref_diff, **extra)
+                groups.append(group)
+
+    # rerun: same seed, same bytes; another seed, other noise
+    arch, variant, factor = "llama", "noisy-symmetric", 2
+    rerun = {}
+    for seed in (7, 7, 8):
+        dst = out / f"rerun-{seed}"
+        expand(out / f"{arch}-src-tp2", dst, Factors.uniform(factor), 4, CloneConfig(Variant(variant), seed=seed),
+               overwrite=True)
+        rerun.setdefault(str(seed), []).append(digest(plain_tensors(dst)))
+    if rt.is_main:
+        (out / "results.json").write_text(json.dumps(
+            dict(cases=cases, groups=groups, notes=notes, rerun=rerun, seconds=time.time() - t_start), indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def check_against_reference(src, dst, spec1, factor, variant, dst_tp):
+    """Max |megaclone - reference| over all tensors (exact variants) or noise checks (noisy ones)."""
+    from megaclone.spec import grow
+
+    s = spec1
+    d = grow(s, Factors.uniform(factor), dst_tp)
+    base_variant = "diagonal" if "diagonal" in variant else "symmetric"
+    ref = expand_reference(src, s, d, base_variant)
+    missing = sorted(set(ref) ^ {k for k in dst if not k.endswith("_extra_state")})
+    assert not missing, f"key mismatch: {missing}"
+    if not variant.startswith("noisy"):
+        return max((dst[k].double() - ref[k].double()).abs().max().item() for k in ref), {}
+    # noisy: only matrices with a grown input differ; the difference is zero-sum over input blocks
+    extra = {"zero_sum_max": 0.0, "noise_power_ratio": {}}
+    diff_max = 0.0
+    for key in ref:
+        delta = (dst[key].double() - ref[key].double())
+        if "weight" in key and delta.abs().max() > 0 and dst[key].dim() >= 2 and "embedding" not in key:
+            c_in = factor
+            extra["zero_sum_max"] = max(extra["zero_sum_max"], zero_sum_violation(dst[key], ref[key], 1, c_in))
+            base = src[key].double()
+            extra["noise_power_ratio"][key] = (delta.square().mean() / (base.square().mean() / 10.0)).item()
+        else:
+            diff_max = max(diff_max, delta.abs().max().item())
+    return diff_max, extra
+
+
+if __name__ == "__main__":
+    main()
