@@ -107,13 +107,49 @@ def init_distributed(device: Optional[str] = None, timeout_minutes: float = 10.0
     return Runtime(dist.get_rank(), dist.get_world_size(), dev, backend, launcher)
 
 
+_current_tp: Optional[int] = None
+
+
 def init_parallel(tensor_parallel: int) -> None:
-    """(Re)initialize megatron-core's parallel state with the given TP; the rest of the world is DP."""
+    """(Re)initialize megatron-core's parallel state with the given TP; the rest of the world is DP.
+
+    A no-op when that TP is already set. Switching TP destroys the old groups first: megatron-core's
+    destroy_model_parallel only forgets them, and every forgotten gloo group keeps its threads.
+    """
+    global _current_tp
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
+        if _current_tp == tensor_parallel:
+            return
+        _destroy_groups(parallel_state)
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel, create_gloo_process_groups=False
+    )
+    _current_tp = tensor_parallel
+
+
+def _destroy_groups(module) -> None:
+    """Destroy every process group a module holds in its globals (except the default group)."""
+    found: dict[int, dist.ProcessGroup] = {}
+
+    def collect(value, depth=0):
+        if isinstance(value, dist.ProcessGroup):
+            found[id(value)] = value
+        elif depth < 2 and isinstance(value, (list, tuple)):
+            for v in value:
+                collect(v, depth + 1)
+        elif depth < 2 and isinstance(value, dict):
+            for v in value.values():
+                collect(v, depth + 1)
+
+    for value in vars(module).values():
+        collect(value)
+    world = dist.distributed_c10d._get_default_group()
+    for group in found.values():
+        if group is not world:
+            dist.destroy_process_group(group)
 
 
 def peak_rss_bytes() -> dict[str, int]:
