@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Callable
 
 import torch.distributed as dist
@@ -15,6 +16,11 @@ import torch.distributed as dist
 from .errors import MegacloneError
 
 EXIT_BAD_INPUT = 2
+
+# megatron-core warns at import about missing Transformer Engine/Apex and torch DCP about deprecated
+# entry points megatron-core calls; none of it is actionable for a user of these tools.
+for _module in (r"megatron\..*", r"torch\.distributed\..*", r"torch\.nn\..*"):
+    warnings.filterwarnings("ignore", module=_module)
 
 
 def rank0_print(*args, **kwargs) -> None:

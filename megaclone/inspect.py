@@ -1,0 +1,35 @@
+"""Read-only summary of a checkpoint: its args and every stored tensor (shape, dtype, sha256)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt_io
+
+SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+              "group_query_attention", "kv_channels", "padded_vocab_size", "tensor_model_parallel_size",
+              "swiglu", "normalization", "position_embedding_type", "untie_embeddings_and_output_weights")
+
+
+def tensor_digests(root: str | Path) -> dict[str, str]:
+    """sha256 of every stored tensor's bytes (all ranks call it: loading is collective)."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load_plain_tensors(str(ckpt_io.find_checkpoint(root)))
+    return {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in sorted(loaded.items()) if isinstance(v, torch.Tensor)}
+
+
+def describe(root: str | Path, digests: bool = False) -> str:
+    path = ckpt_io.find_checkpoint(root)
+    common = ckpt_io.read_common(path)
+    args = common["args"]
+    lines = [f"{path}  iteration {common.get('iteration')}  checkpoint_version {common.get('checkpoint_version')}"]
+    lines += [f"  {name} = {getattr(args, name, None)!r}" for name in SHAPE_ARGS]
+    sums = tensor_digests(root) if digests else {}
+    for key, meta in sorted(ckpt_io.read_tensor_metadata(path).items()):
+        lines.append(f"  {key:60s} {str(meta.shape):20s} {str(meta.dtype):15s} {sums.get(key, '')}")
+    return "\n".join(lines)

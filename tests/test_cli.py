@@ -1,0 +1,71 @@
+"""The command-line tools as a user runs them: torchrun, mpirun, exit codes, printed output."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+
+
+def torchrun(n, tool, *args):
+    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), f"tools/{tool}", *args])
+
+
+def digests(path):
+    proc = run([sys.executable, "tools/inspect_checkpoint.py", str(path), "--digest"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [line.split() for line in proc.stdout.splitlines() if line.startswith("  ") and "=" not in line]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    proc = torchrun(2, "make_source.py", "--preset", "llama", "--save", str(root / "src"), "--train-steps", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root / "src"
+
+
+@pytest.fixture(scope="module")
+def expanded(source):
+    dst = source.parent / "wide-torchrun"
+    proc = torchrun(2, "expand_sharded.py", "--load", str(source), "--save", str(dst), "--tp", "2",
+                    "--variant", "noisy-symmetric", "--seed", "3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| rank |" in proc.stdout and "peak RSS" in proc.stdout
+    return dst
+
+
+def test_mpirun_writes_the_same_bytes_as_torchrun(source, expanded):
+    mpirun = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
+    dst = source.parent / "wide-mpirun"
+    proc = run([mpirun, "-n", "2", sys.executable, "tools/expand_sharded.py", "--load", str(source),
+                "--save", str(dst), "--tp", "2", "--variant", "noisy-symmetric", "--seed", "3", "--no-progress"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = digests(expanded), digests(dst)
+    assert len(a) == 9 and all(len(row[-1]) == 64 for row in a)  # 9 llama tensors, each with a sha256
+    assert a == b
+
+
+def test_verify_passes_per_rank_and_fails_past_tolerance(source, expanded):
+    ok = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(expanded))
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    assert "rank 0: vocab [0, " in ok.stdout and "rank 1: vocab [" in ok.stdout and "PASS" in ok.stdout
+    strict = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(expanded), "--tol", "1e-12")
+    assert strict.returncode == 1 and "FAIL" in strict.stdout
+
+
+def test_world_size_must_equal_tp(source, tmp_path):
+    proc = run([sys.executable, "tools/expand_sharded.py", "--load", str(source), "--save", str(tmp_path / "d"),
+                "--tp", "2"])
+    assert proc.returncode == 2
+    assert "error: --tp 2 but 1 processes were started" in proc.stderr
+    assert "--nproc_per_node 2" in proc.stderr
+    assert not (tmp_path / "d").exists()

@@ -1,0 +1,30 @@
+#!/usr/bin/env python
+"""Print a checkpoint's shape args and stored tensors; --digest adds a sha256 per tensor.
+
+    python tools/inspect_checkpoint.py runs/wide --digest
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megaclone import cli  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("--digest", action="store_true", help="sha256 of every tensor (reads the whole checkpoint)")
+    args = p.parse_args()
+    from megaclone.inspect import describe
+    from megaclone.runtime import init_distributed
+
+    init_distributed("cpu")
+    cli.rank0_print(describe(args.checkpoint, args.digest))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
