@@ -132,10 +132,36 @@ def read_boxes(ckpt: Path, key: str, meta: TensorMeta, layer: Optional[int], box
     return [loaded[f"box{i}"].reshape(box.lengths) for i, box in enumerate(boxes)]
 
 
+_write_results_manager = None
+
+
+def _install_write_results_queue() -> None:
+    """Give dist_checkpointing's writer a results queue whose manager process dies with this rank.
+
+    megatron-core lazily spawns a multiprocessing manager for that queue; if the rank is killed
+    (SIGKILL, or SIGTERM from torchrun after a peer failed), the manager outlives it, holding the
+    launcher's pipes open. Ours is started with PR_SET_PDEATHSIG, so it never outlives the rank.
+    """
+    global _write_results_manager
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from ._reaper import die_with_parent
+
+    if filesystem_async._results_queue is not None:
+        return
+    _write_results_manager = SyncManager(ctx=mp.get_context("spawn"))
+    _write_results_manager.start(initializer=die_with_parent)
+    filesystem_async._results_queue = _write_results_manager.Queue()
+
+
 def save_sharded(ckpt: Path, sharded_state_dict: dict[str, Any]) -> None:
     """Write this rank's part of a sharded state dict (every rank calls it together)."""
     from megatron.core import dist_checkpointing
 
+    _install_write_results_queue()
     ckpt.mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(sharded_state_dict, str(ckpt))
 

@@ -11,7 +11,9 @@ Order of a run (all ranks together):
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +28,21 @@ from .errors import MegacloneError
 from .model import build_gpt, model_sharded_state_dict
 from .partition import ParamRule, param_rules
 from .plan import SliceTask, plan_rank
-from .runtime import agree, peak_rss_bytes
+from .memory import PeakMemory
+from .runtime import agree
 from .spec import Factors, ModelSpec, check_divisible, grow
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+# Fault injection for crash-safety tests: MEGACLONE_FAULT_INJECT="<point>:<rank>" makes that rank
+# SIGKILL itself at that point ("read": after its first slice; "write": after saving its shard,
+# before the checkpoint is published).
+FAULT_ENV = "MEGACLONE_FAULT_INJECT"
+
+
+def _fault_point(point: str) -> None:
+    if os.environ.get(FAULT_ENV) == f"{point}:{dist.get_rank()}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -147,6 +160,8 @@ def fill_rank(
             target.copy_(values)
         t2 = time.perf_counter()
         report.slices += 1
+        if report.slices == 1:
+            _fault_point("read")
         report.bytes_read += nbytes
         report.bytes_computed += values.numel() * values.element_size()
         report.seconds["read"] = report.seconds.get("read", 0.0) + t1 - t0
@@ -178,6 +193,7 @@ def expand(
     from .runtime import init_parallel
 
     start = time.perf_counter()
+    memory = PeakMemory().start()
     world = dist.get_world_size()
     dst_root = Path(dst_root)
     src_root = Path(src_root)
@@ -218,13 +234,14 @@ def expand(
         },
     }
     ckpt_io.save_sharded(iteration_dir, state)
+    _fault_point("write")
     dist.barrier()
     if dist.get_rank() == 0:
         ckpt_io.mark_latest(dst_root, 0)
     report.seconds["write"] = time.perf_counter() - t0
     report.seconds["total"] = time.perf_counter() - start
-    report.peak_rss = peak_rss_bytes()
     del model, model_sd
+    report.peak_rss = memory.stop()
     reports: list[Optional[RankReport]] = [None] * world
     dist.all_gather_object(reports, report)
     return reports  # type: ignore[return-value]

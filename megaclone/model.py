@@ -110,27 +110,3 @@ def causal_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens, positions, causal_mask(seq, tokens.device))
 
-
-def save_model_checkpoint(model, args: Any, root: Path, iteration: int) -> Path:
-    """Save ``model`` as Megatron-LM training does (torch_dist, common args) and publish it."""
-    import torch.distributed as dist
-
-    from . import checkpoint as ckpt_io
-
-    root = Path(root)
-    path = root / ckpt_io.iteration_dirname(iteration)
-    if dist.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    state = {
-        "model": model_sharded_state_dict(model),
-        "args": args,
-        "iteration": iteration,
-        "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
-    }
-    ckpt_io.save_sharded(path, state)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        ckpt_io.mark_latest(root, iteration)
-    dist.barrier()
-    return path

@@ -39,16 +39,17 @@ def summary_table(reports, save: Optional[str | Path] = None) -> str:
     from .checkpoint import directory_bytes
 
     lines = [
-        "| rank | slices | read | shard | read s | compute s | write s | total s | peak RSS | helper RSS |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| rank | slices | read | shard | read s | compute s | write s | total s | RSS at start | peak RSS "
+        "| peak RSS with helpers |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in reports:
         s = r.seconds
         lines.append(
             f"| {r.rank} | {r.slices} | {human_bytes(r.bytes_read)} | {human_bytes(r.bytes_computed)} | "
             f"{s.get('read', 0):.2f} | {s.get('compute', 0):.2f} | {s.get('write', 0):.2f} | "
-            f"{s.get('total', 0):.2f} | {human_bytes(r.peak_rss.get('self', 0))} | "
-            f"{human_bytes(r.peak_rss.get('children', 0))} |"
+            f"{s.get('total', 0):.2f} | {human_bytes(r.peak_rss.get('baseline', 0))} | "
+            f"{human_bytes(r.peak_rss.get('self', 0))} | {human_bytes(r.peak_rss.get('tree', 0))} |"
         )
     if save is not None:
         lines.append(f"\nwrote {human_bytes(directory_bytes(Path(save)))} to {save} "

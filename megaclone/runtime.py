@@ -152,16 +152,6 @@ def _destroy_groups(module) -> None:
             dist.destroy_process_group(group)
 
 
-def peak_rss_bytes() -> dict[str, int]:
-    """Peak resident memory of this process and of its largest finished child (e.g. save helpers)."""
-    import resource
-
-    return {
-        "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-    }
-
-
 def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()

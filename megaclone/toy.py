@@ -22,6 +22,12 @@ PRESETS: dict[str, dict] = {
         ffn_hidden_size=688, position_embedding_type="rope", swiglu=True, normalization="RMSNorm",
         add_bias_linear=False, add_qkv_bias=False, untie_embeddings_and_output_weights=True,
     ),
+    # The benchmark's ~94M-parameter Llama-like source (issue 6's reference shape).
+    "bench": dict(
+        num_layers=8, hidden_size=1024, num_attention_heads=16, num_query_groups=8, kv_channels=64,
+        ffn_hidden_size=2816, position_embedding_type="rope", swiglu=True, normalization="RMSNorm",
+        add_bias_linear=False, add_qkv_bias=False, untie_embeddings_and_output_weights=True,
+    ),
     # Llama-like: GQA, SwiGLU, RMSNorm, RoPE, untied, no biases. Attention width (16 x 8) differs
     # from hidden (64) so kv_channels is exercised; factor 3 still divides by TP 8.
     "llama": dict(
@@ -99,12 +105,55 @@ def train_steps_(model, spec: ModelSpec, steps: int, generator: torch.Generator,
     return losses
 
 
+def save_training_checkpoint(model, args: argparse.Namespace, root: Path, iteration: int) -> Path:
+    """Save as Megatron-LM's training loop does, not as megaclone's expander does.
+
+    The state dict mirrors Megatron-LM's ``generate_state_dict`` with ``--ckpt-format torch_dist``:
+    the model's own sharded state dict (no Transformer Engine extras), per-rank RNG state as a
+    ShardedObject, the LR scheduler state, and args holding non-plain values (``params_dtype``).
+    Sources made this way test megaclone on checkpoints it did not write itself.
+    """
+    import random
+
+    import numpy as np
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    from . import checkpoint as ckpt_io
+
+    root = Path(root)
+    path = root / ckpt_io.iteration_dirname(iteration)
+    if dist.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    rng = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+            "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": None, "rng_tracker_states": {}}]
+    state = {
+        "args": args,
+        "checkpoint_version": 3.0,
+        "iteration": iteration,
+        "model": model.sharded_state_dict(),
+        "rng_state": ShardedObject("rng_state", rng, (1, tp), (0, tp_rank),
+                                   replica_id=parallel_state.get_data_parallel_rank()),
+        "opt_param_scheduler": {"max_lr": 3e-3, "min_lr": 0.0, "num_steps": iteration, "decay_style": "cosine"},
+        "num_floating_point_operations_so_far": 0.0,
+    }
+    dist_checkpointing.save(state, str(path))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        ckpt_io.mark_latest(root, iteration)
+    dist.barrier()
+    return path
+
+
 def make_source(root: Path, spec: ModelSpec, seed: int = 1234, train_steps: int = 3,
                 dtype: torch.dtype = torch.float32, args_overrides: Optional[dict] = None) -> Path:
     """Build, perturb, briefly train and save a source model at ``spec.tensor_parallel`` (all ranks)."""
     from megatron.core import parallel_state
 
-    from .model import build_gpt, save_model_checkpoint
+    from .model import build_gpt
     from .runtime import init_parallel
 
     init_parallel(spec.tensor_parallel)
@@ -117,7 +166,8 @@ def make_source(root: Path, spec: ModelSpec, seed: int = 1234, train_steps: int 
         model = model.to(dtype)
     args = megatron_args(spec, **(args_overrides or {}))
     args.bf16, args.fp16 = dtype == torch.bfloat16, dtype == torch.float16
-    save_model_checkpoint(model, args, Path(root), iteration=train_steps or 1)
+    args.params_dtype = dtype  # Megatron-LM stores a torch.dtype here
+    save_training_checkpoint(model, args, Path(root), iteration=train_steps or 1)
     return Path(root)
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist  # noqa: E402
 from megaclone import toy  # noqa: E402
 from megaclone.clone import CloneConfig, Variant  # noqa: E402
 from megaclone.expand import expand  # noqa: E402
-from megaclone.model import build_gpt, load_model, save_model_checkpoint  # noqa: E402
+from megaclone.model import build_gpt, load_model  # noqa: E402
 from megaclone.runtime import init_distributed, init_parallel  # noqa: E402
 from megaclone.spec import Factors, ModelSpec, pad_vocab  # noqa: E402
 from megaclone.verify import verify  # noqa: E402
@@ -61,13 +61,14 @@ def digest(tensors: dict[str, torch.Tensor], vocab_size: int) -> str:
 
 
 def reshard_source(src1: Path, dst: Path, spec1: ModelSpec, tp: int) -> ModelSpec:
-    """Re-save the TP-1 source at TP ``tp`` through megatron-core itself (vocab re-padded)."""
+    """Re-save the TP-1 source at TP ``tp`` through megatron-core itself (vocab re-padded), the way
+    Megatron-LM training would after loading it at another TP."""
     spec = dataclasses.replace(spec1, tensor_parallel=tp,
                                padded_vocab_size=pad_vocab(spec1.vocab_size, spec1.make_vocab_size_divisible_by, tp))
     init_parallel(tp)
     model = build_gpt(spec)
     load_model(model, src1 / "iter_0000002")
-    save_model_checkpoint(model, toy.megatron_args(spec), dst, iteration=2)
+    toy.save_training_checkpoint(model, toy.megatron_args(spec), dst, iteration=2)
     return spec
 
 

@@ -10,8 +10,6 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megaclone import cli  # noqa: E402
-
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,4 +25,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # imported here, not at the top: dist_checkpointing's helper processes re-import this file
+    # (spawn) and should not pay for torch
+    from megaclone import cli
+
     cli.run(main)

@@ -13,8 +13,6 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megaclone import cli  # noqa: E402
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,6 +20,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="default", help="default | llama | gpt2 (see megaclone/toy.py)")
     p.add_argument("--tp", type=int, help="tensor-parallel size of the source (default: world size)")
     p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--vocab-size", type=int, default=300, help="true vocabulary size (default 300)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true")
@@ -45,7 +44,7 @@ def main() -> int:
     agree(lambda: ckpt_io.check_destination(save, args.overwrite, []))
     if rt.is_main:
         ckpt_io.clear_destination(save)
-    spec = toy.preset_spec(args.preset, tp)
+    spec = toy.preset_spec(args.preset, tp, vocab_size=args.vocab_size)
     toy.make_source(save, spec, seed=args.seed, train_steps=args.train_steps, dtype=getattr(torch, args.dtype))
     cli.rank0_print(f"saved a {args.preset} source ({spec.num_layers} layers, hidden {spec.hidden_size}, "
                     f"{spec.num_attention_heads} heads / {spec.num_query_groups} groups, ffn {spec.ffn_hidden_size}, "
@@ -54,4 +53,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # imported here, not at the top: dist_checkpointing's helper processes re-import this file
+    # (spawn) and should not pay for torch
+    from megaclone import cli
+
     cli.run(main)

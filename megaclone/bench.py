@@ -1,0 +1,110 @@
+"""Baselines for the benchmark: the naive full-materialization path and the write floor.
+
+- naive: what every other tool does — each process loads the whole source, builds the whole
+  destination, then saves its shard of it;
+- floor: the same ranks save the same shards through dist_checkpointing with nothing read and no
+  math, the least any expander writing this format can cost.
+Both write real checkpoints in the same layout, so the comparison with ``expand`` is like for like.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt_io
+from .clone import CloneConfig, SourcePiece, clone_slice
+from .expand import RankReport, _slot_index, destination_spec, open_source
+from .memory import PeakMemory
+from .model import build_gpt, model_sharded_state_dict
+from .partition import dst_slice, param_rules
+from .runtime import init_parallel
+from .spec import Factors
+
+
+def _save(dst_root: Path, model_sd: dict, args) -> None:
+    path = dst_root / ckpt_io.iteration_dirname(0)
+    state = {"model": model_sd, "args": args, "iteration": 0, "checkpoint_version": ckpt_io.CHECKPOINT_VERSION}
+    ckpt_io.save_sharded(path, state)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        ckpt_io.mark_latest(dst_root, 0)
+
+
+def _prepare(src_root: Path, dst_root: Path, factors: Factors, tp: int):
+    source = open_source(src_root)
+    dst_spec = destination_spec(source, factors, tp)
+    if dist.get_rank() == 0:
+        ckpt_io.clear_destination(dst_root)
+    dist.barrier()
+    return source, dst_spec
+
+
+def naive_expand(src_root: Path, dst_root: Path, factors: Factors, tp: int,
+                 cfg: CloneConfig = CloneConfig()) -> RankReport:
+    """Whole source in, whole destination built in every process, then each saves its shard."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    memory = PeakMemory().start()
+    report = RankReport(rank=dist.get_rank())
+    source, dst_spec = _prepare(Path(src_root), Path(dst_root), factors, tp)
+    t0 = time.perf_counter()
+    full_src = dist_checkpointing.load_plain_tensors(str(source.path))
+    t1 = time.perf_counter()
+    rules = param_rules(source.spec, dst_spec)
+    full_dst: dict[tuple[str, int | None], torch.Tensor] = {}
+    for rule in rules:
+        rows = np.arange(rule.rows.src_size)
+        cols = None if rule.cols is None else np.arange(rule.cols.src_size)
+        for layer in range(source.spec.num_layers) if rule.per_layer else [None]:
+            data = full_src[rule.key] if layer is None else full_src[rule.key][layer]
+            piece = SourcePiece(data, rows, cols)
+            full_dst[(rule.key, layer)] = clone_slice(
+                rule, layer or 0, piece, np.arange(rule.rows.dst_size),
+                None if rule.cols is None else np.arange(rule.cols.dst_size), cfg)
+    del full_src
+    init_parallel(tp)
+    model = build_gpt(dst_spec, dtype=source.dtype)
+    model_sd = model_sharded_state_dict(model)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    by_key = {r.key: r for r in rules}
+    with torch.no_grad():
+        for (key, layer), target in _slot_index(model_sd).items():
+            rows, cols = dst_slice(by_key[key], tp, tp_rank)
+            full = full_dst[(key, layer)]
+            target.copy_(full[torch.from_numpy(rows)] if cols is None else full[np.ix_(rows, cols)])
+    report.bytes_read = sum(int(np.prod(m.shape)) * torch.tensor([], dtype=m.dtype).element_size()
+                            for m in source.tensors.values())
+    report.bytes_computed = sum(t.numel() * t.element_size() for t in full_dst.values())
+    del full_dst
+    t2 = time.perf_counter()
+    _save(Path(dst_root), model_sd, dst_spec.to_args(source.args))
+    t3 = time.perf_counter()
+    report.seconds = {"read": t1 - t0, "compute": t2 - t1, "write": t3 - t2, "total": t3 - t0}
+    report.peak_rss = memory.stop()
+    return report
+
+
+def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int) -> RankReport:
+    """Save shards of the destination's size and layout with nothing read and no math."""
+    memory = PeakMemory().start()
+    report = RankReport(rank=dist.get_rank())
+    source, dst_spec = _prepare(Path(src_root), Path(dst_root), factors, tp)
+    t0 = time.perf_counter()
+    init_parallel(tp)
+    model = build_gpt(dst_spec, dtype=source.dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)
+    model_sd = model_sharded_state_dict(model)
+    t1 = time.perf_counter()
+    _save(Path(dst_root), model_sd, dst_spec.to_args(source.args))
+    t2 = time.perf_counter()
+    report.bytes_computed = sum(p.numel() * p.element_size() for p in model.parameters())
+    report.seconds = {"compute": t1 - t0, "write": t2 - t1, "total": t2 - t0}
+    report.peak_rss = memory.stop()
+    return report

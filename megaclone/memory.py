@@ -1,0 +1,61 @@
+"""Peak memory of a rank, sampled: its own RSS and its RSS plus its helper processes'.
+
+``dist_checkpointing.save`` starts helper processes (a multiprocessing manager, forked writers); a
+benchmark that counts only the rank itself would flatter it, so both figures are kept.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import psutil
+
+
+@dataclass
+class PeakMemory:
+    """Sampled maxima in bytes; ``baseline`` is the RSS when sampling started (after imports)."""
+
+    baseline: int = 0
+    self_peak: int = 0
+    tree_peak: int = 0
+    samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def start(self, interval_s: float = 0.02) -> "PeakMemory":
+        proc = psutil.Process()
+        self.baseline = proc.memory_info().rss
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.sample_once(proc)
+                self._stop.wait(interval_s)
+
+        self.sample_once(proc)
+        self._thread = threading.Thread(target=sample, name="megaclone-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def sample_once(self, proc: psutil.Process | None = None) -> None:
+        proc = proc or psutil.Process()
+        try:
+            own = proc.memory_info().rss
+            children = 0
+            for child in proc.children(recursive=True):
+                try:
+                    children += child.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            return
+        self.self_peak = max(self.self_peak, own)
+        self.tree_peak = max(self.tree_peak, own + children)
+        self.samples += 1
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample_once()
+        return {"baseline": self.baseline, "self": self.self_peak, "tree": self.tree_peak}

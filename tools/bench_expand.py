@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Benchmark megaclone against the naive full-materialization path and the write floor.
+
+    python tools/bench_expand.py --out runs/bench --tps 1 2 4 8
+
+Builds a source (default: the ~94M-parameter 'bench' preset, random weights), then for each
+destination TP runs each mode in its own torchrun and reports wall time (start-up, read, compute,
+write), bytes, throughput and peak RSS per rank, sampled with psutil, with and without the helper
+processes dist_checkpointing starts. Prints a markdown table and writes JSON.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+T_PROCESS = time.time()
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODES = ("megaclone", "naive", "floor")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd")
+    w = sub.add_parser("worker", help="one measured run (under torchrun)")
+    w.add_argument("--mode", choices=MODES, required=True)
+    w.add_argument("--load", required=True)
+    w.add_argument("--save", required=True)
+    w.add_argument("--tp", type=int, required=True)
+    w.add_argument("--factor", type=int, default=2)
+    w.add_argument("--report", required=True)
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--preset", default="bench")
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--src-tp", type=int, default=2)
+    p.add_argument("--tps", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--factor", type=int, default=2)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--json", help="results file (default OUT/bench.json)")
+    return p.parse_args(argv)
+
+
+def worker(args) -> int:
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from megaclone import bench
+    from megaclone.expand import expand
+    from megaclone.runtime import init_distributed
+    from megaclone.spec import Factors
+
+    init_distributed("cpu")
+    ready = time.time()
+    factors = Factors.uniform(args.factor)
+    if args.mode == "megaclone":
+        report = expand(args.load, args.save, factors, args.tp, overwrite=True)[dist.get_rank()]
+    elif args.mode == "naive":
+        report = bench.naive_expand(Path(args.load), Path(args.save), factors, args.tp)
+    else:
+        report = bench.write_floor(Path(args.load), Path(args.save), factors, args.tp)
+    report.seconds["start-up"] = ready - T_PROCESS
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, dataclasses.asdict(report))
+    if dist.get_rank() == 0:
+        Path(args.report).write_text(json.dumps(reports))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def torchrun(n, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+
+
+def gib(n):
+    return n / 2**30
+
+
+def main() -> int:
+    args = parse_args()
+    if args.cmd == "worker":
+        return worker(args)
+    from megaclone.checkpoint import directory_bytes
+
+    out = Path(args.out)
+    src = out / "src"
+    if not (src / "latest_checkpointed_iteration.txt").exists():
+        print(f"building the {args.preset} source at TP {args.src_tp} ...", flush=True)
+        torchrun(args.src_tp, "tools/make_source.py", "--preset", args.preset, "--save", src, "--tp", args.src_tp,
+                 "--train-steps", 0, "--vocab-size", args.vocab_size, "--overwrite")
+    src_bytes = directory_bytes(src)
+    rows = []
+    for tp in args.tps:
+        for mode in args.modes:
+            dst, report = out / f"{mode}-tp{tp}", out / f"{mode}-tp{tp}.json"
+            t0 = time.time()
+            torchrun(tp, "tools/bench_expand.py", "worker", "--mode", mode, "--load", src, "--save", dst,
+                     "--tp", tp, "--factor", args.factor, "--report", report)
+            wall = time.time() - t0
+            ranks = json.loads(report.read_text())
+            written = directory_bytes(dst)
+            shutil.rmtree(dst)
+            sec = lambda k: max(r["seconds"].get(k, 0.0) for r in ranks)  # noqa: E731
+            shard = max(r["bytes_computed"] for r in ranks) if mode != "naive" else written / tp
+            row = dict(tp=tp, mode=mode, wall_s=wall, startup_s=sec("start-up"), read_s=sec("read"),
+                       compute_s=sec("compute"), write_s=sec("write"), total_s=sec("total"),
+                       bytes_read=sum(r["bytes_read"] for r in ranks), bytes_written=written,
+                       throughput_gib_s=gib(written) / max(sec("total"), 1e-9),
+                       baseline_rss=max(r["peak_rss"]["baseline"] for r in ranks),
+                       peak_rss=max(r["peak_rss"]["self"] for r in ranks),
+                       peak_rss_tree=max(r["peak_rss"]["tree"] for r in ranks),
+                       shard_bytes=shard)
+            row["rss_over_baseline_per_shard"] = (row["peak_rss"] - row["baseline_rss"]) / max(shard, 1)
+            rows.append(row)
+            print(f"tp {tp} {mode:9s} wall {wall:6.1f}s  total {row['total_s']:6.1f}s  "
+                  f"peak {gib(row['peak_rss']):.2f} GiB", flush=True)
+    floor = {r["tp"]: r["total_s"] for r in rows if r["mode"] == "floor"}
+    print(f"\nsource: {gib(src_bytes):.2f} GiB at TP {args.src_tp}; factor {args.factor}\n")
+    print("| TP | mode | wall s | start-up s | read s | compute s | write s | total s | x floor | written GiB "
+          "| GiB/s | RSS at start GiB | peak RSS GiB | with helpers GiB | shard GiB | (peak-start)/shard |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        x = r["total_s"] / floor[r["tp"]] if r["tp"] in floor else float("nan")
+        print(f"| {r['tp']} | {r['mode']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['read_s']:.1f} | "
+              f"{r['compute_s']:.1f} | {r['write_s']:.1f} | {r['total_s']:.1f} | {x:.2f} | "
+              f"{gib(r['bytes_written']):.2f} | {r['throughput_gib_s']:.2f} | {gib(r['baseline_rss']):.2f} | "
+              f"{gib(r['peak_rss']):.2f} | {gib(r['peak_rss_tree']):.2f} | {gib(r['shard_bytes']):.2f} | "
+              f"{r['rss_over_baseline_per_shard']:.2f} |")
+    Path(args.json or out / "bench.json").write_text(json.dumps(dict(rows=rows, source_bytes=src_bytes), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
