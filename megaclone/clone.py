@@ -70,44 +70,60 @@ def clone_slice(
     dst_rows: np.ndarray,
     dst_cols: Optional[np.ndarray],
     cfg: CloneConfig,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Destination values at (dst_rows x dst_cols) of ``rule``, in the source's dtype.
+
+    With ``out`` (the destination parameter) the slice is computed in place there: the gather writes
+    straight into it and the scaling is in place, so no second slice-sized buffer exists (fp32/fp64).
 
     Invariant: for the exact variants, the result equals the corresponding slice of the fully
     materialized clone; for every variant it depends only on (cfg, rule.key, layer, indices).
     """
     src_rows, out_block = rule.rows(dst_rows)
     src_cols, in_block = rule.cols(dst_cols) if rule.cols is not None else (None, None)
-    values = _gather(piece, src_rows, src_cols)
+    work = torch.float64 if piece.data.dtype == torch.float64 else torch.float32
+    in_place = out is not None and out.dtype == work
+    values = _gather(piece, src_rows, src_cols, work, out if in_place else None)
 
     if rule.role is Role.VECTOR:
-        values = values / rule.divisor if rule.divisor != 1 else values
+        if rule.divisor != 1:
+            values.div_(rule.divisor)
     elif rule.role is Role.MATRIX and rule.c_in > 1:
         if cfg.variant.diagonal:
             # each output block reads exactly one input block, unscaled
             keep = (in_block[None, :] == (out_block % rule.c_in)[:, None])
-            values = values * torch.from_numpy(keep).to(values.dtype)
+            values.mul_(torch.from_numpy(keep).to(values.dtype))
         else:
-            values = values / rule.c_in
+            values.div_(rule.c_in)
         if cfg.variant.noisy:
             sigma = _noise_sigma(rule, piece, src_rows, src_cols, cfg.snr_db)
-            values = values + _noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, sigma).to(values.dtype)
-    return values.to(piece.data.dtype).contiguous()
+            values.add_(_noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, sigma).to(values.dtype))
+    if out is None:
+        return values.to(piece.data.dtype)
+    if not in_place:
+        out.copy_(values)
+    return out
 
 
-def _gather(piece: SourcePiece, src_rows: np.ndarray, src_cols: Optional[np.ndarray]) -> torch.Tensor:
-    """values[r, c] = S[src_rows[r], src_cols[c]] in the working dtype; rows with NO_SOURCE are zero."""
-    work = torch.float64 if piece.data.dtype == torch.float64 else torch.float32
+def _gather(piece: SourcePiece, src_rows: np.ndarray, src_cols: Optional[np.ndarray], work: torch.dtype,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """values[r, c] = S[src_rows[r], src_cols[c]] in ``work`` dtype (into ``out`` if given);
+    rows with NO_SOURCE are zero."""
     shape = (len(src_rows),) + (() if src_cols is None else (len(src_cols),))
+    if out is None:
+        out = torch.empty(shape, dtype=work)
     if len(piece.rows) == 0:
-        return torch.zeros(shape, dtype=work)
-    values = piece.data.to(work).index_select(0, torch.from_numpy(_positions(src_rows, piece.rows)))
-    if src_cols is not None:
-        values = values.index_select(1, torch.from_numpy(_positions(src_cols, piece.cols)))
+        return out.zero_()
+    rows = piece.data.index_select(0, torch.from_numpy(_positions(src_rows, piece.rows))).to(work)
+    if src_cols is None:
+        out.copy_(rows)
+    else:
+        torch.index_select(rows, 1, torch.from_numpy(_positions(src_cols, piece.cols)), out=out)
     missing = torch.from_numpy(src_rows == NO_SOURCE)
     if missing.any():
-        values[missing] = 0
-    return values
+        out[missing] = 0
+    return out
 
 
 def _noise_sigma(rule: ParamRule, piece: SourcePiece, src_rows, src_cols, snr_db: float) -> torch.Tensor:

@@ -153,23 +153,36 @@ def fill_rank(
         t0 = time.perf_counter()
         piece, nbytes = read_piece(source, task)
         t1 = time.perf_counter()
-        values = clone_slice(task.rule, task.layer or 0, piece, task.dst_rows, task.dst_cols, cfg)
-        if values.shape != target.shape:
-            raise AssertionError(f"{task.rule.key}: computed {tuple(values.shape)}, model holds {tuple(target.shape)}")
+        if target.shape != (len(task.dst_rows),) + (() if task.dst_cols is None else (len(task.dst_cols),)):
+            raise AssertionError(f"{task.rule.key}: the model's shard {tuple(target.shape)} is not the planned slice")
         with torch.no_grad():
-            target.copy_(values)
+            clone_slice(task.rule, task.layer or 0, piece, task.dst_rows, task.dst_cols, cfg, out=target)
+        del piece
         t2 = time.perf_counter()
         report.slices += 1
         if report.slices == 1:
             _fault_point("read")
         report.bytes_read += nbytes
-        report.bytes_computed += values.numel() * values.element_size()
+        report.bytes_computed += target.numel() * target.element_size()
         report.seconds["read"] = report.seconds.get("read", 0.0) + t1 - t0
         report.seconds["compute"] = report.seconds.get("compute", 0.0) + t2 - t1
         if on_slice is not None:
-            on_slice(task, values.numel() * values.element_size())
+            on_slice(task, target.numel() * target.element_size())
     if slots:
         raise AssertionError(f"destination parameters without a clone rule: {sorted(k for k, _ in slots)}")
+
+
+def _release_free_memory() -> None:
+    """Hand freed clone working sets back to the OS before saving: dist_checkpointing forks writer
+    processes, and a rank whose heap still holds freed pages makes them slower and larger."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def expand(
@@ -218,6 +231,7 @@ def expand(
     model_sd = model_sharded_state_dict(model)
     fill_rank(source, dst_spec, model_sd, parallel_state.get_tensor_model_parallel_rank(), cfg, report, on_slice)
 
+    _release_free_memory()
     t0 = time.perf_counter()
     iteration_dir = dst_root / ckpt_io.iteration_dirname(0)
     state = {

@@ -1,7 +1,10 @@
-"""Peak memory of a rank, sampled: its own RSS and its RSS plus its helper processes'.
+"""Peak memory of a rank, sampled: its own RSS, and the proportional set size (PSS) of the rank and
+its helper processes together.
 
 ``dist_checkpointing.save`` starts helper processes (a multiprocessing manager, forked writers); a
-benchmark that counts only the rank itself would flatter it, so both figures are kept.
+benchmark that counts only the rank itself would flatter it, so both figures are kept. Forked
+writers share the rank's pages copy-on-write, so summing RSS would count those pages twice; PSS
+splits each shared page among its sharers and sums correctly.
 """
 
 from __future__ import annotations
@@ -41,16 +44,16 @@ class PeakMemory:
         proc = proc or psutil.Process()
         try:
             own = proc.memory_info().rss
-            children = 0
+            tree = _pss(proc)
             for child in proc.children(recursive=True):
                 try:
-                    children += child.memory_info().rss
+                    tree += _pss(child)
                 except psutil.Error:
                     pass
         except psutil.Error:
             return
         self.self_peak = max(self.self_peak, own)
-        self.tree_peak = max(self.tree_peak, own + children)
+        self.tree_peak = max(self.tree_peak, tree)
         self.samples += 1
 
     def stop(self) -> dict[str, int]:
@@ -59,3 +62,8 @@ class PeakMemory:
             self._thread.join()
         self.sample_once()
         return {"baseline": self.baseline, "self": self.self_peak, "tree": self.tree_peak}
+
+
+def _pss(proc: psutil.Process) -> int:
+    info = proc.memory_full_info()
+    return getattr(info, "pss", info.rss)

@@ -94,26 +94,10 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
         rules.append(
             ParamRule("embedding.position_embeddings.weight", positions, hidden, Split.REPLICATED, Role.EMBEDDING, False)
         )
-    for name in norm_names:
-        rules.append(
-            ParamRule(f"{layer}self_attention.linear_qkv.layer_norm_{name}", hidden, None, Split.REPLICATED, Role.VECTOR, True)
-        )
-    rules.append(ParamRule(f"{layer}self_attention.linear_qkv.weight", qkv, hidden, Split.COLUMN, Role.MATRIX, True))
-    if src.has_qkv_bias:
-        rules.append(ParamRule(f"{layer}self_attention.linear_qkv.bias", qkv, None, Split.COLUMN, Role.VECTOR, True))
-    rules.append(ParamRule(f"{layer}self_attention.linear_proj.weight", hidden, heads, Split.ROW, Role.MATRIX, True))
-    if src.add_bias_linear:
-        rules.append(ParamRule(f"{layer}self_attention.linear_proj.bias", hidden, None, Split.REPLICATED, Role.VECTOR, True))
-    for name in norm_names:
-        rules.append(
-            ParamRule(f"{layer}mlp.linear_fc1.layer_norm_{name}", hidden, None, Split.REPLICATED, Role.VECTOR, True)
-        )
-    rules.append(ParamRule(f"{layer}mlp.linear_fc1.weight", fc1, hidden, Split.COLUMN, Role.MATRIX, True))
-    if src.add_bias_linear:
-        rules.append(ParamRule(f"{layer}mlp.linear_fc1.bias", fc1, None, Split.COLUMN, Role.VECTOR, True))
-    rules.append(ParamRule(f"{layer}mlp.linear_fc2.weight", hidden, ffn, Split.ROW, Role.MATRIX, True))
-    if src.add_bias_linear:
-        rules.append(ParamRule(f"{layer}mlp.linear_fc2.bias", hidden, None, Split.REPLICATED, Role.VECTOR, True))
+    rules += _sublayer(f"{layer}self_attention.", "linear_qkv", qkv, "linear_proj", heads, hidden, norm_names,
+                       src.has_qkv_bias, src.add_bias_linear)
+    rules += _sublayer(f"{layer}mlp.", "linear_fc1", fc1, "linear_fc2", ffn, hidden, norm_names,
+                       src.add_bias_linear, src.add_bias_linear)
     # Tied: the output layer reuses the unscaled embedding, so the final norm carries the 1/n.
     final_divisor = n if src.tied else 1
     for name in norm_names:
@@ -122,6 +106,21 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
         )
     if not src.tied:
         rules.append(ParamRule("output_layer.weight", vocab, hidden, Split.COLUMN, Role.MATRIX, False))
+    return rules
+
+
+def _sublayer(prefix: str, first: str, first_rows: DimMap, second: str, second_cols: DimMap, hidden: DimMap,
+              norm_names: list[str], first_bias: bool, second_bias: bool) -> list[ParamRule]:
+    """Attention or MLP as Megatron stores it: the pre-norm fused into a column-parallel linear
+    (hidden -> first_rows), then a row-parallel linear (second_cols -> hidden)."""
+    rules = [ParamRule(f"{prefix}{first}.layer_norm_{name}", hidden, None, Split.REPLICATED, Role.VECTOR, True)
+             for name in norm_names]
+    rules.append(ParamRule(f"{prefix}{first}.weight", first_rows, hidden, Split.COLUMN, Role.MATRIX, True))
+    if first_bias:
+        rules.append(ParamRule(f"{prefix}{first}.bias", first_rows, None, Split.COLUMN, Role.VECTOR, True))
+    rules.append(ParamRule(f"{prefix}{second}.weight", hidden, second_cols, Split.ROW, Role.MATRIX, True))
+    if second_bias:
+        rules.append(ParamRule(f"{prefix}{second}.bias", hidden, None, Split.REPLICATED, Role.VECTOR, True))
     return rules
 
 

@@ -40,7 +40,7 @@ def summary_table(reports, save: Optional[str | Path] = None) -> str:
 
     lines = [
         "| rank | slices | read | shard | read s | compute s | write s | total s | RSS at start | peak RSS "
-        "| peak RSS with helpers |",
+        "| peak PSS with helpers |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in reports:

@@ -15,32 +15,26 @@ import torch
 
 from .spec import ModelSpec, pad_vocab
 
+# Llama family: GQA, SwiGLU, RMSNorm, RoPE, untied embeddings, no biases.
+LLAMA = dict(position_embedding_type="rope", swiglu=True, normalization="RMSNorm", add_bias_linear=False,
+             add_qkv_bias=False, untie_embeddings_and_output_weights=True)
+# GPT-2 family: MHA, GeLU, LayerNorm, learned positions, tied embeddings, biases.
+GPT2 = dict(position_embedding_type="learned_absolute", swiglu=False, normalization="LayerNorm",
+            add_bias_linear=True, add_qkv_bias=False, untie_embeddings_and_output_weights=False)
+
 PRESETS: dict[str, dict] = {
-    # The bundled default: Llama-like, divisible for TP 8 at factor 2 (heads 8->16, groups 4->8).
-    "default": dict(
-        num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, kv_channels=32,
-        ffn_hidden_size=688, position_embedding_type="rope", swiglu=True, normalization="RMSNorm",
-        add_bias_linear=False, add_qkv_bias=False, untie_embeddings_and_output_weights=True,
-    ),
-    # The benchmark's ~94M-parameter Llama-like source (issue 6's reference shape).
-    "bench": dict(
-        num_layers=8, hidden_size=1024, num_attention_heads=16, num_query_groups=8, kv_channels=64,
-        ffn_hidden_size=2816, position_embedding_type="rope", swiglu=True, normalization="RMSNorm",
-        add_bias_linear=False, add_qkv_bias=False, untie_embeddings_and_output_weights=True,
-    ),
-    # Llama-like: GQA, SwiGLU, RMSNorm, RoPE, untied, no biases. Attention width (16 x 8) differs
-    # from hidden (64) so kv_channels is exercised; factor 3 still divides by TP 8.
-    "llama": dict(
-        num_layers=2, hidden_size=64, num_attention_heads=16, num_query_groups=8, kv_channels=8,
-        ffn_hidden_size=96, position_embedding_type="rope", swiglu=True, normalization="RMSNorm",
-        add_bias_linear=False, add_qkv_bias=False, untie_embeddings_and_output_weights=True,
-    ),
-    # GPT-2-like: MHA, GeLU, LayerNorm, learned positions, tied embeddings, biases.
-    "gpt2": dict(
-        num_layers=2, hidden_size=48, num_attention_heads=8, num_query_groups=8, kv_channels=6,
-        ffn_hidden_size=192, position_embedding_type="learned_absolute", swiglu=False, normalization="LayerNorm",
-        add_bias_linear=True, add_qkv_bias=False, untie_embeddings_and_output_weights=False,
-    ),
+    # The bundled default: divisible for TP 8 at factor 2 (heads 8->16, groups 4->8).
+    "default": dict(LLAMA, num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4,
+                    kv_channels=32, ffn_hidden_size=688),
+    # The benchmark's ~94M-parameter source (issue 6's reference shape).
+    "bench": dict(LLAMA, num_layers=8, hidden_size=1024, num_attention_heads=16, num_query_groups=8,
+                  kv_channels=64, ffn_hidden_size=2816),
+    # Test sizes. Attention width (16 x 8) differs from hidden (64) so kv_channels is exercised;
+    # factor 3 still divides by TP 8 in both.
+    "llama": dict(LLAMA, num_layers=2, hidden_size=64, num_attention_heads=16, num_query_groups=8,
+                  kv_channels=8, ffn_hidden_size=96),
+    "gpt2": dict(GPT2, num_layers=2, hidden_size=48, num_attention_heads=8, num_query_groups=8,
+                 kv_channels=6, ffn_hidden_size=192),
 }
 
 

@@ -3,9 +3,6 @@
 Runs the library in this process as a world of one (gloo), against a real source checkpoint.
 """
 
-import hashlib
-import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -17,15 +14,7 @@ from megaclone import toy
 from megaclone.errors import MegacloneError
 from megaclone.expand import destination_spec, expand, open_source
 from megaclone.spec import Factors
-
-
-def tree_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
+from util import tree_hash
 
 
 @pytest.fixture(scope="module")

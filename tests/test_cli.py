@@ -1,22 +1,12 @@
 """The command-line tools as a user runs them: torchrun, mpirun, exit codes, printed output."""
 
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(cmd, **kw):
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
-
-
-def torchrun(n, tool, *args):
-    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), f"tools/{tool}", *args])
+from util import run, torchrun
 
 
 def digests(path):

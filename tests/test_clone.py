@@ -43,7 +43,10 @@ def clone_all(src, s, d, cfg, tp):
             if task.src_cols is not None:
                 data = data[:, torch.as_tensor(task.src_cols, dtype=torch.long)]
             piece = SourcePiece(data, task.src_rows, task.src_cols)
-            values = clone_slice(task.rule, task.layer or 0, piece, task.dst_rows, task.dst_cols, cfg)
+            shape = (len(task.dst_rows),) + (() if task.dst_cols is None else (len(task.dst_cols),))
+            # odd ranks compute in place into a preallocated shard, as the expander does
+            out = torch.full(shape, float("nan"), dtype=dtype) if rank % 2 else None
+            values = clone_slice(task.rule, task.layer or 0, piece, task.dst_rows, task.dst_cols, cfg, out=out)
             target = dst[task.rule.key] if task.layer is None else dst[task.rule.key][task.layer]
             if task.dst_cols is None:
                 target[torch.as_tensor(task.dst_rows)] = values

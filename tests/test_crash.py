@@ -2,30 +2,11 @@
 others stop instead of hanging, a rerun with --overwrite completes and verifies, and the source's
 bytes never change."""
 
-import hashlib
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tree_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def torchrun(n, tool, *args, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), f"tools/{tool}", *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+from util import torchrun, tree_hash
 
 
 @pytest.fixture(scope="module")

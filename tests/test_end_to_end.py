@@ -7,13 +7,11 @@ factors {2, 3}. MEGACLONE_E2E_QUICK=1 runs a subset (destination TP {2, 8}, two 
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from util import ROOT, run
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +21,7 @@ def results(tmp_path_factory):
            str(ROOT / "tests" / "e2e_worker.py"), str(out)]
     if os.environ.get("MEGACLONE_E2E_QUICK"):
         cmd.append("--quick")
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    proc = run(cmd, timeout=1800)
     if proc.returncode != 0:
         pytest.fail(f"e2e worker failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return json.loads((out / "results.json").read_text())

@@ -127,7 +127,7 @@ def main() -> int:
     floor = {r["tp"]: r["total_s"] for r in rows if r["mode"] == "floor"}
     print(f"\nsource: {gib(src_bytes):.2f} GiB at TP {args.src_tp}; factor {args.factor}\n")
     print("| TP | mode | wall s | start-up s | read s | compute s | write s | total s | x floor | written GiB "
-          "| GiB/s | RSS at start GiB | peak RSS GiB | with helpers GiB | shard GiB | (peak-start)/shard |")
+          "| GiB/s | RSS at start GiB | peak RSS GiB | PSS with helpers GiB | shard GiB | (peak-start)/shard |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         x = r["total_s"] / floor[r["tp"]] if r["tp"] in floor else float("nan")

@@ -1,0 +1,29 @@
+"""Helpers shared by the tests: running the tools as a user would, hashing a directory tree."""
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tree_hash(path: Path) -> str:
+    """sha256 over every file's relative path and bytes: changes if anything under ``path`` does."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def run(cmd, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def torchrun(n: int, tool: str, *args, env=None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node n tools/<tool> args...`` from the repository root."""
+    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, f"tools/{tool}", *args], env=env)
