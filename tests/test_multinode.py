@@ -1,0 +1,45 @@
+"""Two torchrun agents on one machine act as two nodes (c10d rendezvous, shared filesystem): the
+expansion they write together is byte-for-byte the one a single agent writes."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from util import ROOT, run, torchrun
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def digests(path):
+    proc = run([sys.executable, "tools/inspect_checkpoint.py", path, "--digest"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [line.split() for line in proc.stdout.splitlines() if line.startswith("  ") and "=" not in line]
+
+
+def test_two_agents_write_the_same_bytes_as_one(tmp_path):
+    src = tmp_path / "src"
+    made = torchrun(2, "make_source.py", "--preset", "llama", "--save", src, "--train-steps", "1")
+    assert made.returncode == 0, made.stderr[-3000:]
+    single = torchrun(4, "expand_sharded.py", "--load", src, "--save", tmp_path / "one", "--tp", "4")
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "megaclone-test",
+             "tools/expand_sharded.py", "--load", str(src), "--save", str(tmp_path / "two"), "--tp", "4"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for agent in agents:
+        out, err = agent.communicate(timeout=600)
+        assert agent.returncode == 0, err[-3000:]
+    one, two = digests(tmp_path / "one"), digests(tmp_path / "two")
+    assert len(one) == 9 and one == two
