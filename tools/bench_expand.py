@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="bench")
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--src-tp", type=int, default=2)
+    p.add_argument("--num-layers", type=int, help="override the preset's layers (to check time vs size)")
     p.add_argument("--tps", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--factor", type=int, default=2)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -97,7 +98,8 @@ def main() -> int:
     if not (src / "latest_checkpointed_iteration.txt").exists():
         print(f"building the {args.preset} source at TP {args.src_tp} ...", flush=True)
         torchrun(args.src_tp, "tools/make_source.py", "--preset", args.preset, "--save", src, "--tp", args.src_tp,
-                 "--train-steps", 0, "--vocab-size", args.vocab_size, "--overwrite")
+                 "--train-steps", 0, "--vocab-size", args.vocab_size, "--overwrite",
+                 *(["--num-layers", args.num_layers] if args.num_layers else []))
     src_bytes = directory_bytes(src)
     rows = []
     for tp in args.tps:

@@ -21,6 +21,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, help="tensor-parallel size of the source (default: world size)")
     p.add_argument("--train-steps", type=int, default=20)
     p.add_argument("--vocab-size", type=int, default=300, help="true vocabulary size (default 300)")
+    p.add_argument("--num-layers", type=int, help="override the preset's number of layers")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true")
@@ -44,7 +45,8 @@ def main() -> int:
     agree(lambda: ckpt_io.check_destination(save, args.overwrite, []))
     if rt.is_main:
         ckpt_io.clear_destination(save)
-    spec = toy.preset_spec(args.preset, tp, vocab_size=args.vocab_size)
+    overrides = {"num_layers": args.num_layers} if args.num_layers else {}
+    spec = toy.preset_spec(args.preset, tp, vocab_size=args.vocab_size, **overrides)
     toy.make_source(save, spec, seed=args.seed, train_steps=args.train_steps, dtype=getattr(torch, args.dtype))
     cli.rank0_print(f"saved a {args.preset} source ({spec.num_layers} layers, hidden {spec.hidden_size}, "
                     f"{spec.num_attention_heads} heads / {spec.num_query_groups} groups, ffn {spec.ffn_hidden_size}, "
