@@ -26,7 +26,7 @@ from . import checkpoint as ckpt_io
 from .clone import CloneConfig, SourcePiece, clone_slice
 from .errors import MegacloneError
 from .model import build_gpt, model_sharded_state_dict
-from .partition import ParamRule, param_rules
+from .partition import param_rules
 from .plan import SliceTask, plan_rank
 from .memory import PeakMemory
 from .runtime import agree

@@ -152,12 +152,6 @@ def _destroy_groups(module) -> None:
             dist.destroy_process_group(group)
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def agree(check: Callable[[], T]) -> T:
     """Run a validation on every rank; if any rank refuses, every rank raises the same error.
 

@@ -6,13 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from util import run, torchrun
-
-
-def digests(path):
-    proc = run([sys.executable, "tools/inspect_checkpoint.py", str(path), "--digest"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [line.split() for line in proc.stdout.splitlines() if line.startswith("  ") and "=" not in line]
+from util import run, tensor_digests, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def test_mpirun_writes_the_same_bytes_as_torchrun(source, expanded):
     proc = run([mpirun, "-n", "2", sys.executable, "tools/expand_sharded.py", "--load", str(source),
                 "--save", str(dst), "--tp", "2", "--variant", "noisy-symmetric", "--seed", "3", "--no-progress"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = digests(expanded), digests(dst)
+    a, b = tensor_digests(expanded), tensor_digests(dst)
     assert len(a) == 9 and all(len(row[-1]) == 64 for row in a)  # 9 llama tensors, each with a sha256
     assert a == b
 

@@ -5,21 +5,14 @@ import socket
 import subprocess
 import sys
 
-import pytest
 
-from util import ROOT, run, torchrun
+from util import ROOT, tensor_digests, torchrun
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def digests(path):
-    proc = run([sys.executable, "tools/inspect_checkpoint.py", path, "--digest"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [line.split() for line in proc.stdout.splitlines() if line.startswith("  ") and "=" not in line]
 
 
 def test_two_agents_write_the_same_bytes_as_one(tmp_path):
@@ -41,5 +34,5 @@ def test_two_agents_write_the_same_bytes_as_one(tmp_path):
     for agent in agents:
         out, err = agent.communicate(timeout=600)
         assert agent.returncode == 0, err[-3000:]
-    one, two = digests(tmp_path / "one"), digests(tmp_path / "two")
+    one, two = tensor_digests(tmp_path / "one"), tensor_digests(tmp_path / "two")
     assert len(one) == 9 and one == two

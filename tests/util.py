@@ -27,3 +27,10 @@ def run(cmd, env=None, timeout=600) -> subprocess.CompletedProcess:
 def torchrun(n: int, tool: str, *args, env=None) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node n tools/<tool> args...`` from the repository root."""
     return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, f"tools/{tool}", *args], env=env)
+
+
+def tensor_digests(path) -> list[list[str]]:
+    """Rows of (key, shape..., dtype, sha256) for every stored tensor, via tools/inspect_checkpoint.py."""
+    proc = run([sys.executable, "tools/inspect_checkpoint.py", path, "--digest"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [line.split() for line in proc.stdout.splitlines() if line.startswith("  ") and "=" not in line]

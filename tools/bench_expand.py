@@ -11,7 +11,6 @@ processes dist_checkpointing starts. Prints a markdown table and writes JSON.
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
