@@ -27,12 +27,8 @@ from .spec import Factors
 
 
 def _save(dst_root: Path, model_sd: dict, args) -> None:
-    path = dst_root / ckpt_io.iteration_dirname(0)
     state = {"model": model_sd, "args": args, "iteration": 0, "checkpoint_version": ckpt_io.CHECKPOINT_VERSION}
-    ckpt_io.save_sharded(path, state)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        ckpt_io.mark_latest(dst_root, 0)
+    ckpt_io.save_checkpoint(dst_root, 0, state)
 
 
 def _prepare(src_root: Path, dst_root: Path, factors: Factors, tp: int):

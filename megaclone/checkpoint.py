@@ -11,7 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -164,6 +164,24 @@ def save_sharded(ckpt: Path, sharded_state_dict: dict[str, Any]) -> None:
     _install_write_results_queue()
     ckpt.mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(sharded_state_dict, str(ckpt))
+
+
+def save_checkpoint(root: Path, iteration: int, state: dict[str, Any],
+                    before_publish: Optional[Callable[[], None]] = None) -> Path:
+    """Save a sharded state dict as ``<root>/iter_NNNNNNN`` (all ranks together), then, once every
+    rank has finished, publish it by writing the tracker file. A crash before that leaves no
+    checkpoint that looks complete."""
+    import torch.distributed as dist
+
+    path = Path(root) / iteration_dirname(iteration)
+    save_sharded(path, state)
+    if before_publish is not None:
+        before_publish()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        mark_latest(Path(root), iteration)
+    dist.barrier()
+    return path
 
 
 def mark_latest(root: Path, iteration: int | str) -> None:

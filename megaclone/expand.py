@@ -162,12 +162,13 @@ def fill_rank(
         report.slices += 1
         if report.slices == 1:
             _fault_point("read")
+        shard_bytes = target.numel() * target.element_size()
         report.bytes_read += nbytes
-        report.bytes_computed += target.numel() * target.element_size()
+        report.bytes_computed += shard_bytes
         report.seconds["read"] = report.seconds.get("read", 0.0) + t1 - t0
         report.seconds["compute"] = report.seconds.get("compute", 0.0) + t2 - t1
         if on_slice is not None:
-            on_slice(task, target.numel() * target.element_size())
+            on_slice(task, shard_bytes)
     if slots:
         raise AssertionError(f"destination parameters without a clone rule: {sorted(k for k, _ in slots)}")
 
@@ -233,7 +234,6 @@ def expand(
 
     _release_free_memory()
     t0 = time.perf_counter()
-    iteration_dir = dst_root / ckpt_io.iteration_dirname(0)
     state = {
         "model": model_sd,
         "args": dst_spec.to_args(source.args),
@@ -247,11 +247,7 @@ def expand(
             "source": str(source.path.resolve()),
         },
     }
-    ckpt_io.save_sharded(iteration_dir, state)
-    _fault_point("write")
-    dist.barrier()
-    if dist.get_rank() == 0:
-        ckpt_io.mark_latest(dst_root, 0)
+    ckpt_io.save_checkpoint(dst_root, 0, state, before_publish=lambda: _fault_point("write"))
     report.seconds["write"] = time.perf_counter() - t0
     report.seconds["total"] = time.perf_counter() - start
     del model, model_sd

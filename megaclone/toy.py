@@ -110,17 +110,11 @@ def save_training_checkpoint(model, args: argparse.Namespace, root: Path, iterat
     import random
 
     import numpy as np
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
     from megatron.core.dist_checkpointing import ShardedObject
 
     from . import checkpoint as ckpt_io
 
-    root = Path(root)
-    path = root / ckpt_io.iteration_dirname(iteration)
-    if dist.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
     tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     rng = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
             "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": None, "rng_tracker_states": {}}]
@@ -134,12 +128,7 @@ def save_training_checkpoint(model, args: argparse.Namespace, root: Path, iterat
         "opt_param_scheduler": {"max_lr": 3e-3, "min_lr": 0.0, "num_steps": iteration, "decay_style": "cosine"},
         "num_floating_point_operations_so_far": 0.0,
     }
-    dist_checkpointing.save(state, str(path))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        ckpt_io.mark_latest(root, iteration)
-    dist.barrier()
-    return path
+    return ckpt_io.save_checkpoint(Path(root), iteration, state)
 
 
 def make_source(root: Path, spec: ModelSpec, seed: int = 1234, train_steps: int = 3,
