@@ -18,7 +18,8 @@ from .spec import ModelSpec
 TE_ONLY_OBJECTS = ("decoder.final_layernorm._extra_state",)
 
 
-def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device, initialize: bool):
+def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device, initialize: bool,
+                       init_method_std: float = 0.02):
     from megatron.core.transformer import TransformerConfig
 
     return TransformerConfig(
@@ -42,6 +43,7 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device
         fp16=dtype == torch.float16,
         use_cpu_initialization=device.type == "cpu",
         perform_initialization=initialize,
+        init_method_std=init_method_std,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -52,7 +54,7 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device
 
 
 def build_gpt(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
-              initialize: bool = False):
+              initialize: bool = False, init_method_std: float = 0.02):
     """A GPTModel of ``spec`` sharded over the current megatron-core TP group (local layer spec).
 
     With ``initialize=False`` the parameters are allocated but not written (the expander fills them).
@@ -62,7 +64,7 @@ def build_gpt(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch
 
     device = device or torch.device("cpu")
     model = GPTModel(
-        config=transformer_config(spec, dtype, device, initialize),
+        config=transformer_config(spec, dtype, device, initialize, init_method_std),
         transformer_layer_spec=get_gpt_layer_local_spec(normalization=spec.normalization),
         vocab_size=spec.padded_vocab_size,
         max_sequence_length=spec.max_position_embeddings,

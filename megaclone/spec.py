@@ -83,7 +83,7 @@ class ModelSpec:
         pos = get("position_embedding_type", "learned_absolute")
         if get("use_rotary_position_embeddings", False):
             pos = "rope"
-        true_vocab = vocab_size or get("vocab_size") or padded
+        true_vocab = vocab_size or (get("vocab_size") and get("vocab_size") + _extra_ids(args)) or padded
         return cls(
             num_layers=get("num_layers"),
             hidden_size=hidden,
@@ -130,7 +130,7 @@ class ModelSpec:
             "add_qkv_bias": self.add_qkv_bias,
             "untie_embeddings_and_output_weights": self.untie_embeddings_and_output_weights,
             "padded_vocab_size": self.padded_vocab_size,
-            "vocab_size": self.vocab_size,
+            "vocab_size": self.vocab_size - _extra_ids(out),
             "make_vocab_size_divisible_by": self.make_vocab_size_divisible_by,
             "tensor_model_parallel_size": self.tensor_parallel,
             "pipeline_model_parallel_size": 1,
@@ -142,6 +142,17 @@ class ModelSpec:
         if not hasattr(out, "seq_length"):
             out.seq_length = self.max_position_embeddings
         return out
+
+
+def feasible_tp(spec: ModelSpec, world: int) -> int:
+    """The largest TP that divides ``world`` and every axis TP splits (heads, groups, FFN, vocab)."""
+    sizes = (spec.num_attention_heads, spec.num_query_groups, spec.ffn_hidden_size, spec.padded_vocab_size)
+    return max(d for d in range(1, world + 1) if world % d == 0 and all(s % d == 0 for s in sizes))
+
+
+def _extra_ids(args: Any) -> int:
+    """Ids a tokenizer adds past ``args.vocab_size``: Megatron-LM's NullTokenizer appends its eod id."""
+    return 1 if getattr(args, "tokenizer_type", None) == "NullTokenizer" else 0
 
 
 def _plain(value: Any) -> bool:

@@ -59,6 +59,7 @@ def megatron_args(spec: ModelSpec, **extra) -> argparse.Namespace:
         args.num_query_groups = 1  # Megatron-LM's default when GQA is off
     args.seq_length = spec.max_position_embeddings
     args.tokenizer_type = "NullTokenizer"
+    args.vocab_size = spec.vocab_size - 1  # NullTokenizer's vocabulary is vocab_size ids plus its eod id
     args.ckpt_format = "torch_dist"
     args.bf16 = False
     args.fp16 = False

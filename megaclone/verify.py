@@ -18,7 +18,7 @@ from . import checkpoint as ckpt_io
 from .errors import MegacloneError
 from .model import build_gpt, causal_logits, load_model
 from .runtime import agree, init_parallel
-from .spec import ModelSpec
+from .spec import ModelSpec, feasible_tp
 
 
 @dataclass(frozen=True)
@@ -55,18 +55,13 @@ def _open(root: Path) -> tuple[Path, ModelSpec, torch.dtype]:
     return path, spec, meta["embedding.word_embeddings.weight"].dtype
 
 
-def _largest_tp(spec: ModelSpec, world: int) -> int:
-    sizes = (spec.num_attention_heads, spec.num_query_groups, spec.ffn_hidden_size, spec.padded_vocab_size)
-    return max(d for d in range(1, world + 1) if world % d == 0 and all(s % d == 0 for s in sizes))
-
-
 def _full_logits(spec: ModelSpec, path: Path, dtype: torch.dtype, tokens: torch.Tensor, device) -> torch.Tensor:
     """Logits over the whole padded vocab, computed at the largest feasible TP and gathered."""
     from megatron.core import parallel_state
 
     import dataclasses
 
-    tp = _largest_tp(spec, dist.get_world_size())
+    tp = feasible_tp(spec, dist.get_world_size())
     init_parallel(tp)
     model = build_gpt(dataclasses.replace(spec, tensor_parallel=tp), dtype=dtype, device=device)
     load_model(model, path)

@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Megatron GPT pretraining on megatron-core with Megatron-LM's flag names (CPU + gloo or CUDA + NCCL).
+
+From scratch:
+    torchrun --nproc_per_node 2 examples/pretrain_gpt.py --tensor-model-parallel-size 2 \\
+        --num-layers 4 --hidden-size 256 --num-attention-heads 8 --seq-length 256 \\
+        --data-path runs/data/stdlib --split 98,2,0 --micro-batch-size 8 --train-iters 1000 --lr 1e-3 \\
+        --save runs/small
+Continue from a checkpoint tools/expand_sharded.py grew (fresh optimizer, iteration 0; the first
+iteration's loss is printed next to the source model's loss on the same batch):
+    torchrun --nproc_per_node 2 examples/pretrain_gpt.py --load runs/wide --finetune --use-checkpoint-args \\
+        --tensor-model-parallel-size 2 --seq-length 256 --data-path runs/data/stdlib --split 98,2,0 \\
+        --micro-batch-size 8 --train-iters 1000 --lr 1e-3 --save runs/wide-trained
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main() -> int:
+    from megaclone.runtime import init_distributed
+    from megaclone.train_args import parse_args
+    from megaclone.training import pretrain
+
+    args = parse_args()
+    rt = init_distributed(args.device, args.timeout_minutes)
+    pretrain(args, rt)
+    return 0
+
+
+if __name__ == "__main__":
+    from megaclone import cli
+
+    cli.run(main)

@@ -1,0 +1,186 @@
+"""Training data through megatron-core's own dataset code: a byte tokenizer, the bundled corpus,
+indexed-dataset writing and GPT datasets.
+
+The byte tokenizer is Megatron-LM's ``NullTokenizer`` with ``--vocab-size 256`` seen from the data
+side: token ids are UTF-8 bytes 0..255 and the end-of-document id is 256, so data written here trains
+in Megatron-LM with ``--tokenizer-type NullTokenizer --vocab-size 256`` unchanged.
+"""
+
+from __future__ import annotations
+
+import random
+import sysconfig
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from .errors import MegacloneError
+
+BYTE_VOCAB = 256  # ids 0..255; the end-of-document id is BYTE_VOCAB
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".c", ".h", ".html", ".xml", ".csv")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids, one end-of-document id after them; no padding id in the data.
+
+    Provides what megatron-core's GPTDataset asks of a tokenizer (``eod``, ``pad``, ``vocab_size``,
+    ``unique_identifiers``) and what a Megatron-LM checkpoint's args record (``tokenizer_type``).
+    """
+
+    tokenizer_type = "NullTokenizer"
+    eod = BYTE_VOCAB
+    pad = -1  # never a data id: GPTDataset masks nothing but its own sequence padding
+    vocab_size = BYTE_VOCAB + 1
+
+    @property
+    def unique_identifiers(self) -> OrderedDict:
+        return OrderedDict({"class": "megaclone.data.ByteTokenizer", "vocab_size": self.vocab_size})
+
+    def tokenize(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < BYTE_VOCAB).decode("utf-8", errors="replace")
+
+    def megatron_args(self) -> dict:
+        """The Megatron-LM flags (as args fields) that read this data the same way."""
+        return {"tokenizer_type": self.tokenizer_type, "vocab_size": BYTE_VOCAB}
+
+
+TOKENIZERS = {"byte": ByteTokenizer}
+
+
+def get_tokenizer(name: str) -> ByteTokenizer:
+    if name not in TOKENIZERS:
+        raise MegacloneError(f"unknown tokenizer {name!r}", f"use one of: {', '.join(TOKENIZERS)}")
+    return TOKENIZERS[name]()
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_corpus() -> list[Path]:
+    """Every ``*.py`` of this Python's standard library (not site-packages), sorted by path."""
+    root = stdlib_root()
+    return sorted(p for p in root.rglob("*.py")
+                  if "site-packages" not in p.parts and "__pycache__" not in p.parts and p.is_file())
+
+
+def collect_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files named directly, plus text files (by suffix) under named directories, sorted and unique."""
+    found: set[Path] = set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            found.add(path.resolve())
+        elif path.is_dir():
+            found.update(p.resolve() for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        else:
+            raise MegacloneError(f"input {path} does not exist", "pass existing files or directories to --input")
+    if not found:
+        raise MegacloneError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under {list(map(str, inputs))}",
+                             "pass files directly, or directories that hold text files")
+    return sorted(found)
+
+
+def shuffled_documents(files: Sequence[Path], seed: int) -> list[Path]:
+    """A fixed-seed shuffle, so a contiguous --split draws validation documents from the whole corpus."""
+    order = list(files)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    prefix: Path
+    documents: int
+    tokens: int
+    skipped: int  # empty or undecodable files
+
+
+def write_indexed_dataset(files: Sequence[Path], prefix: str | Path, tokenizer: ByteTokenizer) -> DatasetStats:
+    """Write ``prefix.bin`` / ``prefix.idx`` with megatron-core's IndexedDatasetBuilder: one document
+    per file, its tokens followed by the end-of-document id. Written to temporary names first and
+    renamed, so a failure leaves no dataset that looks complete."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    import torch
+
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp = prefix.with_name(prefix.name + ".partial")
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
+    documents = tokens = skipped = 0
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            skipped += 1
+            continue
+        ids = tokenizer.tokenize(text)
+        if ids.size == 0:
+            skipped += 1
+            continue
+        builder.add_document(torch.from_numpy(np.append(ids, tokenizer.eod).astype(np.int64)), [ids.size + 1])
+        documents += 1
+        tokens += ids.size + 1
+    if documents == 0:
+        Path(f"{tmp}.bin").unlink(missing_ok=True)
+        raise MegacloneError("no input file held UTF-8 text", "pass text files (source code, prose)")
+    builder.finalize(f"{tmp}.idx")
+    for suffix in (".bin", ".idx"):
+        Path(f"{tmp}{suffix}").replace(f"{prefix}{suffix}")
+    return DatasetStats(prefix, documents, tokens, skipped)
+
+
+def check_dataset(prefix: str | Path) -> None:
+    prefix = Path(prefix)
+    missing = [s for s in (".bin", ".idx") if not Path(f"{prefix}{s}").is_file()]
+    if missing:
+        raise MegacloneError(f"dataset {prefix} lacks {', '.join(prefix.name + s for s in missing)}",
+                             "write it with tools/preprocess_data.py --output-prefix " + str(prefix))
+
+
+def build_gpt_datasets(
+    data_path: Sequence[str],
+    split: str,
+    seq_length: int,
+    seed: int,
+    num_samples: tuple[int, int, int],
+    tokenizer: ByteTokenizer,
+    cache: Optional[Path] = None,
+):
+    """(train, valid, test) GPTDatasets from Megatron-LM-style ``--data-path`` and ``--split``.
+
+    ``data_path`` is Megatron-LM's list: prefixes, or alternating weights and prefixes. Built on every
+    rank (every rank reads data here; there is no pipeline).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    blend = get_blend_from_list(list(data_path))
+    for prefix in blend[0]:
+        check_dataset(prefix)
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split=split,
+        path_to_cache=str(cache) if cache else None,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+
+
+def samples(dataset, indices: Iterable[int]) -> Iterator[dict]:
+    for i in indices:
+        yield dataset[i]

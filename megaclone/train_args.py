@@ -1,0 +1,158 @@
+"""Megatron-LM's command-line flags for GPT pretraining, the subset megaclone's trainer supports.
+
+Flag names, defaults and derived fields follow Megatron-LM (``megatron/training/arguments.py``), so a
+command written for one runs on the other, and the args a checkpoint carries are the ones
+Megatron-LM's ``--use-checkpoint-args`` reads back.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from .errors import MegacloneError
+from .spec import pad_vocab
+
+# Fields --use-checkpoint-args takes from a checkpoint (Megatron-LM's load_args_from_checkpoint).
+CHECKPOINT_MODEL_ARGS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
+    "num_query_groups", "kv_channels", "max_position_embeddings", "position_embedding_type",
+    "rotary_base", "rotary_percent", "add_bias_linear", "add_qkv_bias", "swiglu",
+    "untie_embeddings_and_output_weights", "normalization", "norm_epsilon", "padded_vocab_size",
+    "vocab_size", "make_vocab_size_divisible_by", "tokenizer_type",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Megatron GPT pretraining on megatron-core (Megatron-LM flag names).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model (ignored for fields --use-checkpoint-args reads)")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=1)
+    g.add_argument("--kv-channels", type=int)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--position-embedding-type", default="learned_absolute",
+                   choices=["learned_absolute", "rope", "none"])
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
+    g.add_argument("--add-qkv-bias", action="store_true")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--tokenizer-type", default="NullTokenizer", choices=["NullTokenizer"],
+                   help="NullTokenizer --vocab-size 256 reads tools/preprocess_data.py's byte data")
+    g.add_argument("--vocab-size", type=int, default=256)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = p.add_argument_group("parallelism and data")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--data-path", nargs="+", help="prefixes, or weight prefix pairs")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--data-cache-path")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="linear", choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--lr-decay-iters", type=int)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+
+    g = p.add_argument_group("checkpointing and logging")
+    g.add_argument("--load")
+    g.add_argument("--save")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--finetune", action="store_true",
+                   help="load model weights only; start at iteration 0 with a fresh optimizer")
+    g.add_argument("--use-checkpoint-args", action="store_true")
+    g.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist"])
+    g.add_argument("--ckpt-step", type=int, help="load this iteration instead of the latest")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--log-interval", type=int, default=100)
+
+    g = p.add_argument_group("megaclone (not Megatron-LM flags)")
+    g.add_argument("--log-json", help="write the loss history (train and validation) to this JSON file")
+    g.add_argument("--no-source-check", action="store_true",
+                   help="skip the source model's loss on the first batch (an expanded --load)")
+    g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible")
+    g.add_argument("--timeout-minutes", type=float, default=10.0)
+    g.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def apply_checkpoint_args(args: argparse.Namespace, saved: argparse.Namespace) -> None:
+    """--use-checkpoint-args: the model shape comes from the checkpoint, as in Megatron-LM."""
+    for name in CHECKPOINT_MODEL_ARGS:
+        if hasattr(saved, name):
+            setattr(args, name, getattr(saved, name))
+
+
+def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Validate and derive Megatron-LM's computed fields (data-parallel size, batch, padded vocab)."""
+    tp = args.tensor_model_parallel_size
+    if world_size % tp:
+        raise MegacloneError(f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp}",
+                             f"launch a multiple of {tp} processes")
+    args.world_size = world_size
+    args.data_parallel_size = world_size // tp
+    args.pipeline_model_parallel_size = 1
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    if args.global_batch_size % per_step:
+        raise MegacloneError(
+            f"--global-batch-size {args.global_batch_size} is not a multiple of micro batch x data parallel "
+            f"= {per_step}", "pick a global batch size that is a multiple of that")
+    missing = [f"--{n.replace('_', '-')}" for n in ("num_layers", "hidden_size", "num_attention_heads")
+               if getattr(args, n) is None]
+    if missing:
+        raise MegacloneError(f"no model shape: {', '.join(missing)} not given",
+                             "pass the shape flags, or --load a checkpoint with --use-checkpoint-args")
+    if not args.data_path:
+        raise MegacloneError("no --data-path", "write data with tools/preprocess_data.py and pass its prefix")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.seq_length > args.max_position_embeddings:
+        raise MegacloneError(f"--seq-length {args.seq_length} exceeds max_position_embeddings "
+                             f"{args.max_position_embeddings}", "use a shorter --seq-length")
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.kv_channels is None:
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if not args.group_query_attention:
+        args.num_query_groups = args.num_attention_heads
+    # NullTokenizer's vocabulary is --vocab-size ids plus its end-of-document id
+    args.padded_vocab_size = pad_vocab(args.vocab_size + 1, args.make_vocab_size_divisible_by, tp)
+    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    args.save_interval = args.save_interval or args.train_iters
+    if args.lr_warmup_iters >= args.lr_decay_iters:
+        raise MegacloneError(f"--lr-warmup-iters {args.lr_warmup_iters} is not below the decay length "
+                             f"{args.lr_decay_iters}", "use fewer warm-up iterations")
+    args.params_dtype = "float32"
+    args.bf16 = args.fp16 = False
+    return args

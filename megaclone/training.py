@@ -1,0 +1,392 @@
+"""GPT pretraining on megatron-core with tensor and data parallelism, for continuing from a clone.
+
+One training step: every data-parallel rank runs its micro-batches of the global batch through the
+GPTModel (vocab-parallel cross entropy), gradients are averaged over the data-parallel group, clipped
+by their global norm (tensor-parallel duplicates counted once), and AdamW steps under megatron-core's
+OptimizerParamScheduler. Sample order follows Megatron-LM's pretraining sampler, so a resumed run sees
+the batches an uninterrupted one would. The optimizer is torch's AdamW with Megatron-LM's parameter
+groups on every device: megatron-core 0.16.1's optimizer classes allocate on 'cuda' unconditionally
+(DESIGN.md section 5); its checkpoint layout is kept (see train_state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt_io
+from . import data as data_io
+from . import train_args
+from . import train_state
+from .errors import MegacloneError
+from .model import build_gpt, causal_mask, model_sharded_state_dict
+from .runtime import Runtime, init_parallel
+from .spec import ModelSpec, feasible_tp
+
+
+@dataclass
+class History:
+    """What a run logs: per-iteration training metrics, validation points, the source check."""
+
+    settings: dict
+    train: list[dict] = field(default_factory=list)
+    valid: list[dict] = field(default_factory=list)
+    source_check: Optional[dict] = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- model, optimizer, schedule
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    return dataclasses.replace(ModelSpec.from_args(args), tensor_parallel=args.tensor_model_parallel_size)
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """Megatron-LM's default groups: no weight decay on biases and 1-D parameters (norms)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(param)
+    return [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                             eps=args.adam_eps, weight_decay=args.weight_decay)
+
+
+def build_scheduler(optimizer, args: argparse.Namespace):
+    """megatron-core's scheduler, counted in samples as Megatron-LM counts it with --train-iters."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    gbs = args.global_batch_size
+    return OptimizerParamScheduler(
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=args.lr_decay_iters * gbs,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
+    )
+
+
+# ---------------------------------------------------------------- batches and losses
+
+
+def micro_batches(dataset, first_sample: int, args: argparse.Namespace, dp_rank: int) -> list[dict]:
+    """This DP rank's micro-batches of the global batch starting at ``first_sample`` (Megatron-LM's
+    sampler: each block of micro x DP consecutive samples is split across DP ranks in order)."""
+    mbs, dp = args.micro_batch_size, args.data_parallel_size
+    out = []
+    for m in range(args.global_batch_size // (mbs * dp)):
+        start = first_sample + m * mbs * dp + dp_rank * mbs
+        items = [dataset[i] for i in range(start, start + mbs)]
+        out.append({k: torch.stack([it[k] for it in items]) for k in ("tokens", "labels", "loss_mask", "position_ids")})
+    return out
+
+
+def micro_batch_loss(model, batch: dict, device: torch.device) -> torch.Tensor:
+    """Masked mean of the per-token cross entropy over one micro-batch."""
+    tokens = batch["tokens"].to(device)
+    per_token = model(tokens, batch["position_ids"].to(device), causal_mask(tokens.shape[1], device),
+                      labels=batch["labels"].to(device))
+    mask = batch["loss_mask"].to(device)
+    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+
+
+def mean_over(group, value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+        t /= dist.get_world_size(group)
+    return float(t)
+
+
+# ---------------------------------------------------------------- one step
+
+
+def average_gradients(params: list[torch.nn.Parameter], dp_group) -> None:
+    size = dist.get_world_size(dp_group)
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=dp_group)
+            p.grad /= size
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group) -> float:
+    """Global L2 norm over the model (TP-split parameters summed over the TP group, replicated ones
+    counted once); grads are scaled down when it exceeds ``max_norm`` (0 disables clipping)."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    grads = [p.grad for p in params if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
+    sq = torch.zeros(1, dtype=torch.float64, device=params[0].device)
+    for g in grads:
+        sq += g.detach().double().pow(2).sum()
+    dist.all_reduce(sq, group=tp_group)
+    norm = float(sq.sqrt())
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
+
+
+def train_step(model, optimizer, scheduler, batches: list[dict], args, device) -> tuple[float, float]:
+    """Forward/backward over this rank's micro-batches, DP-average, clip, step; (loss, grad norm)."""
+    from megatron.core import parallel_state
+
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for batch in batches:
+        loss = micro_batch_loss(model, batch, device)
+        (loss / len(batches)).backward()
+        total += float(loss.detach()) / len(batches)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    average_gradients(params, parallel_state.get_data_parallel_group())
+    grad_norm = clip_grad_norm(params, args.clip_grad, parallel_state.get_tensor_model_parallel_group())
+    optimizer.step()
+    scheduler.step(increment=args.global_batch_size)
+    return mean_over(parallel_state.get_data_parallel_group(), total), grad_norm
+
+
+@torch.no_grad()
+def evaluate(model, dataset, args, device) -> float:
+    """Mean loss over the first ``eval_iters`` global batches of the validation split (the same
+    samples at every evaluation, so curves compare without sampling noise)."""
+    from megatron.core import parallel_state
+
+    model.eval()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    losses = []
+    for it in range(args.eval_iters):
+        for batch in micro_batches(dataset, it * args.global_batch_size, args, dp_rank):
+            losses.append(float(micro_batch_loss(model, batch, device)))
+    return mean_over(parallel_state.get_data_parallel_group(), sum(losses) / max(len(losses), 1))
+
+
+# ---------------------------------------------------------------- the source check
+
+
+def source_loss(src_path: Path, dataset, args, device) -> float:
+    """The source model's loss on the first global batch, averaged as the trainer averages it.
+
+    Runs the source at the largest TP its shape allows in this world, over the whole global batch
+    on every rank (a check on a small model, not a training step)."""
+    from .model import load_model
+
+    spec = ModelSpec.from_args(ckpt_io.read_common(src_path)["args"])
+    spec = dataclasses.replace(spec, tensor_parallel=feasible_tp(spec, dist.get_world_size()))
+    init_parallel(spec.tensor_parallel)
+    model = build_gpt(spec, device=device)
+    load_model(model, src_path)
+    model.eval()
+    full = argparse.Namespace(**vars(args))
+    full.data_parallel_size = 1  # every rank takes the whole global batch
+    with torch.no_grad():
+        losses = [float(micro_batch_loss(model, b, device)) for b in micro_batches(dataset, 0, full, 0)]
+    del model
+    return sum(losses) / len(losses)
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Loaded:
+    iteration: int = 0
+    consumed_samples: int = 0
+    source: Optional[Path] = None  # the small model an expanded checkpoint was grown from
+
+
+def _checkpoint_to_load(args) -> Optional[Path]:
+    if not args.load:
+        return None
+    root = Path(args.load)
+    if args.ckpt_step is not None:
+        path = root / ckpt_io.iteration_dirname(args.ckpt_step)
+        if not (path / "metadata.json").exists():
+            raise MegacloneError(f"--ckpt-step {args.ckpt_step}: {path} is not a checkpoint",
+                                 f"pick an iteration saved under {root}")
+        return path
+    if not (root / ckpt_io.LATEST).exists() and not (root / "metadata.json").exists():
+        return None  # Megatron-LM starts from random weights when --load holds no checkpoint
+    return ckpt_io.find_checkpoint(root)
+
+
+def prepare_args(args: argparse.Namespace, world_size: int) -> tuple[argparse.Namespace, Optional[Path]]:
+    """Apply --use-checkpoint-args and derive Megatron-LM's computed fields; validate."""
+    path = _checkpoint_to_load(args)
+    if args.load and path is None and args.finetune:
+        raise MegacloneError(f"--finetune but {args.load} holds no checkpoint",
+                             "point --load at a checkpoint (e.g. the --save of tools/expand_sharded.py)")
+    saved_padded = None
+    if path is not None and args.use_checkpoint_args:
+        saved = ckpt_io.read_common(path)["args"]
+        train_args.apply_checkpoint_args(args, saved)
+        saved_padded = getattr(saved, "padded_vocab_size", None)
+    train_args.finalize(args, world_size)
+    if saved_padded and saved_padded % args.tensor_model_parallel_size == 0:
+        args.padded_vocab_size = saved_padded  # the stored embedding's rows, as the weights were saved
+    return args, path
+
+
+def _print(rt: Runtime, text: str) -> None:
+    if rt.is_main:
+        print(text, flush=True)
+
+
+def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
+    from megatron.core import parallel_state
+
+    args, load_path = prepare_args(args, rt.world_size)
+    device = rt.device
+    tokenizer = data_io.ByteTokenizer()
+    cache = Path(args.data_cache_path) if args.data_cache_path else None
+    n_valid = args.eval_iters * args.global_batch_size
+    train_ds, valid_ds, _ = data_io.build_gpt_datasets(
+        args.data_path, args.split, args.seq_length, args.seed,
+        (args.train_iters * args.global_batch_size, n_valid, 0), tokenizer, cache)
+    if train_ds is None or (args.eval_iters and valid_ds is None):
+        raise MegacloneError(f"--split {args.split} leaves no training or validation documents",
+                             "give both the first and second --split weights a share")
+
+    history = History(settings={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))})
+    loaded = Loaded()
+    source = None
+    if load_path is not None and args.finetune and not args.no_source_check:
+        meta = ckpt_io.read_common(load_path).get("megaclone")
+        if meta and Path(meta["source"]).exists():
+            source = Path(meta["source"])
+            history.source_check = {"source": str(source), "variant": meta.get("variant"),
+                                    "source_loss": source_loss(source, train_ds, args, device)}
+
+    init_parallel(args.tensor_model_parallel_size)
+    if device.type == "cuda":
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same on every rank: CPU init builds the full matrix, then slices
+    spec = model_spec(args)
+    model = build_gpt(spec, device=device, initialize=True, init_method_std=args.init_method_std)
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args)
+
+    if load_path is not None:
+        with_optim = not (args.finetune or args.no_load_optim)
+        common = train_state.load_training_checkpoint(load_path, model, model.sharded_state_dict(),
+                                                      optimizer if with_optim else None)
+        if not args.finetune:
+            loaded.iteration = int(common["iteration"])
+            loaded.consumed_samples = int(getattr(common["args"], "consumed_train_samples",
+                                                  loaded.iteration * args.global_batch_size))
+            if "opt_param_scheduler" in common:
+                scheduler.load_state_dict(common["opt_param_scheduler"])
+        _print(rt, f"loaded {load_path} ({'weights only, iteration 0' if args.finetune else f'iteration {loaded.iteration}'})")
+
+    _print(rt, f"model: {spec.num_layers} layers, hidden {spec.hidden_size}, heads {spec.num_attention_heads} "
+               f"(groups {spec.num_query_groups}), ffn {spec.ffn_hidden_size}, "
+               f"{sum(p.numel() for p in model.parameters()):,} parameters on this rank; "
+               f"TP {args.tensor_model_parallel_size} x DP {args.data_parallel_size}, device {device}")
+    log = _Logger(rt, args, loaded.iteration)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    tokens_per_iter = args.global_batch_size * args.seq_length
+
+    def save(iteration: int) -> None:
+        if not args.save:
+            return
+        saved = argparse.Namespace(**vars(args))
+        saved.consumed_train_samples = iteration * args.global_batch_size
+        saved.iteration = iteration
+        train_state.save_training_checkpoint(Path(args.save), iteration, model_sharded_state_dict(model),
+                                             saved, optimizer, scheduler)
+        log.note(f"saved iteration {iteration} to {args.save}")
+
+    if args.eval_iters and loaded.iteration == 0:
+        history.valid.append({"iteration": 0, "tokens": 0, "lm_loss": evaluate(model, valid_ds, args, device)})
+        log.note(f"validation at iteration 0: lm loss {history.valid[-1]['lm_loss']:.4f}")
+    iteration = loaded.iteration
+    while iteration < args.train_iters:
+        t0 = time.perf_counter()
+        batches = micro_batches(train_ds, iteration * args.global_batch_size, args, dp_rank)
+        lr = max(g["lr"] for g in optimizer.param_groups)
+        loss, grad_norm = train_step(model, optimizer, scheduler, batches, args, device)
+        iteration += 1
+        seconds = time.perf_counter() - t0
+        record = {"iteration": iteration, "tokens": iteration * tokens_per_iter, "lm_loss": loss, "lr": lr,
+                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_iter / seconds}
+        history.train.append(record)
+        if iteration == 1 and history.source_check is not None:
+            check = history.source_check
+            check["first_loss"] = loss
+            check["abs_diff"] = abs(loss - check["source_loss"])
+            log.note(f"iteration 1 lm loss {loss:.6f}; the source model on the same batch: "
+                     f"{check['source_loss']:.6f} (|diff| {check['abs_diff']:.2e})")
+        log.step(record)
+        if args.eval_iters and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
+            history.valid.append({"iteration": iteration, "tokens": iteration * tokens_per_iter,
+                                  "lm_loss": evaluate(model, valid_ds, args, device)})
+            log.note(f"validation at iteration {iteration}: lm loss {history.valid[-1]['lm_loss']:.4f}")
+        if iteration % args.save_interval == 0 or iteration == args.train_iters:
+            save(iteration)
+        if rt.is_main and args.log_json:
+            write_json(Path(args.log_json), history.to_json())
+    log.close()
+    if rt.is_main and args.log_json:
+        write_json(Path(args.log_json), history.to_json())
+    return history
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+class _Logger:
+    """A tqdm bar on a terminal (rank 0), Megatron-LM-style plain lines every --log-interval otherwise."""
+
+    def __init__(self, rt: Runtime, args, start: int):
+        self.rt, self.args = rt, args
+        self.bar = None
+        if rt.is_main and sys.stdout.isatty() and not args.no_progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=args.train_iters, initial=start, desc="training", dynamic_ncols=True)
+
+    def step(self, r: dict) -> None:
+        if not self.rt.is_main:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"lm loss {r['lm_loss']:.4f} lr {r['lr']:.2e} {r['tokens_per_s']:.0f} tok/s",
+                                     refresh=False)
+            self.bar.update(1)
+        elif r["iteration"] % self.args.log_interval == 0 or r["iteration"] in (1, self.args.train_iters):
+            print(f" iteration {r['iteration']:>7}/{self.args.train_iters} | consumed tokens {r['tokens']:>11,} | "
+                  f"lm loss {r['lm_loss']:.6f} | learning rate {r['lr']:.3e} | grad norm {r['grad_norm']:.3f} | "
+                  f"tokens per second {r['tokens_per_s']:.0f}", flush=True)
+
+    def note(self, text: str) -> None:
+        if not self.rt.is_main:
+            return
+        (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
