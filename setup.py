@@ -19,6 +19,7 @@ setup(
         "mpi4py>=4.0",
         "mpich>=4.2",  # an MPI runtime with mpirun/mpiexec, as a wheel: no system install needed
         "tqdm>=4.60",  # rank-0 progress bar
+        "matplotlib>=3.7",  # figures of the Scaling Smart reproduction
     ],
     extras_require={"test": ["pytest>=8"]},
 )

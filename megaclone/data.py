@@ -13,7 +13,7 @@ import sysconfig
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -179,8 +179,3 @@ def build_gpt_datasets(
         create_attention_mask=False,
     )
     return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
-
-
-def samples(dataset, indices: Iterable[int]) -> Iterator[dict]:
-    for i in indices:
-        yield dataset[i]

@@ -101,35 +101,15 @@ def train_steps_(model, spec: ModelSpec, steps: int, generator: torch.Generator,
 
 
 def save_training_checkpoint(model, args: argparse.Namespace, root: Path, iteration: int) -> Path:
-    """Save as Megatron-LM's training loop does, not as megaclone's expander does.
+    """Save as Megatron-LM's training loop does, not as megaclone's expander does: the model's own
+    sharded state dict (no Transformer Engine extras), RNG state, a scheduler state, and args holding
+    non-plain values (``params_dtype``). Sources made this way test megaclone on checkpoints it did
+    not write itself."""
+    from .train_state import save_training_checkpoint as save
 
-    The state dict mirrors Megatron-LM's ``generate_state_dict`` with ``--ckpt-format torch_dist``:
-    the model's own sharded state dict (no Transformer Engine extras), per-rank RNG state as a
-    ShardedObject, the LR scheduler state, and args holding non-plain values (``params_dtype``).
-    Sources made this way test megaclone on checkpoints it did not write itself.
-    """
-    import random
-
-    import numpy as np
-    from megatron.core import parallel_state
-    from megatron.core.dist_checkpointing import ShardedObject
-
-    from . import checkpoint as ckpt_io
-
-    tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
-    rng = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
-            "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": None, "rng_tracker_states": {}}]
-    state = {
-        "args": args,
-        "checkpoint_version": 3.0,
-        "iteration": iteration,
-        "model": model.sharded_state_dict(),
-        "rng_state": ShardedObject("rng_state", rng, (1, tp), (0, tp_rank),
-                                   replica_id=parallel_state.get_data_parallel_rank()),
-        "opt_param_scheduler": {"max_lr": 3e-3, "min_lr": 0.0, "num_steps": iteration, "decay_style": "cosine"},
-        "num_floating_point_operations_so_far": 0.0,
-    }
-    return ckpt_io.save_checkpoint(Path(root), iteration, state)
+    scheduler = {"max_lr": 3e-3, "min_lr": 0.0, "num_steps": iteration, "decay_style": "cosine"}
+    return save(Path(root), iteration, model.sharded_state_dict(), args,
+                extra={"opt_param_scheduler": scheduler})
 
 
 def make_source(root: Path, spec: ModelSpec, seed: int = 1234, train_steps: int = 3,

@@ -13,14 +13,20 @@ from typing import Optional, Sequence
 from .errors import MegacloneError
 from .spec import pad_vocab
 
-# Fields --use-checkpoint-args takes from a checkpoint (Megatron-LM's load_args_from_checkpoint).
-CHECKPOINT_MODEL_ARGS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
-    "num_query_groups", "kv_channels", "max_position_embeddings", "position_embedding_type",
-    "rotary_base", "rotary_percent", "add_bias_linear", "add_qkv_bias", "swiglu",
-    "untie_embeddings_and_output_weights", "normalization", "norm_epsilon", "padded_vocab_size",
-    "vocab_size", "make_vocab_size_divisible_by", "tokenizer_type",
+# What Megatron-LM's --use-checkpoint-args (load_args_from_checkpoint, checkpoint_version 3.0) takes
+# from a checkpoint: the first group only where the command line left the flag unset, the second always.
+CHECKPOINT_ARGS_IF_UNSET = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads", "kv_channels",
+    "max_position_embeddings", "tokenizer_type", "padded_vocab_size",
 )
+CHECKPOINT_ARGS_FORCED = (
+    "num_query_groups", "group_query_attention", "position_embedding_type", "add_position_embedding",
+    "use_rotary_position_embeddings", "rotary_percent", "rotary_interleaved", "add_bias_linear", "add_qkv_bias",
+    "swiglu", "untie_embeddings_and_output_weights", "apply_layernorm_1p", "normalization",
+    "apply_query_key_layer_scaling", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+)
+# Shape fields megaclone's trainer also takes (Megatron-LM leaves them to the command line).
+CHECKPOINT_ARGS_EXTRA = ("norm_epsilon", "rotary_base", "make_vocab_size_divisible_by", "vocab_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,10 +112,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def apply_checkpoint_args(args: argparse.Namespace, saved: argparse.Namespace) -> None:
-    """--use-checkpoint-args: the model shape comes from the checkpoint, as in Megatron-LM."""
-    for name in CHECKPOINT_MODEL_ARGS:
-        if hasattr(saved, name):
-            setattr(args, name, getattr(saved, name))
+    """--use-checkpoint-args as Megatron-LM applies it (a value the checkpoint lacks or holds as None
+    changes nothing); the tensor-parallel size, too, comes from the checkpoint."""
+    for name in CHECKPOINT_ARGS_IF_UNSET + CHECKPOINT_ARGS_FORCED + CHECKPOINT_ARGS_EXTRA:
+        value = getattr(saved, name, None)
+        forced = name not in CHECKPOINT_ARGS_IF_UNSET
+        if value is not None and (forced or getattr(args, name, None) is None):
+            setattr(args, name, value)
 
 
 def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:

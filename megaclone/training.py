@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -211,7 +210,6 @@ def source_loss(src_path: Path, dataset, args, device) -> float:
 class Loaded:
     iteration: int = 0
     consumed_samples: int = 0
-    source: Optional[Path] = None  # the small model an expanded checkpoint was grown from
 
 
 def _checkpoint_to_load(args) -> Optional[Path]:
@@ -236,13 +234,16 @@ def prepare_args(args: argparse.Namespace, world_size: int) -> tuple[argparse.Na
         raise MegacloneError(f"--finetune but {args.load} holds no checkpoint",
                              "point --load at a checkpoint (e.g. the --save of tools/expand_sharded.py)")
     saved_padded = None
-    if path is not None and args.use_checkpoint_args:
+    if path is not None:
         saved = ckpt_io.read_common(path)["args"]
-        train_args.apply_checkpoint_args(args, saved)
+        if args.use_checkpoint_args:
+            train_args.apply_checkpoint_args(args, saved)
         saved_padded = getattr(saved, "padded_vocab_size", None)
     train_args.finalize(args, world_size)
     if saved_padded and saved_padded % args.tensor_model_parallel_size == 0:
-        args.padded_vocab_size = saved_padded  # the stored embedding's rows, as the weights were saved
+        # Keep the stored vocabulary rows: Megatron-LM would re-pad for this TP and load a truncated
+        # or zero-extended output layer, which changes the softmax over padding ids.
+        args.padded_vocab_size = saved_padded
     return args, path
 
 
@@ -268,13 +269,14 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
 
     history = History(settings={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))})
     loaded = Loaded()
-    source = None
     if load_path is not None and args.finetune and not args.no_source_check:
         meta = ckpt_io.read_common(load_path).get("megaclone")
         if meta and Path(meta["source"]).exists():
             source = Path(meta["source"])
             history.source_check = {"source": str(source), "variant": meta.get("variant"),
                                     "source_loss": source_loss(source, train_ds, args, device)}
+        elif meta:
+            _print(rt, f"the source {meta['source']} of this clone is gone; skipping the first-batch loss check")
 
     init_parallel(args.tensor_model_parallel_size)
     if device.type == "cuda":

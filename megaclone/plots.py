@@ -1,0 +1,70 @@
+"""Figures for the "Scaling Smart" reproduction (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def loss_curves(curves: Mapping[str, Sequence[tuple[float, float]]], target: float, path: Path) -> Path:
+    """Validation loss against training tokens, one line per run, the target as a dashed line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in curves.items():
+        tokens, loss = zip(*curve)
+        ax.plot(np.array(tokens) / 1e6, loss, label=name, linestyle="--" if name == "random-init" else "-")
+    ax.axhline(target, color="gray", linewidth=0.8, linestyle=":", label="random-init final loss")
+    ax.set_xlabel("training tokens of the wide model (millions)")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_ylim(top=min(max(l for c in curves.values() for _, l in c), target * 2))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def symmetry(series: Mapping[str, Sequence[tuple[float, float]]], path: Path) -> Path:
+    """Mean cosine similarity between clone blocks of every weight matrix, over training."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in series.items():
+        tokens, cos = zip(*points)
+        ax.plot(np.array(tokens) / 1e6, cos, marker="o", label=name,
+                linestyle="--" if name == "random-init" else "-")
+    ax.set_xlabel("training tokens of the wide model (millions)")
+    ax.set_ylabel("cosine(clone block 0, clone block 1)")
+    ax.set_ylim(-0.1, 1.05)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def spectra(values: Mapping[str, np.ndarray], title: str, path: Path) -> Path:
+    """Singular values (descending) of one weight: the source's and each clone's at initialization."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, sv in values.items():
+        ax.semilogy(np.arange(1, len(sv) + 1), np.maximum(sv, 1e-12), label=name)
+    ax.set_xlabel("index")
+    ax.set_ylabel("singular value")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
