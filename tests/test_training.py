@@ -7,6 +7,7 @@ commands at TP 2) provides the checkpoints and histories the tests below examine
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def test_first_iteration_loss_equals_the_source_models(report):
     assert abs(random_first - report["runs"]["symmetric"]["source_check"]["source_loss"]) > 0.5
 
 
-def _train(out: Path, *extra, n: int = 2) -> "subprocess.CompletedProcess":  # noqa: F821
+def _train(out: Path, *extra, n: int = 2) -> subprocess.CompletedProcess:
     base = repro.train_flags(QUICK, out / "data" / "stdlib", 1234, QUICK["train_iters"], out / "unused",
                              out / "unused.json", 2)
     launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n]
