@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from .clone import CloneConfig, SourcePiece, clone_slice
-from .expand import RankReport, _slot_index, destination_spec, open_source
+from .expand import RankReport, _slot_index, destination_spec
+from .source import open_source
 from .memory import PeakMemory
 from .model import build_gpt, model_sharded_state_dict
 from .partition import dst_slice, param_rules

@@ -27,6 +27,7 @@ from .clone import CloneConfig, SourcePiece, clone_slice
 from .errors import MegacloneError
 from .model import build_gpt, model_sharded_state_dict
 from .partition import param_rules
+from .source import Source, open_hf_source, open_source
 from .plan import SliceTask, plan_rank
 from .memory import PeakMemory
 from .runtime import agree
@@ -45,17 +46,6 @@ def _fault_point(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-@dataclass(frozen=True)
-class Source:
-    """A validated source checkpoint: where it is, its spec, args and stored tensors."""
-
-    path: Path
-    spec: ModelSpec
-    args: object
-    tensors: dict[str, ckpt_io.TensorMeta]
-    dtype: torch.dtype
-
-
 @dataclass
 class RankReport:
     """What one rank did; rank 0 gathers them for the summary."""
@@ -66,35 +56,6 @@ class RankReport:
     bytes_computed: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss: dict[str, int] = field(default_factory=dict)
-
-
-def open_source(root: str | Path, vocab_size: Optional[int] = None) -> Source:
-    """Read and check a source checkpoint: args present, every tensor the model needs stored with the
-    shape its args imply, every shard file present and complete."""
-    path = ckpt_io.find_checkpoint(root)
-    common = ckpt_io.read_common(path)
-    spec = ModelSpec.from_args(common["args"], vocab_size=vocab_size)
-    tensors = ckpt_io.read_tensor_metadata(path)
-    ckpt_io.check_storage(path)
-    rules = param_rules(spec, spec)
-    for rule in rules:
-        expected = ((spec.num_layers,) if rule.per_layer else ()) + rule.src_shape
-        meta = tensors.get(rule.key)
-        if meta is None:
-            raise MegacloneError(
-                f"the source checkpoint {path} has no tensor {rule.key!r}, which its args imply",
-                "check that the args in common.pt describe the saved model (e.g. swiglu, add_bias_linear, "
-                "position_embedding_type, untie_embeddings_and_output_weights)",
-            )
-        if meta.shape != expected:
-            raise MegacloneError(
-                f"source tensor {rule.key!r} has shape {meta.shape}, but the checkpoint args imply {expected}",
-                "the checkpoint args do not match its weights; fix the args or re-save the checkpoint",
-            )
-    dtypes = {tensors[r.key].dtype for r in rules}
-    if len(dtypes) != 1:
-        raise MegacloneError(f"source parameters mix dtypes {sorted(map(str, dtypes))}", "save the source in one dtype")
-    return Source(path, spec, common["args"], tensors, dtypes.pop())
 
 
 def destination_spec(source: Source, factors: Factors, tp: int) -> ModelSpec:
@@ -127,7 +88,7 @@ def read_piece(source: Source, task: SliceTask) -> tuple[SourcePiece, int]:
     grid = task.boxes
     flat = [box for row in grid for box in row]
     meta = source.tensors[task.rule.key]
-    parts = iter(ckpt_io.read_boxes(source.path, task.rule.key, meta, task.layer, flat))
+    parts = iter(source.read(task.rule.key, task.layer, flat))
     if grid:
         data = _cat([_cat([next(parts) for _ in row], dim=-1) for row in grid], dim=0)
     else:
@@ -196,6 +157,7 @@ def expand(
     vocab_size: Optional[int] = None,
     device: torch.device = torch.device("cpu"),
     on_slice: Optional[Callable[[SliceTask, int], None]] = None,
+    src_format: str = "torch_dist",
 ) -> list[RankReport]:
     """Expand ``src_root`` into ``dst_root`` at TP ``tp``; returns every rank's report (on every rank).
 
@@ -215,7 +177,7 @@ def expand(
     def validate():
         if world % tp:
             raise MegacloneError(f"world size {world} is not a multiple of --tp {tp}", f"launch with --nproc_per_node {tp}")
-        source = open_source(src_root, vocab_size)
+        source = (open_hf_source if src_format == "hf" else open_source)(src_root, vocab_size)
         dst_spec = destination_spec(source, factors, tp)
         ckpt_io.check_destination(dst_root, overwrite, [src_root, source.path])
         return source, dst_spec

@@ -34,7 +34,7 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device
         add_bias_linear=spec.add_bias_linear,
         add_qkv_bias=spec.add_qkv_bias,
         gated_linear_unit=spec.swiglu,
-        activation_func=torch.nn.functional.silu if spec.swiglu else torch.nn.functional.gelu,
+        activation_func=_activation(spec),
         tensor_model_parallel_size=spec.tensor_parallel,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -51,6 +51,16 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device
         persist_layer_norm=False,
         apply_rope_fusion=False,
     )
+
+
+def _activation(spec: ModelSpec):
+    if spec.swiglu:
+        return torch.nn.functional.silu
+    if spec.openai_gelu:
+        from megatron.core.transformer.utils import openai_gelu
+
+        return openai_gelu
+    return torch.nn.functional.gelu
 
 
 def build_gpt(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch.device | None = None,

@@ -43,6 +43,7 @@ class ModelSpec:
     untie_embeddings_and_output_weights: bool = True
     rotary_base: int = 10000
     rotary_percent: float = 1.0
+    openai_gelu: bool = False  # GPT-2's tanh-approximated GeLU (Megatron-LM --openai-gelu)
 
     @property
     def heads_per_group(self) -> int:
@@ -105,6 +106,7 @@ class ModelSpec:
             untie_embeddings_and_output_weights=bool(get("untie_embeddings_and_output_weights", False)),
             rotary_base=get("rotary_base", 10000),
             rotary_percent=get("rotary_percent", 1.0),
+            openai_gelu=bool(get("openai_gelu", False)),
         )
 
     def to_args(self, base: Any = None) -> argparse.Namespace:
@@ -136,6 +138,7 @@ class ModelSpec:
             "pipeline_model_parallel_size": 1,
             "rotary_base": self.rotary_base,
             "rotary_percent": self.rotary_percent,
+            "openai_gelu": self.openai_gelu,
         }
         for key, value in fields.items():
             setattr(out, key, value)

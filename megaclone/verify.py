@@ -71,8 +71,27 @@ def _full_logits(spec: ModelSpec, path: Path, dtype: torch.dtype, tokens: torch.
     return torch.cat(parts, dim=-1)
 
 
+def _hf_logits(root: Path, tokens: torch.Tensor, device) -> torch.Tensor:
+    """transformers' own logits for an HF directory (the whole model on every rank: a check tool)."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as exc:
+        raise MegacloneError("verifying against a Hugging Face model needs transformers",
+                             "pip install transformers") from exc
+    model = AutoModelForCausalLM.from_pretrained(str(root)).to(device).eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def _open_hf(root: Path) -> tuple[Path, ModelSpec, torch.dtype]:
+    from .source import open_hf_source
+
+    source = open_hf_source(root)
+    return source.path, source.spec, source.dtype
+
+
 def verify(
-    src_root: Path,
+    src_root: Optional[Path],
     dst_root: Path,
     tokens: Optional[torch.Tensor] = None,
     tol: Optional[float] = None,
@@ -80,12 +99,14 @@ def verify(
     seed: int = 0,
     batch: int = 2,
     seq_length: int = 32,
+    src_hf: Optional[Path] = None,
 ) -> list[RankResult]:
-    """Compare per-rank logits; returns every rank's result on every rank."""
+    """Compare per-rank logits with the source's (a Megatron checkpoint, or with ``src_hf`` a Hugging
+    Face directory run by transformers itself); returns every rank's result on every rank."""
     from megatron.core import parallel_state
 
     def validate():
-        src = _open(Path(src_root))
+        src = _open_hf(Path(src_hf)) if src_hf is not None else _open(Path(src_root))
         dst = _open(Path(dst_root))
         if dist.get_world_size() % dst[1].tensor_parallel:
             raise MegacloneError(
@@ -105,7 +126,10 @@ def verify(
             "use a shorter --seq-length, or text whose byte values fit the vocabulary",
         )
     tokens = tokens.to(device)
-    reference = _full_logits(src_spec, src_path, src_dtype, tokens, device)
+    if src_hf is not None:
+        reference = _hf_logits(src_path, tokens, device)
+    else:
+        reference = _full_logits(src_spec, src_path, src_dtype, tokens, device)
 
     init_parallel(dst_spec.tensor_parallel)
     model = build_gpt(dst_spec, dtype=dst_dtype, device=device)

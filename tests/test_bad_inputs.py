@@ -12,7 +12,8 @@ import torch
 from megaclone import checkpoint as ckpt_io
 from megaclone import toy
 from megaclone.errors import MegacloneError
-from megaclone.expand import destination_spec, expand, open_source
+from megaclone.expand import destination_spec, expand
+from megaclone.source import open_source
 from megaclone.spec import Factors
 from util import tree_hash
 

@@ -2,6 +2,7 @@
 """Grow a Megatron GPT checkpoint in width with HyperCloning, one process per destination TP rank.
 
     torchrun --nproc_per_node 8 tools/expand_sharded.py --load small_ckpt --save wide_ckpt --tp 8 --factor 2
+    torchrun --nproc_per_node 4 tools/expand_sharded.py --load-hf hf_model_dir --save wide_ckpt --tp 4 --factor 2
     mpirun -n 8 python tools/expand_sharded.py --load small_ckpt --save wide_ckpt --tp 8 --factor 2
 """
 
@@ -14,7 +15,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="source checkpoint root (Megatron-LM torch_dist layout)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--load", help="source checkpoint root (Megatron-LM torch_dist layout)")
+    src.add_argument("--load-hf", help="source Hugging Face directory (config.json + safetensors): Llama, Mistral, "
+                                       "Qwen2, GPT-2, GPT-NeoX; --factor 1 converts without growing")
     p.add_argument("--save", required=True, help="destination checkpoint root (created; must be empty)")
     p.add_argument("--tp", type=int, required=True, help="destination tensor-parallel size = world size")
     p.add_argument("--factor", type=int, default=2, help="growth factor for hidden, heads and FFN (default 2)")
@@ -54,9 +58,10 @@ def main() -> int:
     )
     progress = ExpandProgress(enabled=rt.is_main and not args.no_progress)
     reports = expand(
-        args.load, args.save, factors, args.tp,
+        args.load or args.load_hf, args.save, factors, args.tp,
         CloneConfig(Variant(args.variant), args.snr_db, args.seed),
         overwrite=args.overwrite, vocab_size=args.vocab_size, device=rt.device, on_slice=progress.update,
+        src_format="hf" if args.load_hf else "torch_dist",
     )
     progress.close()
     if rt.is_main:

@@ -2,6 +2,7 @@
 """Prove per rank that an expanded checkpoint computes the source model's logits.
 
     torchrun --nproc_per_node 8 tools/verify_logits.py --src small_ckpt --dst wide_ckpt
+    torchrun --nproc_per_node 4 tools/verify_logits.py --src-hf hf_model_dir --dst wide_ckpt
 
 One process per destination TP rank; each compares its own vocab slice. Exit status 1 if any rank
 exceeds the tolerance (relative: max |D - S| / max |S| over the rank's slice of the real vocab).
@@ -16,7 +17,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="source (small) checkpoint root")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--src", help="source (small) checkpoint root")
+    src.add_argument("--src-hf", help="source Hugging Face directory, run by transformers itself")
     p.add_argument("--dst", required=True, help="destination (expanded) checkpoint root")
     p.add_argument("--text", help="UTF-8 text file to feed as byte tokens (default: random tokens)")
     p.add_argument("--batch", type=int, default=2)
@@ -35,7 +38,7 @@ def main() -> int:
     rt = init_distributed(args.device, args.timeout_minutes)
     tokens = text_tokens(args.text, args.batch, args.seq_length) if args.text else None
     results = verify(args.src, args.dst, tokens=tokens, tol=args.tol, device=rt.device, seed=args.seed,
-                     batch=args.batch, seq_length=args.seq_length)
+                     batch=args.batch, seq_length=args.seq_length, src_hf=args.src_hf)
     for r in results:
         cli.rank0_print(r.line())
     ok = all(r.ok for r in results)
