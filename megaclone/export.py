@@ -1,0 +1,114 @@
+"""Export a Megatron torch_dist checkpoint to a Hugging Face directory that transformers loads.
+
+Any world size: the (tensor, layer) pieces are dealt to ranks by size; each rank reads its pieces one
+at a time (a collective load per piece, so every rank takes part), turns each into the family's HF
+tensors and writes one safetensors shard. Rank 0 writes the index, then ``config.json`` last, after
+every shard is on disk: a directory without ``config.json`` is not a loadable model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt_io
+from . import hf
+from .errors import MegacloneError
+from .partition import param_rules
+from .plan import Box
+from .runtime import agree
+from .spec import ModelSpec
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+def deal(sizes: list[int], world: int) -> list[int]:
+    """Owner rank of each piece: largest first onto the least-loaded rank (deterministic)."""
+    load = [0] * world
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda k: (load[k], k))
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
+def shard_name(rank: int, world: int) -> str:
+    return "model.safetensors" if world == 1 else f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
+
+
+def _hf_config(spec: ModelSpec, model_type: str, dtype: torch.dtype):
+    try:
+        from transformers import AutoConfig
+    except ImportError as exc:
+        raise MegacloneError("export needs transformers for config.json", "pip install transformers") from exc
+    fields = hf.family_of(model_type).config_from_spec(spec, model_type)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    config.architectures = [ARCHITECTURES[model_type]]
+    config.torch_dtype = dtype
+    return config
+
+
+def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Write ``out`` (config.json, safetensors shards, index, tokenizer files); all ranks call it."""
+    out = Path(out)
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def validate():
+        path = ckpt_io.find_checkpoint(root)
+        args = ckpt_io.read_common(path)["args"]
+        spec = ModelSpec.from_args(args)
+        mtype = model_type or getattr(args, "hf_model_type", None) or hf.infer_model_type(spec)
+        hf.family_of(mtype)
+        if out.resolve() == Path(root).resolve() or Path(root).resolve() in out.resolve().parents:
+            raise MegacloneError(f"--save {out} is inside the checkpoint {root}", "choose a directory outside it")
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise MegacloneError(f"--save {out} is not empty", "pass --overwrite or choose an empty directory")
+        return path, args, spec, mtype
+
+    path, args, spec, mtype = agree(validate)
+    layout = hf.family_of(mtype).layout(spec)
+    meta = ckpt_io.read_tensor_metadata(path)
+    if rank == 0:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+    dist.barrier()
+
+    pieces = [(r.key, layer) for r in param_rules(spec, spec)
+              for layer in (range(spec.num_layers) if r.per_layer else [None])]
+    sizes = [int(torch.Size(meta[k].shape[1:] if layer is not None else meta[k].shape).numel()) for k, layer in pieces]
+    owner = deal(sizes, world)
+    mine: dict[str, torch.Tensor] = {}
+    for (key, layer), who in zip(pieces, owner):
+        shape = meta[key].shape[1:] if layer is not None else meta[key].shape
+        boxes = [Box(tuple(0 for _ in shape), tuple(shape))] if who == rank else []
+        for full in ckpt_io.read_boxes(path, key, meta[key], layer, boxes):
+            mine.update(hf.hf_tensors_from(layout[key], layer, full))
+    from safetensors.torch import save_file
+
+    name = shard_name(rank, world)
+    save_file(mine, str(out / name), metadata={"format": "pt"})
+    shares: list = [None] * world
+    dist.all_gather_object(shares, (sorted(mine), sum(v.numel() * v.element_size() for v in mine.values())))
+    names = [n for n, _ in shares]
+    if rank == 0:
+        weight_map = {t: shard_name(r, world) for r, ts in enumerate(names) for t in ts}
+        if world > 1:
+            index = {"metadata": {"total_size": sum(b for _, b in shares)}, "weight_map": dict(sorted(weight_map.items()))}
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        tokenizer = Path(str(getattr(args, "tokenizer_model", "") or ""))
+        for f in TOKENIZER_FILES:
+            if tokenizer.is_dir() and (tokenizer / f).exists():
+                shutil.copy2(tokenizer / f, out / f)
+        _hf_config(spec, mtype, meta[pieces[0][0]].dtype).save_pretrained(str(out))  # last: marks it complete
+    dist.barrier()
+    return {"model_type": mtype, "tensors": sum(len(n) for n in names), "files": world}

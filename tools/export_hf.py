@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Export a Megatron GPT checkpoint (e.g. a grown one) to a Hugging Face directory transformers loads.
+
+    torchrun --nproc_per_node 4 tools/export_hf.py --load wide_ckpt --save wide_hf
+    python tools/export_hf.py --load wide_ckpt --save wide_hf --model-type llama
+
+Any number of processes: each reads its share of the tensors one at a time and writes one safetensors
+shard; rank 0 writes the index and, last, config.json. The family comes from the checkpoint (recorded
+on Hugging Face import) or from the model's shape; --model-type overrides.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="Megatron checkpoint root (torch_dist)")
+    p.add_argument("--save", required=True, help="Hugging Face output directory")
+    p.add_argument("--model-type", choices=["llama", "mistral", "qwen2", "gpt2", "gpt_neox"],
+                   help="Hugging Face model_type (default: recorded at import, else inferred)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
+    cli.add_device_flags(p)
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
+    from megaclone.export import export_hf
+    from megaclone.runtime import init_distributed
+
+    init_distributed(args.device, args.timeout_minutes)
+    info = export_hf(args.load, args.save, args.model_type, args.overwrite)
+    cli.rank0_print(f"wrote {info['model_type']} ({info['tensors']} tensors in {info['files']} files) to {args.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    from megaclone import cli
+
+    cli.run(main)
