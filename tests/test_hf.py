@@ -1,0 +1,63 @@
+"""Hugging Face import and export, checked against transformers itself (tests/hf_worker.py, 4 ranks)."""
+
+import json
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from megaclone.errors import MegacloneError  # noqa: E402
+from megaclone.source import open_hf_source  # noqa: E402
+from util import ROOT, run  # noqa: E402
+
+FAMILIES = ("llama", "qwen2", "gpt2", "gpt_neox")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
+                str(ROOT / "tests" / "hf_worker.py"), str(out)], timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_import_matches_transformers_logits(results, family):
+    r = results[family]
+    cases = {k: v for k, v in r.items() if k[:3] in ("f1-", "f2-")}
+    assert len(cases) == 5
+    bad = {k: v for k, v in cases.items() if not v <= 1e-5}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_round_trip_and_grown_model_in_transformers(results, family):
+    r = results[family]
+    assert r["roundtrip_same_names"] and r["roundtrip_identical"]
+    assert r["exported_wide_rel"] <= 1e-5
+
+
+def test_sharded_source_was_exercised(results):
+    assert results["llama"]["files"] >= 2
+
+
+def _hf_dir(tmp_path, config):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path))
+    return tmp_path
+
+
+def test_unsupported_hf_models_are_refused_with_a_fix(tmp_path):
+    import transformers as T
+
+    with pytest.raises(MegacloneError, match="use_parallel_residual"):
+        open_hf_source(_hf_dir(tmp_path / "neox", T.GPTNeoXConfig(
+            hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=50)))
+    with pytest.raises(MegacloneError, match="not supported"):
+        open_hf_source(_hf_dir(tmp_path / "opt", T.OPTConfig(
+            hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=50)))
+    with pytest.raises(MegacloneError, match="config.json"):
+        open_hf_source(tmp_path)
