@@ -21,5 +21,8 @@ setup(
         "tqdm>=4.60",  # rank-0 progress bar
         "matplotlib>=3.7",  # figures of the Scaling Smart reproduction
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8", "transformers>=4.45"],  # tests build tiny HF models with transformers' own classes
+        "hf": ["transformers>=4.45"],  # --src-hf verification and config.json on export
+    },
 )
