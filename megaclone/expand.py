@@ -158,8 +158,12 @@ def expand(
     device: torch.device = torch.device("cpu"),
     on_slice: Optional[Callable[[SliceTask, int], None]] = None,
     src_format: str = "torch_dist",
+    dtype: Optional[torch.dtype] = None,
 ) -> list[RankReport]:
     """Expand ``src_root`` into ``dst_root`` at TP ``tp``; returns every rank's report (on every rank).
+
+    The destination keeps the source's dtype unless ``dtype`` is given (values are computed in fp32,
+    or fp64 for an fp64 source, and rounded once).
 
     The world may hold several TP groups (data-parallel replicas): each computes the same shard and
     megatron-core writes only the main replica.
@@ -190,7 +194,8 @@ def expand(
     report = RankReport(rank=dist.get_rank())
     report.seconds["start-up"] = time.perf_counter() - start
     init_parallel(tp)
-    model = build_gpt(dst_spec, dtype=source.dtype, device=device)
+    dtype = dtype or source.dtype
+    model = build_gpt(dst_spec, dtype=dtype, device=device)
     model_sd = model_sharded_state_dict(model)
     fill_rank(source, dst_spec, model_sd, parallel_state.get_tensor_model_parallel_rank(), cfg, report, on_slice)
 
@@ -198,7 +203,7 @@ def expand(
     t0 = time.perf_counter()
     state = {
         "model": model_sd,
-        "args": dst_spec.to_args(source.args),
+        "args": dst_spec.to_args(source.args, dtype=dtype),
         "iteration": 0,
         "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
         "megaclone": {

@@ -109,8 +109,9 @@ class ModelSpec:
             openai_gelu=bool(get("openai_gelu", False)),
         )
 
-    def to_args(self, base: Any = None) -> argparse.Namespace:
-        """Megatron-LM args for this spec: ``base`` (e.g. the source's args) with the shape fields set.
+    def to_args(self, base: Any = None, dtype: Any = None) -> argparse.Namespace:
+        """Megatron-LM args for this spec: ``base`` (e.g. the source's args) with the shape fields set
+        (and Megatron-LM's bf16/fp16 flags for ``dtype``, a torch.dtype, when given).
 
         Only plain Python values are written, so ``common.pt`` loads without unpickling foreign types.
         """
@@ -142,6 +143,9 @@ class ModelSpec:
         }
         for key, value in fields.items():
             setattr(out, key, value)
+        if dtype is not None:
+            out.bf16, out.fp16 = str(dtype) == "torch.bfloat16", str(dtype) == "torch.float16"
+            out.params_dtype = str(dtype).replace("torch.", "")
         if not hasattr(out, "seq_length"):
             out.seq_length = self.max_position_embeddings
         return out

@@ -63,6 +63,45 @@ def safetensors_dir(root: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def bf16_case(out: Path, rt) -> dict:
+    """A bf16 Llama grown 2x (symmetric): stays bf16 and is bit-exact (halving is exact in bf16);
+    with --dtype float32 the values are the bf16 ones, widened. Checked on the exported HF tensors
+    against W.repeat(2, 2) / 2 computed here."""
+    import transformers as T
+
+    config = T.LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=8, num_key_value_heads=4,
+                           vocab_size=100, num_hidden_layers=1, max_position_embeddings=64)
+    src = out / "llama-bf16-hf"
+    if rt.is_main:
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(11)
+        AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(str(src))
+    dist.barrier()
+    r = {}
+    for dtype in (None, torch.float32):
+        name = "bf16" if dtype is None else "as-fp32"
+        dst, hf_out = out / f"llama-{name}-wide", out / f"llama-{name}-wide-hf"
+        expand(src, dst, Factors.uniform(2), 2, overwrite=True, src_format="hf", dtype=dtype)
+        if dtype is None:
+            r["verify_rel"] = max(x.max_rel for x in verify(None, dst, src_hf=src))
+            r["verify_tol"] = verify(None, dst, src_hf=src)[0].tol
+        export_hf(dst, hf_out, overwrite=True)
+        if rt.is_main:
+            a, b = safetensors_dir(src), safetensors_dir(hf_out)
+            checks = {}
+            for key in ("mlp.down_proj.weight", "mlp.up_proj.weight", "mlp.gate_proj.weight"):
+                w = a[f"model.layers.0.{key}"]
+                expected = (w.repeat(2, 2) / 2).to(dtype or torch.bfloat16)
+                got = b[f"model.layers.0.{key}"]
+                checks[key] = got.dtype == expected.dtype and torch.equal(got, expected)
+            emb = a["model.embed_tokens.weight"].repeat(1, 2).to(dtype or torch.bfloat16)
+            checks["embed"] = torch.equal(b["model.embed_tokens.weight"], emb)
+            r[name] = checks
+        dist.barrier()
+    return r
+
+
 def main() -> None:
     rt = init_distributed()
     out = Path(sys.argv[1])
@@ -98,6 +137,7 @@ def main() -> None:
             r["exported_wide_hidden"] = wide.config.hidden_size if hasattr(wide.config, "hidden_size") else None
             r["exported_wide_rel"] = ((ls - lw).abs().max() / ls.abs().max()).item()
         dist.barrier()
+    results["bf16"] = bf16_case(out, rt)
     if rt.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.barrier()

@@ -61,3 +61,10 @@ def test_unsupported_hf_models_are_refused_with_a_fix(tmp_path):
             hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=50)))
     with pytest.raises(MegacloneError, match="config.json"):
         open_hf_source(tmp_path)
+
+
+def test_bf16_stays_bf16_and_symmetric_power_of_two_is_bit_exact(results):
+    r = results["bf16"]
+    assert all(r["bf16"].values()), r["bf16"]
+    assert all(r["as-fp32"].values()), r["as-fp32"]  # --dtype float32: the bf16 values, widened
+    assert r["verify_tol"] == 2e-2 and r["verify_rel"] <= r["verify_tol"], r

@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--snr-db", type=float, default=10.0, help="signal-to-noise ratio of the noisy variants (dB)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (noise never depends on rank or layout)")
     p.add_argument("--vocab-size", type=int, help="true vocabulary size (default: args.vocab_size, else padded)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="destination dtype (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --save")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     cli.add_device_flags(p)
@@ -38,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    import torch
     import torch.distributed as dist
 
     from megaclone.clone import CloneConfig, Variant
@@ -62,6 +65,7 @@ def main() -> int:
         CloneConfig(Variant(args.variant), args.snr_db, args.seed),
         overwrite=args.overwrite, vocab_size=args.vocab_size, device=rt.device, on_slice=progress.update,
         src_format="hf" if args.load_hf else "torch_dist",
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
     )
     progress.close()
     if rt.is_main:
