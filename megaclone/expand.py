@@ -159,11 +159,14 @@ def expand(
     on_slice: Optional[Callable[[SliceTask, int], None]] = None,
     src_format: str = "torch_dist",
     dtype: Optional[torch.dtype] = None,
+    pp: int = 1,
 ) -> list[RankReport]:
     """Expand ``src_root`` into ``dst_root`` at TP ``tp``; returns every rank's report (on every rank).
 
     The destination keeps the source's dtype unless ``dtype`` is given (values are computed in fp32,
-    or fp64 for an fp64 source, and rounded once).
+    or fp64 for an fp64 source, and rounded once). torch_dist keys are global, so the bytes do not
+    depend on the pipeline size; ``pp`` is recorded in the args (Megatron-LM's --use-checkpoint-args
+    takes it from there) after checking that it divides the layers.
 
     The world may hold several TP groups (data-parallel replicas): each computes the same shard and
     megatron-core writes only the main replica.
@@ -183,6 +186,9 @@ def expand(
             raise MegacloneError(f"world size {world} is not a multiple of --tp {tp}", f"launch with --nproc_per_node {tp}")
         source = (open_hf_source if src_format == "hf" else open_source)(src_root, vocab_size)
         dst_spec = destination_spec(source, factors, tp)
+        if pp < 1 or dst_spec.num_layers % pp:
+            raise MegacloneError(f"--pp {pp} does not divide the {dst_spec.num_layers} layers",
+                                 "choose a pipeline size that divides the number of layers")
         ckpt_io.check_destination(dst_root, overwrite, [src_root, source.path])
         return source, dst_spec
 
@@ -201,9 +207,11 @@ def expand(
 
     _release_free_memory()
     t0 = time.perf_counter()
+    args = dst_spec.to_args(source.args, dtype=dtype)
+    args.pipeline_model_parallel_size = pp
     state = {
         "model": model_sd,
-        "args": dst_spec.to_args(source.args, dtype=dtype),
+        "args": args,
         "iteration": 0,
         "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
         "megaclone": {

@@ -18,6 +18,14 @@ from .spec import ModelSpec
 TE_ONLY_OBJECTS = ("decoder.final_layernorm._extra_state",)
 
 
+def _pipeline_size() -> int:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
 def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device, initialize: bool,
                        init_method_std: float = 0.02):
     from megatron.core.transformer import TransformerConfig
@@ -36,6 +44,8 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device
         gated_linear_unit=spec.swiglu,
         activation_func=_activation(spec),
         tensor_model_parallel_size=spec.tensor_parallel,
+        pipeline_model_parallel_size=_pipeline_size(),
+        pipeline_dtype=dtype,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         params_dtype=dtype,
@@ -65,10 +75,12 @@ def _activation(spec: ModelSpec):
 
 def build_gpt(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
               initialize: bool = False, init_method_std: float = 0.02):
-    """A GPTModel of ``spec`` sharded over the current megatron-core TP group (local layer spec).
+    """A GPTModel of ``spec`` sharded over the current megatron-core TP group (local layer spec); with
+    pipeline parallelism, this rank's stage of it.
 
     With ``initialize=False`` the parameters are allocated but not written (the expander fills them).
     """
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -78,8 +90,8 @@ def build_gpt(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch
         transformer_layer_spec=get_gpt_layer_local_spec(normalization=spec.normalization),
         vocab_size=spec.padded_vocab_size,
         max_sequence_length=spec.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=spec.tied,
         position_embedding_type=spec.position_embedding_type,
         rotary_percent=spec.rotary_percent,

@@ -107,27 +107,29 @@ def init_distributed(device: Optional[str] = None, timeout_minutes: float = 10.0
     return Runtime(dist.get_rank(), dist.get_world_size(), dev, backend, launcher)
 
 
-_current_tp: Optional[int] = None
+_current: Optional[tuple[int, int]] = None
 
 
-def init_parallel(tensor_parallel: int) -> None:
-    """(Re)initialize megatron-core's parallel state with the given TP; the rest of the world is DP.
-
-    A no-op when that TP is already set. Switching TP destroys the old groups first: megatron-core's
-    destroy_model_parallel only forgets them, and every forgotten gloo group keeps its threads.
+def init_parallel(tensor_parallel: int, pipeline_parallel: int = 1) -> None:
+    """(Re)initialize megatron-core's parallel state with the given TP (and PP); the rest of the world
+    is DP. A no-op when that layout is already set. Switching destroys the old groups first:
+    megatron-core's destroy_model_parallel only forgets them, and every forgotten gloo group keeps its
+    threads.
     """
-    global _current_tp
+    global _current
     from megatron.core import parallel_state
 
+    layout = (tensor_parallel, pipeline_parallel)
     if parallel_state.model_parallel_is_initialized():
-        if _current_tp == tensor_parallel:
+        if _current == layout:
             return
         _destroy_groups(parallel_state)
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_parallel, create_gloo_process_groups=False
+        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
+        create_gloo_process_groups=False,
     )
-    _current_tp = tensor_parallel
+    _current = layout
 
 
 def _destroy_groups(module) -> None:

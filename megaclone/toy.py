@@ -113,22 +113,25 @@ def save_training_checkpoint(model, args: argparse.Namespace, root: Path, iterat
 
 
 def make_source(root: Path, spec: ModelSpec, seed: int = 1234, train_steps: int = 3,
-                dtype: torch.dtype = torch.float32, args_overrides: Optional[dict] = None) -> Path:
-    """Build, perturb, briefly train and save a source model at ``spec.tensor_parallel`` (all ranks)."""
+                dtype: torch.dtype = torch.float32, args_overrides: Optional[dict] = None,
+                pipeline_parallel: int = 1) -> Path:
+    """Build, perturb, briefly train and save a source model at ``spec.tensor_parallel`` (all ranks);
+    with ``pipeline_parallel`` > 1 every stage saves its layers (no training: a step needs a schedule)."""
     from megatron.core import parallel_state
 
     from .model import build_gpt
     from .runtime import init_parallel
 
-    init_parallel(spec.tensor_parallel)
+    init_parallel(spec.tensor_parallel, pipeline_parallel)
     torch.manual_seed(seed + parallel_state.get_tensor_model_parallel_rank())
     model = build_gpt(spec, dtype=torch.float32, initialize=True)
     gen = torch.Generator().manual_seed(seed + 7919 * parallel_state.get_tensor_model_parallel_rank())
     perturb_(model, gen)
-    train_steps_(model, spec, train_steps, gen)
+    if pipeline_parallel == 1:
+        train_steps_(model, spec, train_steps, gen)
     if dtype != torch.float32:
         model = model.to(dtype)
-    args = megatron_args(spec, **(args_overrides or {}))
+    args = megatron_args(spec, pipeline_model_parallel_size=pipeline_parallel, **(args_overrides or {}))
     args.bf16, args.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     args.params_dtype = dtype  # Megatron-LM stores a torch.dtype here
     save_training_checkpoint(model, args, Path(root), iteration=train_steps or 1)

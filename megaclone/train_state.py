@@ -57,15 +57,19 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, loaded: dict) -> None:
     optimizer.load_state_dict(loaded)
 
 
-def rng_state_object(tp: int, tp_rank: int, dp_rank: int):
-    """Per-rank RNG state as Megatron-LM saves it (a ShardedObject per TP rank, DP replicas)."""
+def rng_state_object():
+    """Per-rank RNG state as Megatron-LM saves it (one ShardedObject per (PP, TP) rank, DP replicas)."""
+    from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedObject
 
     rng = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
             "torch_rng_state": torch.get_rng_state(),
             "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
             "rng_tracker_states": {}}]
-    return ShardedObject("rng_state", rng, (1, tp), (0, tp_rank), replica_id=dp_rank)
+    return ShardedObject("rng_state", rng,
+                         (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+                         replica_id=ps.get_data_parallel_rank())
 
 
 def save_training_checkpoint(
@@ -78,16 +82,12 @@ def save_training_checkpoint(
     extra: Optional[dict] = None,
 ) -> Path:
     """Save ``iter_<iteration>`` under ``root`` and point the tracker file at it (all ranks)."""
-    from megatron.core import parallel_state
-
     state = {
         "args": args,
         "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
         "iteration": iteration,
         "model": model_sd,
-        "rng_state": rng_state_object(parallel_state.get_tensor_model_parallel_world_size(),
-                                      parallel_state.get_tensor_model_parallel_rank(),
-                                      parallel_state.get_data_parallel_rank()),
+        "rng_state": rng_state_object(),
         "num_floating_point_operations_so_far": 0.0,
     }
     if optimizer is not None:

@@ -30,6 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--snr-db", type=float, default=10.0, help="signal-to-noise ratio of the noisy variants (dB)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (noise never depends on rank or layout)")
     p.add_argument("--vocab-size", type=int, help="true vocabulary size (default: args.vocab_size, else padded)")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline size the destination's args declare for Megatron-LM (default 1; the "
+                        "torch_dist bytes are the same for any pipeline size)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="destination dtype (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --save")
@@ -65,7 +68,7 @@ def main() -> int:
         CloneConfig(Variant(args.variant), args.snr_db, args.seed),
         overwrite=args.overwrite, vocab_size=args.vocab_size, device=rt.device, on_slice=progress.update,
         src_format="hf" if args.load_hf else "torch_dist",
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        dtype=getattr(torch, args.dtype) if args.dtype else None, pp=args.pp,
     )
     progress.close()
     if rt.is_main:

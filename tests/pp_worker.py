@@ -1,0 +1,106 @@
+"""Pipeline parallelism in one torchrun group of 4 ranks (TP 2 x PP 2 where a layout needs it).
+
+1. A source saved by megatron-core at TP 2 x PP 2 (each stage saving its own layers) is expanded
+   like any other and verified per rank against itself at PP 1.
+2. The destination, declared for PP 2, is loaded by megatron-core at TP 2 x PP 2, stage by stage
+   (strict), and run as a two-stage pipeline (activations sent from stage 0 to stage 1): the last
+   stage's logits equal the PP-1 source's. Writes results.json.
+"""
+
+import dataclasses
+import json
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from megaclone import checkpoint as ckpt_io  # noqa: E402
+from megaclone import toy  # noqa: E402
+from megaclone.expand import expand  # noqa: E402
+from megaclone.model import build_gpt, causal_logits, causal_mask, load_model  # noqa: E402
+from megaclone.runtime import init_distributed, init_parallel  # noqa: E402
+from megaclone.spec import Factors, ModelSpec  # noqa: E402
+from megaclone.verify import verify  # noqa: E402
+
+
+def pipeline_logits(spec: ModelSpec, path: Path, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Logits (gathered over TP) from a TP 2 x PP 2 pipeline; None on stage-0 ranks."""
+    from megatron.core import parallel_state as ps
+
+    init_parallel(2, 2)
+    spec = dataclasses.replace(spec, tensor_parallel=2)
+    model = build_gpt(spec)
+    load_model(model, path)
+    model.eval()
+    batch, seq = tokens.shape
+    positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+    with torch.no_grad():
+        if ps.is_pipeline_first_stage():
+            hidden = model(tokens, positions, causal_mask(seq))
+            dist.send(hidden.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            return None
+        hidden = torch.empty(seq, batch, spec.hidden_size)
+        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(hidden)
+        local = model(tokens, positions, causal_mask(seq)).float()
+    parts = [torch.empty_like(local) for _ in range(2)]
+    dist.all_gather(parts, local, group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def main() -> None:
+    rt = init_distributed()
+    out = Path(sys.argv[1])
+    results = {}
+    spec = toy.preset_spec("llama", 2)
+    src = out / "src-tp2-pp2"
+    toy.make_source(src, spec, train_steps=0, pipeline_parallel=2)
+    results["source_pp"] = ckpt_io.read_common(ckpt_io.find_checkpoint(src))["args"].pipeline_model_parallel_size
+
+    dst = out / "wide-pp2"
+    expand(src, dst, Factors.uniform(2), 4, overwrite=True, pp=2)
+    results["verify_max_rel"] = max(r.max_rel for r in verify(src, dst))
+    dst_args = ckpt_io.read_common(ckpt_io.find_checkpoint(dst))["args"]
+    results["dst_args_pp"] = dst_args.pipeline_model_parallel_size
+    from megaclone.errors import MegacloneError
+
+    try:
+        expand(src, out / "wide-pp3", Factors.uniform(2), 4, pp=3)
+    except MegacloneError as exc:
+        results["pp3_error"] = str(exc)
+    results["pp3_wrote"] = (out / "wide-pp3").exists()
+
+    tokens = torch.randint(0, spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    init_parallel(2)
+    reference = causal_logits(build_and_load(spec, src), tokens).float()
+    parts = [torch.empty_like(reference) for _ in range(2)]
+    from megatron.core import parallel_state as ps
+
+    dist.all_gather(parts, reference, group=ps.get_tensor_model_parallel_group())
+    reference = torch.cat(parts, dim=-1)[..., : spec.vocab_size]
+    wide = ModelSpec.from_args(dst_args)
+    logits = pipeline_logits(wide, ckpt_io.find_checkpoint(dst), tokens)
+    rel = torch.tensor([0.0])
+    if logits is not None:
+        rel[0] = ((logits[..., : spec.vocab_size] - reference).abs().max() / reference.abs().max()).item()
+    dist.all_reduce(rel, op=dist.ReduceOp.MAX)
+    results["pipeline_max_rel"] = float(rel)
+    if rt.is_main:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def build_and_load(spec: ModelSpec, root: Path):
+    model = build_gpt(dataclasses.replace(spec, tensor_parallel=2))
+    load_model(model, ckpt_io.find_checkpoint(root))
+    return model
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Pipeline parallelism: a PP source reads like any other; a destination declared for PP 2 loads in
+megatron-core at TP 2 x PP 2 and, run as a two-stage pipeline, gives the source's logits
+(tests/pp_worker.py, 4 ranks)."""
+
+import json
+import sys
+
+import pytest
+
+from util import ROOT, run
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pp")
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
+                str(ROOT / "tests" / "pp_worker.py"), str(out)], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def test_pipeline_parallel_source_expands_and_verifies(results):
+    assert results["source_pp"] == 2
+    assert results["verify_max_rel"] <= 1e-5
+
+
+def test_destination_runs_as_a_two_stage_pipeline(results):
+    assert results["dst_args_pp"] == 2
+    assert results["pipeline_max_rel"] <= 1e-5
+
+
+def test_pipeline_size_must_divide_the_layers(results):
+    assert "--pp 3 does not divide the 2 layers" in results["pp3_error"]
+    assert not results["pp3_wrote"]
