@@ -27,7 +27,7 @@ from .clone import CloneConfig, SourcePiece, clone_slice
 from .errors import MegacloneError
 from .model import build_gpt, model_sharded_state_dict
 from .partition import param_rules
-from .source import Source, open_hf_source, open_source
+from .source import Source, open_hf_source, open_megatron_source
 from .plan import SliceTask, plan_rank
 from .memory import PeakMemory
 from .runtime import agree
@@ -184,7 +184,7 @@ def expand(
     def validate():
         if world % tp:
             raise MegacloneError(f"world size {world} is not a multiple of --tp {tp}", f"launch with --nproc_per_node {tp}")
-        source = (open_hf_source if src_format == "hf" else open_source)(src_root, vocab_size)
+        source = (open_hf_source if src_format == "hf" else open_megatron_source)(src_root, vocab_size)
         dst_spec = destination_spec(source, factors, tp)
         if pp < 1 or dst_spec.num_layers % pp:
             raise MegacloneError(f"--pp {pp} does not divide the {dst_spec.num_layers} layers",

@@ -140,3 +140,12 @@ def dst_slice(rule: ParamRule, tp: int, rank: int) -> tuple[np.ndarray, Optional
     elif rule.split.axis == 1:
         cols = owned_indices(rule.cols.dst_size, rule.parts, tp, rank)
     return rows, cols
+
+
+def owner_of(index: np.ndarray, size: int, parts: int, tp: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`owned_indices`: (TP rank, index in that rank's local tensor) of global indices."""
+    part_size = size // parts
+    chunk = part_size // tp
+    part, within = np.divmod(index, part_size)
+    rank, offset = np.divmod(within, chunk)
+    return rank, part * chunk + offset

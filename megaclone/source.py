@@ -115,3 +115,140 @@ def _check_hf_shapes(files: hf.SafetensorsDir, t: hf.HFTensor, rule, spec: Model
             if shape != expected:
                 raise MegacloneError(f"HF tensor {n!r} has shape {shape}, but config.json implies {expected}",
                                      "the safetensors files do not match config.json")
+
+
+# ---------------------------------------------------------------- legacy Megatron-LM (--ckpt-format torch)
+
+# torch_dist key suffix -> the module name megatron-core's local layer spec gives it in a state dict
+# (the Transformer Engine spec uses the torch_dist name itself).
+LOCAL_SPEC_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
+def _legacy_files(path: Path) -> dict[tuple[int, int], Path]:
+    """(tp rank, pp stage) -> model_optim_rng.pt of a legacy iteration directory."""
+    files = {}
+    for d in path.glob("mp_rank_*"):
+        parts = d.name.split("_")[2:]
+        tp_rank, stage = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+        files[(tp_rank, stage)] = d / "model_optim_rng.pt"
+    return files
+
+
+def _legacy_dir(root: Path) -> Path:
+    root = Path(root)
+    if any(root.glob("mp_rank_*")):
+        return root
+    latest = root / ckpt_io.LATEST
+    if not latest.exists():
+        raise MegacloneError(f"{root} has no {ckpt_io.LATEST} and no mp_rank_* directories",
+                             "point --load at the directory Megatron-LM saved into with --ckpt-format torch")
+    text = latest.read_text().strip()
+    return root / ckpt_io.iteration_dirname("release" if text == "release" else int(text))
+
+
+def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> Source:
+    """A legacy Megatron-LM checkpoint of a megatron-core GPT model (``mp_rank_XX[_YYY]/
+    model_optim_rng.pt``, any TP and PP, local or Transformer Engine module names). Files are opened
+    memory-mapped, so a box touches only the pages it covers."""
+    from .partition import Split, owner_of
+
+    path = _legacy_dir(Path(root))
+    files = _legacy_files(path)
+    if not files:
+        raise MegacloneError(f"{path} holds no mp_rank_*/model_optim_rng.pt", "pass a legacy (torch) checkpoint")
+    cache: dict[Path, dict] = {}
+
+    def state(tp_rank: int, stage: int) -> dict:
+        f = files.get((tp_rank, stage))
+        if f is None or not f.exists():
+            raise MegacloneError(f"{path} lacks the file of TP rank {tp_rank}, stage {stage}",
+                                 "copy the complete checkpoint directory")
+        if f not in cache:
+            cache[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+        return cache[f]
+
+    first = state(0, 0)
+    if "model" not in first or "args" not in first:
+        raise MegacloneError(f"{files[(0, 0)]} holds no 'model' or 'args'",
+                             "only Megatron-LM training checkpoints (megatron-core models) are supported")
+    args = first["args"]
+    spec = ModelSpec.from_args(args, vocab_size=vocab_size)
+    tp = getattr(args, "tensor_model_parallel_size", 1)
+    pp = getattr(args, "pipeline_model_parallel_size", 1)
+    if set(files) != {(r, s) for r in range(tp) for s in range(pp)}:
+        raise MegacloneError(f"{path} has files for {sorted(files)}, but its args say TP {tp} x PP {pp}",
+                             "copy the complete checkpoint directory")
+    per_stage = spec.num_layers // pp
+    rules = {r.key: r for r in param_rules(spec, spec)}
+
+    def local_tensor(key: str, layer: Optional[int], tp_rank: int) -> torch.Tensor:
+        stage = 0 if key.startswith("embedding.") else pp - 1 if layer is None else layer // per_stage
+        model = state(tp_rank, stage)["model"]
+        if layer is None:
+            names = [key]
+        else:
+            suffix = key[len("decoder.layers."):]
+            prefix = f"decoder.layers.{layer % per_stage}."
+            names = [prefix + suffix] + ([prefix + LOCAL_SPEC_NAMES[suffix]] if suffix in LOCAL_SPEC_NAMES else [])
+        for name in names:
+            if name in model:
+                return model[name]
+        raise MegacloneError(f"{path}: no {' or '.join(names)} in TP rank {tp_rank}, stage {stage}",
+                             "the checkpoint args do not match its weights")
+
+    def read_box(key: str, layer: Optional[int], box: Box) -> torch.Tensor:
+        rule = rules[key]
+        axis = rule.split.axis if rule.split is not Split.REPLICATED else None
+        if axis is None:
+            t = local_tensor(key, layer, 0)
+            return t[tuple(slice(o, o + n) for o, n in zip(box.offsets, box.lengths))].clone()
+        size = rule.src_shape[axis]
+        index = np.arange(box.offsets[axis], box.offsets[axis] + box.lengths[axis])
+        rank, local = owner_of(index, size, rule.parts, tp)
+        pieces = []
+        start = 0
+        for i in range(1, len(index) + 1):
+            if i == len(index) or rank[i] != rank[start] or local[i] != local[i - 1] + 1:
+                t = local_tensor(key, layer, int(rank[start]))
+                sl = [slice(o, o + n) for o, n in zip(box.offsets, box.lengths)]
+                sl[axis] = slice(int(local[start]), int(local[i - 1]) + 1)
+                pieces.append(t[tuple(sl)])
+                start = i
+        return torch.cat(pieces, dim=axis).clone()
+
+    dtype = local_tensor("embedding.word_embeddings.weight", None, 0).dtype
+    tensors = {}
+    for key, rule in rules.items():
+        tensors[key] = ckpt_io.TensorMeta(_expected_shape(spec, rule), dtype)
+        layers = range(spec.num_layers) if rule.per_layer else [None]
+        for layer in layers:
+            for tp_rank in range(tp if rule.split is not Split.REPLICATED else 1):
+                t = local_tensor(key, layer, tp_rank)
+                expected = list(rule.src_shape)
+                if rule.split.axis is not None:
+                    expected[rule.split.axis] //= tp
+                if tuple(t.shape) != tuple(expected) or t.dtype != dtype:
+                    raise MegacloneError(
+                        f"{path}: {key} (layer {layer}, TP rank {tp_rank}) is {tuple(t.shape)} {t.dtype}, but the args "
+                        f"imply {tuple(expected)} {dtype}", "the checkpoint args do not match its weights")
+
+    def read(key: str, layer: Optional[int], boxes: Sequence[Box]) -> list[torch.Tensor]:
+        return [read_box(key, layer, box) for box in boxes]
+
+    return Source(path, spec, args, tensors, dtype, read, kind="torch")
+
+
+def open_megatron_source(root: str | Path, vocab_size: Optional[int] = None) -> Source:
+    """A Megatron-LM checkpoint in either format: torch_dist (metadata.json) or legacy torch
+    (mp_rank_* directories), told apart by what the iteration directory holds."""
+    root = Path(root)
+    try:
+        legacy = any(_legacy_dir(root).glob("mp_rank_*"))
+    except MegacloneError:
+        legacy = False
+    return open_legacy_source(root, vocab_size) if legacy else open_source(root, vocab_size)

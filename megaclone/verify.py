@@ -7,6 +7,7 @@ gathered so each rank compares the matching slice over the real vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -14,10 +15,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt_io
 from .errors import MegacloneError
 from .model import build_gpt, causal_logits, load_model
 from .runtime import agree, init_parallel
+from .source import Source, open_hf_source, open_megatron_source
 from .spec import ModelSpec, feasible_tp
 
 
@@ -48,23 +49,31 @@ def default_tolerance(dtype: torch.dtype) -> float:
     return {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
 
 
-def _open(root: Path) -> tuple[Path, ModelSpec, torch.dtype]:
-    path = ckpt_io.find_checkpoint(root)
-    spec = ModelSpec.from_args(ckpt_io.read_common(path)["args"])
-    meta = ckpt_io.read_tensor_metadata(path)
-    return path, spec, meta["embedding.word_embeddings.weight"].dtype
+def _open(root: Path) -> tuple[Path, ModelSpec, torch.dtype, Source]:
+    source = open_megatron_source(root)
+    return source.path, source.spec, source.dtype, source
 
 
-def _full_logits(spec: ModelSpec, path: Path, dtype: torch.dtype, tokens: torch.Tensor, device) -> torch.Tensor:
-    """Logits over the whole padded vocab, computed at the largest feasible TP and gathered."""
+def _full_logits(source: Source, tokens: torch.Tensor, device) -> torch.Tensor:
+    """Logits over the whole padded vocab, computed at the largest feasible TP and gathered.
+
+    A torch_dist source loads through dist_checkpointing; a legacy one is copied in slice by slice
+    (the expander's own path at factor 1, which is the identity)."""
     from megatron.core import parallel_state
 
-    import dataclasses
+    from .clone import CloneConfig
+    from .expand import RankReport, fill_rank
+    from .model import model_sharded_state_dict
 
-    tp = feasible_tp(spec, dist.get_world_size())
+    tp = feasible_tp(source.spec, dist.get_world_size())
     init_parallel(tp)
-    model = build_gpt(dataclasses.replace(spec, tensor_parallel=tp), dtype=dtype, device=device)
-    load_model(model, path)
+    spec = dataclasses.replace(source.spec, tensor_parallel=tp)
+    model = build_gpt(spec, dtype=source.dtype, device=device)
+    if source.kind == "torch_dist":
+        load_model(model, source.path)
+    else:
+        fill_rank(source, spec, model_sharded_state_dict(model), parallel_state.get_tensor_model_parallel_rank(),
+                  CloneConfig(), RankReport(rank=dist.get_rank()))
     local = causal_logits(model, tokens).float()
     parts = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
@@ -83,11 +92,9 @@ def _hf_logits(root: Path, tokens: torch.Tensor, device) -> torch.Tensor:
         return model(tokens).logits.float()
 
 
-def _open_hf(root: Path) -> tuple[Path, ModelSpec, torch.dtype]:
-    from .source import open_hf_source
-
+def _open_hf(root: Path) -> tuple[Path, ModelSpec, torch.dtype, Source]:
     source = open_hf_source(root)
-    return source.path, source.spec, source.dtype
+    return source.path, source.spec, source.dtype, source
 
 
 def verify(
@@ -115,7 +122,7 @@ def verify(
             )
         return src, dst
 
-    (src_path, src_spec, src_dtype), (dst_path, dst_spec, dst_dtype) = agree(validate)
+    (src_path, src_spec, src_dtype, source), (dst_path, dst_spec, dst_dtype, _) = agree(validate)
     if tokens is None:
         gen = torch.Generator().manual_seed(seed)
         shape = (batch, min(seq_length, src_spec.max_position_embeddings))
@@ -129,7 +136,7 @@ def verify(
     if src_hf is not None:
         reference = _hf_logits(src_path, tokens, device)
     else:
-        reference = _full_logits(src_spec, src_path, src_dtype, tokens, device)
+        reference = _full_logits(source, tokens, device)
 
     init_parallel(dst_spec.tensor_parallel)
     model = build_gpt(dst_spec, dtype=dst_dtype, device=device)

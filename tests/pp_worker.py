@@ -90,10 +90,64 @@ def main() -> None:
         rel[0] = ((logits[..., : spec.vocab_size] - reference).abs().max() / reference.abs().max()).item()
     dist.all_reduce(rel, op=dist.ReduceOp.MAX)
     results["pipeline_max_rel"] = float(rel)
+    results.update(legacy_cases(out, spec))
     if rt.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def save_legacy(model, args, root: Path, te_names: bool) -> None:
+    """Megatron-LM's --ckpt-format torch layout: iter_NNNNNNN/mp_rank_TT[_PPP]/model_optim_rng.pt with
+    the model's state dict (local-spec names, or Transformer Engine names for the fused norms)."""
+    from megatron.core import parallel_state as ps
+
+    from megaclone.source import LOCAL_SPEC_NAMES
+
+    tp_rank, stage = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    name = f"mp_rank_{tp_rank:02d}" + (f"_{stage:03d}" if ps.get_pipeline_model_parallel_world_size() > 1 else "")
+    state = model.state_dict()
+    if te_names:
+        local_to_te = {v: k for k, v in LOCAL_SPEC_NAMES.items()}
+        renamed = {}
+        for key, value in state.items():
+            for local, te in local_to_te.items():
+                if key.endswith("." + local):
+                    key = key[: -len(local)] + te
+            renamed[key] = value
+        state = renamed
+    path = root / "iter_0000001" / name / "model_optim_rng.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if ps.get_data_parallel_rank() == 0:
+        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 1, "model": state}, path)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (root / "latest_checkpointed_iteration.txt").write_text("1")
+    dist.barrier()
+
+
+def legacy_cases(out: Path, spec: ModelSpec) -> dict:
+    """The same in-memory model saved both ways (legacy torch and torch_dist): the legacy source
+    expands to a clone of the torch_dist twin, and verifies against it."""
+    from megatron.core import parallel_state as ps
+
+    results = {}
+    for tp, pp, te in ((2, 2, False), (2, 1, True)):
+        init_parallel(tp, pp)
+        torch.manual_seed(21 + ps.get_tensor_model_parallel_rank())
+        model = build_gpt(dataclasses.replace(spec, tensor_parallel=tp), initialize=True)
+        # identical on data-parallel replicas, different per (TP rank, stage)
+        toy.perturb_(model, torch.Generator().manual_seed(5 + 10 * ps.get_pipeline_model_parallel_rank()
+                                                          + ps.get_tensor_model_parallel_rank()))
+        args = toy.megatron_args(dataclasses.replace(spec, tensor_parallel=tp), pipeline_model_parallel_size=pp)
+        name = f"legacy-tp{tp}-pp{pp}" + ("-te" if te else "")
+        save_legacy(model, args, out / name, te)
+        toy.save_training_checkpoint(model, args, out / f"{name}-twin", iteration=1)
+        dst = out / f"{name}-wide"
+        expand(out / name, dst, Factors.uniform(2), 4, overwrite=True)
+        results[f"{name}-vs-twin"] = max(r.max_rel for r in verify(out / f"{name}-twin", dst))
+        results[f"{name}-vs-legacy"] = max(r.max_rel for r in verify(out / name, dst))
+    return results
 
 
 def build_and_load(spec: ModelSpec, root: Path):

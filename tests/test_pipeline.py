@@ -1,6 +1,7 @@
-"""Pipeline parallelism: a PP source reads like any other; a destination declared for PP 2 loads in
-megatron-core at TP 2 x PP 2 and, run as a two-stage pipeline, gives the source's logits
-(tests/pp_worker.py, 4 ranks)."""
+"""Pipeline parallelism and legacy sources (tests/pp_worker.py, 4 ranks): a PP source reads like any
+other; a destination declared for PP 2 loads in megatron-core at TP 2 x PP 2 and, run as a two-stage
+pipeline, gives the source's logits; legacy --ckpt-format torch sources, with and without PP, clone
+exactly."""
 
 import json
 import sys
@@ -32,3 +33,11 @@ def test_destination_runs_as_a_two_stage_pipeline(results):
 def test_pipeline_size_must_divide_the_layers(results):
     assert "--pp 3 does not divide the 2 layers" in results["pp3_error"]
     assert not results["pp3_wrote"]
+
+
+@pytest.mark.parametrize("case", ["legacy-tp2-pp2", "legacy-tp2-pp1-te"])
+def test_legacy_torch_source_expands_to_a_clone_of_its_torch_dist_twin(results, case):
+    """The same model saved in Megatron-LM's legacy format (mp_rank_TT[_PPP], local or Transformer
+    Engine module names) and in torch_dist: the clone of the legacy one matches both."""
+    assert results[f"{case}-vs-twin"] <= 1e-5
+    assert results[f"{case}-vs-legacy"] <= 1e-5
