@@ -184,6 +184,33 @@ def save_checkpoint(root: Path, iteration: int, state: dict[str, Any],
     return path
 
 
+def legacy_file(ckpt: Path, tp_rank: int) -> Path:
+    """Megatron-LM's --ckpt-format torch file of one TP rank (pipeline size 1)."""
+    return ckpt / f"mp_rank_{tp_rank:02d}" / "model_optim_rng.pt"
+
+
+def save_legacy_checkpoint(root: Path, iteration: int, state: dict[str, Any], tp_rank: int, writer: bool,
+                           before_publish: Optional[Callable[[], None]] = None) -> Path:
+    """Save in Megatron-LM's legacy layout (``iter_NNNNNNN/mp_rank_TT/model_optim_rng.pt``, one
+    ``torch.save`` per TP rank; ``writer`` is False on data-parallel replicas), then publish it with
+    the tracker file once every rank has finished, as :func:`save_checkpoint` does."""
+    import torch
+    import torch.distributed as dist
+
+    path = Path(root) / iteration_dirname(iteration)
+    if writer:
+        target = legacy_file(path, tp_rank)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, target)
+    if before_publish is not None:
+        before_publish()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        mark_latest(Path(root), iteration)
+    dist.barrier()
+    return path
+
+
 def mark_latest(root: Path, iteration: int | str) -> None:
     """Publish the checkpoint: atomically write the tracker file that makes it loadable."""
     tmp = root / (LATEST + ".tmp")

@@ -160,6 +160,7 @@ def expand(
     src_format: str = "torch_dist",
     dtype: Optional[torch.dtype] = None,
     pp: int = 1,
+    save_format: str = "torch_dist",
 ) -> list[RankReport]:
     """Expand ``src_root`` into ``dst_root`` at TP ``tp``; returns every rank's report (on every rank).
 
@@ -186,6 +187,9 @@ def expand(
             raise MegacloneError(f"world size {world} is not a multiple of --tp {tp}", f"launch with --nproc_per_node {tp}")
         source = (open_hf_source if src_format == "hf" else open_megatron_source)(src_root, vocab_size)
         dst_spec = destination_spec(source, factors, tp)
+        if save_format == "torch" and pp != 1:
+            raise MegacloneError("--save-format torch writes pipeline size 1 only",
+                                 "use the default torch_dist format (one destination serves every --pp)")
         if pp < 1 or dst_spec.num_layers % pp:
             raise MegacloneError(f"--pp {pp} does not divide the {dst_spec.num_layers} layers",
                                  "choose a pipeline size that divides the number of layers")
@@ -222,7 +226,13 @@ def expand(
             "source": str(source.path.resolve()),
         },
     }
-    ckpt_io.save_checkpoint(dst_root, 0, state, before_publish=lambda: _fault_point("write"))
+    if save_format == "torch":
+        state["model"] = model.state_dict()  # local-spec module names: --transformer-impl local
+        ckpt_io.save_legacy_checkpoint(dst_root, 0, state, parallel_state.get_tensor_model_parallel_rank(),
+                                       writer=parallel_state.get_data_parallel_rank() == 0,
+                                       before_publish=lambda: _fault_point("write"))
+    else:
+        ckpt_io.save_checkpoint(dst_root, 0, state, before_publish=lambda: _fault_point("write"))
     report.seconds["write"] = time.perf_counter() - t0
     report.seconds["total"] = time.perf_counter() - start
     del model, model_sd

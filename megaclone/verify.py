@@ -18,6 +18,7 @@ import torch.distributed as dist
 from .errors import MegacloneError
 from .model import build_gpt, causal_logits, load_model
 from .runtime import agree, init_parallel
+from . import checkpoint as ckpt_io
 from .source import Source, open_hf_source, open_megatron_source
 from .spec import ModelSpec, feasible_tp
 
@@ -122,7 +123,7 @@ def verify(
             )
         return src, dst
 
-    (src_path, src_spec, src_dtype, source), (dst_path, dst_spec, dst_dtype, _) = agree(validate)
+    (src_path, src_spec, src_dtype, source), (dst_path, dst_spec, dst_dtype, destination) = agree(validate)
     if tokens is None:
         gen = torch.Generator().manual_seed(seed)
         shape = (batch, min(seq_length, src_spec.max_position_embeddings))
@@ -140,7 +141,13 @@ def verify(
 
     init_parallel(dst_spec.tensor_parallel)
     model = build_gpt(dst_spec, dtype=dst_dtype, device=device)
-    load_model(model, dst_path)
+    if destination.kind == "torch":  # Megatron-LM's legacy load: this TP rank's file, strict
+        from megatron.core import parallel_state as ps
+
+        file = ckpt_io.legacy_file(dst_path, ps.get_tensor_model_parallel_rank())
+        model.load_state_dict(torch.load(file, map_location="cpu", weights_only=False)["model"], strict=True)
+    else:
+        load_model(model, dst_path)
     local = causal_logits(model, tokens).float()
     rank = parallel_state.get_tensor_model_parallel_rank()
     width = local.shape[-1]

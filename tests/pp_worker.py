@@ -147,6 +147,11 @@ def legacy_cases(out: Path, spec: ModelSpec) -> dict:
         expand(out / name, dst, Factors.uniform(2), 4, overwrite=True)
         results[f"{name}-vs-twin"] = max(r.max_rel for r in verify(out / f"{name}-twin", dst))
         results[f"{name}-vs-legacy"] = max(r.max_rel for r in verify(out / name, dst))
+        # a legacy destination (--save-format torch): loaded per TP rank with load_state_dict(strict)
+        legacy_dst = out / f"{name}-wide-legacy"
+        expand(out / name, legacy_dst, Factors.uniform(2), 4, overwrite=True, save_format="torch")
+        results[f"{name}-legacy-dst-files"] = len(list(legacy_dst.glob("iter_0000000/mp_rank_*/model_optim_rng.pt")))
+        results[f"{name}-legacy-dst-vs-twin"] = max(r.max_rel for r in verify(out / f"{name}-twin", legacy_dst))
     return results
 
 

@@ -41,3 +41,9 @@ def test_legacy_torch_source_expands_to_a_clone_of_its_torch_dist_twin(results, 
     Engine module names) and in torch_dist: the clone of the legacy one matches both."""
     assert results[f"{case}-vs-twin"] <= 1e-5
     assert results[f"{case}-vs-legacy"] <= 1e-5
+
+
+def test_legacy_torch_destination_loads_per_rank_and_verifies(results):
+    for case in ("legacy-tp2-pp2", "legacy-tp2-pp1-te"):
+        assert results[f"{case}-legacy-dst-files"] == 4
+        assert results[f"{case}-legacy-dst-vs-twin"] <= 1e-5

@@ -33,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pp", type=int, default=1,
                    help="pipeline size the destination's args declare for Megatron-LM (default 1; the "
                         "torch_dist bytes are the same for any pipeline size)")
+    p.add_argument("--save-format", choices=["torch_dist", "torch"], default="torch_dist",
+                   help="torch_dist (default), or Megatron-LM's legacy torch format (mp_rank_TT/"
+                        "model_optim_rng.pt, local-spec module names, pipeline size 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="destination dtype (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --save")
@@ -68,7 +71,7 @@ def main() -> int:
         CloneConfig(Variant(args.variant), args.snr_db, args.seed),
         overwrite=args.overwrite, vocab_size=args.vocab_size, device=rt.device, on_slice=progress.update,
         src_format="hf" if args.load_hf else "torch_dist",
-        dtype=getattr(torch, args.dtype) if args.dtype else None, pp=args.pp,
+        dtype=getattr(torch, args.dtype) if args.dtype else None, pp=args.pp, save_format=args.save_format,
     )
     progress.close()
     if rt.is_main:
