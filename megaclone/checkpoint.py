@@ -171,17 +171,22 @@ def save_checkpoint(root: Path, iteration: int, state: dict[str, Any],
     """Save a sharded state dict as ``<root>/iter_NNNNNNN`` (all ranks together), then, once every
     rank has finished, publish it by writing the tracker file. A crash before that leaves no
     checkpoint that looks complete."""
-    import torch.distributed as dist
-
     path = Path(root) / iteration_dirname(iteration)
     save_sharded(path, state)
+    _publish(Path(root), iteration, before_publish)
+    return path
+
+
+def _publish(root: Path, iteration: int, before_publish: Optional[Callable[[], None]]) -> None:
+    """Every rank has written its part: rank 0 writes the tracker file, between two barriers."""
+    import torch.distributed as dist
+
     if before_publish is not None:
         before_publish()
     dist.barrier()
     if dist.get_rank() == 0:
-        mark_latest(Path(root), iteration)
+        mark_latest(root, iteration)
     dist.barrier()
-    return path
 
 
 def legacy_file(ckpt: Path, tp_rank: int) -> Path:
@@ -195,19 +200,13 @@ def save_legacy_checkpoint(root: Path, iteration: int, state: dict[str, Any], tp
     ``torch.save`` per TP rank; ``writer`` is False on data-parallel replicas), then publish it with
     the tracker file once every rank has finished, as :func:`save_checkpoint` does."""
     import torch
-    import torch.distributed as dist
 
     path = Path(root) / iteration_dirname(iteration)
     if writer:
         target = legacy_file(path, tp_rank)
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, target)
-    if before_publish is not None:
-        before_publish()
-    dist.barrier()
-    if dist.get_rank() == 0:
-        mark_latest(Path(root), iteration)
-    dist.barrier()
+    _publish(Path(root), iteration, before_publish)
     return path
 
 

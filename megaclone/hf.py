@@ -151,13 +151,17 @@ def _llama_layout(s: ModelSpec) -> dict[str, HFTensor]:
     return out
 
 
-def _llama_config(s: ModelSpec, model_type: str) -> dict:
+def _rope_model_config(s: ModelSpec, model_type: str) -> dict:
+    """Fields Llama-style and NeoX configs share (transformers names)."""
     return dict(model_type=model_type, hidden_size=s.hidden_size, intermediate_size=s.ffn_hidden_size,
                 num_hidden_layers=s.num_layers, num_attention_heads=s.num_attention_heads,
-                num_key_value_heads=s.num_query_groups, head_dim=s.kv_channels, hidden_act="silu",
-                max_position_embeddings=s.max_position_embeddings, rms_norm_eps=s.norm_epsilon,
-                tie_word_embeddings=s.tied, vocab_size=s.vocab_size, attention_bias=False, mlp_bias=False,
-                **_rope_config(s.rotary_base, s.rotary_percent))
+                max_position_embeddings=s.max_position_embeddings, tie_word_embeddings=s.tied,
+                vocab_size=s.vocab_size, **_rope_config(s.rotary_base, s.rotary_percent))
+
+
+def _llama_config(s: ModelSpec, model_type: str) -> dict:
+    return dict(_rope_model_config(s, model_type), num_key_value_heads=s.num_query_groups, head_dim=s.kv_channels,
+                hidden_act="silu", rms_norm_eps=s.norm_epsilon, attention_bias=False, mlp_bias=False)
 
 
 def _gpt2_args(c: dict) -> dict:
@@ -252,11 +256,8 @@ def _neox_layout(s: ModelSpec) -> dict[str, HFTensor]:
 
 
 def _neox_config(s: ModelSpec, model_type: str) -> dict:
-    return dict(model_type=model_type, hidden_size=s.hidden_size, intermediate_size=s.ffn_hidden_size,
-                num_hidden_layers=s.num_layers, num_attention_heads=s.num_attention_heads,
-                max_position_embeddings=s.max_position_embeddings, layer_norm_eps=s.norm_epsilon, hidden_act="gelu",
-                use_parallel_residual=False, attention_bias=True, tie_word_embeddings=s.tied,
-                vocab_size=s.vocab_size, **_rope_config(s.rotary_base, s.rotary_percent))
+    return dict(_rope_model_config(s, model_type), layer_norm_eps=s.norm_epsilon, hidden_act="gelu",
+                use_parallel_residual=False, attention_bias=True)
 
 
 FAMILIES = (

@@ -97,6 +97,12 @@ def build_gpt(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch
         rotary_percent=spec.rotary_percent,
         rotary_base=spec.rotary_base,
     )
+    # megatron-core's local-spec norms ignore params_dtype; Megatron-LM's Transformer Engine norms do
+    # not, so a bf16 checkpoint holds bf16 norms. Buffers (RoPE frequencies) stay as built.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dtype != dtype:
+                param.data = param.data.to(dtype)
     return model.to(device)
 
 

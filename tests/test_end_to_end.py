@@ -5,26 +5,17 @@ One torchrun launch (8 ranks, gloo) runs the whole matrix (tests/e2e_worker.py):
 {1, 2}, factor 3 from source TP 2). MEGACLONE_E2E_QUICK=1 runs a subset (destination TP {2, 8}, two variants).
 """
 
-import json
 import os
-import sys
 
 import pytest
 
-from util import ROOT, run
+from util import run_worker
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "8",
-           str(ROOT / "tests" / "e2e_worker.py"), str(out)]
-    if os.environ.get("MEGACLONE_E2E_QUICK"):
-        cmd.append("--quick")
-    proc = run(cmd, timeout=1800)
-    if proc.returncode != 0:
-        pytest.fail(f"e2e worker failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
-    return json.loads((out / "results.json").read_text())
+    quick = ["--quick"] if os.environ.get("MEGACLONE_E2E_QUICK") else []
+    return run_worker("e2e_worker.py", 8, tmp_path_factory.mktemp("e2e"), *quick, timeout=1800)
 
 
 def test_matrix_is_complete(results):

@@ -1,7 +1,5 @@
 """Hugging Face import and export, checked against transformers itself (tests/hf_worker.py, 4 ranks)."""
 
-import json
-import sys
 
 import pytest
 
@@ -9,18 +7,14 @@ pytest.importorskip("transformers")
 
 from megaclone.errors import MegacloneError  # noqa: E402
 from megaclone.source import open_hf_source  # noqa: E402
-from util import ROOT, run  # noqa: E402
+from util import run_worker  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "gpt2", "gpt_neox")
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf")
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
-                str(ROOT / "tests" / "hf_worker.py"), str(out)], timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return json.loads((out / "results.json").read_text())
+    return run_worker("hf_worker.py", 4, tmp_path_factory.mktemp("hf"), timeout=1200)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

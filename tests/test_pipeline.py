@@ -3,21 +3,15 @@ other; a destination declared for PP 2 loads in megatron-core at TP 2 x PP 2 and
 pipeline, gives the source's logits; legacy --ckpt-format torch sources, with and without PP, clone
 exactly."""
 
-import json
-import sys
 
 import pytest
 
-from util import ROOT, run
+from util import run_worker
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pp")
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
-                str(ROOT / "tests" / "pp_worker.py"), str(out)], timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return json.loads((out / "results.json").read_text())
+    return run_worker("pp_worker.py", 4, tmp_path_factory.mktemp("pp"), timeout=900)
 
 
 def test_pipeline_parallel_source_expands_and_verifies(results):

@@ -34,3 +34,14 @@ def tensor_digests(path) -> list[list[str]]:
     proc = run([sys.executable, "tools/inspect_checkpoint.py", path, "--digest"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [line.split() for line in proc.stdout.splitlines() if line.startswith("  ") and "=" not in line]
+
+
+def run_worker(script: str, nproc: int, out: Path, *args, timeout: int = 1200) -> dict:
+    """``torchrun --nproc_per_node nproc tests/<script> out args...``; returns its results.json."""
+    import json
+
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc,
+                str(ROOT / "tests" / script), str(out), *args], timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return json.loads((out / "results.json").read_text())
