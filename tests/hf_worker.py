@@ -29,6 +29,9 @@ def configs():
         # untied, GQA, saved as two shards with an index
         "llama": (T.LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=8, num_key_value_heads=4,
                                 rms_norm_eps=1e-5, **small), "12KB"),
+        # Llama's layout under another model_type (sliding window longer than the test sequences)
+        "mistral": (T.MistralConfig(hidden_size=32, intermediate_size=48, num_attention_heads=8, num_key_value_heads=4,
+                                    sliding_window=64, **small), None),
         # q/k/v biases, tied embeddings
         "qwen2": (T.Qwen2Config(hidden_size=32, intermediate_size=48, num_attention_heads=8, num_key_value_heads=4,
                                 tie_word_embeddings=True, **small), None),

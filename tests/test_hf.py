@@ -9,7 +9,7 @@ from megaclone.errors import MegacloneError  # noqa: E402
 from megaclone.source import open_hf_source  # noqa: E402
 from util import run_worker  # noqa: E402
 
-FAMILIES = ("llama", "qwen2", "gpt2", "gpt_neox")
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
 
 
 @pytest.fixture(scope="module")
