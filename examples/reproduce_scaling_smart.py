@@ -71,7 +71,8 @@ class Stages:
     def __init__(self, out: Path, tp: int):
         self.out, self.tp = out, tp
         self.commands: dict[str, str] = {}
-        self.seconds: dict[str, float] = {}
+        self.timings = out / "stage_seconds.json"  # kept across reruns that skip finished stages
+        self.seconds: dict[str, float] = json.loads(self.timings.read_text()) if self.timings.exists() else {}
 
     def run(self, name: str, cmd: list[str], done: bool, torchrun: bool = True) -> None:
         full = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(self.tp)] if torchrun
@@ -89,6 +90,7 @@ class Stages:
             proc = subprocess.run(full, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
         self.seconds[name] = time.perf_counter() - t0
+        self.timings.write_text(json.dumps(self.seconds, indent=1))
         if proc.returncode != 0:
             sys.exit(f"stage {name} failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
         print(f"[{name}] done in {self.seconds[name]:.0f} s", flush=True)

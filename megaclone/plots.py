@@ -61,7 +61,8 @@ def spectra(values: Mapping[str, np.ndarray], title: str, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, sv in values.items():
-        ax.semilogy(np.arange(1, len(sv) + 1), np.maximum(sv, 1e-12), label=name)
+        style = dict(color="black", linestyle="--", linewidth=1.5, zorder=5) if name == "source" else {}
+        ax.semilogy(np.arange(1, len(sv) + 1), np.maximum(sv, 1e-12), label=name, **style)
     ax.set_xlabel("index")
     ax.set_ylabel("singular value")
     ax.set_title(title)
