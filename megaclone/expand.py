@@ -224,6 +224,7 @@ def expand(
             "snr_db": cfg.snr_db,
             "seed": cfg.seed,
             "source": str(source.path.resolve()),
+            "source_format": source.kind,
         },
     }
     if save_format == "torch":

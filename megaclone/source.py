@@ -252,3 +252,11 @@ def open_megatron_source(root: str | Path, vocab_size: Optional[int] = None) -> 
     except MegacloneError:
         legacy = False
     return open_legacy_source(root, vocab_size) if legacy else open_source(root, vocab_size)
+
+
+def open_any_source(path: str | Path, kind: Optional[str] = None) -> Source:
+    """A source by its recorded kind ('hf', 'torch', 'torch_dist'), else by what the path holds."""
+    path = Path(path)
+    if kind == "hf" or (kind is None and (path / "config.json").exists()):
+        return open_hf_source(path)
+    return open_megatron_source(path)

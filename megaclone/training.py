@@ -30,7 +30,8 @@ from . import train_state
 from .errors import MegacloneError
 from .model import build_gpt, causal_mask, model_sharded_state_dict
 from .runtime import Runtime, init_parallel
-from .spec import ModelSpec, feasible_tp
+from .source import Source, open_any_source
+from .spec import ModelSpec
 
 
 @dataclass
@@ -182,23 +183,51 @@ def evaluate(model, dataset, args, device) -> float:
 # ---------------------------------------------------------------- the source check
 
 
-def source_loss(src_path: Path, dataset, args, device) -> float:
-    """The source model's loss on the first global batch, averaged as the trainer averages it.
+def padded_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor, extra_zero_logits: int,
+                         tp_group) -> torch.Tensor:
+    """Per-token cross entropy of vocab-parallel logits [b, s, V/TP] with ``extra_zero_logits`` more
+    vocabulary entries of logit 0 appended: the function a model computes once its vocabulary is
+    padded further with zero rows (as a clone's is when its TP needs more padding)."""
+    from megatron.core import parallel_state
+
+    logits = local_logits.float()
+    width = logits.shape[-1]
+    top = logits.max(dim=-1).values
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
+    if extra_zero_logits:
+        top = top.clamp(min=0.0)
+    total = (logits - top.unsqueeze(-1)).exp().sum(dim=-1)
+    dist.all_reduce(total, group=tp_group)
+    total = total + extra_zero_logits * (-top).exp()
+    start = parallel_state.get_tensor_model_parallel_rank() * width
+    mine = (labels >= start) & (labels < start + width)
+    target = logits.gather(-1, (labels - start).clamp(0, width - 1).unsqueeze(-1)).squeeze(-1) * mine
+    dist.all_reduce(target, group=tp_group)
+    return top + total.log() - target
+
+
+def source_loss(source: Source, dataset, args, device) -> float:
+    """The source model's loss on the first global batch, averaged as the trainer averages it, over
+    the destination's padded vocabulary (extra padding ids have logit 0 in a clone).
 
     Runs the source at the largest TP its shape allows in this world, over the whole global batch
     on every rank (a check on a small model, not a training step)."""
-    from .model import load_model
+    from megatron.core import parallel_state
 
-    spec = ModelSpec.from_args(ckpt_io.read_common(src_path)["args"])
-    spec = dataclasses.replace(spec, tensor_parallel=feasible_tp(spec, dist.get_world_size()))
-    init_parallel(spec.tensor_parallel)
-    model = build_gpt(spec, device=device)
-    load_model(model, src_path)
-    model.eval()
+    from .model import causal_logits
+    from .verify import load_source_model
+
+    model = load_source_model(source, device)
+    extra = max(0, args.padded_vocab_size - source.spec.padded_vocab_size)
     full = argparse.Namespace(**vars(args))
     full.data_parallel_size = 1  # every rank takes the whole global batch
-    with torch.no_grad():
-        losses = [float(micro_batch_loss(model, b, device)) for b in micro_batches(dataset, 0, full, 0)]
+    losses = []
+    for batch in micro_batches(dataset, 0, full, 0):
+        logits = causal_logits(model, batch["tokens"].to(device))
+        per_token = padded_cross_entropy(logits, batch["labels"].to(device), extra,
+                                         parallel_state.get_tensor_model_parallel_group())
+        mask = batch["loss_mask"].to(device)
+        losses.append(float((per_token * mask).sum() / mask.sum().clamp(min=1)))
     del model
     return sum(losses) / len(losses)
 
@@ -244,6 +273,11 @@ def prepare_args(args: argparse.Namespace, world_size: int) -> tuple[argparse.Na
         # Keep the stored vocabulary rows: Megatron-LM would re-pad for this TP and load a truncated
         # or zero-extended output layer, which changes the softmax over padding ids.
         args.padded_vocab_size = saved_padded
+    byte_vocab = data_io.ByteTokenizer.vocab_size
+    if args.padded_vocab_size < byte_vocab:
+        raise MegacloneError(
+            f"the model's vocabulary ({args.padded_vocab_size} rows) is smaller than the byte data's ({byte_vocab} ids)",
+            "this trainer reads tools/preprocess_data.py's byte data; train models with another tokenizer in Megatron-LM")
     return args, path
 
 
@@ -272,8 +306,8 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
     if load_path is not None and args.finetune and not args.no_source_check:
         meta = ckpt_io.read_common(load_path).get("megaclone")
         if meta and Path(meta["source"]).exists():
-            source = Path(meta["source"])
-            history.source_check = {"source": str(source), "variant": meta.get("variant"),
+            source = open_any_source(meta["source"], meta.get("source_format"))
+            history.source_check = {"source": str(source.path), "variant": meta.get("variant"),
                                     "source_loss": source_loss(source, train_ds, args, device)}
         elif meta:
             _print(rt, f"the source {meta['source']} of this clone is gone; skipping the first-batch loss check")

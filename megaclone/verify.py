@@ -55,11 +55,10 @@ def _open(root: Path) -> tuple[Path, ModelSpec, torch.dtype, Source]:
     return source.path, source.spec, source.dtype, source
 
 
-def _full_logits(source: Source, tokens: torch.Tensor, device) -> torch.Tensor:
-    """Logits over the whole padded vocab, computed at the largest feasible TP and gathered.
-
-    A torch_dist source loads through dist_checkpointing; a legacy one is copied in slice by slice
-    (the expander's own path at factor 1, which is the identity)."""
+def load_source_model(source: Source, device) -> torch.nn.Module:
+    """The source as a GPTModel at the largest TP its shape allows in this world (switches the
+    parallel state to it). torch_dist loads through dist_checkpointing; other formats are copied in
+    slice by slice (the expander's own path at factor 1, which is the identity)."""
     from megatron.core import parallel_state
 
     from .clone import CloneConfig
@@ -75,8 +74,16 @@ def _full_logits(source: Source, tokens: torch.Tensor, device) -> torch.Tensor:
     else:
         fill_rank(source, spec, model_sharded_state_dict(model), parallel_state.get_tensor_model_parallel_rank(),
                   CloneConfig(), RankReport(rank=dist.get_rank()))
+    return model
+
+
+def _full_logits(source: Source, tokens: torch.Tensor, device) -> torch.Tensor:
+    """Logits over the whole padded vocab, computed at the largest feasible TP and gathered."""
+    from megatron.core import parallel_state
+
+    model = load_source_model(source, device)
     local = causal_logits(model, tokens).float()
-    parts = [torch.empty_like(local) for _ in range(tp)]
+    parts = [torch.empty_like(local) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
     return torch.cat(parts, dim=-1)
 

@@ -146,3 +146,21 @@ def test_bad_training_input_is_refused(out, tmp_path):
     assert proc.returncode == 2 and "holds no checkpoint" in proc.stderr
     proc = _train(out, "--load", out / "runs" / "symmetric", "--use-checkpoint-args", "--global-batch-size", "3")
     assert proc.returncode != 0 and "error: --global-batch-size 3 is not a multiple" in proc.stderr  # torchrun: 1
+
+
+def test_finetune_from_a_hugging_face_import_checks_the_hf_source(out, tmp_path):
+    """The first-batch check finds an HF source through the clone's metadata and runs it as megaclone
+    reads it (rows straight from the safetensors files)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "hf"))
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "tools/expand_sharded.py",
+                "--load-hf", tmp_path / "hf", "--save", tmp_path / "wide", "--tp", 2, "--variant", "noisy-diagonal"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _train(out, "--load", tmp_path / "wide", "--finetune", "--use-checkpoint-args", "--train-iters", "2",
+                  "--save", tmp_path / "ft", "--log-json", tmp_path / "ft.json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check = json.loads((tmp_path / "ft.json").read_text())["source_check"]
+    assert check["source"] == str((tmp_path / "hf").resolve())
+    assert abs(check["first_loss"] - check["source_loss"]) <= 1e-5 * check["source_loss"]
