@@ -381,20 +381,6 @@ def megatron_args(root: Path, make_vocab_size_divisible_by: int = 128) -> argpar
     return args
 
 
-def check_files(files: SafetensorsDir, layout: dict[str, HFTensor], spec: ModelSpec) -> torch.dtype:
-    """Every HF tensor the layout names exists with the shape config.json implies; returns the dtype."""
-    dtypes = set()
-    for key, t in layout.items():
-        layers = range(spec.num_layers) if key.startswith("decoder.layers.") else [None]
-        for layer in layers:
-            for name in t.names:
-                shape, dtype = files.shape_dtype(name.format(i=layer))
-                dtypes.add(dtype)
-    if len(dtypes) != 1:
-        raise MegacloneError(f"the HF tensors mix dtypes {sorted(map(str, dtypes))}", "save the model in one dtype")
-    return dtypes.pop()
-
-
 # ---------------------------------------------------------------- writing (export)
 
 

@@ -91,9 +91,12 @@ def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source
     missing = [r.key for r in rules if r.key not in layout]
     if missing:
         raise AssertionError(f"{family.name} layout lacks {missing}")
+    dtypes = set()
     for rule in rules:
-        _check_hf_shapes(files, layout[rule.key], rule, spec)
-    dtype = hf.check_files(files, {r.key: layout[r.key] for r in rules}, spec)
+        dtypes |= _check_hf_shapes(files, layout[rule.key], rule, spec)
+    if len(dtypes) != 1:
+        raise MegacloneError(f"the HF tensors mix dtypes {sorted(map(str, dtypes))}", "save the model in one dtype")
+    dtype = dtypes.pop()
     tensors = {r.key: ckpt_io.TensorMeta(_expected_shape(spec, r), dtype) for r in rules}
 
     def read(key: str, layer: Optional[int], boxes: Sequence[Box]) -> list[torch.Tensor]:
@@ -102,7 +105,9 @@ def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source
     return Source(root, spec, args, tensors, dtype, read, kind="hf")
 
 
-def _check_hf_shapes(files: hf.SafetensorsDir, t: hf.HFTensor, rule, spec: ModelSpec) -> None:
+def _check_hf_shapes(files: hf.SafetensorsDir, t: hf.HFTensor, rule, spec: ModelSpec) -> set[torch.dtype]:
+    """Every HF tensor behind one Megatron tensor exists with the shape config.json implies; their dtypes."""
+    dtypes = set()
     part, row = t.row_map(np.arange(rule.src_shape[0]))
     for p, name in enumerate(t.names):
         rows = int(row[part == p].max()) + 1 if (part == p).any() else 0
@@ -111,10 +116,12 @@ def _check_hf_shapes(files: hf.SafetensorsDir, t: hf.HFTensor, rule, spec: Model
             expected = expected[::-1]
         layer_names = [name.format(i=i) for i in range(spec.num_layers)] if rule.per_layer else [name]
         for n in layer_names:
-            shape, _ = files.shape_dtype(n)
+            shape, dtype = files.shape_dtype(n)
             if shape != expected:
                 raise MegacloneError(f"HF tensor {n!r} has shape {shape}, but config.json implies {expected}",
                                      "the safetensors files do not match config.json")
+            dtypes.add(dtype)
+    return dtypes
 
 
 # ---------------------------------------------------------------- legacy Megatron-LM (--ckpt-format torch)

@@ -343,11 +343,15 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
     dp_rank = parallel_state.get_data_parallel_rank()
     tokens_per_iter = args.global_batch_size * args.seq_length
 
+    def consumed(iteration: int) -> int:
+        """Samples seen before ``iteration`` (a resumed run may use another global batch size)."""
+        return loaded.consumed_samples + (iteration - loaded.iteration) * args.global_batch_size
+
     def save(iteration: int) -> None:
         if not args.save:
             return
         saved = argparse.Namespace(**vars(args))
-        saved.consumed_train_samples = iteration * args.global_batch_size
+        saved.consumed_train_samples = consumed(iteration)
         saved.iteration = iteration
         train_state.save_training_checkpoint(Path(args.save), iteration, model_sharded_state_dict(model),
                                              saved, optimizer, scheduler)
@@ -359,7 +363,7 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
     iteration = loaded.iteration
     while iteration < args.train_iters:
         t0 = time.perf_counter()
-        batches = micro_batches(train_ds, iteration * args.global_batch_size, args, dp_rank)
+        batches = micro_batches(train_ds, consumed(iteration), args, dp_rank)
         lr = max(g["lr"] for g in optimizer.param_groups)
         loss, grad_norm = train_step(model, optimizer, scheduler, batches, args, device)
         iteration += 1
