@@ -27,7 +27,7 @@ from .clone import CloneConfig, SourcePiece, clone_slice
 from .errors import MegacloneError
 from .model import build_gpt, model_sharded_state_dict
 from .partition import param_rules
-from .source import Source, open_hf_source, open_megatron_source
+from .source import Source, open_any_source
 from .plan import SliceTask, plan_rank
 from .memory import PeakMemory
 from .runtime import agree
@@ -185,7 +185,7 @@ def expand(
     def validate():
         if world % tp:
             raise MegacloneError(f"world size {world} is not a multiple of --tp {tp}", f"launch with --nproc_per_node {tp}")
-        source = (open_hf_source if src_format == "hf" else open_megatron_source)(src_root, vocab_size)
+        source = open_any_source(src_root, src_format, vocab_size)
         dst_spec = destination_spec(source, factors, tp)
         if save_format == "torch" and pp != 1:
             raise MegacloneError("--save-format torch writes pipeline size 1 only",

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import MegacloneError
-from .plan import Box
+from .plan import Box, keyed_runs
 from .spec import ModelSpec, pad_vocab
 
 RowMap = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # Megatron rows -> (part, HF row)
@@ -323,15 +323,6 @@ class SafetensorsDir:
         return tuple(s.get_shape()), DTYPES[s.get_dtype()]
 
 
-def _runs(part: np.ndarray, row: np.ndarray):
-    """Maximal runs of consecutive positions with one part and consecutive HF rows."""
-    start = 0
-    for i in range(1, len(part) + 1):
-        if i == len(part) or part[i] != part[start] or row[i] != row[i - 1] + 1:
-            yield start, i
-            start = i
-
-
 def read_box(files: SafetensorsDir, t: HFTensor, layer: Optional[int], box: Box, dtype: torch.dtype) -> torch.Tensor:
     """One box of a Megatron tensor from the HF files, reading only the rows and columns it covers."""
     rows = np.arange(box.offsets[0], box.offsets[0] + box.lengths[0])
@@ -339,7 +330,7 @@ def read_box(files: SafetensorsDir, t: HFTensor, layer: Optional[int], box: Box,
     names = [n.format(i=layer) for n in t.names]
     out = torch.zeros(box.lengths, dtype=dtype)
     cols = None if len(box.lengths) == 1 else slice(box.offsets[1], box.offsets[1] + box.lengths[1])
-    for a, b in _runs(part, hrow):
+    for a, b in keyed_runs(part, hrow):
         if part[a] < 0:
             continue
         name = names[part[a]]

@@ -61,6 +61,16 @@ def contiguous_runs(indices: np.ndarray) -> list[tuple[int, int]]:
     return [(int(run[0]), len(run)) for run in np.split(indices, breaks)]
 
 
+def keyed_runs(key: np.ndarray, index: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Maximal position ranges [a, b) over which ``key`` is constant and ``index`` steps by one
+    (e.g. rows that come from one file or tensor, consecutively)."""
+    start = 0
+    for i in range(1, len(key) + 1):
+        if i == len(key) or key[i] != key[start] or index[i] != index[i - 1] + 1:
+            yield start, i
+            start = i
+
+
 def _needed(dim_map, dst_indices: np.ndarray) -> np.ndarray:
     src, _ = dim_map(dst_indices)
     return np.unique(src[src != NO_SOURCE])

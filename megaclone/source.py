@@ -19,7 +19,7 @@ from . import checkpoint as ckpt_io
 from . import hf
 from .errors import MegacloneError
 from .partition import param_rules
-from .plan import Box
+from .plan import Box, keyed_runs
 from .spec import ModelSpec
 
 Reader = Callable[[str, Optional[int], Sequence[Box]], list[torch.Tensor]]
@@ -218,14 +218,10 @@ def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> So
         index = np.arange(box.offsets[axis], box.offsets[axis] + box.lengths[axis])
         rank, local = owner_of(index, size, rule.parts, tp)
         pieces = []
-        start = 0
-        for i in range(1, len(index) + 1):
-            if i == len(index) or rank[i] != rank[start] or local[i] != local[i - 1] + 1:
-                t = local_tensor(key, layer, int(rank[start]))
-                sl = [slice(o, o + n) for o, n in zip(box.offsets, box.lengths)]
-                sl[axis] = slice(int(local[start]), int(local[i - 1]) + 1)
-                pieces.append(t[tuple(sl)])
-                start = i
+        for a, b in keyed_runs(rank, local):
+            sl = [slice(o, o + n) for o, n in zip(box.offsets, box.lengths)]
+            sl[axis] = slice(int(local[a]), int(local[b - 1]) + 1)
+            pieces.append(local_tensor(key, layer, int(rank[a]))[tuple(sl)])
         return torch.cat(pieces, dim=axis).clone()
 
     dtype = local_tensor("embedding.word_embeddings.weight", None, 0).dtype
@@ -261,9 +257,9 @@ def open_megatron_source(root: str | Path, vocab_size: Optional[int] = None) -> 
     return open_legacy_source(root, vocab_size) if legacy else open_source(root, vocab_size)
 
 
-def open_any_source(path: str | Path, kind: Optional[str] = None) -> Source:
-    """A source by its recorded kind ('hf', 'torch', 'torch_dist'), else by what the path holds."""
+def open_any_source(path: str | Path, kind: Optional[str] = None, vocab_size: Optional[int] = None) -> Source:
+    """A source by its kind ('hf', 'torch', 'torch_dist'), else by what the path holds."""
     path = Path(path)
     if kind == "hf" or (kind is None and (path / "config.json").exists()):
-        return open_hf_source(path)
-    return open_megatron_source(path)
+        return open_hf_source(path, vocab_size)
+    return open_megatron_source(path, vocab_size)
