@@ -18,10 +18,10 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from .clone import CloneConfig, SourcePiece, clone_slice
-from .expand import RankReport, _slot_index, destination_spec
+from .expand import RankReport, destination_spec
 from .source import open_source
 from .memory import PeakMemory
-from .model import build_gpt, model_sharded_state_dict
+from .model import build_gpt, model_sharded_state_dict, parameter_slots
 from .partition import dst_slice, param_rules
 from .runtime import init_parallel
 from .spec import Factors
@@ -70,10 +70,10 @@ def naive_expand(src_root: Path, dst_root: Path, factors: Factors, tp: int,
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     by_key = {r.key: r for r in rules}
     with torch.no_grad():
-        for (key, layer), target in _slot_index(model_sd).items():
+        for (key, layer), [target] in parameter_slots(model_sd).items():
             rows, cols = dst_slice(by_key[key], tp, tp_rank)
             full = full_dst[(key, layer)]
-            target.copy_(full[torch.from_numpy(rows)] if cols is None else full[np.ix_(rows, cols)])
+            target.tensor.copy_(full[torch.from_numpy(rows)] if cols is None else full[np.ix_(rows, cols)])
     report.bytes_read = sum(int(np.prod(m.shape)) * torch.tensor([], dtype=m.dtype).element_size()
                             for m in source.tensors.values())
     report.bytes_computed = sum(t.numel() * t.element_size() for t in full_dst.values())
@@ -93,15 +93,17 @@ def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int) -> Ra
     source, dst_spec = _prepare(Path(src_root), Path(dst_root), factors, tp)
     t0 = time.perf_counter()
     init_parallel(tp)
-    model = build_gpt(dst_spec, dtype=source.dtype)
+    model_sd = model_sharded_state_dict(build_gpt(dst_spec, dtype=source.dtype))
+    # the expander's own layout of the shard in memory (see model.parameter_slots)
+    blocks = [b.tensor for slot in parameter_slots(model_sd, own_storage=True).values() for b in slot]
     with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(0.5)
-    model_sd = model_sharded_state_dict(model)
+        for tensor in blocks:
+            tensor.fill_(0.5)
+    report.bytes_computed = sum(t.numel() * t.element_size() for t in blocks)
+    del blocks
     t1 = time.perf_counter()
     _save(Path(dst_root), model_sd, dst_spec.to_args(source.args))
     t2 = time.perf_counter()
-    report.bytes_computed = sum(p.numel() * p.element_size() for p in model.parameters())
     report.seconds = {"compute": t1 - t0, "write": t2 - t1, "total": t2 - t0}
     report.peak_rss = memory.stop()
     return report

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,15 +24,13 @@ import torch.distributed as dist
 from . import checkpoint as ckpt_io
 from .clone import CloneConfig, SourcePiece, clone_slice
 from .errors import MegacloneError
-from .model import build_gpt, model_sharded_state_dict
+from .model import RowBlock, Slots, build_gpt, model_sharded_state_dict, parameter_slots
 from .partition import param_rules
 from .source import Source, open_any_source
 from .plan import SliceTask, plan_rank
 from .memory import PeakMemory
 from .runtime import agree
 from .spec import Factors, ModelSpec, check_divisible, grow
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 # Fault injection for crash-safety tests: MEGACLONE_FAULT_INJECT="<point>:<rank>" makes that rank
 # SIGKILL itself at that point ("read": after its first slice; "write": after saving its shard,
@@ -64,18 +61,6 @@ def destination_spec(source: Source, factors: Factors, tp: int) -> ModelSpec:
     return dst
 
 
-def _slot_index(model_sd: dict) -> dict[tuple[str, Optional[int]], torch.Tensor]:
-    """(torch_dist key, layer) -> the parameter tensor this rank fills."""
-    slots = {}
-    for name, item in model_sd.items():
-        data = getattr(item, "data", None)
-        if not isinstance(data, torch.Tensor) or name.endswith("_extra_state"):
-            continue
-        match = _LAYER.match(name)
-        slots[(item.key, int(match.group(1)) if match else None)] = data
-    return slots
-
-
 def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
@@ -97,33 +82,43 @@ def read_piece(source: Source, task: SliceTask) -> tuple[SourcePiece, int]:
     return SourcePiece(data, task.src_rows, task.src_cols), sum(b.numel for b in flat) * data.element_size()
 
 
+def _check_blocks(task: SliceTask, blocks: list[RowBlock]) -> None:
+    width = () if task.dst_cols is None else (len(task.dst_cols),)
+    stops = [0] + [b.stop for b in blocks]
+    if any(b.start != stop or tuple(b.tensor.shape) != (b.stop - b.start,) + width
+           for b, stop in zip(blocks, stops)) or stops[-1] != len(task.dst_rows):
+        raise AssertionError(f"{task.rule.key}: the model's shard "
+                             f"{[tuple(b.tensor.shape) for b in blocks]} is not the planned slice")
+
+
 def fill_rank(
     source: Source,
     dst_spec: ModelSpec,
-    model_sd: dict,
+    slots: Slots,
     tp_rank: int,
     cfg: CloneConfig,
     report: RankReport,
     on_slice: Optional[Callable[[SliceTask, int], None]] = None,
 ) -> None:
-    """Compute every destination slice this rank owns into the model's parameter tensors."""
+    """Compute every destination slice this rank owns into its row blocks (model.parameter_slots)."""
     rules = param_rules(source.spec, dst_spec)
-    slots = _slot_index(model_sd)
+    slots = dict(slots)
     for task in plan_rank(rules, source.spec.num_layers, dst_spec.tensor_parallel, tp_rank):
-        target = slots.pop((task.rule.key, task.layer))
+        blocks = slots.pop((task.rule.key, task.layer))
+        _check_blocks(task, blocks)
         t0 = time.perf_counter()
         piece, nbytes = read_piece(source, task)
         t1 = time.perf_counter()
-        if target.shape != (len(task.dst_rows),) + (() if task.dst_cols is None else (len(task.dst_cols),)):
-            raise AssertionError(f"{task.rule.key}: the model's shard {tuple(target.shape)} is not the planned slice")
         with torch.no_grad():
-            clone_slice(task.rule, task.layer or 0, piece, task.dst_rows, task.dst_cols, cfg, out=target)
+            for b in blocks:
+                clone_slice(task.rule, task.layer or 0, piece, task.dst_rows[b.start:b.stop], task.dst_cols, cfg,
+                            out=b.tensor)
         del piece
         t2 = time.perf_counter()
         report.slices += 1
         if report.slices == 1:
             _fault_point("read")
-        shard_bytes = target.numel() * target.element_size()
+        shard_bytes = task.dst_numel * blocks[0].tensor.element_size()
         report.bytes_read += nbytes
         report.bytes_computed += shard_bytes
         report.seconds["read"] = report.seconds.get("read", 0.0) + t1 - t0
@@ -207,7 +202,12 @@ def expand(
     dtype = dtype or source.dtype
     model = build_gpt(dst_spec, dtype=dtype, device=device)
     model_sd = model_sharded_state_dict(model)
-    fill_rank(source, dst_spec, model_sd, parallel_state.get_tensor_model_parallel_rank(), cfg, report, on_slice)
+    legacy = save_format == "torch"
+    slots = parameter_slots(model_sd, own_storage=not legacy)
+    if not legacy:
+        del model  # the state dict alone holds the shard; fused tensors it saves in pieces are freed
+    fill_rank(source, dst_spec, slots, parallel_state.get_tensor_model_parallel_rank(), cfg, report, on_slice)
+    del slots
 
     _release_free_memory()
     t0 = time.perf_counter()
@@ -227,16 +227,17 @@ def expand(
             "source_format": source.kind,
         },
     }
-    if save_format == "torch":
+    if legacy:
         state["model"] = model.state_dict()  # local-spec module names: --transformer-impl local
         ckpt_io.save_legacy_checkpoint(dst_root, 0, state, parallel_state.get_tensor_model_parallel_rank(),
                                        writer=parallel_state.get_data_parallel_rank() == 0,
                                        before_publish=lambda: _fault_point("write"))
     else:
+        del model_sd  # ``state`` is now the shard's only owner
         ckpt_io.save_checkpoint(dst_root, 0, state, before_publish=lambda: _fault_point("write"))
     report.seconds["write"] = time.perf_counter() - t0
     report.seconds["total"] = time.perf_counter() - start
-    del model, model_sd
+    del state
     report.peak_rss = memory.stop()
     reports: list[Optional[RankReport]] = [None] * world
     dist.all_gather_object(reports, report)

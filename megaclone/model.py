@@ -6,8 +6,10 @@ says, so megaclone never writes a look-alike of Megatron's format.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -16,6 +18,8 @@ from .spec import ModelSpec
 # Transformer Engine norms (TE >= 1.13) request an _extra_state the local spec does not write; a
 # destination carries it so Megatron-LM's default TE-spec model loads the checkpoint.
 TE_ONLY_OBJECTS = ("decoder.final_layernorm._extra_state",)
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 def _pipeline_size() -> int:
@@ -116,6 +120,69 @@ def model_sharded_state_dict(model) -> dict[str, Any]:
     for key in TE_ONLY_OBJECTS:
         sd.setdefault(key, ShardedObject(key, None, (1,), (0,), replica_id=replica))
     return sd
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows [start, stop) of this rank's slice of one parameter (one layer of it), held in ``tensor``."""
+
+    start: int
+    stop: int
+    tensor: torch.Tensor
+
+
+Slots = dict[tuple[str, Optional[int]], list[RowBlock]]
+
+
+def parameter_slots(model_sd: dict[str, Any], own_storage: bool = False) -> Slots:
+    """(torch_dist key, layer) -> the row blocks that hold this rank's slice of that parameter.
+
+    By default each parameter is one block, the model's own tensor: filling the blocks fills the model.
+
+    With ``own_storage`` the state dict's factories are applied in place, and every piece megatron-core
+    would write as a view into a larger tensor (SwiGLU's ``linear_fc1``, saved as its gate and up
+    halves) gets a storage of its own and becomes its own block. Filled that way, the state dict saves
+    without the staging copy megatron-core makes of such views (half a shard for a SwiGLU model), and
+    the model's fused tensors are never written: drop the model, and they are freed.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    slots: Slots = {}
+
+    def block(name: str, item: Any) -> Any:
+        data = getattr(item, "data", None)
+        if not isinstance(data, torch.Tensor) or name.endswith("_extra_state"):
+            return item
+        match = _LAYER.match(name)
+        blocks = slots.setdefault((item.key, int(match.group(1)) if match else None), [])
+        if own_storage and isinstance(item, ShardedTensor) and not owns_storage(data):
+            row = data[0].numel() if data.dim() > 1 else 1
+            if not data.is_contiguous() or data.storage_offset() % row:
+                raise AssertionError(f"{item.key}: a saved view that is not a block of rows")
+            start = data.storage_offset() // row
+            item.data = torch.empty_like(data, memory_format=torch.contiguous_format)
+            blocks.append(RowBlock(start, start + len(data), item.data))
+        else:
+            blocks.append(RowBlock(0, len(data), data))
+        return item
+
+    if own_storage:
+        apply_factories(model_sd)
+    for name, value in model_sd.items():
+        if isinstance(value, list):
+            dict_list_map_inplace(lambda item, name=name: block(name, item), value)
+        else:
+            block(name, value)
+    for blocks in slots.values():
+        blocks.sort(key=lambda b: b.start)
+    return slots
+
+
+def owns_storage(tensor: torch.Tensor) -> bool:
+    """megatron-core's own test before writing (``_clone_if_needed``): a tensor that does not span
+    its whole storage is copied first."""
+    return tensor.untyped_storage().size() == tensor.numel() * tensor.itemsize
 
 
 def load_model(model, ckpt: Path) -> dict[str, Any]:

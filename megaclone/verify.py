@@ -63,7 +63,7 @@ def load_source_model(source: Source, device) -> torch.nn.Module:
 
     from .clone import CloneConfig
     from .expand import RankReport, fill_rank
-    from .model import model_sharded_state_dict
+    from .model import model_sharded_state_dict, parameter_slots
 
     tp = feasible_tp(source.spec, dist.get_world_size())
     init_parallel(tp)
@@ -72,7 +72,7 @@ def load_source_model(source: Source, device) -> torch.nn.Module:
     if source.kind == "torch_dist":
         load_model(model, source.path)
     else:
-        fill_rank(source, spec, model_sharded_state_dict(model), parallel_state.get_tensor_model_parallel_rank(),
+        fill_rank(source, spec, parameter_slots(model_sharded_state_dict(model)), parallel_state.get_tensor_model_parallel_rank(),
                   CloneConfig(), RankReport(rank=dist.get_rank()))
     return model
 
