@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .errors import MegacloneError
-from .plan import Box
+from .plan import BoxRead
 
 LATEST = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
@@ -104,57 +104,53 @@ def check_storage(ckpt: Path) -> int:
     return sum(needed.values())
 
 
-def read_boxes(ckpt: Path, key: str, meta: TensorMeta, layer: Optional[int], boxes: Sequence[Box]) -> list[torch.Tensor]:
-    """Read boxes of one stored tensor (one layer of it when stacked) in a single collective load.
+def read_boxes(ckpt: Path, tensors: dict[str, TensorMeta], reads: Sequence[BoxRead]) -> list[list[torch.Tensor]]:
+    """Read boxes of stored tensors in a single collective load: one list of tensors per read.
 
     Each box is requested as an irregular shard (no ``axis_fragmentations``), which megatron-core
     hands to torch DCP as a checkpointable chunk: any offset and extent is read exactly, touching only
     the stored chunks it overlaps. A stacked tensor is addressed as plain N-D with a layer extent of 1.
+    Every rank calls it together, with its own reads (possibly none).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    lead = () if layer is None else (1,)
     requests = {}
-    for i, box in enumerate(boxes):
-        shape = lead + box.lengths
-        requests[f"box{i}"] = ShardedTensor(
-            key=key,
-            data=torch.empty(shape, dtype=meta.dtype),
-            dtype=meta.dtype,
-            local_shape=shape,
-            global_shape=meta.shape,
-            global_offset=(() if layer is None else (layer,)) + box.offsets,
-            axis_fragmentations=None,
-            replica_id=0,
-        )
+    for r, read in enumerate(reads):
+        meta = tensors[read.key]
+        lead = () if read.layer is None else (1,)
+        for i, box in enumerate(read.boxes):
+            shape = lead + box.lengths
+            requests[f"read{r}.box{i}"] = ShardedTensor(
+                key=read.key,
+                data=torch.empty(shape, dtype=meta.dtype),
+                dtype=meta.dtype,
+                local_shape=shape,
+                global_shape=meta.shape,
+                global_offset=(() if read.layer is None else (read.layer,)) + box.offsets,
+                axis_fragmentations=None,
+                replica_id=0,
+            )
     loaded = dist_checkpointing.load(requests, str(ckpt), validate_access_integrity=False)
-    return [loaded[f"box{i}"].reshape(box.lengths) for i, box in enumerate(boxes)]
-
-
-_write_results_manager = None
+    return [[loaded.pop(f"read{r}.box{i}").reshape(box.lengths) for i, box in enumerate(read.boxes)]
+            for r, read in enumerate(reads)]
 
 
 def _install_write_results_queue() -> None:
-    """Give dist_checkpointing's writer a results queue whose manager process dies with this rank.
+    """Give dist_checkpointing's writer an in-process results queue.
 
-    megatron-core lazily spawns a multiprocessing manager for that queue; if the rank is killed
-    (SIGKILL, or SIGTERM from torchrun after a peer failed), the manager outlives it, holding the
-    launcher's pipes open. Ours is started with PR_SET_PDEATHSIG, so it never outlives the rank.
+    megatron-core's default is a queue served by a multiprocessing manager it spawns on first save:
+    a fresh interpreter that re-imports the launching script (torch, megatron) before it answers, seconds
+    per rank on a loaded machine, and a process that outlives the rank if the rank is killed. A
+    synchronous save writes and collects in the rank itself (its writer processes report to the
+    rank over their own queue), so a plain ``queue.Queue`` serves: no helper process at all.
     """
-    global _write_results_manager
-    import multiprocessing as mp
-    from multiprocessing.managers import SyncManager
+    import queue
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from ._reaper import die_with_parent
-
-    if filesystem_async._results_queue is not None:
-        return
-    _write_results_manager = SyncManager(ctx=mp.get_context("spawn"))
-    _write_results_manager.start(initializer=die_with_parent)
-    filesystem_async._results_queue = _write_results_manager.Queue()
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def save_sharded(ckpt: Path, sharded_state_dict: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from .errors import MegacloneError
 from .model import RowBlock, Slots, build_gpt, model_sharded_state_dict, parameter_slots
 from .partition import param_rules
 from .source import Source, open_any_source
-from .plan import SliceTask, plan_rank
+from .plan import SliceTask, batches, plan_rank
 from .memory import PeakMemory
 from .runtime import agree
 from .spec import Factors, ModelSpec, check_divisible, grow
@@ -65,21 +65,26 @@ def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def read_piece(source: Source, task: SliceTask) -> tuple[SourcePiece, int]:
-    """The source values a slice needs, assembled from its boxes; also the bytes read.
-
-    Loading is collective, so a rank that needs nothing (vocab rows past the source) still takes part.
-    """
+def assemble_piece(task: SliceTask, parts: list[torch.Tensor], dtype: torch.dtype) -> SourcePiece:
+    """The source values a slice needs, from its boxes as read (``task.box_read`` order)."""
     grid = task.boxes
-    flat = [box for row in grid for box in row]
-    meta = source.tensors[task.rule.key]
-    parts = iter(source.read(task.rule.key, task.layer, flat))
-    if grid:
-        data = _cat([_cat([next(parts) for _ in row], dim=-1) for row in grid], dim=0)
-    else:
+    if not grid:
         width = () if task.src_cols is None else (len(task.src_cols),)
-        data = torch.empty((0,) + width, dtype=meta.dtype)
-    return SourcePiece(data, task.src_rows, task.src_cols), sum(b.numel for b in flat) * data.element_size()
+        return SourcePiece(torch.empty((0,) + width, dtype=dtype), task.src_rows, task.src_cols)
+    it = iter(parts)
+    data = _cat([_cat([next(it) for _ in row], dim=-1) for row in grid], dim=0)
+    return SourcePiece(data, task.src_rows, task.src_cols)
+
+
+def read_groups(tasks: list[SliceTask]) -> list[range]:
+    """Tasks grouped into reads of at most the largest task's source size, so a rank holds at most
+    one parameter's worth of source pieces at a time. Reads are collective: the groups are computed
+    from each task's largest size over all ranks, so every rank makes the same number of reads."""
+    mine = [t.box_read.numel for t in tasks]
+    everyone: list[Optional[list[int]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    sizes = [max(column) for column in zip(*everyone)] if tasks else []
+    return list(batches(sizes, max(sizes, default=0)))
 
 
 def _check_blocks(task: SliceTask, blocks: list[RowBlock]) -> None:
@@ -100,31 +105,36 @@ def fill_rank(
     report: RankReport,
     on_slice: Optional[Callable[[SliceTask, int], None]] = None,
 ) -> None:
-    """Compute every destination slice this rank owns into its row blocks (model.parameter_slots)."""
+    """Compute every destination slice this rank owns into its row blocks (model.parameter_slots),
+    reading the source in groups of tasks (read_groups)."""
     rules = param_rules(source.spec, dst_spec)
     slots = dict(slots)
-    for task in plan_rank(rules, source.spec.num_layers, dst_spec.tensor_parallel, tp_rank):
-        blocks = slots.pop((task.rule.key, task.layer))
-        _check_blocks(task, blocks)
+    tasks = list(plan_rank(rules, source.spec.num_layers, dst_spec.tensor_parallel, tp_rank))
+    for group in read_groups(tasks):
         t0 = time.perf_counter()
-        piece, nbytes = read_piece(source, task)
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            for b in blocks:
-                clone_slice(task.rule, task.layer or 0, piece, task.dst_rows[b.start:b.stop], task.dst_cols, cfg,
-                            out=b.tensor)
-        del piece
-        t2 = time.perf_counter()
-        report.slices += 1
-        if report.slices == 1:
-            _fault_point("read")
-        shard_bytes = task.dst_numel * blocks[0].tensor.element_size()
-        report.bytes_read += nbytes
-        report.bytes_computed += shard_bytes
-        report.seconds["read"] = report.seconds.get("read", 0.0) + t1 - t0
-        report.seconds["compute"] = report.seconds.get("compute", 0.0) + t2 - t1
-        if on_slice is not None:
-            on_slice(task, shard_bytes)
+        parts = source.read([tasks[i].box_read for i in group])
+        report.seconds["read"] = report.seconds.get("read", 0.0) + time.perf_counter() - t0
+        for i in group:
+            task = tasks[i]
+            t1 = time.perf_counter()
+            blocks = slots.pop((task.rule.key, task.layer))
+            _check_blocks(task, blocks)
+            piece = assemble_piece(task, parts[i - group.start], source.tensors[task.rule.key].dtype)
+            parts[i - group.start] = []
+            with torch.no_grad():
+                for b in blocks:
+                    clone_slice(task.rule, task.layer or 0, piece, task.dst_rows[b.start:b.stop], task.dst_cols,
+                                cfg, out=b.tensor)
+            del piece
+            report.seconds["compute"] = report.seconds.get("compute", 0.0) + time.perf_counter() - t1
+            report.slices += 1
+            if report.slices == 1:
+                _fault_point("read")
+            shard_bytes = task.dst_numel * blocks[0].tensor.element_size()
+            report.bytes_read += task.box_read.numel * source.tensors[task.rule.key].dtype.itemsize
+            report.bytes_computed += shard_bytes
+            if on_slice is not None:
+                on_slice(task, shard_bytes)
     if slots:
         raise AssertionError(f"destination parameters without a clone rule: {sorted(k for k, _ in slots)}")
 

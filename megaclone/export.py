@@ -20,7 +20,7 @@ from . import checkpoint as ckpt_io
 from . import hf
 from .errors import MegacloneError
 from .partition import param_rules
-from .plan import Box
+from .plan import Box, BoxRead
 from .runtime import agree
 from .spec import ModelSpec
 
@@ -90,8 +90,8 @@ def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = Non
     mine: dict[str, torch.Tensor] = {}
     for (key, layer), who in zip(pieces, owner):
         shape = meta[key].shape[1:] if layer is not None else meta[key].shape
-        boxes = [Box(tuple(0 for _ in shape), tuple(shape))] if who == rank else []
-        for full in ckpt_io.read_boxes(path, key, meta[key], layer, boxes):
+        boxes = (Box(tuple(0 for _ in shape), tuple(shape)),) if who == rank else ()
+        for full in ckpt_io.read_boxes(path, meta, [BoxRead(key, layer, boxes)])[0]:
             mine.update(hf.hf_tensors_from(layout[key], layer, full))
     from safetensors.torch import save_file
 

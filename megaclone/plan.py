@@ -8,7 +8,7 @@ per contiguous run of needed indices suffices. Pure index math.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -26,6 +26,19 @@ class Box:
     @property
     def numel(self) -> int:
         return int(np.prod(self.lengths))
+
+
+@dataclass(frozen=True)
+class BoxRead:
+    """Boxes of one source tensor, of one layer of it when stacked (``layer`` None otherwise)."""
+
+    key: str
+    layer: Optional[int]
+    boxes: tuple[Box, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(b.numel for b in self.boxes)
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,11 @@ class SliceTask:
         return [[Box((ro, co), (rn, cn)) for co, cn in col_runs] for ro, rn in row_runs]
 
     @property
+    def box_read(self) -> BoxRead:
+        """Every box of the task, row runs first, in one request."""
+        return BoxRead(self.rule.key, self.layer, tuple(box for row in self.boxes for box in row))
+
+    @property
     def dst_numel(self) -> int:
         return len(self.dst_rows) * (1 if self.dst_cols is None else len(self.dst_cols))
 
@@ -69,6 +87,19 @@ def keyed_runs(key: np.ndarray, index: np.ndarray) -> Iterator[tuple[int, int]]:
         if i == len(key) or key[i] != key[start] or index[i] != index[i - 1] + 1:
             yield start, i
             start = i
+
+
+def batches(sizes: Sequence[int], budget: int) -> Iterator[range]:
+    """Consecutive positions grouped so each group's summed size stays within ``budget`` (an item
+    larger than the budget is a group of its own): one read per group instead of one per item."""
+    start, total = 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and total + n > budget:
+            yield range(start, i)
+            start, total = i, 0
+        total += n
+    if start < len(sizes):
+        yield range(start, len(sizes))
 
 
 def _needed(dim_map, dst_indices: np.ndarray) -> np.ndarray:

@@ -1,9 +1,10 @@
 """Sources of an expansion: a Megatron torch_dist checkpoint or a Hugging Face directory, validated
 before anything is written, each able to read any box of any Megatron tensor.
 
-``Source.read(key, layer, boxes)`` returns the boxes of one Megatron tensor (one layer of a stacked
-one). For torch_dist it is one collective ``dist_checkpointing.load`` (every rank calls it, even with
-no boxes); for Hugging Face it is local safetensors ``get_slice`` reads.
+``Source.read(reads)`` returns, for each ``BoxRead``, the boxes of one Megatron tensor (one layer of
+a stacked one). For torch_dist it is one collective ``dist_checkpointing.load`` for all the reads
+(every rank calls it, even with none); for Hugging Face and legacy files it is local reads
+(safetensors ``get_slice``, memory-mapped ``torch.load``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from . import checkpoint as ckpt_io
 from . import hf
 from .errors import MegacloneError
 from .partition import param_rules
-from .plan import Box, keyed_runs
+from .plan import Box, BoxRead, keyed_runs
 from .spec import ModelSpec
 
-Reader = Callable[[str, Optional[int], Sequence[Box]], list[torch.Tensor]]
+Reader = Callable[[Sequence[BoxRead]], list[list[torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ def open_source(root: str | Path, vocab_size: Optional[int] = None) -> Source:
     if len(dtypes) != 1:
         raise MegacloneError(f"source parameters mix dtypes {sorted(map(str, dtypes))}", "save the source in one dtype")
 
-    def read(key: str, layer: Optional[int], boxes: Sequence[Box]) -> list[torch.Tensor]:
-        return ckpt_io.read_boxes(path, key, tensors[key], layer, boxes)
+    def read(reads: Sequence[BoxRead]) -> list[list[torch.Tensor]]:
+        return ckpt_io.read_boxes(path, tensors, reads)
 
     return Source(path, spec, common["args"], tensors, dtypes.pop(), read)
 
@@ -99,8 +100,8 @@ def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source
     dtype = dtypes.pop()
     tensors = {r.key: ckpt_io.TensorMeta(_expected_shape(spec, r), dtype) for r in rules}
 
-    def read(key: str, layer: Optional[int], boxes: Sequence[Box]) -> list[torch.Tensor]:
-        return [hf.read_box(files, layout[key], layer, box, dtype) for box in boxes]
+    def read(reads: Sequence[BoxRead]) -> list[list[torch.Tensor]]:
+        return [[hf.read_box(files, layout[r.key], r.layer, box, dtype) for box in r.boxes] for r in reads]
 
     return Source(root, spec, args, tensors, dtype, read, kind="hf")
 
@@ -240,8 +241,8 @@ def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> So
                         f"{path}: {key} (layer {layer}, TP rank {tp_rank}) is {tuple(t.shape)} {t.dtype}, but the args "
                         f"imply {tuple(expected)} {dtype}", "the checkpoint args do not match its weights")
 
-    def read(key: str, layer: Optional[int], boxes: Sequence[Box]) -> list[torch.Tensor]:
-        return [read_box(key, layer, box) for box in boxes]
+    def read(reads: Sequence[BoxRead]) -> list[list[torch.Tensor]]:
+        return [[read_box(r.key, r.layer, box) for box in r.boxes] for r in reads]
 
     return Source(path, spec, args, tensors, dtype, read, kind="torch")
 
