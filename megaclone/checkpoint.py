@@ -7,11 +7,12 @@ sharded state dicts; it knows nothing of cloning.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -153,13 +154,34 @@ def _install_write_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+@contextlib.contextmanager
+def _without_zip_crc() -> Iterator[None]:
+    """torch.save without the zip records' CRC-32 (torch's own ``compute_crc32`` switch).
+
+    torch.load, which torch DCP and so Megatron-LM use to read these files, never checks it, and
+    computing it costs about a quarter of the writing time here. The layout is unchanged.
+    """
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # torch without the switch: write as usual
+        yield
+        return
+    before = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = before
+
+
 def save_sharded(ckpt: Path, sharded_state_dict: dict[str, Any]) -> None:
     """Write this rank's part of a sharded state dict (every rank calls it together)."""
     from megatron.core import dist_checkpointing
 
     _install_write_results_queue()
     ckpt.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(sharded_state_dict, str(ckpt))
+    with _without_zip_crc():
+        dist_checkpointing.save(sharded_state_dict, str(ckpt))
 
 
 def save_checkpoint(root: Path, iteration: int, state: dict[str, Any],
