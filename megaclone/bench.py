@@ -48,6 +48,7 @@ def naive_expand(src_root: Path, dst_root: Path, factors: Factors, tp: int,
 
     memory = PeakMemory().start()
     report = RankReport(rank=dist.get_rank())
+    start = time.perf_counter()
     source, dst_spec = _prepare(Path(src_root), Path(dst_root), factors, tp)
     t0 = time.perf_counter()
     full_src = dist_checkpointing.load_plain_tensors(str(source.path))
@@ -81,7 +82,8 @@ def naive_expand(src_root: Path, dst_root: Path, factors: Factors, tp: int,
     t2 = time.perf_counter()
     _save(Path(dst_root), model_sd, dst_spec.to_args(source.args))
     t3 = time.perf_counter()
-    report.seconds = {"read": t1 - t0, "compute": t2 - t1, "write": t3 - t2, "total": t3 - t0}
+    report.seconds = {"validate": t0 - start, "read": t1 - t0, "compute": t2 - t1, "write": t3 - t2,
+                      "total": t3 - start}
     report.peak_rss = memory.stop()
     return report
 
@@ -90,12 +92,14 @@ def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int) -> Ra
     """Save shards of the destination's size and layout with nothing read and no math."""
     memory = PeakMemory().start()
     report = RankReport(rank=dist.get_rank())
+    start = time.perf_counter()
     source, dst_spec = _prepare(Path(src_root), Path(dst_root), factors, tp)
     t0 = time.perf_counter()
     init_parallel(tp)
     model_sd = model_sharded_state_dict(build_gpt(dst_spec, dtype=source.dtype))
     # the expander's own layout of the shard in memory (see model.parameter_slots)
     blocks = [b.tensor for slot in parameter_slots(model_sd, own_storage=True).values() for b in slot]
+    tb = time.perf_counter()
     with torch.no_grad():
         for tensor in blocks:
             tensor.fill_(0.5)
@@ -104,6 +108,7 @@ def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int) -> Ra
     t1 = time.perf_counter()
     _save(Path(dst_root), model_sd, dst_spec.to_args(source.args))
     t2 = time.perf_counter()
-    report.seconds = {"compute": t1 - t0, "write": t2 - t1, "total": t2 - t0}
+    report.seconds = {"validate": t0 - start, "build": tb - t0, "compute": t1 - tb, "write": t2 - t1,
+                      "total": t2 - start}
     report.peak_rss = memory.stop()
     return report

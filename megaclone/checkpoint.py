@@ -8,6 +8,7 @@ sharded state dicts; it knows nothing of cloning.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -105,36 +106,66 @@ def check_storage(ckpt: Path) -> int:
     return sum(needed.values())
 
 
-def read_boxes(ckpt: Path, tensors: dict[str, TensorMeta], reads: Sequence[BoxRead]) -> list[list[torch.Tensor]]:
-    """Read boxes of stored tensors in a single collective load: one list of tensors per read.
+class BoxReader:
+    """Boxes of a torch_dist checkpoint's stored tensors, read by this rank alone.
 
-    Each box is requested as an irregular shard (no ``axis_fragmentations``), which megatron-core
-    hands to torch DCP as a checkpointable chunk: any offset and extent is read exactly, touching only
-    the stored chunks it overlaps. A stacked tensor is addressed as plain N-D with a layer extent of 1.
-    Every rank calls it together, with its own reads (possibly none).
+    megatron-core's ``dist_checkpointing.load`` is collective: every call plans the load on all ranks
+    together (two collectives), which costs more than the bytes once each rank wants only its own
+    boxes (65 ms per call at 8 ranks here, 6 ms alone). This reads through the same torch DCP
+    ``FileSystemReader`` megatron-core's torch_dist strategy uses, with the read items that torch
+    DCP's own resharding helper (``create_read_items_for_chunk_list``) computes for each box: any
+    offset and extent, touching only the stored chunks it overlaps. The metadata is read once. A
+    stacked tensor is addressed as plain N-D with a layer extent of 1.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
 
-    requests = {}
-    for r, read in enumerate(reads):
-        meta = tensors[read.key]
-        lead = () if read.layer is None else (1,)
-        for i, box in enumerate(read.boxes):
-            shape = lead + box.lengths
-            requests[f"read{r}.box{i}"] = ShardedTensor(
-                key=read.key,
-                data=torch.empty(shape, dtype=meta.dtype),
-                dtype=meta.dtype,
-                local_shape=shape,
-                global_shape=meta.shape,
-                global_offset=(() if read.layer is None else (read.layer,)) + box.offsets,
-                axis_fragmentations=None,
-                replica_id=0,
-            )
-    loaded = dist_checkpointing.load(requests, str(ckpt), validate_access_integrity=False)
-    return [[loaded.pop(f"read{r}.box{i}").reshape(box.lengths) for i, box in enumerate(read.boxes)]
-            for r, read in enumerate(reads)]
+    def __init__(self, ckpt: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.path = ckpt
+        self._reader = FileSystemReader(str(ckpt))
+        self._metadata = self._reader.read_metadata()
+        self._reader.set_up_storage_reader(self._metadata, is_coordinator=True)
+
+    def read(self, reads: Sequence[BoxRead]) -> list[list[torch.Tensor]]:
+        """One list of tensors (shaped as the boxes) per read."""
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        targets: dict[tuple[str, torch.Size], torch.Tensor] = {}
+        items = []
+        out: list[list[torch.Tensor]] = []
+        for read in reads:
+            stored = self._metadata.state_dict_metadata[read.key]
+            out.append([])
+            for box in read.boxes:
+                lead = () if read.layer is None else (read.layer,)
+                chunk = ChunkStorageMetadata(offsets=torch.Size(lead + box.offsets),
+                                             sizes=torch.Size((1,) * len(lead) + box.lengths))
+                buffer = torch.empty(chunk.sizes, dtype=stored.properties.dtype)
+                box_items = create_read_items_for_chunk_list(read.key, stored, [chunk])
+                if sum(math.prod(i.lengths) for i in box_items) != buffer.numel():
+                    raise MegacloneError(f"{self.path}: the stored chunks of {read.key} do not cover "
+                                         f"{tuple(chunk.offsets)} + {tuple(chunk.sizes)}", "the checkpoint is damaged")
+                targets[(read.key, chunk.offsets)] = buffer
+                items += box_items
+                out[-1].append(buffer.view(box.lengths))
+        self._reader.read_data(LoadPlan(items), _IntoBuffers(targets)).wait()
+        return out
+
+
+class _IntoBuffers:
+    """The two calls torch DCP's ``read_data`` makes of a load planner: where each read item goes."""
+
+    def __init__(self, targets: dict[tuple[str, torch.Size], torch.Tensor]):
+        self.targets = targets
+
+    def resolve_tensor(self, item) -> torch.Tensor:
+        target = self.targets[(item.dest_index.fqn, item.dest_index.offset)]
+        return target[tuple(slice(o, o + n) for o, n in zip(item.dest_offsets, item.lengths))]
+
+    def commit_tensor(self, item, tensor: torch.Tensor) -> None:
+        pass
 
 
 def _install_write_results_queue() -> None:

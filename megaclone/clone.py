@@ -84,18 +84,18 @@ def clone_slice(
     src_cols, in_block = rule.cols(dst_cols) if rule.cols is not None else (None, None)
     work = torch.float64 if piece.data.dtype == torch.float64 else torch.float32
     in_place = out is not None and out.dtype == work
-    values = _gather(piece, src_rows, src_cols, work, out if in_place else None)
+    # A uniform divisor is applied to the (smaller) source piece before the gather: the same
+    # division of the same values, so bit for bit the same result, on a fraction of the elements.
+    divisor = _uniform_divisor(rule, cfg)
+    scaled = piece if divisor == 1 else SourcePiece(piece.data.to(work) / divisor, piece.rows, piece.cols)
+    values = _gather(scaled, src_rows, src_cols, work, out if in_place else None)
+    del scaled
 
-    if rule.role is Role.VECTOR:
-        if rule.divisor != 1:
-            values.div_(rule.divisor)
-    elif rule.role is Role.MATRIX and rule.c_in > 1:
+    if rule.role is Role.MATRIX and rule.c_in > 1:
         if cfg.variant.diagonal:
             # each output block reads exactly one input block, unscaled
             keep = (in_block[None, :] == (out_block % rule.c_in)[:, None])
             values.mul_(torch.from_numpy(keep).to(values.dtype))
-        else:
-            values.div_(rule.c_in)
         if cfg.variant.noisy:
             sigma = _noise_sigma(rule, piece, src_rows, src_cols, cfg.snr_db)
             values.add_(_noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, sigma).to(values.dtype))
@@ -104,6 +104,16 @@ def clone_slice(
     if not in_place:
         out.copy_(values)
     return out
+
+
+def _uniform_divisor(rule: ParamRule, cfg: CloneConfig) -> int:
+    """What every value of the slice is divided by: a vector's divisor, or the fan-in copies of a
+    matrix under the symmetric variants (the diagonal ones keep one block unscaled instead)."""
+    if rule.role is Role.VECTOR:
+        return rule.divisor
+    if rule.role is Role.MATRIX and not cfg.variant.diagonal:
+        return rule.c_in
+    return 1
 
 
 def _gather(piece: SourcePiece, src_rows: np.ndarray, src_cols: Optional[np.ndarray], work: torch.dtype,

@@ -27,9 +27,9 @@ from .errors import MegacloneError
 from .model import RowBlock, Slots, build_gpt, model_sharded_state_dict, parameter_slots
 from .partition import param_rules
 from .source import Source, open_any_source
-from .plan import SliceTask, batches, plan_rank
+from .plan import SliceTask, plan_rank
 from .memory import PeakMemory
-from .runtime import agree
+from .runtime import agree, return_large_frees, trim_heap
 from .spec import Factors, ModelSpec, check_divisible, grow
 
 # Fault injection for crash-safety tests: MEGACLONE_FAULT_INJECT="<point>:<rank>" makes that rank
@@ -76,17 +76,6 @@ def assemble_piece(task: SliceTask, parts: list[torch.Tensor], dtype: torch.dtyp
     return SourcePiece(data, task.src_rows, task.src_cols)
 
 
-def read_groups(tasks: list[SliceTask]) -> list[range]:
-    """Tasks grouped into reads of at most the largest task's source size, so a rank holds at most
-    one parameter's worth of source pieces at a time. Reads are collective: the groups are computed
-    from each task's largest size over all ranks, so every rank makes the same number of reads."""
-    mine = [t.box_read.numel for t in tasks]
-    everyone: list[Optional[list[int]]] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    sizes = [max(column) for column in zip(*everyone)] if tasks else []
-    return list(batches(sizes, max(sizes, default=0)))
-
-
 def _check_blocks(task: SliceTask, blocks: list[RowBlock]) -> None:
     width = () if task.dst_cols is None else (len(task.dst_cols),)
     stops = [0] + [b.stop for b in blocks]
@@ -106,50 +95,35 @@ def fill_rank(
     on_slice: Optional[Callable[[SliceTask, int], None]] = None,
 ) -> None:
     """Compute every destination slice this rank owns into its row blocks (model.parameter_slots),
-    reading the source in groups of tasks (read_groups)."""
+    one task at a time: read its source boxes (locally, no collective), clone, release."""
     rules = param_rules(source.spec, dst_spec)
     slots = dict(slots)
-    tasks = list(plan_rank(rules, source.spec.num_layers, dst_spec.tensor_parallel, tp_rank))
-    for group in read_groups(tasks):
+    for task in plan_rank(rules, source.spec.num_layers, dst_spec.tensor_parallel, tp_rank):
+        blocks = slots.pop((task.rule.key, task.layer))
+        _check_blocks(task, blocks)
         t0 = time.perf_counter()
-        parts = source.read([tasks[i].box_read for i in group])
-        report.seconds["read"] = report.seconds.get("read", 0.0) + time.perf_counter() - t0
-        for i in group:
-            task = tasks[i]
-            t1 = time.perf_counter()
-            blocks = slots.pop((task.rule.key, task.layer))
-            _check_blocks(task, blocks)
-            piece = assemble_piece(task, parts[i - group.start], source.tensors[task.rule.key].dtype)
-            parts[i - group.start] = []
-            with torch.no_grad():
-                for b in blocks:
-                    clone_slice(task.rule, task.layer or 0, piece, task.dst_rows[b.start:b.stop], task.dst_cols,
-                                cfg, out=b.tensor)
-            del piece
-            report.seconds["compute"] = report.seconds.get("compute", 0.0) + time.perf_counter() - t1
-            report.slices += 1
-            if report.slices == 1:
-                _fault_point("read")
-            shard_bytes = task.dst_numel * blocks[0].tensor.element_size()
-            report.bytes_read += task.box_read.numel * source.tensors[task.rule.key].dtype.itemsize
-            report.bytes_computed += shard_bytes
-            if on_slice is not None:
-                on_slice(task, shard_bytes)
+        [parts] = source.read([task.box_read])
+        t1 = time.perf_counter()
+        piece = assemble_piece(task, parts, source.tensors[task.rule.key].dtype)
+        del parts
+        with torch.no_grad():
+            for b in blocks:
+                clone_slice(task.rule, task.layer or 0, piece, task.dst_rows[b.start:b.stop], task.dst_cols, cfg,
+                            out=b.tensor)
+        del piece
+        t2 = time.perf_counter()
+        report.slices += 1
+        if report.slices == 1:
+            _fault_point("read")
+        shard_bytes = task.dst_numel * blocks[0].tensor.element_size()
+        report.bytes_read += task.box_read.numel * source.tensors[task.rule.key].dtype.itemsize
+        report.bytes_computed += shard_bytes
+        report.seconds["read"] = report.seconds.get("read", 0.0) + t1 - t0
+        report.seconds["compute"] = report.seconds.get("compute", 0.0) + t2 - t1
+        if on_slice is not None:
+            on_slice(task, shard_bytes)
     if slots:
         raise AssertionError(f"destination parameters without a clone rule: {sorted(k for k, _ in slots)}")
-
-
-def _release_free_memory() -> None:
-    """Hand freed clone working sets back to the OS before saving: dist_checkpointing forks writer
-    processes, and a rank whose heap still holds freed pages makes them slower and larger."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def expand(
@@ -182,6 +156,7 @@ def expand(
     from .runtime import init_parallel
 
     start = time.perf_counter()
+    return_large_frees()
     memory = PeakMemory().start()
     world = dist.get_world_size()
     dst_root = Path(dst_root)
@@ -207,7 +182,8 @@ def expand(
     dist.barrier()
 
     report = RankReport(rank=dist.get_rank())
-    report.seconds["start-up"] = time.perf_counter() - start
+    report.seconds["validate"] = time.perf_counter() - start
+    t0 = time.perf_counter()
     init_parallel(tp)
     dtype = dtype or source.dtype
     model = build_gpt(dst_spec, dtype=dtype, device=device)
@@ -216,10 +192,11 @@ def expand(
     slots = parameter_slots(model_sd, own_storage=not legacy)
     if not legacy:
         del model  # the state dict alone holds the shard; fused tensors it saves in pieces are freed
+    report.seconds["build"] = time.perf_counter() - t0
     fill_rank(source, dst_spec, slots, parallel_state.get_tensor_model_parallel_rank(), cfg, report, on_slice)
     del slots
 
-    _release_free_memory()
+    trim_heap()  # dist_checkpointing forks writers: hand them a compact heap
     t0 = time.perf_counter()
     args = dst_spec.to_args(source.args, dtype=dtype)
     args.pipeline_model_parallel_size = pp

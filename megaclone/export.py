@@ -1,8 +1,8 @@
 """Export a Megatron torch_dist checkpoint to a Hugging Face directory that transformers loads.
 
-Any world size: the (tensor, layer) pieces are dealt to ranks by size; each rank reads its pieces one
-at a time (a collective load per piece, so every rank takes part), turns each into the family's HF
-tensors and writes one safetensors shard. Rank 0 writes the index, then ``config.json`` last, after
+Any world size: the (tensor, layer) pieces are dealt to ranks by size; each rank reads its own pieces
+one at a time (checkpoint.BoxReader, no collective), turns each into the family's HF tensors and
+writes one safetensors shard. Rank 0 writes the index, then ``config.json`` last, after
 every shard is on disk: a directory without ``config.json`` is not a loadable model.
 """
 
@@ -88,11 +88,13 @@ def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = Non
     sizes = [int(torch.Size(meta[k].shape[1:] if layer is not None else meta[k].shape).numel()) for k, layer in pieces]
     owner = deal(sizes, world)
     mine: dict[str, torch.Tensor] = {}
+    reader = ckpt_io.BoxReader(path)
     for (key, layer), who in zip(pieces, owner):
+        if who != rank:
+            continue
         shape = meta[key].shape[1:] if layer is not None else meta[key].shape
-        boxes = (Box(tuple(0 for _ in shape), tuple(shape)),) if who == rank else ()
-        for full in ckpt_io.read_boxes(path, meta, [BoxRead(key, layer, boxes)])[0]:
-            mine.update(hf.hf_tensors_from(layout[key], layer, full))
+        [[full]] = reader.read([BoxRead(key, layer, (Box(tuple(0 for _ in shape), tuple(shape)),))])
+        mine.update(hf.hf_tensors_from(layout[key], layer, full))
     from safetensors.torch import save_file
 
     name = shard_name(rank, world)

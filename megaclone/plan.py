@@ -8,7 +8,7 @@ per contiguous run of needed indices suffices. Pure index math.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -87,19 +87,6 @@ def keyed_runs(key: np.ndarray, index: np.ndarray) -> Iterator[tuple[int, int]]:
         if i == len(key) or key[i] != key[start] or index[i] != index[i - 1] + 1:
             yield start, i
             start = i
-
-
-def batches(sizes: Sequence[int], budget: int) -> Iterator[range]:
-    """Consecutive positions grouped so each group's summed size stays within ``budget`` (an item
-    larger than the budget is a group of its own): one read per group instead of one per item."""
-    start, total = 0, 0
-    for i, n in enumerate(sizes):
-        if i > start and total + n > budget:
-            yield range(start, i)
-            start, total = i, 0
-        total += n
-    if start < len(sizes):
-        yield range(start, len(sizes))
 
 
 def _needed(dim_map, dst_indices: np.ndarray) -> np.ndarray:

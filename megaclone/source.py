@@ -2,9 +2,9 @@
 before anything is written, each able to read any box of any Megatron tensor.
 
 ``Source.read(reads)`` returns, for each ``BoxRead``, the boxes of one Megatron tensor (one layer of
-a stacked one). For torch_dist it is one collective ``dist_checkpointing.load`` for all the reads
-(every rank calls it, even with none); for Hugging Face and legacy files it is local reads
-(safetensors ``get_slice``, memory-mapped ``torch.load``).
+a stacked one). Every kind reads locally, each rank on its own: torch DCP's reader for torch_dist
+(checkpoint.BoxReader), safetensors ``get_slice`` for Hugging Face, memory-mapped ``torch.load`` for
+legacy files.
 """
 
 from __future__ import annotations
@@ -71,10 +71,7 @@ def open_source(root: str | Path, vocab_size: Optional[int] = None) -> Source:
     if len(dtypes) != 1:
         raise MegacloneError(f"source parameters mix dtypes {sorted(map(str, dtypes))}", "save the source in one dtype")
 
-    def read(reads: Sequence[BoxRead]) -> list[list[torch.Tensor]]:
-        return ckpt_io.read_boxes(path, tensors, reads)
-
-    return Source(path, spec, common["args"], tensors, dtypes.pop(), read)
+    return Source(path, spec, common["args"], tensors, dtypes.pop(), ckpt_io.BoxReader(path).read)
 
 
 def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source:

@@ -119,3 +119,4 @@ def test_runs_cover_indices_exactly():
         assert all(a + n < b for (a, n), (b, _) in zip(runs, runs[1:]))  # maximal: gaps between runs
     assert contiguous_runs(np.arange(13, 50)) == [(13, 37)]
     assert contiguous_runs(np.array([], dtype=np.int64)) == []
+

@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--tps", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--factor", type=int, default=2)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--repeat", type=int, default=1, help="runs per mode and TP; the table shows the median")
     p.add_argument("--json", help="results file (default OUT/bench.json)")
     return p.parse_args(argv)
 
@@ -86,6 +87,32 @@ def gib(n):
     return n / 2**30
 
 
+def measure(args, src: Path, out: Path, tp: int, mode: str) -> dict:
+    """One run of one mode at one TP, in its own torchrun: the row of the table."""
+    from megaclone.checkpoint import directory_bytes
+
+    dst, report = out / f"{mode}-tp{tp}", out / f"{mode}-tp{tp}.json"
+    t0 = time.time()
+    torchrun(tp, "tools/bench_expand.py", "worker", "--mode", mode, "--load", src, "--save", dst,
+             "--tp", tp, "--factor", args.factor, "--report", report)
+    wall = time.time() - t0
+    ranks = json.loads(report.read_text())
+    written = directory_bytes(dst)
+    shutil.rmtree(dst)
+    sec = lambda k: max(r["seconds"].get(k, 0.0) for r in ranks)  # noqa: E731
+    shard = max(r["bytes_computed"] for r in ranks) if mode != "naive" else written / tp
+    row = dict(tp=tp, mode=mode, wall_s=wall, startup_s=sec("start-up"), validate_s=sec("validate"),
+               build_s=sec("build"), read_s=sec("read"), compute_s=sec("compute"), write_s=sec("write"),
+               total_s=sec("total"), bytes_read=sum(r["bytes_read"] for r in ranks), bytes_written=written,
+               throughput_gib_s=gib(written) / max(sec("total"), 1e-9),
+               baseline_rss=max(r["peak_rss"]["baseline"] for r in ranks),
+               peak_rss=max(r["peak_rss"]["self"] for r in ranks),
+               peak_rss_tree=max(r["peak_rss"]["tree"] for r in ranks),
+               shard_bytes=shard)
+    row["rss_over_baseline_per_shard"] = (row["peak_rss"] - row["baseline_rss"]) / max(shard, 1)
+    return row
+
+
 def main() -> int:
     args = parse_args()
     if args.cmd == "worker":
@@ -102,37 +129,27 @@ def main() -> int:
     src_bytes = directory_bytes(src)
     rows = []
     for tp in args.tps:
-        for mode in args.modes:
-            dst, report = out / f"{mode}-tp{tp}", out / f"{mode}-tp{tp}.json"
-            t0 = time.time()
-            torchrun(tp, "tools/bench_expand.py", "worker", "--mode", mode, "--load", src, "--save", dst,
-                     "--tp", tp, "--factor", args.factor, "--report", report)
-            wall = time.time() - t0
-            ranks = json.loads(report.read_text())
-            written = directory_bytes(dst)
-            shutil.rmtree(dst)
-            sec = lambda k: max(r["seconds"].get(k, 0.0) for r in ranks)  # noqa: E731
-            shard = max(r["bytes_computed"] for r in ranks) if mode != "naive" else written / tp
-            row = dict(tp=tp, mode=mode, wall_s=wall, startup_s=sec("start-up"), read_s=sec("read"),
-                       compute_s=sec("compute"), write_s=sec("write"), total_s=sec("total"),
-                       bytes_read=sum(r["bytes_read"] for r in ranks), bytes_written=written,
-                       throughput_gib_s=gib(written) / max(sec("total"), 1e-9),
-                       baseline_rss=max(r["peak_rss"]["baseline"] for r in ranks),
-                       peak_rss=max(r["peak_rss"]["self"] for r in ranks),
-                       peak_rss_tree=max(r["peak_rss"]["tree"] for r in ranks),
-                       shard_bytes=shard)
-            row["rss_over_baseline_per_shard"] = (row["peak_rss"] - row["baseline_rss"]) / max(shard, 1)
+        runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+        for _ in range(args.repeat):  # modes interleaved, so a slow spell of the machine hits all of them
+            for mode in args.modes:
+                runs[mode].append(measure(args, src, out, tp, mode))
+        for mode, measured in runs.items():
+            row = sorted(measured, key=lambda r: r["total_s"])[len(measured) // 2]  # the median run
+            row["totals_s"] = [r["total_s"] for r in measured]
             rows.append(row)
-            print(f"tp {tp} {mode:9s} wall {wall:6.1f}s  total {row['total_s']:6.1f}s  "
-                  f"peak {gib(row['peak_rss']):.2f} GiB", flush=True)
+            print(f"tp {tp} {mode:9s} wall {row['wall_s']:6.1f}s  total {row['total_s']:6.1f}s "
+                  f"(runs {', '.join(f'{t:.1f}' for t in row['totals_s'])})  peak {gib(row['peak_rss']):.2f} GiB",
+                  flush=True)
     floor = {r["tp"]: r["total_s"] for r in rows if r["mode"] == "floor"}
     print(f"\nsource: {gib(src_bytes):.2f} GiB at TP {args.src_tp}; factor {args.factor}\n")
-    print("| TP | mode | wall s | start-up s | read s | compute s | write s | total s | x floor | written GiB "
-          "| GiB/s | RSS at start GiB | peak RSS GiB | PSS with helpers GiB | shard GiB | (peak-start)/shard |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| TP | mode | wall s | start-up s | validate s | build s | read s | compute s | write s | total s "
+          "| x floor | written GiB | GiB/s | RSS at start GiB | peak RSS GiB | PSS with helpers GiB | shard GiB "
+          "| (peak-start)/shard |")
+    print("|---:|---|" + "---:|" * 16)
     for r in rows:
         x = r["total_s"] / floor[r["tp"]] if r["tp"] in floor else float("nan")
-        print(f"| {r['tp']} | {r['mode']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['read_s']:.1f} | "
+        print(f"| {r['tp']} | {r['mode']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['validate_s']:.1f} | "
+              f"{r['build_s']:.1f} | {r['read_s']:.1f} | "
               f"{r['compute_s']:.1f} | {r['write_s']:.1f} | {r['total_s']:.1f} | {x:.2f} | "
               f"{gib(r['bytes_written']):.2f} | {r['throughput_gib_s']:.2f} | {gib(r['baseline_rss']):.2f} | "
               f"{gib(r['peak_rss']):.2f} | {gib(r['peak_rss_tree']):.2f} | {gib(r['shard_bytes']):.2f} | "
