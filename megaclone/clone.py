@@ -119,21 +119,40 @@ def _uniform_divisor(rule: ParamRule, cfg: CloneConfig) -> int:
 def _gather(piece: SourcePiece, src_rows: np.ndarray, src_cols: Optional[np.ndarray], work: torch.dtype,
             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """values[r, c] = S[src_rows[r], src_cols[c]] in ``work`` dtype (into ``out`` if given);
-    rows with NO_SOURCE are zero."""
+    rows with NO_SOURCE are zero.
+
+    HyperCloning maps are tilings, so consecutive destination indices read consecutive source indices
+    except where a tile wraps: the gather is a few block copies (memcpy speed), not an
+    element-by-element index.
+    """
     shape = (len(src_rows),) + (() if src_cols is None else (len(src_cols),))
     if out is None:
         out = torch.empty(shape, dtype=work)
     if len(piece.rows) == 0:
         return out.zero_()
-    rows = piece.data.index_select(0, torch.from_numpy(_positions(src_rows, piece.rows))).to(work)
+    row_runs = _runs(_positions(src_rows, piece.rows), src_rows == NO_SOURCE)
     if src_cols is None:
-        out.copy_(rows)
-    else:
-        torch.index_select(rows, 1, torch.from_numpy(_positions(src_cols, piece.cols)), out=out)
-    missing = torch.from_numpy(src_rows == NO_SOURCE)
-    if missing.any():
-        out[missing] = 0
+        for d, s, n in row_runs:
+            out[d:d + n].zero_() if s < 0 else out[d:d + n].copy_(piece.data[s:s + n])
+        return out
+    col_runs = _runs(_positions(src_cols, piece.cols), src_cols == NO_SOURCE)
+    for dr, sr, nr in row_runs:
+        for dc, sc, nc in col_runs:
+            block = out[dr:dr + nr, dc:dc + nc]
+            block.zero_() if sr < 0 or sc < 0 else block.copy_(piece.data[sr:sr + nr, sc:sc + nc])
     return out
+
+
+def _runs(positions: np.ndarray, missing: np.ndarray) -> list[tuple[int, int, int]]:
+    """Maximal runs of destination indices that read consecutive piece positions (or are all
+    missing), as (destination start, piece start or -1 when missing, length)."""
+    if len(positions) == 0:
+        return []
+    follows = np.zeros(len(positions), dtype=bool)
+    follows[1:] = np.where(missing[1:], missing[:-1], ~missing[:-1] & (positions[1:] == positions[:-1] + 1))
+    starts = np.flatnonzero(~follows)
+    ends = np.append(starts[1:], len(positions))
+    return [(int(a), -1 if missing[a] else int(positions[a]), int(b - a)) for a, b in zip(starts, ends)]
 
 
 def _noise_sigma(rule: ParamRule, piece: SourcePiece, src_rows, src_cols, snr_db: float) -> torch.Tensor:
