@@ -23,7 +23,7 @@ from .source import open_source
 from .memory import PeakMemory
 from .model import build_gpt, model_sharded_state_dict, parameter_slots
 from .partition import dst_slice, param_rules
-from .runtime import init_parallel
+from .runtime import cpu_seconds, init_parallel
 from .spec import Factors
 
 
@@ -48,7 +48,7 @@ def naive_expand(src_root: Path, dst_root: Path, factors: Factors, tp: int,
 
     memory = PeakMemory().start()
     report = RankReport(rank=dist.get_rank())
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     source, dst_spec = _prepare(Path(src_root), Path(dst_root), factors, tp)
     t0 = time.perf_counter()
     full_src = dist_checkpointing.load_plain_tensors(str(source.path))
@@ -83,7 +83,7 @@ def naive_expand(src_root: Path, dst_root: Path, factors: Factors, tp: int,
     _save(Path(dst_root), model_sd, dst_spec.to_args(source.args))
     t3 = time.perf_counter()
     report.seconds = {"validate": t0 - start, "read": t1 - t0, "compute": t2 - t1, "write": t3 - t2,
-                      "total": t3 - start}
+                      "total": t3 - start, "cpu": cpu_seconds() - cpu_start}
     report.peak_rss = memory.stop()
     return report
 
@@ -92,7 +92,7 @@ def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int) -> Ra
     """Save shards of the destination's size and layout with nothing read and no math."""
     memory = PeakMemory().start()
     report = RankReport(rank=dist.get_rank())
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     source, dst_spec = _prepare(Path(src_root), Path(dst_root), factors, tp)
     t0 = time.perf_counter()
     init_parallel(tp)
@@ -109,6 +109,6 @@ def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int) -> Ra
     _save(Path(dst_root), model_sd, dst_spec.to_args(source.args))
     t2 = time.perf_counter()
     report.seconds = {"validate": t0 - start, "build": tb - t0, "compute": t1 - tb, "write": t2 - t1,
-                      "total": t2 - start}
+                      "total": t2 - start, "cpu": cpu_seconds() - cpu_start}
     report.peak_rss = memory.stop()
     return report

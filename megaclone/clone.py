@@ -84,12 +84,7 @@ def clone_slice(
     src_cols, in_block = rule.cols(dst_cols) if rule.cols is not None else (None, None)
     work = torch.float64 if piece.data.dtype == torch.float64 else torch.float32
     in_place = out is not None and out.dtype == work
-    # A uniform divisor is applied to the (smaller) source piece before the gather: the same
-    # division of the same values, so bit for bit the same result, on a fraction of the elements.
-    divisor = _uniform_divisor(rule, cfg)
-    scaled = piece if divisor == 1 else SourcePiece(piece.data.to(work) / divisor, piece.rows, piece.cols)
-    values = _gather(scaled, src_rows, src_cols, work, out if in_place else None)
-    del scaled
+    values = _gather(piece, src_rows, src_cols, work, _uniform_divisor(rule, cfg), out if in_place else None)
 
     if rule.role is Role.MATRIX and rule.c_in > 1:
         if cfg.variant.diagonal:
@@ -117,29 +112,35 @@ def _uniform_divisor(rule: ParamRule, cfg: CloneConfig) -> int:
 
 
 def _gather(piece: SourcePiece, src_rows: np.ndarray, src_cols: Optional[np.ndarray], work: torch.dtype,
-            out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """values[r, c] = S[src_rows[r], src_cols[c]] in ``work`` dtype (into ``out`` if given);
+            divisor: int = 1, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """values[r, c] = S[src_rows[r], src_cols[c]] / divisor in ``work`` dtype (into ``out`` if given);
     rows with NO_SOURCE are zero.
 
     HyperCloning maps are tilings, so consecutive destination indices read consecutive source indices
     except where a tile wraps: the gather is a few block copies (memcpy speed), not an
-    element-by-element index.
+    element-by-element index, and the division is done as each block is written.
     """
     shape = (len(src_rows),) + (() if src_cols is None else (len(src_cols),))
     if out is None:
         out = torch.empty(shape, dtype=work)
     if len(piece.rows) == 0:
         return out.zero_()
+    # divide in the work dtype (a bf16 source is widened first, then divided, as a full clone would)
+    data = piece.data if piece.data.dtype == work or divisor == 1 else piece.data.to(work)
+
+    def put(block: torch.Tensor, values: torch.Tensor) -> None:
+        block.copy_(values) if divisor == 1 else torch.div(values, divisor, out=block)
+
     row_runs = _runs(_positions(src_rows, piece.rows), src_rows == NO_SOURCE)
     if src_cols is None:
         for d, s, n in row_runs:
-            out[d:d + n].zero_() if s < 0 else out[d:d + n].copy_(piece.data[s:s + n])
+            out[d:d + n].zero_() if s < 0 else put(out[d:d + n], data[s:s + n])
         return out
     col_runs = _runs(_positions(src_cols, piece.cols), src_cols == NO_SOURCE)
     for dr, sr, nr in row_runs:
         for dc, sc, nc in col_runs:
             block = out[dr:dr + nr, dc:dc + nc]
-            block.zero_() if sr < 0 or sc < 0 else block.copy_(piece.data[sr:sr + nr, sc:sc + nc])
+            block.zero_() if sr < 0 or sc < 0 else put(block, data[sr:sr + nr, sc:sc + nc])
     return out
 
 

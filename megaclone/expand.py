@@ -29,7 +29,7 @@ from .partition import param_rules
 from .source import Source, open_any_source
 from .plan import SliceTask, plan_rank
 from .memory import PeakMemory
-from .runtime import agree, return_large_frees, trim_heap
+from .runtime import agree, cpu_seconds, return_large_frees, trim_heap
 from .spec import Factors, ModelSpec, check_divisible, grow
 
 # Fault injection for crash-safety tests: MEGACLONE_FAULT_INJECT="<point>:<rank>" makes that rank
@@ -155,7 +155,7 @@ def expand(
 
     from .runtime import init_parallel
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     return_large_frees()
     memory = PeakMemory().start()
     world = dist.get_world_size()
@@ -224,6 +224,7 @@ def expand(
         ckpt_io.save_checkpoint(dst_root, 0, state, before_publish=lambda: _fault_point("write"))
     report.seconds["write"] = time.perf_counter() - t0
     report.seconds["total"] = time.perf_counter() - start
+    report.seconds["cpu"] = cpu_seconds() - cpu_start
     del state
     report.peak_rss = memory.stop()
     reports: list[Optional[RankReport]] = [None] * world

@@ -103,7 +103,7 @@ def measure(args, src: Path, out: Path, tp: int, mode: str) -> dict:
     shard = max(r["bytes_computed"] for r in ranks) if mode != "naive" else written / tp
     row = dict(tp=tp, mode=mode, wall_s=wall, startup_s=sec("start-up"), validate_s=sec("validate"),
                build_s=sec("build"), read_s=sec("read"), compute_s=sec("compute"), write_s=sec("write"),
-               total_s=sec("total"), bytes_read=sum(r["bytes_read"] for r in ranks), bytes_written=written,
+               total_s=sec("total"), cpu_s=sum(r["seconds"].get("cpu", 0.0) for r in ranks), bytes_read=sum(r["bytes_read"] for r in ranks), bytes_written=written,
                throughput_gib_s=gib(written) / max(sec("total"), 1e-9),
                baseline_rss=max(r["peak_rss"]["baseline"] for r in ranks),
                peak_rss=max(r["peak_rss"]["self"] for r in ranks),
@@ -143,14 +143,14 @@ def main() -> int:
     floor = {r["tp"]: r["total_s"] for r in rows if r["mode"] == "floor"}
     print(f"\nsource: {gib(src_bytes):.2f} GiB at TP {args.src_tp}; factor {args.factor}\n")
     print("| TP | mode | wall s | start-up s | validate s | build s | read s | compute s | write s | total s "
-          "| x floor | written GiB | GiB/s | RSS at start GiB | peak RSS GiB | PSS with helpers GiB | shard GiB "
+          "| x floor | CPU s, all ranks | written GiB | GiB/s | RSS at start GiB | peak RSS GiB | PSS with helpers GiB | shard GiB "
           "| (peak-start)/shard |")
-    print("|---:|---|" + "---:|" * 16)
+    print("|---:|---|" + "---:|" * 17)
     for r in rows:
         x = r["total_s"] / floor[r["tp"]] if r["tp"] in floor else float("nan")
         print(f"| {r['tp']} | {r['mode']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['validate_s']:.1f} | "
               f"{r['build_s']:.1f} | {r['read_s']:.1f} | "
-              f"{r['compute_s']:.1f} | {r['write_s']:.1f} | {r['total_s']:.1f} | {x:.2f} | "
+              f"{r['compute_s']:.1f} | {r['write_s']:.1f} | {r['total_s']:.1f} | {x:.2f} | {r['cpu_s']:.1f} | "
               f"{gib(r['bytes_written']):.2f} | {r['throughput_gib_s']:.2f} | {gib(r['baseline_rss']):.2f} | "
               f"{gib(r['peak_rss']):.2f} | {gib(r['peak_rss_tree']):.2f} | {gib(r['shard_bytes']):.2f} | "
               f"{r['rss_over_baseline_per_shard']:.2f} |")

@@ -55,8 +55,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # imported here, not at the top: dist_checkpointing's helper processes re-import this file
-    # (spawn) and should not pay for torch
     from megaclone import cli
 
     cli.run(main)
