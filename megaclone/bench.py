@@ -3,12 +3,15 @@
 - naive: what every other tool does — each process loads the whole source, builds the whole
   destination, then saves its shard of it;
 - floor: the same ranks save the same shards through dist_checkpointing with nothing read and no
-  math, the least any expander writing this format can cost.
-Both write real checkpoints in the same layout, so the comparison with ``expand`` is like for like.
+  math, the least any expander writing this format can cost;
+- disk: the same bytes from the same memory written to one plain file per rank: the disk's own speed.
+naive and floor write real checkpoints in the same layout, so the comparison with ``expand`` is like
+for like.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -88,8 +91,12 @@ def naive_expand(src_root: Path, dst_root: Path, factors: Factors, tp: int,
     return report
 
 
-def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int) -> RankReport:
-    """Save shards of the destination's size and layout with nothing read and no math."""
+def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int, raw: bool = False) -> RankReport:
+    """Save shards of the destination's size and layout with nothing read and no math.
+
+    With ``raw`` the same tensors go to one plain file per rank instead (written whole, fsync'd, as
+    dist_checkpointing's writers do): what the disk itself allows, with no format at all.
+    """
     memory = PeakMemory().start()
     report = RankReport(rank=dist.get_rank())
     start, cpu_start = time.perf_counter(), cpu_seconds()
@@ -104,11 +111,23 @@ def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int) -> Ra
         for tensor in blocks:
             tensor.fill_(0.5)
     report.bytes_computed = sum(t.numel() * t.element_size() for t in blocks)
-    del blocks
     t1 = time.perf_counter()
-    _save(Path(dst_root), model_sd, dst_spec.to_args(source.args))
+    if raw:
+        _write_raw(Path(dst_root) / f"rank{dist.get_rank()}.bin", blocks)
+    else:
+        del blocks
+        _save(Path(dst_root), model_sd, dst_spec.to_args(source.args))
     t2 = time.perf_counter()
     report.seconds = {"validate": t0 - start, "build": tb - t0, "compute": t1 - tb, "write": t2 - t1,
                       "total": t2 - start, "cpu": cpu_seconds() - cpu_start}
     report.peak_rss = memory.stop()
     return report
+
+
+def _write_raw(path: Path, tensors: list[torch.Tensor]) -> None:
+    with open(path, "wb") as f:
+        for t in tensors:
+            f.write(memoryview(t.detach().contiguous().view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+    dist.barrier()

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Benchmark megaclone against the naive full-materialization path and the write floor.
+"""Benchmark megaclone against the naive full-materialization path, the write floor and the disk.
 
-    python tools/bench_expand.py --out runs/bench --tps 1 2 4 8
+    python tools/bench_expand.py --out runs/bench --tps 1 2 4 8 --repeat 3
 
 Builds a source (default: the ~94M-parameter 'bench' preset, random weights), then for each
-destination TP runs each mode in its own torchrun and reports wall time (start-up, read, compute,
-write), bytes, throughput and peak RSS per rank, sampled with psutil, with and without the helper
-processes dist_checkpointing starts. Prints a markdown table and writes JSON.
+destination TP runs each mode (megaclone, naive, floor, disk; see megaclone/bench.py) in its own
+torchrun and reports wall time (start-up, validate, build, read, compute, write), CPU seconds,
+bytes, throughput and peak RSS per rank, sampled with psutil, with and without the writer processes
+dist_checkpointing forks. With --repeat the modes are interleaved and the median run is shown.
+Prints a markdown table and writes JSON.
 """
 
 import argparse
@@ -21,7 +23,7 @@ T_PROCESS = time.time()
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = ("megaclone", "naive", "floor")
+MODES = ("megaclone", "naive", "floor", "disk")
 
 
 def parse_args(argv=None):
@@ -65,7 +67,7 @@ def worker(args) -> int:
     elif args.mode == "naive":
         report = bench.naive_expand(Path(args.load), Path(args.save), factors, args.tp)
     else:
-        report = bench.write_floor(Path(args.load), Path(args.save), factors, args.tp)
+        report = bench.write_floor(Path(args.load), Path(args.save), factors, args.tp, raw=args.mode == "disk")
     report.seconds["start-up"] = ready - T_PROCESS
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, dataclasses.asdict(report))
