@@ -1,0 +1,59 @@
+"""checkpoint.BoxReader (each rank reading its own boxes through torch DCP) against megatron-core's
+own loader, in this process as a world of one (gloo), on a real source checkpoint."""
+
+import numpy as np
+import pytest
+import torch
+
+from megaclone import checkpoint as ckpt_io
+from megaclone import toy
+from megaclone.errors import MegacloneError
+from megaclone.plan import Box, BoxRead
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    from megatron.core import dist_checkpointing
+
+    from megaclone.runtime import init_distributed
+
+    init_distributed("cpu")
+    root = tmp_path_factory.mktemp("reader") / "src"
+    toy.make_source(root, toy.preset_spec("llama", 1), train_steps=1)
+    ckpt = ckpt_io.find_checkpoint(root)
+    full = {k: v for k, v in dist_checkpointing.load_plain_tensors(str(ckpt)).items() if isinstance(v, torch.Tensor)}
+    return ckpt, full
+
+
+def random_box(rng, shape):
+    offsets = tuple(int(rng.integers(0, n)) for n in shape)
+    lengths = tuple(int(rng.integers(1, n - o + 1)) for o, n in zip(offsets, shape))
+    return Box(offsets, lengths)
+
+
+def test_boxes_equal_megatron_core_load(stored):
+    ckpt, full = stored
+    reader = ckpt_io.BoxReader(ckpt)
+    rng = np.random.default_rng(0)
+    reads, expected = [], []
+    for key, tensor in sorted(full.items()):
+        stacked = key.startswith("decoder.layers.")
+        layer = int(rng.integers(0, tensor.shape[0])) if stacked else None
+        whole = tensor[layer] if stacked else tensor
+        boxes = tuple(random_box(rng, whole.shape) for _ in range(3))
+        reads.append(BoxRead(key, layer, boxes))
+        expected.append([whole[tuple(slice(o, o + n) for o, n in zip(b.offsets, b.lengths))] for b in boxes])
+    got = reader.read(reads)
+    assert len(got) == len(expected)
+    for read, boxes, refs in zip(reads, got, expected):
+        for box, value, ref in zip(read.boxes, boxes, refs):
+            assert value.shape == box.lengths and value.dtype == ref.dtype
+            assert torch.equal(value, ref), (read.key, read.layer, box)
+
+
+def test_box_outside_the_stored_tensor_is_refused(stored):
+    ckpt, full = stored
+    key = "embedding.word_embeddings.weight"
+    rows, cols = full[key].shape
+    with pytest.raises(MegacloneError, match="do not cover"):
+        ckpt_io.BoxReader(ckpt).read([BoxRead(key, None, (Box((rows - 1, 0), (2, cols)),))])
