@@ -5,7 +5,6 @@ storage of its own). Runs the library in this process as a world of one (gloo)."
 import gc
 import weakref
 
-
 from megaclone import toy
 from megaclone.model import build_gpt, model_sharded_state_dict, owns_storage, parameter_slots
 
