@@ -126,30 +126,28 @@ class BoxReader:
         self._metadata = self._reader.read_metadata()
         self._reader.set_up_storage_reader(self._metadata, is_coordinator=True)
 
-    def read(self, reads: Sequence[BoxRead]) -> list[list[torch.Tensor]]:
-        """One list of tensors (shaped as the boxes) per read."""
+    def read(self, read: BoxRead) -> list[torch.Tensor]:
+        """The read's boxes, one tensor each (shaped as the box), in one pass over the files."""
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
         from torch.distributed.checkpoint.planner import LoadPlan
         from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+        stored = self._metadata.state_dict_metadata[read.key]
+        lead = () if read.layer is None else (read.layer,)
         targets: dict[tuple[str, torch.Size], torch.Tensor] = {}
         items = []
-        out: list[list[torch.Tensor]] = []
-        for read in reads:
-            stored = self._metadata.state_dict_metadata[read.key]
-            lead = () if read.layer is None else (read.layer,)
-            out.append([])
-            for box in read.boxes:
-                chunk = ChunkStorageMetadata(offsets=torch.Size(lead + box.offsets),
-                                             sizes=torch.Size((1,) * len(lead) + box.lengths))
-                buffer = torch.empty(chunk.sizes, dtype=stored.properties.dtype)
-                box_items = create_read_items_for_chunk_list(read.key, stored, [chunk])
-                if sum(math.prod(i.lengths) for i in box_items) != buffer.numel():
-                    raise MegacloneError(f"{self.path}: the stored chunks of {read.key} do not cover "
-                                         f"{tuple(chunk.offsets)} + {tuple(chunk.sizes)}", "the checkpoint is damaged")
-                targets[(read.key, chunk.offsets)] = buffer
-                items += box_items
-                out[-1].append(buffer.view(box.lengths))
+        out: list[torch.Tensor] = []
+        for box in read.boxes:
+            chunk = ChunkStorageMetadata(offsets=torch.Size(lead + box.offsets),
+                                         sizes=torch.Size((1,) * len(lead) + box.lengths))
+            buffer = torch.empty(chunk.sizes, dtype=stored.properties.dtype)
+            box_items = create_read_items_for_chunk_list(read.key, stored, [chunk])
+            if sum(math.prod(i.lengths) for i in box_items) != buffer.numel():
+                raise MegacloneError(f"{self.path}: the stored chunks of {read.key} do not cover "
+                                     f"{tuple(chunk.offsets)} + {tuple(chunk.sizes)}", "the checkpoint is damaged")
+            targets[(read.key, chunk.offsets)] = buffer
+            items += box_items
+            out.append(buffer.view(box.lengths))
         self._reader.read_data(LoadPlan(items), _IntoBuffers(targets)).wait()
         return out
 

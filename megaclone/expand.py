@@ -102,7 +102,8 @@ def fill_rank(
         blocks = slots.pop((task.rule.key, task.layer))
         _check_blocks(task, blocks)
         t0 = time.perf_counter()
-        [parts] = source.read([task.box_read])
+        box_read = task.box_read
+        parts = source.read(box_read)
         t1 = time.perf_counter()
         piece = assemble_piece(task, parts, source.tensors[task.rule.key].dtype)
         del parts
@@ -116,7 +117,7 @@ def fill_rank(
         if report.slices == 1:
             _fault_point("read")
         shard_bytes = task.dst_numel * blocks[0].tensor.element_size()
-        report.bytes_read += task.box_read.numel * source.tensors[task.rule.key].dtype.itemsize
+        report.bytes_read += box_read.numel * source.tensors[task.rule.key].dtype.itemsize
         report.bytes_computed += shard_bytes
         report.seconds["read"] = report.seconds.get("read", 0.0) + t1 - t0
         report.seconds["compute"] = report.seconds.get("compute", 0.0) + t2 - t1

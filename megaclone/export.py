@@ -93,7 +93,7 @@ def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = Non
         if who != rank:
             continue
         shape = meta[key].shape[1:] if layer is not None else meta[key].shape
-        [[full]] = reader.read([BoxRead(key, layer, (Box(tuple(0 for _ in shape), tuple(shape)),))])
+        [full] = reader.read(BoxRead(key, layer, (Box(tuple(0 for _ in shape), tuple(shape)),)))
         mine.update(hf.hf_tensors_from(layout[key], layer, full))
     from safetensors.torch import save_file
 

@@ -1,8 +1,8 @@
 """Sources of an expansion: a Megatron torch_dist checkpoint or a Hugging Face directory, validated
 before anything is written, each able to read any box of any Megatron tensor.
 
-``Source.read(reads)`` returns, for each ``BoxRead``, the boxes of one Megatron tensor (one layer of
-a stacked one). Every kind reads locally, each rank on its own: torch DCP's reader for torch_dist
+``Source.read(box_read)`` returns the boxes of one Megatron tensor (one layer of a stacked one), a
+tensor per box. Every kind reads locally, each rank on its own: torch DCP's reader for torch_dist
 (checkpoint.BoxReader), safetensors ``get_slice`` for Hugging Face, memory-mapped ``torch.load`` for
 legacy files.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from .partition import param_rules
 from .plan import Box, BoxRead, keyed_runs
 from .spec import ModelSpec
 
-Reader = Callable[[Sequence[BoxRead]], list[list[torch.Tensor]]]
+Reader = Callable[[BoxRead], list[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source
     dtype = dtypes.pop()
     tensors = {r.key: ckpt_io.TensorMeta(_expected_shape(spec, r), dtype) for r in rules}
 
-    def read(reads: Sequence[BoxRead]) -> list[list[torch.Tensor]]:
-        return [[hf.read_box(files, layout[r.key], r.layer, box, dtype) for box in r.boxes] for r in reads]
+    def read(r: BoxRead) -> list[torch.Tensor]:
+        return [hf.read_box(files, layout[r.key], r.layer, box, dtype) for box in r.boxes]
 
     return Source(root, spec, args, tensors, dtype, read, kind="hf")
 
@@ -238,8 +238,8 @@ def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> So
                         f"{path}: {key} (layer {layer}, TP rank {tp_rank}) is {tuple(t.shape)} {t.dtype}, but the args "
                         f"imply {tuple(expected)} {dtype}", "the checkpoint args do not match its weights")
 
-    def read(reads: Sequence[BoxRead]) -> list[list[torch.Tensor]]:
-        return [[read_box(r.key, r.layer, box) for box in r.boxes] for r in reads]
+    def read(r: BoxRead) -> list[torch.Tensor]:
+        return [read_box(r.key, r.layer, box) for box in r.boxes]
 
     return Source(path, spec, args, tensors, dtype, read, kind="torch")
 
