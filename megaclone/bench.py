@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
+from . import destination
 from .clone import CloneConfig, SourcePiece, clone_slice
 from .expand import RankReport, destination_spec
 from .source import open_source
@@ -39,7 +40,7 @@ def _prepare(src_root: Path, dst_root: Path, factors: Factors, tp: int):
     source = open_source(src_root)
     dst_spec = destination_spec(source, factors, tp)
     if dist.get_rank() == 0:
-        ckpt_io.clear_destination(dst_root)
+        destination.clear(destination.guard(dst_root, destination.Kind.MEGATRON, [src_root], overwrite=True))
     dist.barrier()
     return source, dst_spec
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from .destination import TRACKER
 from .errors import MegacloneError
 from .plan import BoxRead
 
-LATEST = "latest_checkpointed_iteration.txt"
+LATEST = TRACKER  # latest_checkpointed_iteration.txt
 CHECKPOINT_VERSION = 3.0
 
 
@@ -36,25 +36,44 @@ def iteration_dirname(iteration: int | str) -> str:
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
-def find_checkpoint(root: str | os.PathLike) -> Path:
-    """The iteration directory of a Megatron-LM checkpoint root (or the directory itself if it is one)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise MegacloneError(f"checkpoint directory {root} does not exist", "pass the directory given to --save in training")
-    if (root / "metadata.json").exists():
-        return root
+def read_tracker(root: Path) -> int | str:
+    """The iteration ``<root>/latest_checkpointed_iteration.txt`` names: an int, or ``"release"``.
+    The one parser of the tracker file."""
     latest = root / LATEST
-    if not latest.exists():
+    try:
+        text = latest.read_text().strip()
+    except FileNotFoundError:
         raise MegacloneError(
             f"{root} has no {LATEST}: it is not a complete Megatron-LM checkpoint",
             "point at the directory training saved into, or at one of its iter_NNNNNNN directories",
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MegacloneError(f"cannot read {latest}: {exc}", "the checkpoint is damaged: save it again") from None
+    if text == "release":
+        return text
+    if not text.isdigit():
+        raise MegacloneError(
+            f"{latest} holds {text[:40]!r}, not an iteration number or 'release'",
+            "the tracker file is damaged: write the iteration to load into it (e.g. 1000), or pass an "
+            "iter_NNNNNNN directory",
         )
-    text = latest.read_text().strip()
-    iteration: int | str = "release" if text == "release" else int(text)
-    path = root / iteration_dirname(iteration)
+    return int(text)
+
+
+def find_checkpoint(root: str | os.PathLike) -> Path:
+    """The iteration directory of a Megatron-LM checkpoint root (or the directory itself if it is one)."""
+    root = Path(root)
+    if not root.exists():
+        raise MegacloneError(f"checkpoint directory {root} does not exist", "pass the directory given to --save in training")
+    if not root.is_dir():
+        raise MegacloneError(f"{root} is a file, not a checkpoint directory",
+                             "pass the directory given to --save in training")
+    if (root / "metadata.json").exists():
+        return root
+    path = root / iteration_dirname(read_tracker(root))
     if not (path / "metadata.json").exists():
         raise MegacloneError(
-            f"{latest} names {path.name}, but {path} is missing or is not a torch_dist checkpoint",
+            f"{root / LATEST} names {path.name}, but {path} is missing or is not a torch_dist checkpoint",
             "save with --ckpt-format torch_dist (the default), or pass the right directory",
         )
     return path
@@ -148,7 +167,11 @@ class BoxReader:
             targets[(read.key, chunk.offsets)] = buffer
             items += box_items
             out.append(buffer.view(box.lengths))
-        self._reader.read_data(LoadPlan(items), _IntoBuffers(targets)).wait()
+        try:
+            self._reader.read_data(LoadPlan(items), _IntoBuffers(targets)).wait()
+        except Exception as exc:  # a shard file whose bytes torch.load cannot parse
+            raise MegacloneError(f"cannot read {read.key} from {self.path}: {type(exc).__name__}: {exc}",
+                                 "the checkpoint is damaged: copy or save it again") from exc
         return out
 
 
@@ -266,40 +289,3 @@ def mark_latest(root: Path, iteration: int | str) -> None:
 
 def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _is_checkpoint_entry(path: Path) -> bool:
-    return path.name in (LATEST, LATEST + ".tmp", "release") or path.name.startswith("iter_")
-
-
-def check_destination(dst: Path, overwrite: bool, sources: Sequence[Path]) -> None:
-    """Refuse a destination that overlaps a source, or that is non-empty without ``overwrite``."""
-    dst_r = dst.resolve()
-    for src in sources:
-        src_r = src.resolve()
-        if dst_r == src_r or src_r in dst_r.parents or dst_r in src_r.parents:
-            raise MegacloneError(
-                f"--save {dst} overlaps the source checkpoint {src}; the source is never written to",
-                "choose a --save directory outside the source",
-            )
-    if dst.exists() and not dst.is_dir():
-        raise MegacloneError(f"--save {dst} exists and is not a directory", "choose a directory path")
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise MegacloneError(f"--save {dst} is not empty", "pass --overwrite to replace it, or choose an empty directory")
-        strangers = [p.name for p in dst.iterdir() if not _is_checkpoint_entry(p)]
-        if strangers:
-            raise MegacloneError(
-                f"--save {dst} holds files that are not a checkpoint ({', '.join(sorted(strangers)[:5])}); "
-                "--overwrite only replaces checkpoints",
-                "choose another directory or remove them yourself",
-            )
-
-
-def clear_destination(dst: Path) -> None:
-    """Remove an old checkpoint: the tracker file first, so no half-deleted state looks complete."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in (LATEST, LATEST + ".tmp"):
-        (dst / name).unlink(missing_ok=True)
-    for entry in dst.iterdir():
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()

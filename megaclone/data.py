@@ -8,6 +8,7 @@ in Megatron-LM with ``--tokenizer-type NullTokenizer --vocab-size 256`` unchange
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sysconfig
 from collections import OrderedDict
@@ -17,6 +18,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from . import destination
 from .errors import MegacloneError
 
 BYTE_VOCAB = 256  # ids 0..255; the end-of-document id is BYTE_VOCAB
@@ -102,15 +104,31 @@ class DatasetStats:
     skipped: int  # empty or undecodable files
 
 
-def write_indexed_dataset(files: Sequence[Path], prefix: str | Path, tokenizer: ByteTokenizer) -> DatasetStats:
+def write_indexed_dataset(files: Sequence[Path], prefix: str | Path, tokenizer: ByteTokenizer,
+                          sources: Sequence[str | Path] = (), overwrite: bool = False) -> DatasetStats:
     """Write ``prefix.bin`` / ``prefix.idx`` with megatron-core's IndexedDatasetBuilder: one document
     per file, its tokens followed by the end-of-document id. Written to temporary names first and
-    renamed, so a failure leaves no dataset that looks complete."""
+    renamed, so a failure leaves no dataset that looks complete (nor a directory it created)."""
+    prefix = Path(prefix)
+    outputs = [Path(f"{prefix}{suffix}") for suffix in (".bin", ".idx")]
+    destination.guard_files(outputs, [Path(s) for s in sources], overwrite, "--output-prefix")
+    created = [p for p in reversed(prefix.parents) if not p.exists()]
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_indexed_dataset(files, prefix, tokenizer)
+    except BaseException:
+        for suffix in (".bin", ".idx"):
+            prefix.with_name(f"{prefix.name}.partial{suffix}").unlink(missing_ok=True)
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+def _write_indexed_dataset(files: Sequence[Path], prefix: Path, tokenizer: ByteTokenizer) -> DatasetStats:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     import torch
 
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp = prefix.with_name(prefix.name + ".partial")
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
@@ -145,6 +163,61 @@ def check_dataset(prefix: str | Path) -> None:
                              "write it with tools/preprocess_data.py --output-prefix " + str(prefix))
 
 
+SPLIT_NAMES = ("training", "validation", "test")
+
+
+def _split_matrix(split: str) -> list:
+    """megatron-core's own parsing of ``--split`` into (begin, end) fractions, None for a zero weight."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+
+
+def documents_per_split(documents: int, split: str) -> list[int]:
+    """How many documents megatron-core's dataset builder gives each split of a dataset of
+    ``documents`` (its rounding of the split's book-ends)."""
+    return [0 if bounds is None else int(round(bounds[1] * documents)) - int(round(bounds[0] * documents))
+            for bounds in _split_matrix(split)]
+
+
+def check_splits(prefixes: Sequence[str], split: str, sampled: Sequence[bool]) -> None:
+    """Refuse a ``--split`` that megatron-core cannot build from: a split with a weight is built
+    whether or not it is sampled, and one without documents spins forever (its peers then wait out
+    their collective timeout); a sampled split needs a weight."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    weighted = [bounds is not None for bounds in _split_matrix(split)]
+    unweighted = [SPLIT_NAMES[i] for i in range(3) if sampled[i] and not weighted[i]]
+    if unweighted:
+        raise MegacloneError(f"--split {split} gives the {' and '.join(unweighted)} split no share, but it is sampled",
+                             "give it a weight (e.g. --split 98,2,0), or --eval-iters 0 to skip validation")
+    for prefix in prefixes:
+        documents = len(IndexedDataset(str(prefix), mmap=True).document_indices) - 1
+        counts = documents_per_split(documents, split)
+        empty = [SPLIT_NAMES[i] for i, n in enumerate(counts) if weighted[i] and n == 0]
+        if empty:
+            shares = ", ".join(f"{name} {n}" for name, n in zip(SPLIT_NAMES, counts))
+            them = "them" if len(empty) > 1 else "it"
+            raise MegacloneError(
+                f"--split {split} over {prefix} ({documents} documents) gives {shares} documents: the "
+                f"{' and '.join(empty)} split{'s have' if len(empty) > 1 else ' has'} a weight but no document",
+                f"give {them} a larger share (for {documents} documents, e.g. --split "
+                f"{_fitting_split(documents, weighted)}), a weight of 0 if unused, or add documents",
+            )
+
+
+def _fitting_split(documents: int, weighted: Sequence[bool]) -> str:
+    """A simple split that gives every weighted split at least one document (the suggestion above)."""
+    weights = [1 if w else 0 for w in weighted]
+    if documents < sum(weights):
+        return ",".join(map(str, weights)) + " with more documents"
+    weights[0] = max(1, documents - sum(weights[1:]))
+    return ",".join(map(str, weights))
+
+
 def build_gpt_datasets(
     data_path: Sequence[str],
     split: str,
@@ -166,6 +239,7 @@ def build_gpt_datasets(
     blend = get_blend_from_list(list(data_path))
     for prefix in blend[0]:
         check_dataset(prefix)
+    check_splits(blend[0], split, [n > 0 for n in num_samples])
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
+from . import destination
 from .clone import CloneConfig, SourcePiece, clone_slice
 from .errors import MegacloneError
 from .model import RowBlock, Slots, build_gpt, model_sharded_state_dict, parameter_slots
@@ -85,6 +87,15 @@ def _check_blocks(task: SliceTask, blocks: list[RowBlock]) -> None:
                              f"{[tuple(b.tensor.shape) for b in blocks]} is not the planned slice")
 
 
+def _check_finite(task: SliceTask, parts: list[torch.Tensor]) -> None:
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in parts if p.is_floating_point())
+    if bad:
+        where = task.rule.key + ("" if task.layer is None else f" (layer {task.layer})")
+        raise MegacloneError(f"the source's {where} holds {bad} NaN or infinite values in the part this rank reads",
+                             "the source is damaged or diverged: use an earlier checkpoint, or pass "
+                             "--allow-non-finite to copy the values as they are")
+
+
 def fill_rank(
     source: Source,
     dst_spec: ModelSpec,
@@ -93,9 +104,11 @@ def fill_rank(
     cfg: CloneConfig,
     report: RankReport,
     on_slice: Optional[Callable[[SliceTask, int], None]] = None,
+    allow_non_finite: bool = False,
 ) -> None:
     """Compute every destination slice this rank owns into its row blocks (model.parameter_slots),
-    one task at a time: read its source boxes (locally, no collective), clone, release."""
+    one task at a time: read its source boxes (locally, no collective), clone, release. Source values
+    that are not finite are refused (naming the tensor) unless ``allow_non_finite``."""
     rules = param_rules(source.spec, dst_spec)
     slots = dict(slots)
     for task in plan_rank(rules, source.spec.num_layers, dst_spec.tensor_parallel, tp_rank):
@@ -104,6 +117,8 @@ def fill_rank(
         t0 = time.perf_counter()
         box_read = task.box_read
         parts = source.read(box_read)
+        if not allow_non_finite:
+            _check_finite(task, parts)
         t1 = time.perf_counter()
         piece = assemble_piece(task, parts, source.tensors[task.rule.key].dtype)
         del parts
@@ -141,6 +156,7 @@ def expand(
     dtype: Optional[torch.dtype] = None,
     pp: int = 1,
     save_format: str = "torch_dist",
+    allow_non_finite: bool = False,
 ) -> list[RankReport]:
     """Expand ``src_root`` into ``dst_root`` at TP ``tp``; returns every rank's report (on every rank).
 
@@ -174,55 +190,58 @@ def expand(
         if pp < 1 or dst_spec.num_layers % pp:
             raise MegacloneError(f"--pp {pp} does not divide the {dst_spec.num_layers} layers",
                                  "choose a pipeline size that divides the number of layers")
-        ckpt_io.check_destination(dst_root, overwrite, [src_root, source.path])
         return source, dst_spec
 
     source, dst_spec = agree(validate)
     if dist.get_rank() == 0:
-        ckpt_io.clear_destination(dst_root)
-    dist.barrier()
+        for warning in cfg.warnings():
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+    claim = destination.Claim.take(dst_root, destination.Kind.MEGATRON, [src_root, source.path], overwrite)
+    with claim:
+        report = RankReport(rank=dist.get_rank())
+        report.seconds["validate"] = time.perf_counter() - start
+        t0 = time.perf_counter()
+        init_parallel(tp)
+        dtype = dtype or source.dtype
+        model = build_gpt(dst_spec, dtype=dtype, device=device)
+        model_sd = model_sharded_state_dict(model)
+        legacy = save_format == "torch"
+        slots = parameter_slots(model_sd, own_storage=not legacy)
+        if not legacy:
+            del model  # the state dict alone holds the shard; fused tensors it saves in pieces are freed
+        report.seconds["build"] = time.perf_counter() - t0
+        # every rank learns of a refusal here (bad values in its part of the source) before the save's collectives
+        agree(lambda: fill_rank(source, dst_spec, slots, parallel_state.get_tensor_model_parallel_rank(), cfg, report,
+                                on_slice, allow_non_finite))
+        del slots
+        claim.clear()  # an earlier output goes only now that the source has been read whole
 
-    report = RankReport(rank=dist.get_rank())
-    report.seconds["validate"] = time.perf_counter() - start
-    t0 = time.perf_counter()
-    init_parallel(tp)
-    dtype = dtype or source.dtype
-    model = build_gpt(dst_spec, dtype=dtype, device=device)
-    model_sd = model_sharded_state_dict(model)
-    legacy = save_format == "torch"
-    slots = parameter_slots(model_sd, own_storage=not legacy)
-    if not legacy:
-        del model  # the state dict alone holds the shard; fused tensors it saves in pieces are freed
-    report.seconds["build"] = time.perf_counter() - t0
-    fill_rank(source, dst_spec, slots, parallel_state.get_tensor_model_parallel_rank(), cfg, report, on_slice)
-    del slots
-
-    trim_heap()  # dist_checkpointing forks writers: hand them a compact heap
-    t0 = time.perf_counter()
-    args = dst_spec.to_args(source.args, dtype=dtype)
-    args.pipeline_model_parallel_size = pp
-    state = {
-        "model": model_sd,
-        "args": args,
-        "iteration": 0,
-        "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
-        "megaclone": {
-            "factors": dataclasses.asdict(factors),
-            "variant": cfg.variant.value,
-            "snr_db": cfg.snr_db,
-            "seed": cfg.seed,
-            "source": str(source.path.resolve()),
-            "source_format": source.kind,
-        },
-    }
-    if legacy:
-        state["model"] = model.state_dict()  # local-spec module names: --transformer-impl local
-        ckpt_io.save_legacy_checkpoint(dst_root, 0, state, parallel_state.get_tensor_model_parallel_rank(),
-                                       writer=parallel_state.get_data_parallel_rank() == 0,
-                                       before_publish=lambda: _fault_point("write"))
-    else:
-        del model_sd  # ``state`` is now the shard's only owner
-        ckpt_io.save_checkpoint(dst_root, 0, state, before_publish=lambda: _fault_point("write"))
+        trim_heap()  # dist_checkpointing forks writers: hand them a compact heap
+        t0 = time.perf_counter()
+        args = dst_spec.to_args(source.args, dtype=dtype)
+        args.pipeline_model_parallel_size = pp
+        state = {
+            "model": model_sd,
+            "args": args,
+            "iteration": 0,
+            "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
+            "megaclone": {
+                "factors": dataclasses.asdict(factors),
+                "variant": cfg.variant.value,
+                "snr_db": cfg.snr_db,
+                "seed": cfg.seed,
+                "source": str(source.path.resolve()),
+                "source_format": source.kind,
+            },
+        }
+        if legacy:
+            state["model"] = model.state_dict()  # local-spec module names: --transformer-impl local
+            ckpt_io.save_legacy_checkpoint(dst_root, 0, state, parallel_state.get_tensor_model_parallel_rank(),
+                                           writer=parallel_state.get_data_parallel_rank() == 0,
+                                           before_publish=lambda: _fault_point("write"))
+        else:
+            del model_sd  # ``state`` is now the shard's only owner
+            ckpt_io.save_checkpoint(dst_root, 0, state, before_publish=lambda: _fault_point("write"))
     report.seconds["write"] = time.perf_counter() - t0
     report.seconds["total"] = time.perf_counter() - start
     report.seconds["cpu"] = cpu_seconds() - cpu_start

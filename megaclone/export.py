@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
-from . import hf
+from . import destination, hf
 from .errors import MegacloneError
 from .partition import param_rules
 from .plan import Box, BoxRead
@@ -68,49 +68,41 @@ def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = Non
         spec = ModelSpec.from_args(args)
         mtype = model_type or getattr(args, "hf_model_type", None) or hf.infer_model_type(spec)
         hf.family_of(mtype)
-        if out.resolve() == Path(root).resolve() or Path(root).resolve() in out.resolve().parents:
-            raise MegacloneError(f"--save {out} is inside the checkpoint {root}", "choose a directory outside it")
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise MegacloneError(f"--save {out} is not empty", "pass --overwrite or choose an empty directory")
         return path, args, spec, mtype
 
     path, args, spec, mtype = agree(validate)
     layout = hf.family_of(mtype).layout(spec)
     meta = ckpt_io.read_tensor_metadata(path)
-    if rank == 0:
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-    dist.barrier()
+    with destination.Claim.take(out, destination.Kind.HF, [Path(root), path], overwrite) as claim:
+        claim.clear()
+        pieces = [(r.key, layer) for r in param_rules(spec, spec)
+                  for layer in (range(spec.num_layers) if r.per_layer else [None])]
+        sizes = [int(torch.Size(meta[k].shape[1:] if layer is not None else meta[k].shape).numel()) for k, layer in pieces]
+        owner = deal(sizes, world)
+        mine: dict[str, torch.Tensor] = {}
+        reader = ckpt_io.BoxReader(path)
+        for (key, layer), who in zip(pieces, owner):
+            if who != rank:
+                continue
+            shape = meta[key].shape[1:] if layer is not None else meta[key].shape
+            [full] = reader.read(BoxRead(key, layer, (Box(tuple(0 for _ in shape), tuple(shape)),)))
+            mine.update(hf.hf_tensors_from(layout[key], layer, full))
+        from safetensors.torch import save_file
 
-    pieces = [(r.key, layer) for r in param_rules(spec, spec)
-              for layer in (range(spec.num_layers) if r.per_layer else [None])]
-    sizes = [int(torch.Size(meta[k].shape[1:] if layer is not None else meta[k].shape).numel()) for k, layer in pieces]
-    owner = deal(sizes, world)
-    mine: dict[str, torch.Tensor] = {}
-    reader = ckpt_io.BoxReader(path)
-    for (key, layer), who in zip(pieces, owner):
-        if who != rank:
-            continue
-        shape = meta[key].shape[1:] if layer is not None else meta[key].shape
-        [full] = reader.read(BoxRead(key, layer, (Box(tuple(0 for _ in shape), tuple(shape)),)))
-        mine.update(hf.hf_tensors_from(layout[key], layer, full))
-    from safetensors.torch import save_file
-
-    name = shard_name(rank, world)
-    save_file(mine, str(out / name), metadata={"format": "pt"})
-    shares: list = [None] * world
-    dist.all_gather_object(shares, (sorted(mine), sum(v.numel() * v.element_size() for v in mine.values())))
-    names = [n for n, _ in shares]
-    if rank == 0:
-        weight_map = {t: shard_name(r, world) for r, ts in enumerate(names) for t in ts}
-        if world > 1:
-            index = {"metadata": {"total_size": sum(b for _, b in shares)}, "weight_map": dict(sorted(weight_map.items()))}
-            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        tokenizer = Path(str(getattr(args, "tokenizer_model", "") or ""))
-        for f in TOKENIZER_FILES:
-            if tokenizer.is_dir() and (tokenizer / f).exists():
-                shutil.copy2(tokenizer / f, out / f)
-        _hf_config(spec, mtype, meta[pieces[0][0]].dtype).save_pretrained(str(out))  # last: marks it complete
-    dist.barrier()
+        name = shard_name(rank, world)
+        save_file(mine, str(out / name), metadata={"format": "pt"})
+        shares: list = [None] * world
+        dist.all_gather_object(shares, (sorted(mine), sum(v.numel() * v.element_size() for v in mine.values())))
+        names = [n for n, _ in shares]
+        if rank == 0:
+            weight_map = {t: shard_name(r, world) for r, ts in enumerate(names) for t in ts}
+            if world > 1:
+                index = {"metadata": {"total_size": sum(b for _, b in shares)}, "weight_map": dict(sorted(weight_map.items()))}
+                (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            tokenizer = Path(str(getattr(args, "tokenizer_model", "") or ""))
+            for f in TOKENIZER_FILES:
+                if tokenizer.is_dir() and (tokenizer / f).exists():
+                    shutil.copy2(tokenizer / f, out / f)
+            _hf_config(spec, mtype, meta[pieces[0][0]].dtype).save_pretrained(str(out))  # last: marks it complete
+        dist.barrier()
     return {"model_type": mtype, "tensors": sum(len(n) for n in names), "files": world}

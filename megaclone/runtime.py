@@ -76,6 +76,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_PR_SET_PDEATHSIG = 1
+_forking_pid: Optional[int] = None
+
+
+def _record_forking_pid() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+def _die_with_parent() -> None:
+    """In a freshly forked child: ask the kernel for SIGKILL when the parent dies."""
+    libc = _libc()
+    if libc is None or libc.prctl(_PR_SET_PDEATHSIG, 9) != 0:
+        return
+    if os.getppid() != _forking_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+_children_bound = False
+
+
+def bind_children_to_this_process() -> None:
+    """Every process this one forks from now on (dist_checkpointing's writers) is killed when this
+    one dies, however it dies. Without it a writer of a SIGKILLed rank can wait forever on a queue
+    nobody reads, holding the launcher's output pipe. Linux only; a no-op elsewhere. The kernel
+    signals on the exit of the forking *thread*: the writers are forked by the rank's main thread."""
+    global _children_bound
+    if _children_bound or not hasattr(os, "register_at_fork"):
+        return
+    os.register_at_fork(before=_record_forking_pid, after_in_child=_die_with_parent)
+    _children_bound = True
+
+
 def init_distributed(device: Optional[str] = None, timeout_minutes: float = 10.0) -> Runtime:
     """Join (or create) the default process group.
 
@@ -83,6 +116,7 @@ def init_distributed(device: Optional[str] = None, timeout_minutes: float = 10.0
     rank 0 broadcasts a rendezvous address; a plain ``python`` start is a world of one. Collectives
     time out after ``timeout_minutes`` so a dead peer turns into an error rather than a hang.
     """
+    bind_children_to_this_process()
     dev, backend = pick_device(device)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if dist.is_initialized():

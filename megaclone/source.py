@@ -148,12 +148,10 @@ def _legacy_dir(root: Path) -> Path:
     root = Path(root)
     if any(root.glob("mp_rank_*")):
         return root
-    latest = root / ckpt_io.LATEST
-    if not latest.exists():
+    if not (root / ckpt_io.LATEST).exists():
         raise MegacloneError(f"{root} has no {ckpt_io.LATEST} and no mp_rank_* directories",
                              "point --load at the directory Megatron-LM saved into with --ckpt-format torch")
-    text = latest.read_text().strip()
-    return root / ckpt_io.iteration_dirname("release" if text == "release" else int(text))
+    return root / ckpt_io.iteration_dirname(ckpt_io.read_tracker(root))
 
 
 def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> Source:

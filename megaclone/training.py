@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from . import data as data_io
+from . import destination
 from . import train_args
 from . import train_state
 from .errors import MegacloneError
@@ -256,12 +257,24 @@ def _checkpoint_to_load(args) -> Optional[Path]:
     return ckpt_io.find_checkpoint(root)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def prepare_args(args: argparse.Namespace, world_size: int) -> tuple[argparse.Namespace, Optional[Path]]:
     """Apply --use-checkpoint-args and derive Megatron-LM's computed fields; validate."""
     path = _checkpoint_to_load(args)
     if args.load and path is None and args.finetune:
         raise MegacloneError(f"--finetune but {args.load} holds no checkpoint",
                              "point --load at a checkpoint (e.g. the --save of tools/expand_sharded.py)")
+    if args.save:  # training adds iterations to --save and removes nothing; resuming saves into --load
+        data = [Path(f"{p}{suffix}") for p in args.data_path if not _is_number(p) for suffix in (".bin", ".idx")]
+        load = [Path(args.load)] if args.load and not destination.same_path(args.load, args.save) else []
+        destination.check_no_overlap(Path(args.save), load + data)
     saved_padded = None
     if path is not None:
         saved = ckpt_io.read_common(path)["args"]
@@ -297,9 +310,6 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
     train_ds, valid_ds, _ = data_io.build_gpt_datasets(
         args.data_path, args.split, args.seq_length, args.seed,
         (args.train_iters * args.global_batch_size, n_valid, 0), tokenizer, cache)
-    if train_ds is None or (args.eval_iters and valid_ds is None):
-        raise MegacloneError(f"--split {args.split} leaves no training or validation documents",
-                             "give both the first and second --split weights a share")
 
     history = History(settings={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))})
     loaded = Loaded()

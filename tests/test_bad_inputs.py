@@ -117,13 +117,18 @@ def test_non_empty_destination_needs_overwrite(source, tmp_path):
     (dst / ckpt_io.LATEST).write_text("5")
     refused(source, dst, "not empty")
     (dst / "notes.txt").write_text("mine")
-    refused(source, dst, "not a checkpoint", overwrite=True)
+    refused(source, dst, "not part of a Megatron checkpoint", overwrite=True)
     assert (dst / "notes.txt").exists()
 
 
-def test_destination_may_not_overlap_the_source(source):
-    refused(source, source, "overlaps the source")
-    refused(source, source / "inner", "overlaps the source")
+def test_destination_may_not_overlap_the_source(source, tmp_path):
+    refused(source, source, "is the source", overwrite=True)
+    refused(source, source / "inner", "is inside the source", overwrite=True)
+    refused(source, source.parent, "contains the source", overwrite=True)
+    link = tmp_path / "link"
+    link.symlink_to(source)
+    refused(source, link, "is the source", overwrite=True)
+    refused(link, source, "is the source", overwrite=True)
 
 
 def test_overwrite_replaces_an_old_checkpoint(source, tmp_path):
@@ -132,3 +137,142 @@ def test_overwrite_replaces_an_old_checkpoint(source, tmp_path):
     (dst / "iter_0000007").mkdir()
     expand(source, dst, Factors.uniform(2), 1, overwrite=True)
     assert sorted(p.name for p in dst.iterdir()) == ["iter_0000000", ckpt_io.LATEST]
+
+
+def test_overwrite_never_removes_a_users_files(source, tmp_path):
+    """Names that merely look like a checkpoint's (iter_notes.md, release/NOTES.txt) are a user's."""
+    dst = tmp_path / "d"
+    expand(source, dst, Factors.uniform(2), 1)
+    (dst / "iter_notes.md").write_text("mine")
+    err = refused(source, dst, "not part of a Megatron checkpoint", overwrite=True)
+    assert "iter_notes.md" in str(err)
+    (dst / "iter_notes.md").unlink()
+    (dst / "release").mkdir()
+    (dst / "release" / "NOTES.txt").write_text("mine")
+    err = refused(source, dst, "not part of a Megatron checkpoint", overwrite=True)
+    assert "release/NOTES.txt" in str(err)
+
+
+def test_overwrite_refuses_a_symlinked_iteration_directory_before_removing_anything(source, tmp_path):
+    dst = tmp_path / "d"
+    expand(source, dst, Factors.uniform(2), 1)
+    elsewhere = tmp_path / "elsewhere"
+    (dst / "iter_0000000").rename(elsewhere)
+    (dst / "iter_0000000").symlink_to(elsewhere)
+    refused(source, dst, "iter_0000000", overwrite=True)  # the tracker file is still there (tree unchanged)
+    assert (elsewhere / "common.pt").exists()
+
+
+def test_a_second_job_on_the_same_destination_is_refused(source, tmp_path):
+    from megaclone.destination import DestinationLock
+
+    dst = tmp_path / "d"
+    held = DestinationLock(dst)  # another job's rank 0 holds the destination
+    try:
+        refused(source, dst, "another job is writing")
+    finally:
+        held.release()
+    expand(source, dst, Factors.uniform(2), 1)  # released: the destination is free again
+
+
+@pytest.mark.parametrize("snr", ["nan", "inf", "-inf"])
+def test_snr_must_be_finite(snr):
+    from megaclone.clone import CloneConfig, Variant
+
+    with pytest.raises(MegacloneError, match="not a finite number"):
+        CloneConfig(Variant.NOISY_SYMMETRIC, float(snr))
+
+
+def test_noise_stronger_than_the_weights_warns():
+    from megaclone.clone import CloneConfig, Variant
+
+    assert CloneConfig(Variant.NOISY_DIAGONAL, 10.0).warnings() == []
+    assert CloneConfig(Variant.SYMMETRIC, -20.0).warnings() == []  # no noise is added
+    [warning] = CloneConfig(Variant.NOISY_SYMMETRIC, -15.0).warnings()
+    assert "--snr-db -15" in warning and "verify_logits" in warning
+
+
+def _overwrite_stored_value(src: Path, key: str, value: float) -> None:
+    """Write ``value`` into the first element of a stored tensor, in place in its shard file (found by
+    megatron-core's own metadata through torch DCP), so the rest of the checkpoint stays intact."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt = ckpt_io.find_checkpoint(src)
+    meta = FileSystemReader(str(ckpt)).read_metadata()
+    [(index, info)] = [(i, info) for i, info in meta.storage_data.items() if i.fqn == key and not any(i.offset)]
+    path = ckpt / info.relative_path
+    blob = path.read_bytes()[info.offset: info.offset + info.length]
+    import io
+
+    tensor = torch.load(io.BytesIO(blob), weights_only=True)
+    tensor.view(-1)[0] = value
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    assert len(buffer.getvalue()) == info.length, "same-size rewrite"
+    with open(path, "r+b") as f:
+        f.seek(info.offset)
+        f.write(buffer.getvalue())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_source_values_are_refused_by_name(source, tmp_path, value):
+    src = copy_of(source, tmp_path)
+    _overwrite_stored_value(src, "decoder.layers.mlp.linear_fc2.weight", value)
+    err = refused(src, tmp_path / "d", "NaN or infinite")
+    assert "decoder.layers.mlp.linear_fc2.weight (layer 0)" in str(err) and "--allow-non-finite" in err.fix
+    expand(src, tmp_path / "d", Factors.uniform(2), 1, allow_non_finite=True)
+
+
+def test_corrupted_shard_bytes_are_refused(source, tmp_path):
+    src = copy_of(source, tmp_path)
+    victim = max(src.rglob("*.distcp"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(torch.randint(0, 256, (victim.stat().st_size,), dtype=torch.uint8).numpy().tobytes())
+    refused(src, tmp_path / "d", "damaged|cannot read")
+
+
+@pytest.mark.parametrize("text", ["", "garbage\n", "12abc"])
+def test_empty_or_garbage_tracker_file(source, tmp_path, text):
+    src = copy_of(source, tmp_path)
+    (src / ckpt_io.LATEST).write_text(text)
+    refused(src, tmp_path / "d", "not an iteration number")
+
+
+def test_load_of_a_file_says_it_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    refused(f, tmp_path / "d", "is a file")
+
+
+def _export_refused(load, save, match, overwrite=True):
+    from megaclone.export import export_hf
+
+    guarded = [Path(load), Path(save)]
+    before = {p: tree_hash(p) for p in guarded if p.exists()}
+    with pytest.raises(MegacloneError, match=match) as info:
+        export_hf(load, save, "llama", overwrite=overwrite)
+    assert info.value.fix
+    assert {p: tree_hash(p) for p in guarded if p.exists()} == before, "a refused export changed files"
+
+
+def test_export_never_deletes_its_source_or_a_users_files(source, tmp_path):
+    tree = tmp_path / "runs"
+    shutil.copytree(source, tree / "x")
+    _export_refused(tree / "x", tree, "contains the source")  # the old one-way check deleted runs/x here
+    _export_refused(ckpt_io.find_checkpoint(tree / "x"), tree / "x", "contains the source")
+    _export_refused(tree / "x", tree / "x" / "hf", "is inside the source")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    _export_refused(tree / "x", mine, "not part of a Hugging Face model")
+    _export_refused(tree / "x", mine, "not empty", overwrite=False)
+
+
+def test_export_overwrite_replaces_an_earlier_export(source, tmp_path):
+    pytest.importorskip("transformers")
+    from megaclone.export import export_hf
+
+    out = tmp_path / "hf"
+    export_hf(source, out, "llama")
+    first = tree_hash(out)
+    export_hf(source, out, "llama", overwrite=True)
+    assert tree_hash(out) == first

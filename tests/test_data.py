@@ -45,21 +45,52 @@ def test_documents_are_the_files_bytes_then_eod(corpus, tmp_path):
     assert all(int(ds[i][-1]) == data.BYTE_VOCAB for i in range(len(ds)))
 
 
-def test_gpt_samples_are_windows_of_the_token_stream(corpus, tmp_path):
+def _is_window_of(ids: list[int], documents: list[bytes]) -> bool:
+    """Whether ``ids`` is a contiguous window of some concatenation of the documents, each followed by
+    eod, in any order: split at eod, the first piece ends a document, the middle pieces are whole
+    documents and the last one starts a document (one piece alone lies inside a document)."""
+    pieces = bytes(0 if t == data.BYTE_VOCAB else t for t in ids).split(b"\x00")
+    if len(pieces) == 1:
+        return any(pieces[0] in d for d in documents)
+    return (any(d.endswith(pieces[0]) for d in documents) and all(p in documents for p in pieces[1:-1])
+            and any(d.startswith(pieces[-1]) for d in documents))
+
+
+@pytest.mark.parametrize("seed", [4, 7, 8])
+def test_gpt_samples_are_windows_of_the_token_stream(corpus, tmp_path, seed):
     root, texts = corpus
     files = data.collect_files([root])
     data.write_indexed_dataset(files, tmp_path / "ds", data.ByteTokenizer())
-    stream = b"".join(t.encode("utf-8") + b"\x00" for t in texts.values())  # \x00 stands in for eod here
-    train, valid, _ = data.build_gpt_datasets([str(tmp_path / "ds")], "2,1,0", 32, 7, (20, 5, 0),
+    documents = [t.encode("utf-8") for t in texts.values()]
+    train, valid, _ = data.build_gpt_datasets([str(tmp_path / "ds")], "2,1,0", 32, seed, (20, 5, 0),
                                               data.ByteTokenizer(), tmp_path / "cache")
     assert len(train) >= 20 and len(valid) >= 5
     for i in range(20):
         s = train[i]
         ids = s["tokens"].tolist() + [s["labels"][-1].item()]
         assert s["labels"][:-1].tolist() == ids[1:-1]
-        window = bytes(0 if t == data.BYTE_VOCAB else t for t in ids)
-        assert window in stream, f"sample {i} is not a contiguous window of the documents"
+        assert _is_window_of(ids, documents), f"sample {i} is not a contiguous window of the documents"
         assert s["loss_mask"].sum() == 32
+    assert not _is_window_of(list(b"x * 2\nplain"), documents), "the window check can fail"
+
+
+def test_a_split_without_documents_is_refused_not_spun_on(corpus, tmp_path):
+    """megatron-core's builder spins on a sampled split with no documents (training hung until the
+    peers' collective timeout); the trainer refuses it before building."""
+    from megaclone.errors import MegacloneError
+
+    root, _ = corpus
+    data.write_indexed_dataset(data.collect_files([root]), tmp_path / "ds", data.ByteTokenizer())
+    assert data.documents_per_split(3, "98,2,0") == [3, 0, 0]
+    with pytest.raises(MegacloneError, match=r"--split 98,2,0 .*\(3 documents\) gives training 3, validation 0, "
+                                             r"test 0 documents: the validation split has a weight but no document") as info:
+        data.build_gpt_datasets([str(tmp_path / "ds")], "98,2,0", 32, 1, (20, 0, 0), data.ByteTokenizer())
+    assert "--split 2,1,0" in info.value.fix
+    with pytest.raises(MegacloneError, match="gives the validation split no share, but it is sampled"):
+        data.build_gpt_datasets([str(tmp_path / "ds")], "1,0,0", 32, 1, (20, 5, 0), data.ByteTokenizer())
+    train, valid, _ = data.build_gpt_datasets([str(tmp_path / "ds")], "1,0,0", 32, 1, (20, 0, 0),
+                                              data.ByteTokenizer(), tmp_path / "cache")
+    assert len(train) >= 20 and valid is None  # a split of weight 0 is not built
 
 
 def test_default_corpus_is_the_standard_library():
@@ -78,3 +109,26 @@ def test_bad_input_is_refused_before_writing(tmp_path):
     proc = _preprocess("--input", tmp_path / "bin", "--output-prefix", tmp_path / "out")
     assert proc.returncode == 2 and "no text files" in proc.stderr
     assert not list(tmp_path.glob("out*"))
+
+
+def test_outputs_are_guarded_like_every_destination(corpus, tmp_path):
+    root, _ = corpus
+    proc = _preprocess("--input", root, "--output-prefix", root / "ds")
+    assert proc.returncode == 2 and "is inside the source" in proc.stderr
+    assert not list(root.glob("ds*"))
+    assert _preprocess("--input", root, "--output-prefix", tmp_path / "ds").returncode == 0
+    proc = _preprocess("--input", root, "--output-prefix", tmp_path / "ds")
+    assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
+    assert _preprocess("--input", root, "--output-prefix", tmp_path / "ds", "--overwrite").returncode == 0
+    (tmp_path / "mine.idx").write_text("my index of things")
+    proc = _preprocess("--input", root, "--output-prefix", tmp_path / "mine", "--overwrite")
+    assert proc.returncode == 2 and "not a Megatron indexed dataset" in proc.stderr
+    assert (tmp_path / "mine.idx").read_text() == "my index of things"
+
+
+def test_a_refusal_leaves_no_directory_behind(tmp_path):
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "x.txt").write_bytes(b"\xff\xfe not utf-8")
+    proc = _preprocess("--input", tmp_path / "blobs", "--output-prefix", tmp_path / "new" / "deeper" / "ds")
+    assert proc.returncode == 2 and "no input file held UTF-8 text" in proc.stderr
+    assert not (tmp_path / "new").exists()

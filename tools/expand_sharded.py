@@ -38,7 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "model_optim_rng.pt, local-spec module names, pipeline size 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="destination dtype (default: the source's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --save")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier checkpoint at --save (only files a checkpoint consists of are removed)")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="copy NaN/Inf source values instead of refusing the source (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     cli.add_device_flags(p)
     return p.parse_args(argv)
@@ -72,6 +75,7 @@ def main() -> int:
         overwrite=args.overwrite, vocab_size=args.vocab_size, device=rt.device, on_slice=progress.update,
         src_format="hf" if args.load_hf else "torch_dist",
         dtype=getattr(torch, args.dtype) if args.dtype else None, pp=args.pp, save_format=args.save_format,
+        allow_non_finite=args.allow_non_finite,
     )
     progress.close()
     if rt.is_main:

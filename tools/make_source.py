@@ -35,19 +35,18 @@ def main() -> int:
 
     import torch
 
-    from megaclone import checkpoint as ckpt_io
+    from megaclone import destination
     from megaclone import toy
-    from megaclone.runtime import agree, init_distributed
+    from megaclone.runtime import init_distributed
 
     rt = init_distributed(args.device, args.timeout_minutes)
     tp = args.tp or rt.world_size
     save = Path(args.save)
-    agree(lambda: ckpt_io.check_destination(save, args.overwrite, []))
-    if rt.is_main:
-        ckpt_io.clear_destination(save)
     overrides = {"num_layers": args.num_layers} if args.num_layers else {}
     spec = toy.preset_spec(args.preset, tp, vocab_size=args.vocab_size, **overrides)
-    toy.make_source(save, spec, seed=args.seed, train_steps=args.train_steps, dtype=getattr(torch, args.dtype))
+    with destination.Claim.take(save, destination.Kind.MEGATRON, overwrite=args.overwrite) as claim:
+        claim.clear()
+        toy.make_source(save, spec, seed=args.seed, train_steps=args.train_steps, dtype=getattr(torch, args.dtype))
     cli.rank0_print(f"saved a {args.preset} source ({spec.num_layers} layers, hidden {spec.hidden_size}, "
                     f"{spec.num_attention_heads} heads / {spec.num_query_groups} groups, ffn {spec.ffn_hidden_size}, "
                     f"vocab {spec.vocab_size}) at TP {tp} to {save}")

@@ -24,6 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default="byte", help="tokenizer (default and only built-in: byte)")
     p.add_argument("--seed", type=int, default=1234, help="document-order shuffle seed (default 1234)")
     p.add_argument("--max-documents", type=int, help="keep only the first N documents after shuffling")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx dataset")
     return p.parse_args(argv)
 
 
@@ -35,7 +36,8 @@ def main() -> int:
     files = data.collect_files(args.input) if args.input else data.stdlib_corpus()
     source = ", ".join(args.input) if args.input else f"standard library at {data.stdlib_root()}"
     files = data.shuffled_documents(files, args.seed)[: args.max_documents]
-    stats = data.write_indexed_dataset(files, args.output_prefix, tokenizer)
+    stats = data.write_indexed_dataset(files, args.output_prefix, tokenizer,
+                                       sources=args.input or [data.stdlib_root()], overwrite=args.overwrite)
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in tokenizer.megatron_args().items())
     print(f"{stats.documents} documents, {stats.tokens:,} tokens from {source} "
           f"({stats.skipped} skipped) -> {stats.prefix}.bin/.idx\ntrain with: --data-path {stats.prefix} {flags}")
