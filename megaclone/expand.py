@@ -41,8 +41,33 @@ FAULT_ENV = "MEGACLONE_FAULT_INJECT"
 
 
 def _fault_point(point: str) -> None:
-    if os.environ.get(FAULT_ENV) == f"{point}:{dist.get_rank()}":
+    """SIGKILL this rank at ``point`` if asked to ("<point>:<rank>"); "stop-<point>:<rank>" SIGSTOPs it
+    instead (a rank that hangs, as on a stuck filesystem)."""
+    wanted = os.environ.get(FAULT_ENV, "")
+    if wanted == f"{point}:{dist.get_rank()}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if wanted == f"stop-{point}:{dist.get_rank()}":
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _fault_while_writing() -> None:
+    """"writing:<rank>": as soon as dist_checkpointing has forked that rank's writers, stop them (a
+    writer stuck on a queue or a filesystem) and SIGKILL the rank."""
+    if os.environ.get(FAULT_ENV) != f"writing:{dist.get_rank()}":
+        return
+    import threading
+
+    import psutil
+
+    def watch():
+        me = psutil.Process()
+        while not (writers := me.children()):
+            time.sleep(0.001)
+        for writer in writers:
+            writer.suspend()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 @dataclass
@@ -217,6 +242,7 @@ def expand(
         claim.clear()  # an earlier output goes only now that the source has been read whole
 
         trim_heap()  # dist_checkpointing forks writers: hand them a compact heap
+        _fault_while_writing()
         t0 = time.perf_counter()
         args = dst_spec.to_args(source.args, dtype=dtype)
         args.pipeline_model_parallel_size = pp

@@ -3,7 +3,9 @@ others stop instead of hanging, a rerun with --overwrite completes and verifies,
 bytes never change."""
 
 import time
+import uuid
 
+import psutil
 import pytest
 
 from util import torchrun, tree_hash
@@ -29,7 +31,7 @@ def test_killed_rank_leaves_no_complete_checkpoint_and_rerun_recovers(source, tm
     assert "Signals.SIGKILL" in crashed.stderr or "SIGKILL" in crashed.stderr or "exitcode  : -9" in crashed.stderr
     assert not (dst / "latest_checkpointed_iteration.txt").exists()
     if point == "read":
-        assert not any(dst.iterdir()), "nothing is written before the save"
+        assert not dst.exists() or not any(dst.iterdir()), "nothing is written before the save"
     else:
         assert list(dst.rglob("*.distcp")), "the crash should come after shards were written"
         refused = torchrun(2, "expand_sharded.py", "--load", source, "--save", dst, "--tp", "2")
@@ -43,3 +45,47 @@ def test_killed_rank_leaves_no_complete_checkpoint_and_rerun_recovers(source, tm
     ok = torchrun(2, "verify_logits.py", "--src", source, "--dst", dst)
     assert ok.returncode == 0 and "PASS" in ok.stdout, ok.stdout[-2000:]
     assert tree_hash(source) == before
+
+
+def _processes_tagged(tag: str) -> list[psutil.Process]:
+    """Live processes whose environment carries ``tag`` (every process a launch forks inherits it)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("MEGACLONE_TEST_TAG") == tag and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def test_a_stopped_rank_becomes_an_error_on_every_other_rank_within_the_timeout(source, tmp_path):
+    """SIGSTOP (a stuck filesystem, a frozen node): the peers' collectives time out after
+    --timeout-minutes and say so in one line; the launcher then kills the stopped rank."""
+    tag = uuid.uuid4().hex
+    t0 = time.time()
+    stuck = torchrun(2, "expand_sharded.py", "--load", source, "--save", tmp_path / "wide", "--tp", "2",
+                     "--timeout-minutes", "0.25", env={"MEGACLONE_FAULT_INJECT": "stop-read:1", "MEGACLONE_TEST_TAG": tag})
+    elapsed = time.time() - t0
+    assert stuck.returncode != 0
+    assert "error: rank 0: another process of this job died or stopped answering" in stuck.stderr
+    assert "exitcode  : 3" in stuck.stderr  # the surviving rank's own status
+    # 15 s timeout + torchrun's 30 s grace before SIGKILL of the stopped rank + start-up
+    assert elapsed < 240, f"took {elapsed:.0f} s"
+    time.sleep(1)
+    assert not _processes_tagged(tag), "a process outlived the job"
+    assert not (tmp_path / "wide" / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_nothing_outlives_a_rank_killed_while_its_writers_run(source, tmp_path):
+    """dist_checkpointing forks writer processes; one of a SIGKILLed rank used to wait forever on a
+    queue nobody reads, holding the launcher's output pipe."""
+    tag = uuid.uuid4().hex
+    killed = torchrun(2, "expand_sharded.py", "--load", source, "--save", tmp_path / "wide", "--tp", "2",
+                      "--timeout-minutes", "0.5", env={"MEGACLONE_FAULT_INJECT": "writing:1", "MEGACLONE_TEST_TAG": tag},
+                      timeout=240)  # a surviving writer holds the output pipe: the run never returns
+    assert killed.returncode != 0 and "exitcode  : -9" in killed.stderr
+    time.sleep(2)
+    survivors = _processes_tagged(tag)
+    assert not survivors, [p.cmdline() for p in survivors]
+    assert not (tmp_path / "wide" / "latest_checkpointed_iteration.txt").exists()

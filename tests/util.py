@@ -24,9 +24,10 @@ def run(cmd, env=None, timeout=600) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})})
 
 
-def torchrun(n: int, tool: str, *args, env=None) -> subprocess.CompletedProcess:
+def torchrun(n: int, tool: str, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node n tools/<tool> args...`` from the repository root."""
-    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, f"tools/{tool}", *args], env=env)
+    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, f"tools/{tool}", *args], env=env,
+               timeout=timeout)
 
 
 def tensor_digests(path) -> list[list[str]]:
