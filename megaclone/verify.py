@@ -25,14 +25,17 @@ from .spec import ModelSpec, feasible_tp
 
 @dataclass(frozen=True)
 class RankResult:
-    """One rank's comparison over vocab ids [vocab_start, vocab_stop)."""
+    """One rank's comparison over vocab ids [vocab_start, vocab_stop) of the real vocabulary and
+    [vocab_stop, padded_stop) of its padding rows (which Megatron's loss also covers)."""
 
     rank: int
     vocab_start: int
     vocab_stop: int
+    padded_stop: int
     max_abs: float
-    max_rel: float  # max |D - S| / max |S| over the compared slice
+    max_rel: float  # max |D - S| / max |S| over the compared slice (the whole real vocab's if the slice's is 0)
     tol: float
+    tokens: int  # positions compared (every vocabulary id appears among the inputs)
 
     @property
     def ok(self) -> bool:
@@ -40,8 +43,9 @@ class RankResult:
 
     def line(self) -> str:
         verdict = ("ok" if self.ok else "FAIL") + ("" if self.vocab_stop > self.vocab_start else " (padding rows only)")
+        padding = f" + padding [{self.vocab_stop}, {self.padded_stop})" if self.padded_stop > self.vocab_stop else ""
         return (
-            f"rank {self.rank}: vocab [{self.vocab_start}, {self.vocab_stop}) "
+            f"rank {self.rank}: vocab [{self.vocab_start}, {self.vocab_stop}){padding} "
             f"max abs diff {self.max_abs:.3e}  max rel diff {self.max_rel:.3e}  (tol {self.tol:.0e}) {verdict}"
         )
 
@@ -77,18 +81,23 @@ def load_source_model(source: Source, device) -> torch.nn.Module:
     return model
 
 
-def _full_logits(source: Source, tokens: torch.Tensor, device) -> torch.Tensor:
-    """Logits over the whole padded vocab, computed at the largest feasible TP and gathered."""
+def _megatron_reference(source: Source, batches: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """The source's logits over its whole padded vocabulary for each batch: the model at the largest
+    TP its shape allows in this world, each rank's slice gathered."""
     from megatron.core import parallel_state
 
     model = load_source_model(source, device)
-    local = causal_logits(model, tokens).float()
-    parts = [torch.empty_like(local) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
-    dist.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
+    group = parallel_state.get_tensor_model_parallel_group()
+    out = []
+    for tokens in batches:
+        local = causal_logits(model, tokens).float()
+        parts = [torch.empty_like(local) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
+        dist.all_gather(parts, local, group=group)
+        out.append(torch.cat(parts, dim=-1))
+    return out
 
 
-def _hf_logits(root: Path, tokens: torch.Tensor, device) -> torch.Tensor:
+def _hf_reference(root: Path, batches: list[torch.Tensor], device) -> list[torch.Tensor]:
     """transformers' own logits for an HF directory (the whole model on every rank: a check tool)."""
     try:
         from transformers import AutoModelForCausalLM
@@ -97,7 +106,30 @@ def _hf_logits(root: Path, tokens: torch.Tensor, device) -> torch.Tensor:
                              "pip install transformers") from exc
     model = AutoModelForCausalLM.from_pretrained(str(root)).to(device).eval()
     with torch.no_grad():
-        return model(tokens).logits.float()
+        return [model(tokens).logits.float() for tokens in batches]
+
+
+def coverage_tokens(vocab_size: int, seq_length: int, generator: torch.Generator) -> torch.Tensor:
+    """Sequences [n, seq_length] in which every id below ``vocab_size`` appears (a random order; the
+    last sequence topped up with random ids), so every embedding row takes part in the comparison."""
+    ids = torch.randperm(vocab_size, generator=generator)
+    extra = (-vocab_size) % seq_length
+    return torch.cat([ids, torch.randint(0, vocab_size, (extra,), generator=generator)]).view(-1, seq_length)
+
+
+def _rounds(batches: list[torch.Tensor], width: int, budget: int) -> list[list[torch.Tensor]]:
+    """Batches grouped so that one group's reference slices ([tokens, width] fp32) fit ``budget``
+    bytes; both models are loaded once per group."""
+    rounds: list[list[torch.Tensor]] = [[]]
+    used = 0
+    for b in batches:
+        size = b.numel() * width * 4
+        if rounds[-1] and used + size > budget:
+            rounds.append([])
+            used = 0
+        rounds[-1].append(b)
+        used += size
+    return rounds
 
 
 def _open_hf(root: Path) -> tuple[Path, ModelSpec, torch.dtype, Source]:
@@ -115,10 +147,13 @@ def verify(
     batch: int = 2,
     seq_length: int = 32,
     src_hf: Optional[Path] = None,
+    reference_budget: int = 256 << 20,
 ) -> list[RankResult]:
     """Compare per-rank logits with the source's (a Megatron checkpoint, or with ``src_hf`` a Hugging
-    Face directory run by transformers itself); returns every rank's result on every rank."""
-    from megatron.core import parallel_state
+    Face directory run by transformers itself) over ``tokens`` (random by default) and over sequences
+    that hold every vocabulary id, on every column of the rank's slice, padding rows included;
+    returns every rank's result on every rank. The reference logits are held for this rank's slice
+    only, at most ``reference_budget`` bytes at a time (both models are reloaded per such round)."""
 
     def validate():
         src = _open_hf(Path(src_hf)) if src_hf is not None else _open(Path(src_root))
@@ -131,8 +166,8 @@ def verify(
         return src, dst
 
     (src_path, src_spec, src_dtype, source), (dst_path, dst_spec, dst_dtype, destination) = agree(validate)
+    gen = torch.Generator().manual_seed(seed)
     if tokens is None:
-        gen = torch.Generator().manual_seed(seed)
         shape = (batch, min(seq_length, src_spec.max_position_embeddings))
         tokens = torch.randint(0, src_spec.vocab_size, shape, generator=gen)
     if int(tokens.max()) >= src_spec.vocab_size or tokens.shape[1] > src_spec.max_position_embeddings:
@@ -140,35 +175,50 @@ def verify(
             f"tokens exceed the model (vocab {src_spec.vocab_size}, positions {src_spec.max_position_embeddings})",
             "use a shorter --seq-length, or text whose byte values fit the vocabulary",
         )
-    tokens = tokens.to(device)
-    if src_hf is not None:
-        reference = _hf_logits(src_path, tokens, device)
-    else:
-        reference = _full_logits(source, tokens, device)
+    coverage = coverage_tokens(src_spec.vocab_size, min(seq_length, src_spec.max_position_embeddings), gen)
+    batches = [t.to(device) for t in [tokens, *coverage.split(max(1, batch * 4))]]
 
-    init_parallel(dst_spec.tensor_parallel)
-    model = build_gpt(dst_spec, dtype=dst_dtype, device=device)
-    if destination.kind == "torch":  # Megatron-LM's legacy load: this TP rank's file, strict
-        from megatron.core import parallel_state as ps
-
-        file = ckpt_io.legacy_file(dst_path, ps.get_tensor_model_parallel_rank())
-        model.load_state_dict(torch.load(file, map_location="cpu", weights_only=False)["model"], strict=True)
-    else:
-        load_model(model, dst_path)
-    local = causal_logits(model, tokens).float()
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    width = local.shape[-1]
-    start, stop = rank * width, min((rank + 1) * width, src_spec.vocab_size, dst_spec.vocab_size)
-    stop = max(start, stop)
-    expected = reference[..., start:stop]
-    diff = (local[..., : stop - start] - expected).abs()
-    max_abs = diff.max().item() if diff.numel() else 0.0
-    scale = expected.abs().max().item() if expected.numel() else 1.0
-    result = RankResult(dist.get_rank(), start, stop, max_abs, max_abs / max(scale, 1e-30),
-                        tol if tol is not None else default_tolerance(dst_dtype))
+    dst_tp = dst_spec.tensor_parallel
+    width = dst_spec.padded_vocab_size // dst_tp
+    start = (dist.get_rank() % dst_tp) * width  # megatron-core's TP rank with PP 1: the fastest-varying index
+    real = min(src_spec.vocab_size, dst_spec.vocab_size)
+    real_stop = min(max(start, real), start + width)
+    max_abs, slice_scale, global_scale, compared = 0.0, 0.0, 0.0, 0
+    for group in _rounds(batches, width, reference_budget):
+        full = (_hf_reference(src_path, group, device) if src_hf is not None
+                else _megatron_reference(source, group, device))
+        # the clone's padding rows past the source's are zero rows: logit 0
+        expected = [torch.nn.functional.pad(f, (0, max(0, start + width - f.shape[-1])))[..., start:start + width]
+                    for f in full]
+        global_scale = max([global_scale] + [float(f[..., :real].abs().max()) for f in full])
+        del full
+        model = _destination_model(destination, dst_spec, dst_dtype, device)
+        for tokens_b, exp in zip(group, expected):
+            diff = (causal_logits(model, tokens_b).float() - exp).abs()
+            max_abs = max(max_abs, float(diff.max()))
+            slice_scale = max(slice_scale, float(exp.abs().max()))
+            compared += tokens_b.numel()
+        del model, expected
+    scale = slice_scale if slice_scale > 0 else global_scale
+    result = RankResult(dist.get_rank(), start, real_stop, start + width, max_abs, max_abs / max(scale, 1e-30),
+                        tol if tol is not None else default_tolerance(dst_dtype), compared)
     results: list = [None] * dist.get_world_size()
     dist.all_gather_object(results, result)
     return results
+
+
+def _destination_model(destination: Source, spec: ModelSpec, dtype: torch.dtype, device) -> torch.nn.Module:
+    """The destination as megatron-core loads it at its own TP (switches the parallel state to it)."""
+    init_parallel(spec.tensor_parallel)
+    model = build_gpt(spec, dtype=dtype, device=device)
+    if destination.kind == "torch":  # Megatron-LM's legacy load: this TP rank's file, strict
+        from megatron.core import parallel_state as ps
+
+        file = ckpt_io.legacy_file(destination.path, ps.get_tensor_model_parallel_rank())
+        model.load_state_dict(torch.load(file, map_location="cpu", weights_only=False)["model"], strict=True)
+    else:
+        load_model(model, destination.path)
+    return model
 
 
 def text_tokens(path: str | Path, batch: int, seq_length: int) -> torch.Tensor:

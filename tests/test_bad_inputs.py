@@ -15,7 +15,7 @@ from megaclone.errors import MegacloneError
 from megaclone.expand import destination_spec, expand
 from megaclone.source import open_source
 from megaclone.spec import Factors
-from util import tree_hash
+from util import overwrite_stored_value, tree_hash
 
 
 @pytest.fixture(scope="module")
@@ -192,32 +192,10 @@ def test_noise_stronger_than_the_weights_warns():
     assert "--snr-db -15" in warning and "verify_logits" in warning
 
 
-def _overwrite_stored_value(src: Path, key: str, value: float) -> None:
-    """Write ``value`` into the first element of a stored tensor, in place in its shard file (found by
-    megatron-core's own metadata through torch DCP), so the rest of the checkpoint stays intact."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    ckpt = ckpt_io.find_checkpoint(src)
-    meta = FileSystemReader(str(ckpt)).read_metadata()
-    [(index, info)] = [(i, info) for i, info in meta.storage_data.items() if i.fqn == key and not any(i.offset)]
-    path = ckpt / info.relative_path
-    blob = path.read_bytes()[info.offset: info.offset + info.length]
-    import io
-
-    tensor = torch.load(io.BytesIO(blob), weights_only=True)
-    tensor.view(-1)[0] = value
-    buffer = io.BytesIO()
-    torch.save(tensor, buffer)
-    assert len(buffer.getvalue()) == info.length, "same-size rewrite"
-    with open(path, "r+b") as f:
-        f.seek(info.offset)
-        f.write(buffer.getvalue())
-
-
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_source_values_are_refused_by_name(source, tmp_path, value):
     src = copy_of(source, tmp_path)
-    _overwrite_stored_value(src, "decoder.layers.mlp.linear_fc2.weight", value)
+    overwrite_stored_value(src, "decoder.layers.mlp.linear_fc2.weight", 0, value)
     err = refused(src, tmp_path / "d", "NaN or infinite")
     assert "decoder.layers.mlp.linear_fc2.weight (layer 0)" in str(err) and "--allow-non-finite" in err.fix
     expand(src, tmp_path / "d", Factors.uniform(2), 1, allow_non_finite=True)

@@ -46,3 +46,29 @@ def run_worker(script: str, nproc: int, out: Path, *args, timeout: int = 1200) -
     if proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return json.loads((out / "results.json").read_text())
+
+
+def overwrite_stored_value(root, key: str, index: int, value: float) -> None:
+    """Write ``value`` at flat ``index`` of the stored chunk of ``key`` that starts at offset 0, in
+    place in its torch_dist shard file (located through torch DCP's metadata), the rest untouched."""
+    import io
+
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megaclone.checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(root)
+    meta = FileSystemReader(str(ckpt)).read_metadata()
+    [info] = [info for i, info in meta.storage_data.items() if i.fqn == key and not any(i.offset)]
+    path = ckpt / info.relative_path
+    with open(path, "rb") as f:
+        f.seek(info.offset)
+        tensor = torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+    tensor.view(-1)[index] = value
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    assert len(buffer.getvalue()) == info.length, "a same-size rewrite"
+    with open(path, "r+b") as f:
+        f.seek(info.offset)
+        f.write(buffer.getvalue())
