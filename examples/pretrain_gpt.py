@@ -20,11 +20,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def main() -> int:
+    from megaclone.train_args import build_parser
+
+    args = cli.parse(build_parser())  # before torch is imported: --help and flag errors come at once
     from megaclone.runtime import init_distributed
-    from megaclone.train_args import parse_args
     from megaclone.training import pretrain
 
-    args = parse_args()
     rt = init_distributed(args.device, args.timeout_minutes)
     pretrain(args, rt)
     return 0

@@ -8,6 +8,7 @@ sharded state dicts; it knows nothing of cloning.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from .destination import TRACKER
-from .errors import MegacloneError
+from .errors import MegacloneError, reading
 from .plan import BoxRead
 
 LATEST = TRACKER  # latest_checkpointed_iteration.txt
@@ -85,7 +86,10 @@ def read_common(ckpt: Path) -> dict[str, Any]:
 
     if not (ckpt / "common.pt").exists():
         raise MegacloneError(f"{ckpt / 'common.pt'} is missing", "the checkpoint is incomplete: save it again")
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    with reading(ckpt / "metadata.json"):  # megatron-core reads it first, as JSON
+        json.loads((ckpt / "metadata.json").read_text())
+    with reading(ckpt / "common.pt"):
+        common = dist_checkpointing.load_common_state_dict(str(ckpt))
     if "args" not in common:
         raise MegacloneError(
             f"{ckpt / 'common.pt'} holds no 'args'",
@@ -98,10 +102,8 @@ def read_tensor_metadata(ckpt: Path) -> dict[str, TensorMeta]:
     """Global shape and dtype of every stored tensor, keyed by its torch_dist key."""
     from megatron.core import dist_checkpointing
 
-    try:
+    with reading(ckpt / ".metadata", f"the torch_dist metadata {ckpt / '.metadata'} (or metadata.json)"):
         meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    except Exception as exc:  # the metadata file itself is unreadable
-        raise MegacloneError(f"cannot read the torch_dist metadata of {ckpt}: {exc}", "the checkpoint is damaged") from exc
     return {key: TensorMeta(tuple(t.global_shape), t.dtype) for key, t in meta.items()}
 
 
@@ -109,7 +111,8 @@ def check_storage(ckpt: Path) -> int:
     """Every data file the metadata refers to exists and is long enough; returns the total bytes."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
+    with reading(ckpt / ".metadata"):
+        storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
     needed: dict[str, int] = {}
     for info in storage.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)

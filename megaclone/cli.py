@@ -1,18 +1,18 @@
 """Shared shell for the command-line tools: error reporting and rank-0 printing.
 
 The tools in tools/ parse flags and call the library; this module only turns a MegacloneError into a
-clear message and exit code 2, and keeps output to rank 0.
+clear message and exit code 2, and keeps output to rank 0. It imports no torch at module level, so a
+tool parses its flags (and answers --help) before the heavy imports.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
-from typing import Callable
-
-import torch.distributed as dist
+from typing import Callable, Optional, Sequence
 
 from .errors import MegacloneError
 
@@ -25,8 +25,25 @@ for _module in (r"megatron\..*", r"torch\.distributed\..*", r"torch\.nn\..*"):
     warnings.filterwarnings("ignore", module=_module)
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher (torchrun, mpirun) announces it, before any process group."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse flags on every process; only rank 0 prints --help or a usage error (all exit alike)."""
+    if launch_rank() == 0:
+        return parser.parse_args(argv)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        return parser.parse_args(argv)
+
+
 def rank0_print(*args, **kwargs) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    dist = _initialized_dist()
+    if (dist.get_rank() if dist is not None else launch_rank()) == 0:
         print(*args, **kwargs, flush=True)
 
 
@@ -49,15 +66,25 @@ def run(main: Callable[[], int]) -> None:
     except Exception as exc:
         if not _lost_peer(exc):
             raise
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        dist = _initialized_dist()
+        rank = dist.get_rank() if dist is not None else launch_rank()
         print(f"error: rank {rank}: another process of this job died or stopped answering "
               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})\n"
               "  fix: look for the first failure in the launcher's report (a killed or stuck process); "
               "nothing was published, rerun with --overwrite", file=sys.stderr, flush=True)
         os._exit(EXIT_PEER_LOST)  # the process group cannot be torn down with a peer gone
-    if dist.is_initialized():
+    dist = _initialized_dist()
+    if dist is not None:
         dist.destroy_process_group()
     sys.exit(code)
+
+
+def _initialized_dist():
+    """torch.distributed if a process group is up (never imports torch itself: --help stays light)."""
+    if "torch.distributed" not in sys.modules:
+        return None
+    dist = sys.modules["torch.distributed"]
+    return dist if dist.is_initialized() else None
 
 
 def human_bytes(n: float) -> str:

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import MegacloneError
+from .errors import MegacloneError, reading
 from .plan import Box, keyed_runs
 from .spec import ModelSpec, pad_vocab
 
@@ -297,11 +297,12 @@ class SafetensorsDir:
         self.root = root
         index = root / "model.safetensors.index.json"
         if index.exists():
-            self.files = {name: root / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+            with reading(index):
+                self.files = {name: root / f for name, f in json.loads(index.read_text())["weight_map"].items()}
         elif (root / "model.safetensors").exists():
             from safetensors import safe_open
 
-            with safe_open(root / "model.safetensors", framework="pt") as f:
+            with reading(root / "model.safetensors"), safe_open(root / "model.safetensors", framework="pt") as f:
                 self.files = {name: root / "model.safetensors" for name in f.keys()}
         else:
             raise MegacloneError(f"{root} holds no model.safetensors or model.safetensors.index.json",
@@ -315,7 +316,8 @@ class SafetensorsDir:
             raise MegacloneError(f"{self.root} has no tensor {name!r}", "the files do not match config.json")
         path = self.files[name]
         if path not in self._open:
-            self._open[path] = safe_open(str(path), framework="pt").__enter__()
+            with reading(path, f"{path} (holding {name!r})"):
+                self._open[path] = safe_open(str(path), framework="pt").__enter__()
         return self._open[path]
 
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
@@ -349,7 +351,8 @@ def read_config(root: Path) -> dict:
     path = root / "config.json"
     if not path.exists():
         raise MegacloneError(f"{root} has no config.json", "point --load-hf at a save_pretrained directory")
-    return json.loads(path.read_text())
+    with reading(path):
+        return json.loads(path.read_text())
 
 
 def megatron_args(root: Path, make_vocab_size_divisible_by: int = 128) -> argparse.Namespace:

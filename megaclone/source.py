@@ -18,7 +18,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import hf
-from .errors import MegacloneError
+from .errors import MegacloneError, reading
 from .partition import param_rules
 from .plan import Box, BoxRead, keyed_runs
 from .spec import ModelSpec
@@ -172,7 +172,8 @@ def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> So
             raise MegacloneError(f"{path} lacks the file of TP rank {tp_rank}, stage {stage}",
                                  "copy the complete checkpoint directory")
         if f not in cache:
-            cache[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+            with reading(f):
+                cache[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
         return cache[f]
 
     first = state(0, 0)

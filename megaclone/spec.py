@@ -84,6 +84,9 @@ class ModelSpec:
         pos = get("position_embedding_type", "learned_absolute")
         if get("use_rotary_position_embeddings", False):
             pos = "rope"
+        if vocab_size is not None and not 0 < vocab_size <= padded:
+            raise MegacloneError(f"--vocab-size {vocab_size} is not within the checkpoint's {padded} embedding rows",
+                                 f"pass the true vocabulary size, from 1 to {padded} (or leave it out)")
         true_vocab = vocab_size or (get("vocab_size") and get("vocab_size") + _extra_ids(args)) or padded
         return cls(
             num_layers=get("num_layers"),

@@ -254,3 +254,54 @@ def test_export_overwrite_replaces_an_earlier_export(source, tmp_path):
     first = tree_hash(out)
     export_hf(source, out, "llama", overwrite=True)
     assert tree_hash(out) == first
+
+
+def _garbage(path: Path, keep: float = 0.0) -> None:
+    """Replace a file with garbage (keep=0) or cut it to a fraction of its length."""
+    if keep:
+        with open(path, "r+b") as f:
+            f.truncate(int(path.stat().st_size * keep))
+    else:
+        path.write_bytes(b"\x00garbage{" * 7)
+
+
+@pytest.mark.parametrize("name, keep", [("metadata.json", 0.0), ("common.pt", 0.5), ("common.pt", 0.0),
+                                        (".metadata", 0.0), (".metadata", 0.5)])
+def test_a_damaged_checkpoint_file_is_named(source, tmp_path, name, keep):
+    src = copy_of(source, tmp_path)
+    _garbage(ckpt_io.find_checkpoint(src) / name, keep)
+    err = refused(src, tmp_path / "d", "cannot read|damaged|is missing")
+    assert name in str(err)
+
+
+def test_a_truncated_legacy_file_is_named(tmp_path):
+    src = tmp_path / "legacy"
+    victim = src / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
+    victim.parent.mkdir(parents=True)
+    torch.save({"model": {}, "args": None, "padding": torch.zeros(1000)}, victim)
+    _garbage(victim, 0.5)
+    (src / ckpt_io.LATEST).write_text("1")
+    err = refused(src, tmp_path / "d", "cannot read")
+    assert "model_optim_rng.pt" in str(err)
+
+
+def test_a_damaged_or_missing_hf_shard_is_named(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=64)
+    hf_dir = tmp_path / "hf"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(hf_dir), max_shard_size="20KB")
+    shards = sorted(hf_dir.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    _garbage(shards[-1], 0.5)
+    err = refused(hf_dir, tmp_path / "d", "cannot read", src_format="hf")
+    assert shards[-1].name in str(err)
+    shards[-1].unlink()
+    err = refused(hf_dir, tmp_path / "d", "is missing", src_format="hf")
+    assert shards[-1].name in str(err)
+
+
+@pytest.mark.parametrize("vocab", [0, 10_000])
+def test_vocab_size_outside_the_embedding_is_refused(source, tmp_path, vocab):
+    refused(source, tmp_path / "d", "--vocab-size .* is not within the checkpoint's 304 embedding rows",
+            vocab_size=vocab)

@@ -53,3 +53,20 @@ def test_world_size_must_equal_tp(source, tmp_path):
     assert "error: --tp 2 but 1 processes were started" in proc.stderr
     assert "--nproc_per_node 2" in proc.stderr
     assert not (tmp_path / "d").exists()
+
+
+TOOLS = ("expand_sharded.py", "export_hf.py", "verify_logits.py", "make_source.py", "preprocess_data.py")
+
+
+@pytest.mark.parametrize("tool", TOOLS + ("../examples/pretrain_gpt.py",))
+def test_help_comes_before_any_heavy_import(tool):
+    proc = run([sys.executable, "-X", "importtime", f"tools/{tool}", "--help"])
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "megatron", "numpy")}, "--help imported torch"
+
+
+def test_a_flag_error_under_torchrun_prints_once():
+    proc = torchrun(2, "expand_sharded.py", "--load", "x", "--tp", "2")
+    assert proc.returncode != 0
+    assert proc.stderr.count("the following arguments are required: --save") == 1, proc.stderr[-2000:]

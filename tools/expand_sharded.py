@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="copy NaN/Inf source values instead of refusing the source (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     cli.add_device_flags(p)
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def main() -> int:

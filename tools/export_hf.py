@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Hugging Face model_type (default: recorded at import, else inferred)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
     cli.add_device_flags(p)
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def main() -> int:

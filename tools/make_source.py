@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true")
     cli.add_device_flags(p)
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def main() -> int:

@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234, help="document-order shuffle seed (default 1234)")
     p.add_argument("--max-documents", type=int, help="keep only the first N documents after shuffling")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx dataset")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def main() -> int:
