@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from .destination import TRACKER
-from .errors import MegacloneError, reading
+from .errors import MegacloneError, reading, writing
 from .plan import BoxRead
 
 LATEST = TRACKER  # latest_checkpointed_iteration.txt
@@ -245,7 +245,8 @@ def save_checkpoint(root: Path, iteration: int, state: dict[str, Any],
     rank has finished, publish it by writing the tracker file. A crash before that leaves no
     checkpoint that looks complete."""
     path = Path(root) / iteration_dirname(iteration)
-    save_sharded(path, state)
+    with writing(root, path):
+        save_sharded(path, state)
     _publish(Path(root), iteration, before_publish)
     return path
 
@@ -277,8 +278,9 @@ def save_legacy_checkpoint(root: Path, iteration: int, state: dict[str, Any], tp
     path = Path(root) / iteration_dirname(iteration)
     if writer:
         target = legacy_file(path, tp_rank)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, target)
+        with writing(root, target.parent):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, target)
     _publish(Path(root), iteration, before_publish)
     return path
 

@@ -61,6 +61,9 @@ def run(main: Callable[[], int]) -> None:
     try:
         code = main()
     except MegacloneError as exc:
+        if exc.local:  # this process alone knows: it reports, and the launcher stops the others
+            print(f"error: rank {launch_rank()}: {exc}", file=sys.stderr, flush=True)
+            os._exit(EXIT_BAD_INPUT)
         rank0_print(f"error: {exc}", file=sys.stderr)
         code = EXIT_BAD_INPUT
     except Exception as exc:

@@ -8,9 +8,10 @@ from typing import Iterator
 class MegacloneError(Exception):
     """Bad input or a broken checkpoint, detected before anything is written."""
 
-    def __init__(self, problem: str, fix: str = ""):
+    def __init__(self, problem: str, fix: str = "", local: bool = False):
         self.problem = problem
         self.fix = fix
+        self.local = local  # raised on this process alone (the others may not know): it reports it itself
         super().__init__(f"{problem}" + (f"\n  fix: {fix}" if fix else ""))
 
 
@@ -29,3 +30,44 @@ def reading(path: "str | os.PathLike", what: str = "") -> Iterator[None]:
         detail = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise MegacloneError(f"cannot read {what or path}: {type(exc).__name__}: {detail}",
                              "the file is damaged or incomplete: copy or save it again") from exc
+
+
+def _disk_full(exc: BaseException, where: "str | os.PathLike") -> bool:
+    """Whether a failed write ran out of space (writers in forked processes report it only as text;
+    torch's zip writer reports a short write as a position mismatch, so the free space decides too)."""
+    import errno
+    import shutil
+
+    chain = [exc]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in repr(e) for e in chain):
+        return True
+    try:
+        return shutil.disk_usage(where).free < (1 << 20)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def writing(root: "str | os.PathLike", partial: "str | os.PathLike", needed: int = 0) -> Iterator[None]:
+    """Turn a write that failed for lack of space under ``root`` into an error saying the disk is full,
+    after removing ``partial`` (the unpublished files of this write, a file or a directory)."""
+    import shutil
+
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch DCP's CheckpointException derives from BaseException
+        if not _disk_full(exc, root):
+            raise
+        partial = os.fspath(partial)
+        if os.path.isdir(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+        size = f" (this output needs about {needed / 2**20:.1f} MiB)" if needed else ""
+        raise MegacloneError(f"the disk holding {root} is full; the partial output {partial} was removed",
+                             f"free space there or write elsewhere{size}", local=True) from exc

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from . import destination, hf
-from .errors import MegacloneError
+from .errors import MegacloneError, writing
 from .partition import param_rules
 from .plan import Box, BoxRead
 from .runtime import agree
@@ -90,7 +90,8 @@ def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = Non
         from safetensors.torch import save_file
 
         name = shard_name(rank, world)
-        save_file(mine, str(out / name), metadata={"format": "pt"})
+        with writing(out, out / name, sum(v.numel() * v.element_size() for v in mine.values())):
+            save_file(mine, str(out / name), metadata={"format": "pt"})
         shares: list = [None] * world
         dist.all_gather_object(shares, (sorted(mine), sum(v.numel() * v.element_size() for v in mine.values())))
         names = [n for n, _ in shares]

@@ -89,3 +89,25 @@ def test_nothing_outlives_a_rank_killed_while_its_writers_run(source, tmp_path):
     survivors = _processes_tagged(tag)
     assert not survivors, [p.cmdline() for p in survivors]
     assert not (tmp_path / "wide" / "latest_checkpointed_iteration.txt").exists()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 300 KiB tmpfs (needs root, as on CI here; skipped elsewhere)."""
+    import subprocess
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_says_so_and_leaves_no_partial_checkpoint(source, tiny_disk):
+    full = torchrun(2, "expand_sharded.py", "--load", source, "--save", tiny_disk / "wide", "--tp", "2",
+                    "--timeout-minutes", "0.5")
+    assert full.returncode != 0
+    assert "is full; the partial output" in full.stderr and "fix: free space there" in full.stderr
+    assert not list(tiny_disk.rglob("*")), "partial files were left behind"
