@@ -18,7 +18,7 @@ import torch
 from .errors import MegacloneError
 from .index_maps import NO_SOURCE
 from .noise import stream_key, zero_sum_noise
-from .partition import ParamRule, Role, Split
+from .partition import ParamRule, Role
 
 # Rows of noise generated at once: bounds the float64 working set of a noisy slice.
 _NOISE_CHUNK_ELEMENTS = 1 << 21
@@ -92,8 +92,12 @@ def clone_slice(
     dst_cols: Optional[np.ndarray],
     cfg: CloneConfig,
     out: Optional[torch.Tensor] = None,
+    signal_power: Optional[np.ndarray] = None,
 ) -> torch.Tensor:
     """Destination values at (dst_rows x dst_cols) of ``rule``, in the source's dtype.
+
+    ``signal_power`` (noisy variants): mean of W_S^2 over each of the rule's noise blocks in this
+    layer (:func:`block_signal_power` on the whole source tensor, or the expander's distributed sum).
 
     With ``out`` (the destination parameter) the slice is computed in place there: the gather writes
     straight into it and the scaling is in place, so no second slice-sized buffer exists (fp32/fp64).
@@ -107,14 +111,15 @@ def clone_slice(
     in_place = out is not None and out.dtype == work
     values = _gather(piece, src_rows, src_cols, work, _uniform_divisor(rule, cfg), out if in_place else None)
 
-    if rule.role is Role.MATRIX and rule.c_in > 1:
-        if cfg.variant.diagonal:
-            # each output block reads exactly one input block, unscaled
-            keep = (in_block[None, :] == (out_block % rule.c_in)[:, None])
-            values.mul_(torch.from_numpy(keep).to(values.dtype))
-        if cfg.variant.noisy:
-            sigma = _noise_sigma(rule, piece, src_rows, src_cols, cfg.snr_db)
-            values.add_(_noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, sigma).to(values.dtype))
+    if cfg.variant.diagonal and rule.diagonal_applies:
+        # output block b reads exactly input block b, unscaled
+        keep = (in_block[None, :] == out_block[:, None])
+        values.mul_(torch.from_numpy(keep).to(values.dtype))
+    if cfg.variant.noisy and rule.noise_unit and rule.c_in > 1:
+        if signal_power is None:
+            raise ValueError(f"{rule.key}: the noisy variants need the source's signal power per noise block")
+        sigma = _noise_sigma(rule, src_rows, signal_power, cfg.snr_db)
+        values.add_(_noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, sigma).to(values.dtype))
     if out is None:
         return values.to(piece.data.dtype)
     if not in_place:
@@ -127,7 +132,7 @@ def _uniform_divisor(rule: ParamRule, cfg: CloneConfig) -> int:
     matrix under the symmetric variants (the diagonal ones keep one block unscaled instead)."""
     if rule.role is Role.VECTOR:
         return rule.divisor
-    if rule.role is Role.MATRIX and not cfg.variant.diagonal:
+    if rule.role is Role.MATRIX and not (cfg.variant.diagonal and rule.diagonal_applies):
         return rule.c_in
     return 1
 
@@ -177,23 +182,25 @@ def _runs(positions: np.ndarray, missing: np.ndarray) -> list[tuple[int, int, in
     return [(int(a), -1 if missing[a] else int(positions[a]), int(b - a)) for a, b in zip(starts, ends)]
 
 
-def _noise_sigma(rule: ParamRule, piece: SourcePiece, src_rows, src_cols, snr_db: float) -> torch.Tensor:
-    """Noise standard deviation broadcastable to the slice: power = mean(W_S^2) / 10^(snr/10).
+def block_signal_power(rule: ParamRule, weight: torch.Tensor) -> np.ndarray:
+    """Mean of W_S^2 over each noise block of one layer's whole source matrix (float64)."""
+    if not rule.noise_unit:
+        return np.zeros(0)
+    sq = weight.double().square().reshape(rule.noise_blocks, -1)
+    return sq.mean(dim=1).numpy()
 
-    The mean runs over the axis a rank always reads whole (a column-parallel row's fan-in, a
-    row-parallel column's fan-out), so it is computed locally and is the same on every layout.
-    """
-    scale = 10.0 ** (-snr_db / 10.0)
-    if len(piece.rows) == 0:
-        return torch.zeros(len(src_rows), 1, dtype=torch.float64)
-    sq = piece.data.double().square()
-    if rule.split is Split.ROW:
-        per_col = sq.mean(dim=0) * scale
-        return per_col.sqrt().index_select(0, torch.from_numpy(_positions(src_cols, piece.cols)))[None, :]
-    per_row = (sq.mean(dim=1) * scale).sqrt()
-    sigma = per_row.index_select(0, torch.from_numpy(_positions(src_rows, piece.rows)))
-    sigma[torch.from_numpy(src_rows == NO_SOURCE)] = 0
-    return sigma[:, None]
+
+def noise_std(signal_power: np.ndarray, c_in: int, snr_db: float) -> np.ndarray:
+    """The noise's standard deviation per block: its power is the cloned block's, mean((W_S/c_in)^2),
+    over 10^(snr/10) (the authors' definition, measured against the block that is perturbed)."""
+    return np.sqrt(signal_power / c_in**2 * 10.0 ** (-snr_db / 10.0))
+
+
+def _noise_sigma(rule: ParamRule, src_rows: np.ndarray, signal_power: np.ndarray, snr_db: float) -> torch.Tensor:
+    """Standard deviation per destination row (its source row's noise block); 0 on rows with no source."""
+    std = noise_std(np.asarray(signal_power, dtype=np.float64), rule.c_in, snr_db)
+    sigma = np.where(src_rows == NO_SOURCE, 0.0, std[np.maximum(src_rows, 0) // rule.noise_unit])
+    return torch.from_numpy(sigma)[:, None]
 
 
 def _noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, sigma) -> torch.Tensor:

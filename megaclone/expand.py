@@ -11,6 +11,7 @@ Order of a run (all ranks together):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -29,7 +31,7 @@ from .errors import MegacloneError
 from .model import RowBlock, Slots, build_gpt, model_sharded_state_dict, parameter_slots
 from .partition import param_rules
 from .source import Source, open_any_source
-from .plan import SliceTask, plan_rank
+from .plan import SliceTask, plan_rank, power_chunks
 from .memory import PeakMemory
 from .runtime import agree, cpu_seconds, return_large_frees, trim_heap
 from .spec import Factors, ModelSpec, check_divisible, grow
@@ -121,6 +123,31 @@ def _check_finite(task: SliceTask, parts: list[torch.Tensor]) -> None:
                              "--allow-non-finite to copy the values as they are")
 
 
+def signal_powers(source: Source, rules: list, num_layers: int) -> dict[tuple[str, Optional[int]], np.ndarray]:
+    """Mean of W_S^2 per noise block of every noisy source matrix-layer (all ranks together): each
+    rank reads and sums its round-robin share of :func:`plan.power_chunks`, the sums are exchanged and
+    added exactly, so every rank and every layout gets identical powers."""
+    chunks = power_chunks(rules, num_layers)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {}
+    for chunk in chunks[rank::world]:
+        [part] = source.read(chunk.read)
+        mine[chunk.index] = float(part.double().square().sum())
+    shares: list = [None] * world
+    dist.all_gather_object(shares, mine)
+    sums = {k: v for share in shares for k, v in share.items()}
+    totals: dict[tuple[str, Optional[int]], list[list[float]]] = {}
+    for chunk in chunks:
+        rule_blocks = totals.setdefault((chunk.read.key, chunk.read.layer), [])
+        while len(rule_blocks) <= chunk.block:
+            rule_blocks.append([])
+        rule_blocks[chunk.block].append(sums[chunk.index])
+    rules_by_key = {r.key: r for r in rules}
+    return {key_layer: np.array([math.fsum(b) for b in blocks]) / (rules_by_key[key_layer[0]].noise_unit
+                                                                   * rules_by_key[key_layer[0]].src_shape[1])
+            for key_layer, blocks in totals.items()}
+
+
 def fill_rank(
     source: Source,
     dst_spec: ModelSpec,
@@ -130,6 +157,7 @@ def fill_rank(
     report: RankReport,
     on_slice: Optional[Callable[[SliceTask, int], None]] = None,
     allow_non_finite: bool = False,
+    powers: Optional[dict[tuple[str, Optional[int]], np.ndarray]] = None,
 ) -> None:
     """Compute every destination slice this rank owns into its row blocks (model.parameter_slots),
     one task at a time: read its source boxes (locally, no collective), clone, release. Source values
@@ -150,7 +178,7 @@ def fill_rank(
         with torch.no_grad():
             for b in blocks:
                 clone_slice(task.rule, task.layer or 0, piece, task.dst_rows[b.start:b.stop], task.dst_cols, cfg,
-                            out=b.tensor)
+                            out=b.tensor, signal_power=(powers or {}).get((task.rule.key, task.layer)))
         del piece
         t2 = time.perf_counter()
         report.slices += 1
@@ -235,9 +263,11 @@ def expand(
         if not legacy:
             del model  # the state dict alone holds the shard; fused tensors it saves in pieces are freed
         report.seconds["build"] = time.perf_counter() - t0
+        powers = (signal_powers(source, param_rules(source.spec, dst_spec), source.spec.num_layers)
+                  if cfg.variant.noisy else None)
         # every rank learns of a refusal here (bad values in its part of the source) before the save's collectives
         agree(lambda: fill_rank(source, dst_spec, slots, parallel_state.get_tensor_model_parallel_rank(), cfg, report,
-                                on_slice, allow_non_finite))
+                                on_slice, allow_non_finite, powers))
         del slots
         claim.clear()  # an earlier output goes only now that the source has been read whole
 

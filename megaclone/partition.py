@@ -49,6 +49,13 @@ class ParamRule:
     role: Role
     per_layer: bool
     divisor: int = 1  # vectors only (the tied final norm is divided by n)
+    # Noisy variants: source rows per noise block (one head of q, k or v; one SwiGLU half; a whole
+    # matrix otherwise), the unit whose signal power sets the noise scale; 0 = never perturbed.
+    noise_unit: int = 0
+
+    def __post_init__(self):
+        if self.noise_unit and (self.role is not Role.MATRIX or self.rows.src_size % self.noise_unit):
+            raise ValueError(f"{self.key}: noise blocks of {self.noise_unit} rows do not tile {self.rows.src_size}")
 
     @property
     def src_shape(self) -> tuple[int, ...]:
@@ -66,6 +73,16 @@ class ParamRule:
     @property
     def c_out(self) -> int:
         return self.rows.factor
+
+    @property
+    def diagonal_applies(self) -> bool:
+        """The paper's diagonal variants are defined for matrices cloned on both axes by one factor;
+        every other matrix (the output layer, unequal hidden and head/FFN factors) stays symmetric."""
+        return self.role is Role.MATRIX and self.c_out == self.c_in > 1
+
+    @property
+    def noise_blocks(self) -> int:
+        return self.rows.src_size // self.noise_unit if self.noise_unit else 0
 
     @property
     def parts(self) -> int:
@@ -95,9 +112,9 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
             ParamRule("embedding.position_embeddings.weight", positions, hidden, Split.REPLICATED, Role.EMBEDDING, False)
         )
     rules += _sublayer(f"{layer}self_attention.", "linear_qkv", qkv, "linear_proj", heads, hidden, norm_names,
-                       src.has_qkv_bias, src.add_bias_linear)
+                       src.has_qkv_bias, src.add_bias_linear, first_noise_unit=src.kv_channels)
     rules += _sublayer(f"{layer}mlp.", "linear_fc1", fc1, "linear_fc2", ffn, hidden, norm_names,
-                       src.add_bias_linear, src.add_bias_linear)
+                       src.add_bias_linear, src.add_bias_linear, first_noise_unit=src.ffn_hidden_size)
     # Tied: the output layer reuses the unscaled embedding, so the final norm carries the 1/n.
     final_divisor = n if src.tied else 1
     for name in norm_names:
@@ -110,15 +127,19 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
 
 
 def _sublayer(prefix: str, first: str, first_rows: DimMap, second: str, second_cols: DimMap, hidden: DimMap,
-              norm_names: list[str], first_bias: bool, second_bias: bool) -> list[ParamRule]:
+              norm_names: list[str], first_bias: bool, second_bias: bool, first_noise_unit: int) -> list[ParamRule]:
     """Attention or MLP as Megatron stores it: the pre-norm fused into a column-parallel linear
-    (hidden -> first_rows), then a row-parallel linear (second_cols -> hidden)."""
+    (hidden -> first_rows), then a row-parallel linear (second_cols -> hidden). The first linear's noise
+    blocks are ``first_noise_unit`` rows (a head; a SwiGLU half), the second's its whole matrix, as the
+    authors' code clones q/k/v per head and every other linear whole."""
     rules = [ParamRule(f"{prefix}{first}.layer_norm_{name}", hidden, None, Split.REPLICATED, Role.VECTOR, True)
              for name in norm_names]
-    rules.append(ParamRule(f"{prefix}{first}.weight", first_rows, hidden, Split.COLUMN, Role.MATRIX, True))
+    rules.append(ParamRule(f"{prefix}{first}.weight", first_rows, hidden, Split.COLUMN, Role.MATRIX, True,
+                           noise_unit=first_noise_unit))
     if first_bias:
         rules.append(ParamRule(f"{prefix}{first}.bias", first_rows, None, Split.COLUMN, Role.VECTOR, True))
-    rules.append(ParamRule(f"{prefix}{second}.weight", hidden, second_cols, Split.ROW, Role.MATRIX, True))
+    rules.append(ParamRule(f"{prefix}{second}.weight", hidden, second_cols, Split.ROW, Role.MATRIX, True,
+                           noise_unit=hidden.src_size))
     if second_bias:
         rules.append(ParamRule(f"{prefix}{second}.bias", hidden, None, Split.REPLICATED, Role.VECTOR, True))
     return rules

@@ -102,3 +102,36 @@ def plan_rank(rules: list[ParamRule], num_layers: int, tp: int, rank: int) -> It
         src_cols = None if cols is None else _needed(rule.cols, cols)
         for layer in range(num_layers) if rule.per_layer else [None]:
             yield SliceTask(rule, layer, rows, cols, src_rows, src_cols)
+
+
+# Elements per read of the signal-power pass: bounds its working set.
+POWER_CHUNK_ELEMENTS = 1 << 21
+
+
+@dataclass(frozen=True)
+class PowerChunk:
+    """Rows of one noise block of one source matrix-layer whose sum of squares one rank computes."""
+
+    index: int  # position in the global chunk order, the same for every world size
+    read: BoxRead
+    block: int
+
+
+def power_chunks(rules: list, num_layers: int) -> list[PowerChunk]:
+    """Every noisy matrix-layer cut into row chunks inside its noise blocks, in a fixed order that
+    depends on the model only: dealt round-robin to ranks, their float64 sums added exactly
+    (math.fsum), every layout gets the same block powers bit for bit."""
+    chunks: list[PowerChunk] = []
+    for rule in rules:
+        if not rule.noise_unit or rule.c_in < 2:
+            continue
+        cols = rule.src_shape[1]
+        step = max(1, min(rule.noise_unit, POWER_CHUNK_ELEMENTS // cols))
+        for layer in (range(num_layers) if rule.per_layer else [None]):
+            for block in range(rule.noise_blocks):
+                first = block * rule.noise_unit
+                for start in range(first, first + rule.noise_unit, step):
+                    rows = min(step, first + rule.noise_unit - start)
+                    read = BoxRead(rule.key, layer, (Box((start, 0), (rows, cols)),))
+                    chunks.append(PowerChunk(len(chunks), read, block))
+    return chunks

@@ -11,13 +11,15 @@ import torch
 
 
 def blocks(w: torch.Tensor, c_out: int, c_in: int, diagonal: bool) -> torch.Tensor:
-    """[c_out*O, c_in*I] from [O, I]: block (bo, bi) is W/c_in (symmetric) or W iff bi == bo % c_in."""
+    """[c_out*O, c_in*I] from [O, I]: block (bo, bi) is W/c_in (symmetric), or under the diagonal
+    variant W iff bi == bo when both axes grow by one factor (paper section 3.4; symmetric otherwise)."""
+    diagonal = diagonal and c_out == c_in > 1
     out_rows = []
     for bo in range(c_out):
         row = []
         for bi in range(c_in):
             if diagonal:
-                row.append(w if bi == bo % c_in else torch.zeros_like(w))
+                row.append(w if bi == bo else torch.zeros_like(w))
             else:
                 row.append(w / c_in)
         out_rows.append(torch.cat(row, dim=1))
