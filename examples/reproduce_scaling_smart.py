@@ -42,7 +42,7 @@ SIZES = {
                   source_iters=30, train_iters=20, eval_interval=5, eval_iters=2, snapshots=2),
 }
 OPTIM = dict(lr=1e-3, min_lr=1e-4, lr_decay_style="cosine", weight_decay=0.05, adam_beta1=0.9,
-             adam_beta2=0.999, clip_grad=1.0)
+             adam_beta2=0.999, clip_grad=1.0, hidden_dropout=0.0, attention_dropout=0.0)
 
 
 def flags(**kwargs) -> list[str]:

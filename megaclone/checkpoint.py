@@ -107,6 +107,15 @@ def read_tensor_metadata(ckpt: Path) -> dict[str, TensorMeta]:
     return {key: TensorMeta(tuple(t.global_shape), t.dtype) for key, t in meta.items()}
 
 
+def has_stored(ckpt: Path, prefix: str) -> bool:
+    """Whether the checkpoint stores any entry under ``prefix`` (e.g. the RNG state's ShardedObject)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    with reading(ckpt / ".metadata"):
+        keys = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    return any(k == prefix or k.startswith(prefix + "/") for k in keys)
+
+
 def check_storage(ckpt: Path) -> int:
     """Every data file the metadata refers to exists and is long enough; returns the total bytes."""
     from torch.distributed.checkpoint import FileSystemReader

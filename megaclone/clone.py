@@ -56,13 +56,21 @@ class CloneConfig:
             raise MegacloneError(f"--snr-db {self.snr_db} is not a finite number of decibels",
                                  "pass a finite SNR, e.g. --snr-db 10 (larger is less noise)")
 
-    def warnings(self) -> list[str]:
-        """What the user should know before writing: a request that may not preserve the function."""
+    def warnings(self, hidden_dropout: Optional[float] = None, attention_dropout: Optional[float] = None) -> list[str]:
+        """What the user should know before writing: a request that may not preserve the function, or
+        a clone that training cannot tell apart from the source (the dropouts the checkpoint's args
+        record, which Megatron-LM's --use-checkpoint-args trains with; None: not recorded)."""
+        out = []
         if self.variant.noisy and self.snr_db < SNR_DB_PRESERVING:
-            return [f"--snr-db {self.snr_db:g}: the noise is stronger than the weights it perturbs; its "
-                    "cancellation is exact only before rounding, so the clone may not reproduce the source's "
-                    f"logits (check with tools/verify_logits.py, or use --snr-db {SNR_DB_PRESERVING:g} or more)"]
-        return []
+            out.append(f"--snr-db {self.snr_db:g}: the noise is stronger than the weights it perturbs; its "
+                       "cancellation is exact only before rounding, so the clone may not reproduce the source's "
+                       f"logits (check with tools/verify_logits.py, or use --snr-db {SNR_DB_PRESERVING:g} or more)")
+        if self.variant is Variant.SYMMETRIC and hidden_dropout == 0 and attention_dropout == 0:
+            out.append("the exact symmetric clone with dropout 0 (as the source's args record) never separates "
+                       "its copies: gradients keep them equal, so the wide model trains as the small one. Use "
+                       "--variant noisy-symmetric, or train with dropout (--hidden-dropout 0.1 "
+                       "--attention-dropout 0.1 instead of --use-checkpoint-args' values)")
+        return out
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,7 @@ def clone_slice(
     """Destination values at (dst_rows x dst_cols) of ``rule``, in the source's dtype.
 
     ``signal_power`` (noisy variants): mean of W_S^2 over each of the rule's noise blocks in this
-    layer (:func:`block_signal_power` on the whole source tensor, or the expander's distributed sum).
+    layer (``expand.signal_powers`` sums it over the whole source, across ranks).
 
     With ``out`` (the destination parameter) the slice is computed in place there: the gather writes
     straight into it and the scaling is in place, so no second slice-sized buffer exists (fp32/fp64).
@@ -180,14 +188,6 @@ def _runs(positions: np.ndarray, missing: np.ndarray) -> list[tuple[int, int, in
     starts = np.flatnonzero(~follows)
     ends = np.append(starts[1:], len(positions))
     return [(int(a), -1 if missing[a] else int(positions[a]), int(b - a)) for a, b in zip(starts, ends)]
-
-
-def block_signal_power(rule: ParamRule, weight: torch.Tensor) -> np.ndarray:
-    """Mean of W_S^2 over each noise block of one layer's whole source matrix (float64)."""
-    if not rule.noise_unit:
-        return np.zeros(0)
-    sq = weight.double().square().reshape(rule.noise_blocks, -1)
-    return sq.mean(dim=1).numpy()
 
 
 def noise_std(signal_power: np.ndarray, c_in: int, snr_db: float) -> np.ndarray:

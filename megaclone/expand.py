@@ -247,7 +247,8 @@ def expand(
 
     source, dst_spec = agree(validate)
     if dist.get_rank() == 0:
-        for warning in cfg.warnings():
+        for warning in cfg.warnings(getattr(source.args, "hidden_dropout", None),
+                                    getattr(source.args, "attention_dropout", None)):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     claim = destination.Claim.take(dst_root, destination.Kind.MEGATRON, [src_root, source.path], overwrite)
     with claim:

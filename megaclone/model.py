@@ -31,7 +31,7 @@ def _pipeline_size() -> int:
 
 
 def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device, initialize: bool,
-                       init_method_std: float = 0.02):
+                       init_method_std: float = 0.02, hidden_dropout: float = 0.0, attention_dropout: float = 0.0):
     from megatron.core.transformer import TransformerConfig
 
     return TransformerConfig(
@@ -50,8 +50,8 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device
         tensor_model_parallel_size=spec.tensor_parallel,
         pipeline_model_parallel_size=_pipeline_size(),
         pipeline_dtype=dtype,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=hidden_dropout,
+        attention_dropout=attention_dropout,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
@@ -78,9 +78,10 @@ def _activation(spec: ModelSpec):
 
 
 def build_gpt(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
-              initialize: bool = False, init_method_std: float = 0.02):
+              initialize: bool = False, init_method_std: float = 0.02, hidden_dropout: float = 0.0,
+              attention_dropout: float = 0.0):
     """A GPTModel of ``spec`` sharded over the current megatron-core TP group (local layer spec); with
-    pipeline parallelism, this rank's stage of it.
+    pipeline parallelism, this rank's stage of it. Dropout acts in training mode only.
 
     With ``initialize=False`` the parameters are allocated but not written (the expander fills them).
     """
@@ -90,7 +91,7 @@ def build_gpt(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch
 
     device = device or torch.device("cpu")
     model = GPTModel(
-        config=transformer_config(spec, dtype, device, initialize, init_method_std),
+        config=transformer_config(spec, dtype, device, initialize, init_method_std, hidden_dropout, attention_dropout),
         transformer_layer_spec=get_gpt_layer_local_spec(normalization=spec.normalization),
         vocab_size=spec.padded_vocab_size,
         max_sequence_length=spec.max_position_embeddings,

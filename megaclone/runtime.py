@@ -46,18 +46,48 @@ def pick_device(requested: Optional[str] = None) -> tuple[torch.device, str]:
 
 
 def _install_cpu_shims() -> None:
-    """Let megatron-core build and run models without a GPU (see DESIGN.md section 5).
+    """Let megatron-core build and run models without a GPU (docs/design.md, "CPU").
 
-    megatron-core asks torch.cuda for the current device, synchronizes, and forks a CUDA RNG tracker;
-    on CPU those become the CPU device, a no-op and a null context.
+    megatron-core asks torch.cuda for the current device and synchronizes: on CPU those become the
+    CPU device and a no-op. Its RNG tracker keeps named CUDA generator states; on CPU it keeps CPU
+    generator states instead, so dropout inside tensor-parallel regions (attention) draws different
+    masks on each TP rank, as on GPUs, while the default state stays shared.
     """
     from megatron.core.tensor_parallel import random as tp_random
 
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
-    tp_random.CudaRNGStatesTracker.fork = (  # type: ignore[method-assign]
-        lambda self, name="model-parallel-rng": contextlib.nullcontext()
-    )
+    tp_random.CudaRNGStatesTracker.add = _cpu_tracker_add  # type: ignore[method-assign]
+    tp_random.CudaRNGStatesTracker.fork = _cpu_tracker_fork  # type: ignore[method-assign]
+
+
+def _cpu_tracker_add(self, name: str, seed: int) -> None:
+    """megatron-core's ``CudaRNGStatesTracker.add`` over a CPU generator state."""
+    self._is_initialized = True
+    if seed in self.seeds_:
+        raise Exception(f"seed {seed} already exists")
+    if name in self.states_:
+        raise Exception(f"rng state {name} already exists")
+    self.seeds_.add(seed)
+    self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+
+@contextlib.contextmanager
+def _cpu_tracker_fork(self, name: str = "model-parallel-rng"):
+    """Draw from the named CPU state inside the block, then restore the default one. A tracker nobody
+    seeded (the expander and verifier build models without dropout) forks to the default state."""
+    if not self.states_:
+        yield
+        return
+    if name not in self.states_:
+        raise Exception(f"rng state {name} is not added")
+    default = torch.get_rng_state()
+    torch.set_rng_state(self.states_[name])
+    try:
+        yield
+    finally:
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(default)
 
 
 def _mpi_world() -> Optional[tuple[int, int]]:

@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 from .errors import MegacloneError
 from .spec import pad_vocab
 
-# What Megatron-LM's --use-checkpoint-args (load_args_from_checkpoint, checkpoint_version 3.0) takes
-# from a checkpoint: the first group only where the command line left the flag unset, the second always.
+# What Megatron-LM's --use-checkpoint-args (load_args_from_checkpoint in megatron/training/
+# checkpointing.py, read at NVIDIA/Megatron-LM 0032978f, checkpoint_version 3.0) takes from a
+# checkpoint: the first group only where the command line left the flag unset, the second always.
 CHECKPOINT_ARGS_IF_UNSET = (
     "num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads", "kv_channels",
     "max_position_embeddings", "tokenizer_type", "padded_vocab_size",
@@ -23,10 +24,11 @@ CHECKPOINT_ARGS_FORCED = (
     "num_query_groups", "group_query_attention", "position_embedding_type", "add_position_embedding",
     "use_rotary_position_embeddings", "rotary_percent", "rotary_interleaved", "add_bias_linear", "add_qkv_bias",
     "swiglu", "untie_embeddings_and_output_weights", "apply_layernorm_1p", "normalization",
-    "apply_query_key_layer_scaling", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "apply_query_key_layer_scaling", "rotary_base", "attention_dropout", "hidden_dropout",
+    "tensor_model_parallel_size", "pipeline_model_parallel_size",
 )
 # Shape fields megaclone's trainer also takes (Megatron-LM leaves them to the command line).
-CHECKPOINT_ARGS_EXTRA = ("norm_epsilon", "rotary_base", "make_vocab_size_divisible_by", "vocab_size")
+CHECKPOINT_ARGS_EXTRA = ("norm_epsilon", "make_vocab_size_divisible_by", "vocab_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
     g.add_argument("--add-qkv-bias", action="store_true")
     g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.1,
+                   help="dropout after attention and MLP (Megatron-LM's default; it also breaks a symmetric "
+                        "clone's symmetry)")
+    g.add_argument("--attention-dropout", type=float, default=0.1,
+                   help="dropout of attention probabilities, drawn per tensor-parallel rank as Megatron-LM does")
     g.add_argument("--tokenizer-type", default="NullTokenizer", choices=["NullTokenizer"],
                    help="NullTokenizer --vocab-size 256 reads tools/preprocess_data.py's byte data")
     g.add_argument("--vocab-size", type=int, default=256)

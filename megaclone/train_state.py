@@ -58,14 +58,16 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, loaded: dict) -> None:
 
 
 def rng_state_object():
-    """Per-rank RNG state as Megatron-LM saves it (one ShardedObject per (PP, TP) rank, DP replicas)."""
+    """Per-rank RNG state as Megatron-LM saves it (one ShardedObject per (PP, TP) rank, DP replicas):
+    Python, numpy and torch generators and megatron-core's tracker states (attention dropout)."""
     from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
     from megatron.core.dist_checkpointing import ShardedObject
 
     rng = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
             "torch_rng_state": torch.get_rng_state(),
             "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-            "rng_tracker_states": {}}]
+            "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}]
     return ShardedObject("rng_state", rng,
                          (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
                          (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
@@ -99,17 +101,34 @@ def save_training_checkpoint(
 
 
 def load_training_checkpoint(path: Path, model, model_sd: dict,
-                             optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
-    """Load weights (resharding to the current TP) and, if given, the optimizer state; returns the
-    checkpoint's common state (args, iteration, scheduler...)."""
+                             optimizer: Optional[torch.optim.Optimizer] = None, rng: bool = False) -> dict:
+    """Load weights (resharding to the current TP) and, if given, the optimizer state; with ``rng``
+    (a resume at the saved TP, as Megatron-LM restores it) this rank's RNG states too, so dropout
+    draws the masks an uninterrupted run would. Returns the checkpoint's common state."""
     from megatron.core import dist_checkpointing
 
     request: dict = {"model": model_sd}
     if optimizer is not None:
         init_adam_state(optimizer)
         request["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd)
+    if rng:
+        request["rng_state"] = rng_state_object()
     loaded = dist_checkpointing.load(request, str(path), validate_access_integrity=False)
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         restore_optimizer(optimizer, loaded["optimizer"])
+    if rng:
+        restore_rng(loaded["rng_state"][0])
     return loaded
+
+
+def restore_rng(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if state.get("cuda_rng_state") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    if state.get("rng_tracker_states"):
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])

@@ -323,20 +323,25 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
             _print(rt, f"the source {meta['source']} of this clone is gone; skipping the first-batch loss check")
 
     init_parallel(args.tensor_model_parallel_size)
-    if device.type == "cuda":
-        from megatron.core import tensor_parallel
+    from megatron.core import tensor_parallel
 
-        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
     torch.manual_seed(args.seed)  # the same on every rank: CPU init builds the full matrix, then slices
+    # Megatron-LM's seeding: the default state (hidden dropout on the replicated residual stream) is
+    # the same on every TP rank; the tracker's model-parallel state (attention dropout) differs per rank.
+    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
     spec = model_spec(args)
-    model = build_gpt(spec, device=device, initialize=True, init_method_std=args.init_method_std)
+    model = build_gpt(spec, device=device, initialize=True, init_method_std=args.init_method_std,
+                      hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout)
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args)
 
     if load_path is not None:
         with_optim = not (args.finetune or args.no_load_optim)
+        saved_tp = getattr(ckpt_io.read_common(load_path)["args"], "tensor_model_parallel_size", None)
+        with_rng = (not args.finetune and saved_tp == args.tensor_model_parallel_size
+                    and ckpt_io.has_stored(load_path, "rng_state"))
         common = train_state.load_training_checkpoint(load_path, model, model.sharded_state_dict(),
-                                                      optimizer if with_optim else None)
+                                                      optimizer if with_optim else None, rng=with_rng)
         if not args.finetune:
             loaded.iteration = int(common["iteration"])
             loaded.consumed_samples = int(getattr(common["args"], "consumed_train_samples",

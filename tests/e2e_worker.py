@@ -161,7 +161,8 @@ def check_against_reference(src, dst, spec1, factor, variant, dst_tp):
             c_in = factor
             extra["zero_sum_max"] = max(extra["zero_sum_max"], zero_sum_violation(dst[key], ref[key], 1, c_in))
             base = src[key].double()
-            extra["noise_power_ratio"][key] = (delta.square().mean() / (base.square().mean() / 10.0)).item()
+            # the noise power is the cloned block's, mean((W_S / c_in)^2), over 10^(10 dB / 10)
+            extra["noise_power_ratio"][key] = (delta.square().mean() / (base.square().mean() / c_in**2 / 10.0)).item()
         else:
             diff_max = max(diff_max, delta.abs().max().item())
     return diff_max, extra

@@ -192,6 +192,16 @@ def test_noise_stronger_than_the_weights_warns():
     assert "--snr-db -15" in warning and "verify_logits" in warning
 
 
+def test_an_exact_symmetric_clone_without_dropout_warns_with_the_fix():
+    from megaclone.clone import CloneConfig, Variant
+
+    [warning] = CloneConfig(Variant.SYMMETRIC).warnings(hidden_dropout=0.0, attention_dropout=0.0)
+    assert "never separates" in warning and "noisy-symmetric" in warning and "--hidden-dropout" in warning
+    assert CloneConfig(Variant.SYMMETRIC).warnings(0.1, 0.0) == []  # hidden dropout breaks the symmetry
+    assert CloneConfig(Variant.SYMMETRIC).warnings(None, None) == []  # not recorded: Megatron-LM's 0.1
+    assert CloneConfig(Variant.NOISY_SYMMETRIC).warnings(0.0, 0.0) == []
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_source_values_are_refused_by_name(source, tmp_path, value):
     src = copy_of(source, tmp_path)

@@ -52,6 +52,7 @@ def test_noise_is_zero_sum_with_requested_power(results):
     assert noisy
     for group in noisy:
         assert group["zero_sum_max"] < 1e-6
+        assert "output_layer.weight" not in group["noise_power_ratio"], "no noise on the output layer"
         for key, ratio in group["noise_power_ratio"].items():
             assert 0.8 < ratio < 1.25, (group["variant"], key, ratio)
 

@@ -1,0 +1,50 @@
+"""Dropout as Megatron-LM draws it (it is what lets a symmetric clone's copies drift apart), and a
+resumed run with dropout repeating the uninterrupted one exactly."""
+
+import json
+import sys
+
+import pytest
+
+from util import run, run_worker
+
+
+def test_masks_differ_across_tp_ranks_only_inside_tensor_parallel_regions(tmp_path):
+    r = run_worker("dropout_worker.py", 2, tmp_path)
+    assert r["outside"][0] == r["outside"][1], "the default stream is shared by the TP ranks"
+    assert r["after"][0] == r["after"][1]
+    assert r["inside"][0] != r["inside"][1], "the tracker's model-parallel stream differs per TP rank"
+    assert r["train_differs"] and r["eval_equal"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dropout-data")
+    for i in range(12):
+        (root / "docs").mkdir(exist_ok=True)
+        (root / "docs" / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog " * 40)
+    proc = run([sys.executable, "tools/preprocess_data.py", "--input", root / "docs", "--output-prefix", root / "ds"])
+    assert proc.returncode == 0, proc.stderr
+    return root / "ds"
+
+
+def _pretrain(data, *extra):
+    flags = ["--tensor-model-parallel-size", "2", "--num-layers", "2", "--hidden-size", "32",
+             "--num-attention-heads", "4", "--seq-length", "32", "--data-path", data, "--split", "10,2,0",
+             "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4", "--lr", "1e-3",
+             "--eval-iters", "0", "--save-interval", "2", "--no-progress"]
+    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "examples/pretrain_gpt.py",
+                *flags, *extra])
+
+
+def test_a_resumed_run_with_dropout_repeats_the_uninterrupted_one(data, tmp_path):
+    whole = _pretrain(data, "--save", tmp_path / "ckpt", "--log-json", tmp_path / "whole.json")
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    resumed = _pretrain(data, "--load", tmp_path / "ckpt", "--ckpt-step", "2", "--log-json", tmp_path / "resumed.json")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    loss = {name: {r["iteration"]: r["lm_loss"] for r in json.loads((tmp_path / f"{name}.json").read_text())["train"]}
+            for name in ("whole", "resumed")}
+    assert sorted(loss["resumed"]) == [3, 4]
+    assert all(loss["resumed"][i] == loss["whole"][i] for i in (3, 4)), loss
+    settings = json.loads((tmp_path / "whole.json").read_text())["settings"]
+    assert settings["hidden_dropout"] == settings["attention_dropout"] == 0.1  # Megatron-LM's defaults
