@@ -1,7 +1,7 @@
 """Clone rules: the values of a destination slice from the source values it needs.
 
 Given a source piece (the S rows/cols a slice needs) and the slice's destination indices, compute
-the slice (DESIGN.md section 2). No files, no processes: the same function serves every rank and the
+the slice (docs/design.md, "Clone rules"). No files, no processes: the same function serves every rank and the
 full-materialization path alike.
 """
 

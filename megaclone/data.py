@@ -101,11 +101,12 @@ class DatasetStats:
     prefix: Path
     documents: int
     tokens: int
-    skipped: int  # empty or undecodable files
+    skipped: tuple[tuple[Path, str], ...] = ()  # (file, why): empty, not UTF-8, unreadable
 
 
 def write_indexed_dataset(files: Sequence[Path], prefix: str | Path, tokenizer: ByteTokenizer,
-                          sources: Sequence[str | Path] = (), overwrite: bool = False) -> DatasetStats:
+                          sources: Sequence[str | Path] = (), overwrite: bool = False,
+                          progress: bool = False) -> DatasetStats:
     """Write ``prefix.bin`` / ``prefix.idx`` with megatron-core's IndexedDatasetBuilder: one document
     per file, its tokens followed by the end-of-document id. Written to temporary names first and
     renamed, so a failure leaves no dataset that looks complete (nor a directory it created)."""
@@ -115,7 +116,7 @@ def write_indexed_dataset(files: Sequence[Path], prefix: str | Path, tokenizer: 
     created = [p for p in reversed(prefix.parents) if not p.exists()]
     prefix.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return _write_indexed_dataset(files, prefix, tokenizer)
+        return _write_indexed_dataset(files, prefix, tokenizer, progress)
     except BaseException:
         for suffix in (".bin", ".idx"):
             prefix.with_name(f"{prefix.name}.partial{suffix}").unlink(missing_ok=True)
@@ -125,23 +126,32 @@ def write_indexed_dataset(files: Sequence[Path], prefix: str | Path, tokenizer: 
         raise
 
 
-def _write_indexed_dataset(files: Sequence[Path], prefix: Path, tokenizer: ByteTokenizer) -> DatasetStats:
+def _write_indexed_dataset(files: Sequence[Path], prefix: Path, tokenizer: ByteTokenizer,
+                           progress: bool = False) -> DatasetStats:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     import torch
 
     tmp = prefix.with_name(prefix.name + ".partial")
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
-    documents = tokens = skipped = 0
+    documents = tokens = 0
+    skipped: list[tuple[Path, str]] = []
+    if progress:
+        from tqdm import tqdm
+
+        files = tqdm(files, desc="documents", unit="file", dynamic_ncols=True)
     for path in files:
         try:
             text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            skipped += 1
+        except UnicodeDecodeError:
+            skipped.append((path, "not UTF-8"))
+            continue
+        except OSError as exc:
+            skipped.append((path, f"unreadable: {exc.strerror or exc}"))
             continue
         ids = tokenizer.tokenize(text)
         if ids.size == 0:
-            skipped += 1
+            skipped.append((path, "empty"))
             continue
         builder.add_document(torch.from_numpy(np.append(ids, tokenizer.eod).astype(np.int64)), [ids.size + 1])
         documents += 1
@@ -152,7 +162,7 @@ def _write_indexed_dataset(files: Sequence[Path], prefix: Path, tokenizer: ByteT
     builder.finalize(f"{tmp}.idx")
     for suffix in (".bin", ".idx"):
         Path(f"{tmp}{suffix}").replace(f"{prefix}{suffix}")
-    return DatasetStats(prefix, documents, tokens, skipped)
+    return DatasetStats(prefix, documents, tokens, tuple(skipped))
 
 
 def check_dataset(prefix: str | Path) -> None:

@@ -31,7 +31,7 @@ class Split(Enum):
 
 
 class Role(Enum):
-    """How values are cloned (DESIGN.md section 2)."""
+    """How values are cloned (docs/design.md, "Clone rules")."""
 
     MATRIX = "matrix"  # W_D[i, j] = W_S[i', j'] / c_in (+ noise), or the diagonal variant
     EMBEDDING = "embedding"  # a lookup table: tiled along hidden, never scaled

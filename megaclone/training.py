@@ -6,7 +6,7 @@ by their global norm (tensor-parallel duplicates counted once), and AdamW steps 
 OptimizerParamScheduler. Sample order follows Megatron-LM's pretraining sampler, so a resumed run sees
 the batches an uninterrupted one would. The optimizer is torch's AdamW with Megatron-LM's parameter
 groups on every device: megatron-core 0.16.1's optimizer classes allocate on 'cuda' unconditionally
-(DESIGN.md section 5); its checkpoint layout is kept (see train_state).
+(docs/design.md, "CPU"); its checkpoint layout is kept (see train_state).
 """
 
 from __future__ import annotations

@@ -70,3 +70,10 @@ def test_a_flag_error_under_torchrun_prints_once():
     proc = torchrun(2, "expand_sharded.py", "--load", "x", "--tp", "2")
     assert proc.returncode != 0
     assert proc.stderr.count("the following arguments are required: --save") == 1, proc.stderr[-2000:]
+
+
+def test_quickstart_answers_help_and_refuses_unknown_arguments():
+    shown = run(["bash", "examples/quickstart.sh", "--help"])
+    assert shown.returncode == 0 and "usage: bash examples/quickstart.sh" in shown.stdout
+    refused = run(["bash", "examples/quickstart.sh", "--tp", "4"])
+    assert refused.returncode == 2 and "unknown argument '--tp'" in refused.stderr

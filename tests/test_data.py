@@ -37,6 +37,7 @@ def test_documents_are_the_files_bytes_then_eod(corpus, tmp_path):
     proc = _preprocess("--input", root, "--output-prefix", tmp_path / "ds")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3 documents" in proc.stdout and "2 skipped" in proc.stdout
+    assert "empty.txt: empty" in proc.stdout and "blob.txt: not UTF-8" in proc.stdout
     assert "--tokenizer-type NullTokenizer --vocab-size 256" in proc.stdout
     assert not list(tmp_path.glob("*.partial*"))
     ds = IndexedDataset(str(tmp_path / "ds"))

@@ -37,10 +37,15 @@ def main() -> int:
     source = ", ".join(args.input) if args.input else f"standard library at {data.stdlib_root()}"
     files = data.shuffled_documents(files, args.seed)[: args.max_documents]
     stats = data.write_indexed_dataset(files, args.output_prefix, tokenizer,
-                                       sources=args.input or [data.stdlib_root()], overwrite=args.overwrite)
+                                       sources=args.input or [data.stdlib_root()], overwrite=args.overwrite,
+                                       progress=sys.stderr.isatty())
+    for path, why in stats.skipped[:10]:
+        print(f"skipped {path}: {why}")
+    if len(stats.skipped) > 10:
+        print(f"skipped {len(stats.skipped) - 10} more files")
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in tokenizer.megatron_args().items())
     print(f"{stats.documents} documents, {stats.tokens:,} tokens from {source} "
-          f"({stats.skipped} skipped) -> {stats.prefix}.bin/.idx\ntrain with: --data-path {stats.prefix} {flags}")
+          f"({len(stats.skipped)} skipped) -> {stats.prefix}.bin/.idx\ntrain with: --data-path {stats.prefix} {flags}")
     return 0
 
 
