@@ -143,6 +143,13 @@ class ModelSpec:
             "rotary_base": self.rotary_base,
             "rotary_percent": self.rotary_percent,
             "openai_gelu": self.openai_gelu,
+            # what Megatron-LM's --use-checkpoint-args forces and megaclone's models imply
+            "add_position_embedding": self.position_embedding_type == "learned_absolute",
+            "use_rotary_position_embeddings": self.position_embedding_type == "rope",
+            "rotary_interleaved": False,
+            "squared_relu": False,
+            "apply_layernorm_1p": False,
+            "apply_query_key_layer_scaling": False,
         }
         for key, value in fields.items():
             setattr(out, key, value)

@@ -211,26 +211,55 @@ def source_loss(source: Source, dataset, args, device) -> float:
     """The source model's loss on the first global batch, averaged as the trainer averages it, over
     the destination's padded vocabulary (extra padding ids have logit 0 in a clone).
 
-    Runs the source at the largest TP its shape allows in this world, over the whole global batch
-    on every rank (a check on a small model, not a training step)."""
+    A Megatron source runs at the largest TP its shape allows in this world; a Hugging Face source
+    runs in transformers itself, so megaclone's HF reader is not on both sides of the comparison.
+    Every rank takes the whole global batch (a check on a small model, not a training step)."""
+    full = argparse.Namespace(**vars(args))
+    full.data_parallel_size = 1  # every rank takes the whole global batch
+    batches = micro_batches(dataset, 0, full, 0)
+    if source.kind == "hf":
+        losses = _hf_source_losses(source.path, batches, args.padded_vocab_size, device)
+    else:
+        losses = _megatron_source_losses(source, batches, args.padded_vocab_size, device)
+    return sum(losses) / len(losses)
+
+
+def _masked_mean(per_token: torch.Tensor, batch: dict, device) -> float:
+    mask = batch["loss_mask"].to(device)
+    return float((per_token * mask).sum() / mask.sum().clamp(min=1))
+
+
+def _megatron_source_losses(source: Source, batches: list[dict], padded_vocab: int, device) -> list[float]:
     from megatron.core import parallel_state
 
     from .model import causal_logits
     from .verify import load_source_model
 
     model = load_source_model(source, device)
-    extra = max(0, args.padded_vocab_size - source.spec.padded_vocab_size)
-    full = argparse.Namespace(**vars(args))
-    full.data_parallel_size = 1  # every rank takes the whole global batch
+    extra = max(0, padded_vocab - source.spec.padded_vocab_size)
     losses = []
-    for batch in micro_batches(dataset, 0, full, 0):
+    for batch in batches:
         logits = causal_logits(model, batch["tokens"].to(device))
         per_token = padded_cross_entropy(logits, batch["labels"].to(device), extra,
                                          parallel_state.get_tensor_model_parallel_group())
-        mask = batch["loss_mask"].to(device)
-        losses.append(float((per_token * mask).sum() / mask.sum().clamp(min=1)))
+        losses.append(_masked_mean(per_token, batch, device))
+    return losses
+
+
+def _hf_source_losses(root: Path, batches: list[dict], padded_vocab: int, device) -> list[float]:
+    from .verify import hf_model
+
+    model = hf_model(root, device)
+    losses = []
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(batch["tokens"].to(device)).logits.float()
+            logits = torch.nn.functional.pad(logits, (0, max(0, padded_vocab - logits.shape[-1])))  # zero rows
+            per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"].to(device),
+                                                          reduction="none")
+            losses.append(_masked_mean(per_token, batch, device))
     del model
-    return sum(losses) / len(losses)
+    return losses
 
 
 # ---------------------------------------------------------------- the run

@@ -97,14 +97,19 @@ def _megatron_reference(source: Source, batches: list[torch.Tensor], device) -> 
     return out
 
 
-def _hf_reference(root: Path, batches: list[torch.Tensor], device) -> list[torch.Tensor]:
-    """transformers' own logits for an HF directory (the whole model on every rank: a check tool)."""
+def hf_model(root: Path, device) -> torch.nn.Module:
+    """transformers' own model of an HF directory, in eval mode (the whole model: a check tool)."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as exc:
-        raise MegacloneError("verifying against a Hugging Face model needs transformers",
+        raise MegacloneError("checking against a Hugging Face model needs transformers",
                              "pip install transformers") from exc
-    model = AutoModelForCausalLM.from_pretrained(str(root)).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(str(root)).to(device).eval()
+
+
+def _hf_reference(root: Path, batches: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """transformers' own logits for an HF directory."""
+    model = hf_model(root, device)
     with torch.no_grad():
         return [model(tokens).logits.float() for tokens in batches]
 

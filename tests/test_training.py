@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from megaclone import checkpoint as ckpt_io
-from megaclone.train_args import CHECKPOINT_ARGS_FORCED, CHECKPOINT_ARGS_IF_UNSET
 from util import ROOT, run
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -98,6 +97,21 @@ def _readme_command_flags() -> set[str]:
     return {f[2:].replace("-", "_") for f in re.findall(r"--[a-z0-9-]+", block.group(1))}
 
 
+# What Megatron-LM's --use-checkpoint-args takes from a checkpoint, written out from its
+# load_args_from_checkpoint (megatron/training/checkpointing.py, NVIDIA/Megatron-LM 0032978f):
+# the first group only where the command leaves the flag unset, the second always (the parallel
+# sizes with --use-mp-args-from-checkpoint-args). Kept apart from megaclone's own lists on purpose.
+MEGATRON_LM_IF_UNSET = ("num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads",
+                        "kv_channels", "max_position_embeddings", "padded_vocab_size")
+MEGATRON_LM_FORCED = (
+    "num_query_groups", "group_query_attention", "position_embedding_type", "add_position_embedding",
+    "use_rotary_position_embeddings", "rotary_base", "rotary_percent", "rotary_interleaved", "add_bias_linear",
+    "add_qkv_bias", "squared_relu", "swiglu", "untie_embeddings_and_output_weights", "apply_layernorm_1p",
+    "normalization", "apply_query_key_layer_scaling", "attention_dropout", "hidden_dropout", "num_experts",
+    "tensor_model_parallel_size", "pipeline_model_parallel_size",
+)
+
+
 def test_written_args_hold_everything_the_megatron_lm_command_takes_from_them(out):
     given = _readme_command_flags()
     assert {"load", "finetune", "use_checkpoint_args", "ckpt_format"} <= given
@@ -106,19 +120,24 @@ def test_written_args_hold_everything_the_megatron_lm_command_takes_from_them(ou
                     ffn_hidden_size=2 * s["ffn_hidden_size"], num_attention_heads=2 * s["num_attention_heads"],
                     num_query_groups=2 * s["num_query_groups"], group_query_attention=True,
                     kv_channels=s["hidden_size"] // s["num_attention_heads"], seq_length=s["seq_length"],
-                    max_position_embeddings=s["seq_length"], position_embedding_type="rope", rotary_percent=1.0,
-                    add_bias_linear=False, add_qkv_bias=False, swiglu=True, untie_embeddings_and_output_weights=True,
-                    normalization="RMSNorm", tokenizer_type="NullTokenizer", padded_vocab_size=512,
-                    tensor_model_parallel_size=2, pipeline_model_parallel_size=1)
-    needed = [f for f in CHECKPOINT_ARGS_IF_UNSET if f not in given] + list(CHECKPOINT_ARGS_FORCED)
+                    max_position_embeddings=s["seq_length"], position_embedding_type="rope",
+                    add_position_embedding=False, use_rotary_position_embeddings=True, rotary_base=10000,
+                    rotary_percent=1.0, rotary_interleaved=False, add_bias_linear=False, add_qkv_bias=False,
+                    squared_relu=False, swiglu=True, untie_embeddings_and_output_weights=True,
+                    apply_layernorm_1p=False, normalization="RMSNorm", apply_query_key_layer_scaling=False,
+                    num_experts=None, padded_vocab_size=512, tensor_model_parallel_size=2,
+                    pipeline_model_parallel_size=1)
+    source = vars(ckpt_io.read_common(ckpt_io.find_checkpoint(out / "source"))["args"])
+    expected.update(hidden_dropout=source["hidden_dropout"], attention_dropout=source["attention_dropout"])
+    needed = [f for f in MEGATRON_LM_IF_UNSET if f not in given] + list(MEGATRON_LM_FORCED)
+    assert set(needed) <= set(expected), sorted(set(needed) - set(expected))  # every field checked, none skipped
     for root in (out / "expanded" / "symmetric", out / "runs" / "symmetric"):
         path = ckpt_io.find_checkpoint(root)
         common = ckpt_io.read_common(path)
         args = vars(common["args"])
         assert common["checkpoint_version"] == 3.0
         for field in needed:
-            if field in expected:
-                assert args.get(field) == expected[field], (root, field, args.get(field))
+            assert args.get(field) == expected[field], (root, field, args.get(field))
         assert all(isinstance(v, (type(None), bool, int, float, str, list, tuple, dict)) for v in args.values())
     assert ckpt_io.read_common(ckpt_io.find_checkpoint(out / "expanded" / "symmetric"))["iteration"] == 0
 
@@ -164,3 +183,54 @@ def test_finetune_from_a_hugging_face_import_checks_the_hf_source(out, tmp_path)
     check = json.loads((tmp_path / "ft.json").read_text())["source_check"]
     assert check["source"] == str((tmp_path / "hf").resolve())
     assert abs(check["first_loss"] - check["source_loss"]) <= 1e-5 * check["source_loss"]
+
+
+BROKEN_READER = """
+import runpy, sys
+import numpy as np
+sys.path.insert(0, {root!r})
+import megaclone.hf as hf
+
+right = hf.grouped_qkv
+
+
+def swapped(heads, groups, head_dim):  # a reader bug: K and V rows exchanged
+    f = right(heads, groups, head_dim)
+
+    def g(r):
+        part, row = f(r)
+        return np.where(part == 1, 2, np.where(part == 2, 1, part)), row
+    return g
+
+
+hf.grouped_qkv = swapped
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_the_first_batch_check_catches_a_broken_hf_reader(out, tmp_path):
+    """With K and V swapped by the reader, the clone is wrong; the check runs the HF source in
+    transformers, not through the same reader, so it sees it (it passed at 3e-7 when it did not)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # weights far from init, so attention depends on what K and V hold
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(str(tmp_path / "hf"))
+    wrapper = tmp_path / "broken.py"
+    wrapper.write_text(BROKEN_READER.format(root=str(ROOT)))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, wrapper]
+    proc = run([*torchrun, "tools/expand_sharded.py", "--load-hf", tmp_path / "hf", "--save", tmp_path / "wide",
+                "--tp", 2, "--factor", 1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    base = repro.train_flags(QUICK, out / "data" / "stdlib", 1234, 2, tmp_path / "ft", tmp_path / "ft.json", 2)
+    proc = run([*torchrun, "examples/pretrain_gpt.py", *base, "--load", tmp_path / "wide", "--finetune",
+                "--use-checkpoint-args"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check = json.loads((tmp_path / "ft.json").read_text())["source_check"]
+    assert abs(check["first_loss"] - check["source_loss"]) > 1e-3 * check["source_loss"], check
