@@ -97,13 +97,14 @@ def main() -> None:
                     for dst_tp in DST_TPS if not quick else (2, 8):
                         dst = out / f"{arch}-f{factor}-{variant}-s{src_tp}-d{dst_tp}"
                         t0 = time.time()
-                        expand(sources[src_tp], dst, Factors.uniform(factor), dst_tp,
-                               CloneConfig(Variant(variant), seed=7), overwrite=True)
+                        reports = expand(sources[src_tp], dst, Factors.uniform(factor), dst_tp,
+                                         CloneConfig(Variant(variant), seed=7), overwrite=True)
                         t1 = time.time()
                         res = verify(sources[src_tp], dst)
                         cases.append(dict(arch=arch, factor=factor, variant=variant, src_tp=src_tp, dst_tp=dst_tp,
                                           max_rel=max(r.max_rel for r in res), max_abs=max(r.max_abs for r in res),
-                                          ranks=len(res), expand_s=t1 - t0, verify_s=time.time() - t1))
+                                          ranks=len(res), expand_s=t1 - t0, verify_s=time.time() - t1,
+                                          bytes_read=[r.bytes_read for r in reports]))
                         plain = plain_tensors(dst)
                         digests[f"s{src_tp}-d{dst_tp}"] = digest(plain, spec1.vocab_size)
                         if rt.is_main and ref_diff is None:

@@ -9,6 +9,9 @@ import os
 
 import pytest
 
+from megaclone import toy
+from megaclone.spec import pad_vocab
+
 from util import run_worker
 
 
@@ -66,3 +69,39 @@ def test_reruns_are_bit_identical_and_seed_matters(results):
 def test_verifier_fails_on_a_checkpoint_that_is_not_a_clone(results):
     assert not results["notes"]["non-clone-all-ok"]
     assert results["notes"]["non-clone-max-rel"] > 1e-2
+
+
+def _needed_bytes(arch: str, factor: int, tp: int, rank: int) -> int:
+    """What destination TP rank ``rank`` must read of the source, from the shapes alone: a split axis
+    of S source indices grown to f*S and cut into TP chunks of c needs min(c, S) distinct source
+    indices (the clone tiles the axis); vocabulary rows need their overlap with the source's rows;
+    replicated tensors are read whole. fp32, so 4 bytes an element."""
+    s = toy.preset_spec(arch, 1)
+    h, f, L = s.hidden_size, s.ffn_hidden_size, s.num_layers
+    qkv = s.num_query_groups * (s.num_attention_heads // s.num_query_groups + 2) * s.kv_channels
+    att = s.num_attention_heads * s.kv_channels
+    dst_vocab = pad_vocab(s.vocab_size, s.make_vocab_size_divisible_by, tp)
+    split = lambda size: min(size * factor // tp, size)  # noqa: E731
+    rows = max(0, min((rank + 1) * dst_vocab // tp, s.padded_vocab_size) - rank * dst_vocab // tp)
+    fc1_parts = 2 if s.swiglu else 1
+    norms = 2 if s.normalization == "LayerNorm" else 1
+    per_layer = (split(qkv) * h + split(att) * h + fc1_parts * split(f) * h + split(f) * h + 2 * norms * h)
+    if s.add_bias_linear:
+        per_layer += split(qkv) + h + fc1_parts * split(f) + h
+    total = L * per_layer + rows * h + norms * h
+    if not s.tied:
+        total += rows * h
+    if s.position_embedding_type == "learned_absolute":
+        total += s.max_position_embeddings * h
+    return 4 * total
+
+
+def test_each_rank_reads_only_what_its_shard_needs(results):
+    """Counted from the boxes each rank asks the reader for, against the analytic need: a planner
+    that read whole tensors (or another rank's rows) fails here."""
+    cases = [c for c in results["cases"] if c["variant"] == "symmetric"]
+    assert cases
+    for c in cases:
+        for rank, got in enumerate(c["bytes_read"]):
+            want = _needed_bytes(c["arch"], c["factor"], c["dst_tp"], rank % c["dst_tp"])
+            assert got == want, (c["arch"], c["factor"], c["src_tp"], c["dst_tp"], rank, got, want)
