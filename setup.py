@@ -19,10 +19,11 @@ setup(
         "mpi4py>=4.0",
         "mpich>=4.2",  # an MPI runtime with mpirun/mpiexec, as a wheel: no system install needed
         "tqdm>=4.60",  # rank-0 progress bar
-        "matplotlib>=3.7",  # figures of the Scaling Smart reproduction
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.45"],  # tests build tiny HF models with transformers' own classes
-        "hf": ["transformers>=4.45"],  # --src-hf verification and config.json on export
+        # tests build tiny HF models with transformers' own classes and run the reproduction's quick mode
+        "test": ["pytest>=8", "transformers>=5.23,<5.24", "matplotlib>=3.7"],
+        "hf": ["transformers>=5.23,<5.24"],  # tested version; --src-hf verification, config.json on export
+        "repro": ["matplotlib>=3.7"],  # figures of the Scaling Smart reproduction
     },
 )

@@ -51,7 +51,9 @@ def summary_table(reports, save: Optional[str | Path] = None) -> str:
             f"{s.get('total', 0):.2f} | {human_bytes(r.peak_rss.get('baseline', 0))} | "
             f"{human_bytes(r.peak_rss.get('self', 0))} | {human_bytes(r.peak_rss.get('tree', 0))} |"
         )
+    lines.append("\nRSS: the rank's resident memory. PSS with helpers: the rank and the writer processes "
+                 "dist_checkpointing forks, shared pages split between them (what the job costs the node).")
     if save is not None:
-        lines.append(f"\nwrote {human_bytes(directory_bytes(Path(save)))} to {save} "
+        lines.append(f"wrote {human_bytes(directory_bytes(Path(save)))} to {save} "
                      f"in {max(r.seconds.get('total', 0) for r in reports):.1f} s")
     return "\n".join(lines)
