@@ -172,21 +172,22 @@ def verify(
 
     (src_path, src_spec, src_dtype, source), (dst_path, dst_spec, dst_dtype, destination) = agree(validate)
     gen = torch.Generator().manual_seed(seed)
+    vocab = min(src_spec.vocab_size, dst_spec.vocab_size)  # ids both models embed as real tokens
     if tokens is None:
         shape = (batch, min(seq_length, src_spec.max_position_embeddings))
-        tokens = torch.randint(0, src_spec.vocab_size, shape, generator=gen)
-    if int(tokens.max()) >= src_spec.vocab_size or tokens.shape[1] > src_spec.max_position_embeddings:
+        tokens = torch.randint(0, vocab, shape, generator=gen)
+    if int(tokens.max()) >= vocab or tokens.shape[1] > src_spec.max_position_embeddings:
         raise MegacloneError(
-            f"tokens exceed the model (vocab {src_spec.vocab_size}, positions {src_spec.max_position_embeddings})",
+            f"tokens exceed the models (vocab {vocab}, positions {src_spec.max_position_embeddings})",
             "use a shorter --seq-length, or text whose byte values fit the vocabulary",
         )
-    coverage = coverage_tokens(src_spec.vocab_size, min(seq_length, src_spec.max_position_embeddings), gen)
+    coverage = coverage_tokens(vocab, min(seq_length, src_spec.max_position_embeddings), gen)
     batches = [t.to(device) for t in [tokens, *coverage.split(max(1, batch * 4))]]
 
     dst_tp = dst_spec.tensor_parallel
     width = dst_spec.padded_vocab_size // dst_tp
     start = (dist.get_rank() % dst_tp) * width  # megatron-core's TP rank with PP 1: the fastest-varying index
-    real = min(src_spec.vocab_size, dst_spec.vocab_size)
+    real = vocab
     real_stop = min(max(start, real), start + width)
     max_abs, slice_scale, global_scale, compared = 0.0, 0.0, 0.0, 0
     for group in _rounds(batches, width, reference_budget):

@@ -1,0 +1,120 @@
+"""Options a user reaches for, each end to end in this process (a world of one, gloo) and checked
+against an independent computation: megatron-core's own load of the result, or transformers."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from megaclone import checkpoint as ckpt_io
+from megaclone import toy
+from megaclone.errors import MegacloneError
+from megaclone.expand import expand
+from megaclone.spec import Factors
+from megaclone.verify import text_tokens, verify
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    from megaclone.runtime import init_distributed
+
+    init_distributed("cpu")
+    root = tmp_path_factory.mktemp("options") / "src"
+    toy.make_source(root, toy.preset_spec("llama", 1), train_steps=2)
+    return root
+
+
+def test_unequal_factors_preserve_the_logits(source, tmp_path):
+    for factors in (Factors(2, 1, 3), Factors(1, 2, 1), Factors(3, 2, 2)):
+        dst = tmp_path / f"d{factors.hidden}{factors.heads}{factors.ffn}"
+        expand(source, dst, factors, 1)
+        [r] = verify(source, dst)
+        assert r.ok and r.max_rel < 1e-5, (factors, r)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_a_half_precision_destination_from_an_fp32_source(source, tmp_path, dtype, tol):
+    expand(source, tmp_path / "d", Factors.uniform(2), 1, dtype=dtype)
+    args = ckpt_io.read_common(ckpt_io.find_checkpoint(tmp_path / "d"))["args"]
+    assert (args.fp16, args.bf16) == (dtype == torch.float16, dtype == torch.bfloat16)
+    [r] = verify(source, tmp_path / "d")
+    assert r.tol == tol and r.ok, r
+
+
+def test_vocab_size_limits_what_is_compared_and_recorded(source, tmp_path):
+    expand(source, tmp_path / "d", Factors.uniform(2), 1, vocab_size=250)
+    # NullTokenizer's --vocab-size counts the ids before its end-of-document id: 250 real ids -> 249
+    assert ckpt_io.read_common(ckpt_io.find_checkpoint(tmp_path / "d"))["args"].vocab_size == 249
+    [r] = verify(source, tmp_path / "d")
+    assert r.ok and r.vocab_stop == 250  # ids past 250 are padding to the destination: compared as such
+
+
+def test_text_tokens_feed_the_verifier(source, tmp_path):
+    expand(source, tmp_path / "d", Factors.uniform(2), 1)
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x * 2\n" * 8)
+    tokens = text_tokens(text, 2, 32)
+    assert tokens.shape == (2, 32) and int(tokens[0, 0]) == ord("d")
+    [r] = verify(source, tmp_path / "d", tokens=tokens)
+    assert r.ok
+    with pytest.raises(MegacloneError, match="fewer than batch x seq-length"):
+        text_tokens(text, 100, 32)
+
+
+def test_hf_models_megatron_core_cannot_compute_are_refused_with_the_reason(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from megaclone.source import open_hf_source
+
+    small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 num_hidden_layers=1, vocab_size=64)
+    cases = {
+        "rope scaling 'linear' is not supported": transformers.LlamaConfig(
+            **small, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        "attention_bias/mlp_bias on all linears": transformers.LlamaConfig(**small, attention_bias=True),
+    }
+    for i, (reason, config) in enumerate(cases.items()):
+        root = tmp_path / f"m{i}"
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(root))
+        with pytest.raises(MegacloneError, match=reason) as info:
+            open_hf_source(root)
+        assert info.value.fix
+
+
+def test_export_of_a_megatron_native_checkpoint_computes_its_logits_in_transformers(source, tmp_path):
+    """The family is inferred from the shape (a Llama-like model), the tokenizer files named by the
+    args are copied, and transformers' own model of the export gives the Megatron model's logits."""
+    pytest.importorskip("transformers")
+    from megaclone.export import export_hf
+
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text(json.dumps({"version": "1.0"}))
+    path = ckpt_io.find_checkpoint(src) / "common.pt"
+    common = torch.load(path, weights_only=False)
+    common["args"].tokenizer_model = str(tokenizer)
+    torch.save(common, path)
+
+    info = export_hf(src, tmp_path / "hf")
+    assert info["model_type"] == "llama"
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == (tokenizer / "tokenizer.json").read_text()
+    # megatron-core's own load of the source against transformers' own model of the export, over the
+    # real vocabulary (the export drops Megatron's padding rows, as an HF vocabulary has none)
+    from transformers import AutoModelForCausalLM
+
+    from megaclone.model import build_gpt, causal_logits, load_model
+    from megaclone.runtime import init_parallel
+    from megaclone.source import open_source
+
+    spec = open_source(src).spec
+    init_parallel(1)
+    model = build_gpt(spec)
+    load_model(model, ckpt_io.find_checkpoint(src))
+    tokens = torch.randint(0, spec.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    megatron = causal_logits(model, tokens)[..., :spec.vocab_size]
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()(tokens).logits
+    assert hf.shape == megatron.shape
+    torch.testing.assert_close(hf, megatron, rtol=1e-5, atol=1e-5)
