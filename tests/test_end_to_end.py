@@ -71,12 +71,12 @@ def test_verifier_fails_on_a_checkpoint_that_is_not_a_clone(results):
     assert results["notes"]["non-clone-max-rel"] > 1e-2
 
 
-def _needed_bytes(arch: str, factor: int, tp: int, rank: int) -> int:
+def _needed_bytes(arch: str, factor: int, src_tp: int, tp: int, rank: int) -> int:
     """What destination TP rank ``rank`` must read of the source, from the shapes alone: a split axis
     of S source indices grown to f*S and cut into TP chunks of c needs min(c, S) distinct source
     indices (the clone tiles the axis); vocabulary rows need their overlap with the source's rows;
     replicated tensors are read whole. fp32, so 4 bytes an element."""
-    s = toy.preset_spec(arch, 1)
+    s = toy.preset_spec(arch, src_tp)  # the source's vocabulary was padded for its own TP
     h, f, L = s.hidden_size, s.ffn_hidden_size, s.num_layers
     qkv = s.num_query_groups * (s.num_attention_heads // s.num_query_groups + 2) * s.kv_channels
     att = s.num_attention_heads * s.kv_channels
@@ -103,5 +103,5 @@ def test_each_rank_reads_only_what_its_shard_needs(results):
     assert cases
     for c in cases:
         for rank, got in enumerate(c["bytes_read"]):
-            want = _needed_bytes(c["arch"], c["factor"], c["dst_tp"], rank % c["dst_tp"])
+            want = _needed_bytes(c["arch"], c["factor"], c["src_tp"], c["dst_tp"], rank % c["dst_tp"])
             assert got == want, (c["arch"], c["factor"], c["src_tp"], c["dst_tp"], rank, got, want)

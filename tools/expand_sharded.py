@@ -26,7 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-factor", type=int, help="override the attention heads / query groups factor")
     p.add_argument("--ffn-factor", type=int, help="override the FFN factor")
     p.add_argument("--variant", default="symmetric",
-                   choices=["symmetric", "noisy-symmetric", "diagonal", "noisy-diagonal"])
+                   choices=["symmetric", "noisy-symmetric", "diagonal", "noisy-diagonal"],
+                   help="clone variant (README, Variants): symmetric (default; exact copies, needs dropout to "
+                        "separate), noisy-symmetric, diagonal, noisy-diagonal")
     p.add_argument("--snr-db", type=float, default=10.0, help="signal-to-noise ratio of the noisy variants (dB)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (noise never depends on rank or layout)")
     p.add_argument("--vocab-size", type=int, help="true vocabulary size (default: args.vocab_size, else padded)")

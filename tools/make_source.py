@@ -16,15 +16,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--save", required=True)
+    p.add_argument("--save", required=True, help="checkpoint root to write (Megatron-LM torch_dist layout)")
     p.add_argument("--preset", default="default", help="default | llama | gpt2 (see megaclone/toy.py)")
     p.add_argument("--tp", type=int, help="tensor-parallel size of the source (default: world size)")
-    p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--train-steps", type=int, default=20, help="AdamW steps on random tokens (default 20)")
     p.add_argument("--vocab-size", type=int, default=300, help="true vocabulary size (default 300)")
     p.add_argument("--num-layers", type=int, help="override the preset's number of layers")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=1234, help="initialization and data seed (default 1234)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="parameter dtype (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier checkpoint at --save")
     cli.add_device_flags(p)
     return cli.parse(p, argv)
 
