@@ -27,14 +27,28 @@ def tokens_to_reach(curve: Sequence[tuple[float, float]], target: float) -> Opti
     return None
 
 
-def speedup(baseline: Sequence[tuple[float, float]], run: Sequence[tuple[float, float]]) -> dict:
+def smoothed(curve: Sequence[tuple[float, float]], window: int) -> list[tuple[float, float]]:
+    """Trailing moving average of the losses over ``window`` evaluations (fewer at the start), at the
+    same token counts: crossings read from it are not decided by one noisy evaluation."""
+    losses = [loss for _, loss in curve]
+    return [(tokens, float(np.mean(losses[max(0, i + 1 - window): i + 1]))) for i, (tokens, _) in enumerate(curve)]
+
+
+def final_loss(curve: Sequence[tuple[float, float]], last: int = 1) -> float:
+    """Mean of the last ``last`` evaluations of a curve."""
+    return float(np.mean([loss for _, loss in curve[-last:]]))
+
+
+def speedup(baseline: Sequence[tuple[float, float]], run: Sequence[tuple[float, float]], last: int = 1,
+            window: int = 1) -> dict:
     """The paper's measure: tokens the baseline needs to reach its own final loss, divided by the
-    tokens ``run`` needs to reach that loss."""
-    target = baseline[-1][1]
-    base_tokens = tokens_to_reach(baseline, target)
-    run_tokens = tokens_to_reach(run, target)
+    tokens ``run`` needs to reach that loss. The target is the baseline's last ``last`` evaluations
+    averaged; both crossings are read from curves smoothed over ``window`` evaluations."""
+    target = final_loss(baseline, last)
+    base_tokens = tokens_to_reach(smoothed(baseline, window), target)
+    run_tokens = tokens_to_reach(smoothed(run, window), target)
     return {"target_loss": target, "baseline_tokens": base_tokens, "tokens_to_target": run_tokens,
-            "speedup": None if not run_tokens else base_tokens / run_tokens}
+            "speedup": None if not (run_tokens and base_tokens) else base_tokens / run_tokens}
 
 
 def _blocks(dim, size: int) -> dict[int, np.ndarray]:
@@ -62,6 +76,20 @@ def clone_block_cosines(rule: ParamRule, weight: torch.Tensor) -> list[float]:
         other = w[rows[b % len(rows)]][:, cols[b % len(cols)]].flatten()
         out.append(float(torch.nn.functional.cosine_similarity(first, other, dim=0)))
     return out
+
+
+def row_cosines(rule: ParamRule, weight: torch.Tensor) -> list[float]:
+    """The paper's Figure 5 measure: for each diagonal copy (b, b), b >= 1, the mean over rows of the
+    cosine similarity between a row of clone block (0, 0) and the same row of block (b, b). 1.0: the
+    copies compute the same features; a random matrix sits near 0."""
+    if rule.cols is None or rule.role not in (Role.MATRIX, Role.EMBEDDING):
+        return []
+    rows, cols = _blocks(rule.rows, rule.rows.dst_size), _blocks(rule.cols, rule.cols.dst_size)
+    w = weight.double()
+    first = w[rows[0]][:, cols[0]]
+    return [float(torch.nn.functional.cosine_similarity(
+                first, w[rows[b % len(rows)]][:, cols[b % len(cols)]], dim=1).mean())
+            for b in range(1, max(len(rows), len(cols)))]
 
 
 def model_symmetry(rules: Sequence[ParamRule], tensors: dict[str, torch.Tensor]) -> dict[str, float]:
