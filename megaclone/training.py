@@ -412,7 +412,7 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
         loss, grad_norm = train_step(model, optimizer, scheduler, batches, args, device)
         iteration += 1
         seconds = time.perf_counter() - t0
-        record = {"iteration": iteration, "tokens": iteration * tokens_per_iter, "lm_loss": loss, "lr": lr,
+        record = {"iteration": iteration, "tokens": consumed(iteration) * args.seq_length, "lm_loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_s": tokens_per_iter / seconds}
         history.train.append(record)
         if iteration == 1 and history.source_check is not None:
@@ -423,7 +423,7 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
                      f"{check['source_loss']:.6f} (|diff| {check['abs_diff']:.2e})")
         log.step(record)
         if args.eval_iters and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
-            history.valid.append({"iteration": iteration, "tokens": iteration * tokens_per_iter,
+            history.valid.append({"iteration": iteration, "tokens": consumed(iteration) * args.seq_length,
                                   "lm_loss": evaluate(model, valid_ds, args, device)})
             log.note(f"validation at iteration {iteration}: lm loss {history.valid[-1]['lm_loss']:.4f}")
         if iteration % args.save_interval == 0 or iteration == args.train_iters:

@@ -48,3 +48,15 @@ def test_a_resumed_run_with_dropout_repeats_the_uninterrupted_one(data, tmp_path
     assert all(loss["resumed"][i] == loss["whole"][i] for i in (3, 4)), loss
     settings = json.loads((tmp_path / "whole.json").read_text())["settings"]
     assert settings["hidden_dropout"] == settings["attention_dropout"] == 0.1  # Megatron-LM's defaults
+
+
+def test_a_resume_with_another_global_batch_size_continues_from_the_samples_consumed(data, tmp_path):
+    """Iteration 2 at global batch 4 consumed samples 0-7; resumed at global batch 8, iteration 3 reads
+    samples 8-15 and the token counts continue from 8 samples, not from 2 x 8."""
+    whole = _pretrain(data, "--save", tmp_path / "ckpt", "--train-iters", "2", "--log-json", tmp_path / "a.json")
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    resumed = _pretrain(data, "--load", tmp_path / "ckpt", "--global-batch-size", "8", "--train-iters", "3",
+                        "--log-json", tmp_path / "b.json")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    [record] = json.loads((tmp_path / "b.json").read_text())["train"]
+    assert record["iteration"] == 3 and record["tokens"] == (8 + 8) * 32
