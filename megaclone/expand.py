@@ -53,20 +53,21 @@ def _fault_point(point: str) -> None:
 
 
 def _fault_while_writing() -> None:
-    """"writing:<rank>": as soon as dist_checkpointing has forked that rank's writers, stop them (a
-    writer stuck on a queue or a filesystem) and SIGKILL the rank."""
+    """"writing:<rank>": the writers dist_checkpointing forks for that rank stop themselves at once
+    (stuck on a queue or a filesystem), and once they are stopped the rank is SIGKILLed. The stop is an
+    at-fork hook registered after runtime's own, so it runs after the child was bound to its parent."""
     if os.environ.get(FAULT_ENV) != f"writing:{dist.get_rank()}":
         return
     import threading
 
     import psutil
 
+    os.register_at_fork(after_in_child=lambda: os.kill(os.getpid(), signal.SIGSTOP))
+
     def watch():
         me = psutil.Process()
-        while not (writers := me.children()):
+        while not (writers := me.children()) or any(w.status() != psutil.STATUS_STOPPED for w in writers):
             time.sleep(0.001)
-        for writer in writers:
-            writer.suspend()
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, daemon=True).start()
