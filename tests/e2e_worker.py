@@ -94,16 +94,20 @@ def main() -> None:
             for variant in VARIANTS if not quick else ["symmetric", "noisy-diagonal"]:
                 digests, ref_diff = {}, None
                 for src_tp in SRC_TPS[factor]:
-                    for dst_tp in DST_TPS if not quick else (2, 8):
+                    dst_tps = DST_TPS if not quick else (2, 8)
+                    for dst_tp in dst_tps:
                         dst = out / f"{arch}-f{factor}-{variant}-s{src_tp}-d{dst_tp}"
                         t0 = time.time()
                         reports = expand(sources[src_tp], dst, Factors.uniform(factor), dst_tp,
                                          CloneConfig(Variant(variant), seed=7), overwrite=True)
                         t1 = time.time()
-                        res = verify(sources[src_tp], dst)
+                        # logits at the widest layout (8 ranks, a padding-only rank); the others are
+                        # bit-identical to it (digests below), so they compute the same logits
+                        res = verify(sources[src_tp], dst) if dst_tp == max(dst_tps) else None
                         cases.append(dict(arch=arch, factor=factor, variant=variant, src_tp=src_tp, dst_tp=dst_tp,
-                                          max_rel=max(r.max_rel for r in res), max_abs=max(r.max_abs for r in res),
-                                          ranks=len(res), expand_s=t1 - t0, verify_s=time.time() - t1,
+                                          max_rel=res and max(r.max_rel for r in res),
+                                          max_abs=res and max(r.max_abs for r in res),
+                                          ranks=len(reports), expand_s=t1 - t0, verify_s=time.time() - t1,
                                           bytes_read=[r.bytes_read for r in reports]))
                         plain = plain_tensors(dst)
                         digests[f"s{src_tp}-d{dst_tp}"] = digest(plain, spec1.vocab_size)

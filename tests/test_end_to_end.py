@@ -29,7 +29,13 @@ def test_matrix_is_complete(results):
 
 
 def test_every_rank_matches_source_logits(results):
-    bad = [c for c in results["cases"] if not c["max_rel"] <= 1e-5]
+    """Verified at the widest layout of each group; the other layouts are bit-identical to it
+    (test_layouts_give_bit_identical_destinations)."""
+    verified = [c for c in results["cases"] if c["max_rel"] is not None]
+    groups = {(c["arch"], c["variant"], c["factor"], c["src_tp"]) for c in results["cases"]}
+    assert {(c["arch"], c["variant"], c["factor"], c["src_tp"]) for c in verified} == groups
+    assert all(c["dst_tp"] == 8 for c in verified)
+    bad = [c for c in verified if not c["max_rel"] <= 1e-5]
     assert not bad, f"{len(bad)} cases exceed 1e-5 relative: {bad[:3]}"
 
 
