@@ -23,6 +23,7 @@ CHECKPOINT_ARGS_IF_UNSET = (
 CHECKPOINT_ARGS_FORCED = (
     "num_query_groups", "group_query_attention", "position_embedding_type", "add_position_embedding",
     "use_rotary_position_embeddings", "rotary_percent", "rotary_interleaved", "add_bias_linear", "add_qkv_bias",
+    "squared_relu",
     "swiglu", "untie_embeddings_and_output_weights", "apply_layernorm_1p", "normalization",
     "apply_query_key_layer_scaling", "rotary_base", "attention_dropout", "hidden_dropout",
     "tensor_model_parallel_size", "pipeline_model_parallel_size",
