@@ -137,16 +137,15 @@ def signal_powers(source: Source, rules: list, num_layers: int) -> dict[tuple[st
     shares: list = [None] * world
     dist.all_gather_object(shares, mine)
     sums = {k: v for share in shares for k, v in share.items()}
-    totals: dict[tuple[str, Optional[int]], list[list[float]]] = {}
-    for chunk in chunks:
-        rule_blocks = totals.setdefault((chunk.read.key, chunk.read.layer), [])
-        while len(rule_blocks) <= chunk.block:
-            rule_blocks.append([])
-        rule_blocks[chunk.block].append(sums[chunk.index])
     rules_by_key = {r.key: r for r in rules}
-    return {key_layer: np.array([math.fsum(b) for b in blocks]) / (rules_by_key[key_layer[0]].noise_unit
-                                                                   * rules_by_key[key_layer[0]].src_shape[1])
-            for key_layer, blocks in totals.items()}
+    blocks: dict[tuple[str, Optional[int]], list[list[float]]] = {}
+    for chunk in chunks:
+        rule = rules_by_key[chunk.read.key]
+        per_layer = blocks.setdefault((rule.key, chunk.read.layer), [[] for _ in range(rule.noise_blocks)])
+        per_layer[chunk.block].append(sums[chunk.index])
+    return {(key, layer): np.array([math.fsum(b) for b in per_block])
+            / (rules_by_key[key].noise_unit * rules_by_key[key].src_shape[1])
+            for (key, layer), per_block in blocks.items()}
 
 
 def fill_rank(
