@@ -179,11 +179,8 @@ class BoxReader:
             targets[(read.key, chunk.offsets)] = buffer
             items += box_items
             out.append(buffer.view(box.lengths))
-        try:
+        with reading(self.path, f"{read.key} from {self.path}"):  # shard bytes torch.load cannot parse
             self._reader.read_data(LoadPlan(items), _IntoBuffers(targets)).wait()
-        except Exception as exc:  # a shard file whose bytes torch.load cannot parse
-            raise MegacloneError(f"cannot read {read.key} from {self.path}: {type(exc).__name__}: {exc}",
-                                 "the checkpoint is damaged: copy or save it again") from exc
         return out
 
 
