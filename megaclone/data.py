@@ -228,6 +228,15 @@ def _fitting_split(documents: int, weighted: Sequence[bool]) -> str:
     return ",".join(map(str, weights))
 
 
+def dataset_files(data_path: Sequence[str]) -> list[Path]:
+    """The ``.bin``/``.idx`` files a Megatron-LM ``--data-path`` (prefixes, or weights and prefixes) names,
+    parsed by megatron-core's own blend parser."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    return [Path(f"{prefix}{suffix}") for prefix in get_blend_from_list(list(data_path))[0]
+            for suffix in (".bin", ".idx")]
+
+
 def build_gpt_datasets(
     data_path: Sequence[str],
     split: str,

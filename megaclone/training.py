@@ -286,14 +286,6 @@ def _checkpoint_to_load(args) -> Optional[Path]:
     return ckpt_io.find_checkpoint(root)
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def prepare_args(args: argparse.Namespace, world_size: int) -> tuple[argparse.Namespace, Optional[Path]]:
     """Apply --use-checkpoint-args and derive Megatron-LM's computed fields; validate."""
     path = _checkpoint_to_load(args)
@@ -301,7 +293,7 @@ def prepare_args(args: argparse.Namespace, world_size: int) -> tuple[argparse.Na
         raise MegacloneError(f"--finetune but {args.load} holds no checkpoint",
                              "point --load at a checkpoint (e.g. the --save of tools/expand_sharded.py)")
     if args.save:  # training adds iterations to --save and removes nothing; resuming saves into --load
-        data = [Path(f"{p}{suffix}") for p in args.data_path if not _is_number(p) for suffix in (".bin", ".idx")]
+        data = data_io.dataset_files(args.data_path) if args.data_path else []
         load = [Path(args.load)] if args.load and not destination.same_path(args.load, args.save) else []
         destination.check_no_overlap(Path(args.save), load + data)
     saved_padded = None
