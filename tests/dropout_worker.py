@@ -3,15 +3,18 @@ tensor-parallel regions and shared ones outside, as Megatron-LM seeds it; dropou
 mode only. Writes results.json into the directory given as the first argument."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megaclone import toy
-from megaclone.model import build_gpt, causal_logits, causal_mask
-from megaclone.runtime import init_distributed, init_parallel
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from megaclone import toy  # noqa: E402
+from megaclone.model import build_gpt, causal_logits, causal_mask  # noqa: E402
+from megaclone.runtime import init_distributed, init_parallel  # noqa: E402
 
 
 def gathered(t: torch.Tensor) -> list[list[float]]:
