@@ -228,42 +228,72 @@ def _fitting_split(documents: int, weighted: Sequence[bool]) -> str:
     return ",".join(map(str, weights))
 
 
-def dataset_files(data_path: Sequence[str]) -> list[Path]:
-    """The ``.bin``/``.idx`` files a Megatron-LM ``--data-path`` (prefixes, or weights and prefixes) names,
-    parsed by megatron-core's own blend parser."""
-    from megatron.core.datasets.utils import get_blend_from_list
+@dataclass(frozen=True)
+class DataSource:
+    """Megatron-LM's two ways of naming data: one blend (``--data-path``) cut into training,
+    validation and test documents by ``--split``, or one blend per split (``--train-data-path``,
+    ``--valid-data-path``, ``--test-data-path``), each used whole. Exactly one is given."""
 
-    return [Path(f"{prefix}{suffix}") for prefix in get_blend_from_list(list(data_path))[0]
-            for suffix in (".bin", ".idx")]
+    data_path: Optional[tuple[str, ...]] = None
+    split: Optional[str] = None
+    per_split: Optional[tuple[Optional[tuple[str, ...]], ...]] = None  # training, validation, test
+
+    def __post_init__(self):
+        if (self.data_path is None) == (self.per_split is None or not any(self.per_split)):
+            raise MegacloneError(
+                "no data" if self.data_path is None else "both --data-path and per-split data paths given",
+                "pass --data-path PREFIX (cut by --split), or --train-data-path/--valid-data-path/--test-data-path")
+        if self.per_split is not None and len(self.per_split) != 3:
+            raise ValueError("per_split holds one entry per split: training, validation, test")
+
+    def blends(self) -> list:
+        """megatron-core's parse of every blend named (None for a split given no path)."""
+        from megatron.core.datasets.utils import get_blend_from_list
+
+        paths = [self.data_path] if self.data_path is not None else self.per_split
+        return [get_blend_from_list(list(p)) if p else None for p in paths]
+
+    def files(self) -> list[Path]:
+        return [Path(f"{prefix}{suffix}") for blend in self.blends() if blend for prefix in blend[0]
+                for suffix in (".bin", ".idx")]
+
+    def check(self, sampled: Sequence[bool]) -> None:
+        """Every named dataset exists, and every split the run samples has documents to draw from."""
+        for blend in self.blends():
+            for prefix in blend[0] if blend else ():
+                check_dataset(prefix)
+        if self.data_path is not None:
+            check_splits(self.blends()[0][0], self.split, sampled)
+            return
+        flags = ("--train-data-path", "--valid-data-path", "--test-data-path")
+        missing = [flags[i] for i in range(3) if sampled[i] and not self.per_split[i]]
+        if missing:
+            raise MegacloneError(f"the run samples the {' and '.join(SPLIT_NAMES[flags.index(f)] for f in missing)} "
+                                 f"split but {' and '.join(missing)} is not given",
+                                 f"pass {' '.join(missing)} PREFIX, or --eval-iters 0 to skip validation")
 
 
 def build_gpt_datasets(
-    data_path: Sequence[str],
-    split: str,
+    source: DataSource,
     seq_length: int,
     seed: int,
     num_samples: tuple[int, int, int],
     tokenizer: ByteTokenizer,
     cache: Optional[Path] = None,
 ):
-    """(train, valid, test) GPTDatasets from Megatron-LM-style ``--data-path`` and ``--split``.
-
-    ``data_path`` is Megatron-LM's list: prefixes, or alternating weights and prefixes. Built on every
-    rank (every rank reads data here; there is no pipeline).
-    """
+    """(train, valid, test) GPTDatasets from Megatron-LM-style data flags (see ``DataSource``).
+    Built on every rank (every rank reads data here; there is no pipeline)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    from megatron.core.datasets.utils import get_blend_from_list
 
-    blend = get_blend_from_list(list(data_path))
-    for prefix in blend[0]:
-        check_dataset(prefix)
-    check_splits(blend[0], split, [n > 0 for n in num_samples])
+    source.check([n > 0 for n in num_samples])
+    blends = source.blends()
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=blend,
-        split=split,
+        blend=blends[0] if source.data_path is not None else None,
+        blend_per_split=blends if source.per_split is not None else None,
+        split=source.split if source.data_path is not None else None,
         path_to_cache=str(cache) if cache else None,
         tokenizer=tokenizer,
         reset_position_ids=False,

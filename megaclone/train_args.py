@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from .data import DataSource
 from .errors import MegacloneError
 from .spec import pad_vocab
 
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size; the rest of the world is data parallel")
     g.add_argument("--data-path", nargs="+", help="dataset prefixes (tools/preprocess_data.py), or weight prefix pairs")
     g.add_argument("--split", default="969,30,1", help="train,validation,test weights over each dataset's documents")
+    for split in ("train", "valid", "test"):
+        g.add_argument(f"--{split}-data-path", nargs="+",
+                       help=f"the {split} split's own dataset prefixes, used whole (instead of --data-path)")
     g.add_argument("--seq-length", type=int, required=True, help="tokens per sample")
     g.add_argument("--micro-batch-size", type=int, required=True, help="samples per forward pass and rank")
     g.add_argument("--global-batch-size", type=int, help="samples per step (default micro x data parallel)")
@@ -129,6 +133,17 @@ def apply_checkpoint_args(args: argparse.Namespace, saved: argparse.Namespace) -
             setattr(args, name, value)
 
 
+def data_source(args: argparse.Namespace) -> DataSource:
+    """The data the flags name: --data-path cut by --split, or one path per split."""
+    def paths(value):
+        return tuple(value) if value else None
+
+    per_split = (paths(args.train_data_path), paths(args.valid_data_path), paths(args.test_data_path))
+    if not args.data_path and not any(per_split):
+        raise MegacloneError("no --data-path", "write data with tools/preprocess_data.py and pass its prefix")
+    return DataSource(paths(args.data_path), args.split, per_split if any(per_split) else None)
+
+
 def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Validate and derive Megatron-LM's computed fields (data-parallel size, batch, padded vocab)."""
     tp = args.tensor_model_parallel_size
@@ -150,8 +165,7 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if missing:
         raise MegacloneError(f"no model shape: {', '.join(missing)} not given",
                              "pass the shape flags, or --load a checkpoint with --use-checkpoint-args")
-    if not args.data_path:
-        raise MegacloneError("no --data-path", "write data with tools/preprocess_data.py and pass its prefix")
+    data_source(args)  # refuses no data, and both ways of naming it
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.seq_length > args.max_position_embeddings:

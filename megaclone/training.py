@@ -293,7 +293,7 @@ def prepare_args(args: argparse.Namespace, world_size: int) -> tuple[argparse.Na
         raise MegacloneError(f"--finetune but {args.load} holds no checkpoint",
                              "point --load at a checkpoint (e.g. the --save of tools/expand_sharded.py)")
     if args.save:  # training adds iterations to --save and removes nothing; resuming saves into --load
-        data = data_io.dataset_files(args.data_path) if args.data_path else []
+        data = train_args.data_source(args).files()
         load = [Path(args.load)] if args.load and not destination.same_path(args.load, args.save) else []
         destination.check_no_overlap(Path(args.save), load + data)
     saved_padded = None
@@ -329,7 +329,7 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
     cache = Path(args.data_cache_path) if args.data_cache_path else None
     n_valid = args.eval_iters * args.global_batch_size
     train_ds, valid_ds, _ = data_io.build_gpt_datasets(
-        args.data_path, args.split, args.seq_length, args.seed,
+        train_args.data_source(args), args.seq_length, args.seed,
         (args.train_iters * args.global_batch_size, n_valid, 0), tokenizer, cache)
 
     history = History(settings={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))})

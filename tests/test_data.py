@@ -57,13 +57,17 @@ def _is_window_of(ids: list[int], documents: list[bytes]) -> bool:
             and any(d.startswith(pieces[-1]) for d in documents))
 
 
+def DS(tmp_path) -> tuple[str, ...]:
+    return (str(tmp_path / "ds"),)
+
+
 @pytest.mark.parametrize("seed", [4, 7, 8])
 def test_gpt_samples_are_windows_of_the_token_stream(corpus, tmp_path, seed):
     root, texts = corpus
     files = data.collect_files([root])
     data.write_indexed_dataset(files, tmp_path / "ds", data.ByteTokenizer())
     documents = [t.encode("utf-8") for t in texts.values()]
-    train, valid, _ = data.build_gpt_datasets([str(tmp_path / "ds")], "2,1,0", 32, seed, (20, 5, 0),
+    train, valid, _ = data.build_gpt_datasets(data.DataSource(DS(tmp_path), "2,1,0"), 32, seed, (20, 5, 0),
                                               data.ByteTokenizer(), tmp_path / "cache")
     assert len(train) >= 20 and len(valid) >= 5
     for i in range(20):
@@ -85,13 +89,43 @@ def test_a_split_without_documents_is_refused_not_spun_on(corpus, tmp_path):
     assert data.documents_per_split(3, "98,2,0") == [3, 0, 0]
     with pytest.raises(MegacloneError, match=r"--split 98,2,0 .*\(3 documents\) gives training 3, validation 0, "
                                              r"test 0 documents: the validation split has a weight but no document") as info:
-        data.build_gpt_datasets([str(tmp_path / "ds")], "98,2,0", 32, 1, (20, 0, 0), data.ByteTokenizer())
+        data.build_gpt_datasets(data.DataSource(DS(tmp_path), "98,2,0"), 32, 1, (20, 0, 0), data.ByteTokenizer())
     assert "--split 2,1,0" in info.value.fix
     with pytest.raises(MegacloneError, match="gives the validation split no share, but it is sampled"):
-        data.build_gpt_datasets([str(tmp_path / "ds")], "1,0,0", 32, 1, (20, 5, 0), data.ByteTokenizer())
-    train, valid, _ = data.build_gpt_datasets([str(tmp_path / "ds")], "1,0,0", 32, 1, (20, 0, 0),
+        data.build_gpt_datasets(data.DataSource(DS(tmp_path), "1,0,0"), 32, 1, (20, 5, 0), data.ByteTokenizer())
+    train, valid, _ = data.build_gpt_datasets(data.DataSource(DS(tmp_path), "1,0,0"), 32, 1, (20, 0, 0),
                                               data.ByteTokenizer(), tmp_path / "cache")
     assert len(train) >= 20 and valid is None  # a split of weight 0 is not built
+
+
+def test_per_split_paths_draw_each_split_from_its_own_documents(corpus, tmp_path):
+    """--train-data-path / --valid-data-path (Megatron-LM's flags): every training sample is a window of
+    the training files only, every validation sample of the validation files only (the reproduction
+    trains source and clones on disjoint documents this way)."""
+    from megaclone.errors import MegacloneError
+
+    root, texts = corpus
+    files = data.collect_files([root])
+    names = sorted(texts)
+    train_files = [f for f in files if f.name in names[:2]]
+    valid_files = [f for f in files if f.name not in names[:2]]
+    data.write_indexed_dataset(train_files, tmp_path / "train", data.ByteTokenizer())
+    data.write_indexed_dataset(valid_files, tmp_path / "valid", data.ByteTokenizer())
+    docs = lambda fs: [f.read_bytes() for f in fs]  # noqa: E731
+    source = data.DataSource(per_split=((str(tmp_path / "train"),), (str(tmp_path / "valid"),), None))
+    train, valid, test = data.build_gpt_datasets(source, 32, 3, (20, 5, 0), data.ByteTokenizer(), tmp_path / "cache")
+    assert test is None
+    for dataset, own, other in ((train, train_files, valid_files), (valid, valid_files, train_files)):
+        for i in range(5):
+            s = dataset[i]
+            ids = s["tokens"].tolist() + [s["labels"][-1].item()]
+            assert _is_window_of(ids, docs(own)) and not _is_window_of(ids, docs(other))
+    assert {p.name for p in source.files()} == {"train.bin", "train.idx", "valid.bin", "valid.idx"}
+    with pytest.raises(MegacloneError, match="--valid-data-path is not given"):
+        data.build_gpt_datasets(data.DataSource(per_split=((str(tmp_path / "train"),), None, None)), 32, 3,
+                                (20, 5, 0), data.ByteTokenizer())
+    with pytest.raises(MegacloneError, match="both --data-path and per-split"):
+        data.DataSource((str(tmp_path / "train"),), "1,0,0", ((str(tmp_path / "train"),), None, None))
 
 
 def test_default_corpus_is_the_standard_library():

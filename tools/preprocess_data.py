@@ -23,7 +23,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--tokenizer", default="byte", help="tokenizer (default and only built-in: byte)")
     p.add_argument("--seed", type=int, default=1234, help="document-order shuffle seed (default 1234)")
-    p.add_argument("--max-documents", type=int, help="keep only the first N documents after shuffling")
+    p.add_argument("--skip-documents", type=int, default=0,
+                   help="drop the first N documents after shuffling (disjoint datasets from one corpus)")
+    p.add_argument("--max-documents", type=int, help="keep only the first N documents after shuffling (and skipping)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx dataset")
     return cli.parse(p, argv)
 
@@ -35,7 +37,8 @@ def main() -> int:
     tokenizer = data.get_tokenizer(args.tokenizer)
     files = data.collect_files(args.input) if args.input else data.stdlib_corpus()
     source = ", ".join(args.input) if args.input else f"standard library at {data.stdlib_root()}"
-    files = data.shuffled_documents(files, args.seed)[: args.max_documents]
+    files = data.shuffled_documents(files, args.seed)[args.skip_documents:]
+    files = files[: args.max_documents]
     stats = data.write_indexed_dataset(files, args.output_prefix, tokenizer,
                                        sources=args.input or [data.stdlib_root()], overwrite=args.overwrite,
                                        progress=sys.stderr.isatty())
