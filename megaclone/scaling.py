@@ -43,11 +43,14 @@ def speedup(baseline: Sequence[tuple[float, float]], run: Sequence[tuple[float, 
             window: int = 1) -> dict:
     """The paper's measure: tokens the baseline needs to reach its own final loss, divided by the
     tokens ``run`` needs to reach that loss. The target is the baseline's last ``last`` evaluations
-    averaged; both crossings are read from curves smoothed over ``window`` evaluations."""
+    averaged; both crossings are read from curves smoothed over ``window`` evaluations.
+    A run already at the target before training (``from_start``) needs no tokens: its speedup is
+    unbounded and reported as None with that flag, never as a number."""
     target = final_loss(baseline, last)
     base_tokens = tokens_to_reach(smoothed(baseline, window), target)
     run_tokens = tokens_to_reach(smoothed(run, window), target)
     return {"target_loss": target, "baseline_tokens": base_tokens, "tokens_to_target": run_tokens,
+            "from_start": run_tokens == 0.0,
             "speedup": None if not (run_tokens and base_tokens) else base_tokens / run_tokens}
 
 
@@ -90,6 +93,57 @@ def row_cosines(rule: ParamRule, weight: torch.Tensor) -> list[float]:
     return [float(torch.nn.functional.cosine_similarity(
                 first, w[rows[b % len(rows)]][:, cols[b % len(cols)]], dim=1).mean())
             for b in range(1, max(len(rows), len(cols)))]
+
+
+# The paper's Figure 5 groups: attention (fused q/k/v), feed-forward (both MLP matrices), unembedding.
+SYMMETRY_GROUPS = {
+    "qkv": ("decoder.layers.self_attention.linear_qkv.weight",),
+    "ffn": ("decoder.layers.mlp.linear_fc1.weight", "decoder.layers.mlp.linear_fc2.weight"),
+    "output": ("output_layer.weight",),
+}
+
+
+def group_row_cosines(rules: Sequence[ParamRule], tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``row_cosines`` averaged over the layers and copies of each Figure 5 group's matrices."""
+    by_key = {rule.key: rule for rule in rules}
+    out = {}
+    for group, keys in SYMMETRY_GROUPS.items():
+        values = []
+        for key in keys:
+            if key not in tensors or key not in by_key:
+                continue
+            stored = tensors[key]
+            for w in [stored[i] for i in range(stored.shape[0])] if by_key[key].per_layer else [stored]:
+                values += row_cosines(by_key[key], w)
+        if values:
+            out[group] = float(np.mean(values))
+    return out
+
+
+def spread(values: Sequence[Optional[float]], from_start: int = 0) -> dict:
+    """Mean, sample standard deviation, range and count over seeds. A seed without a value (None:
+    the target never reached, or reached before training, counted in ``from_start``) makes the
+    mean None: its speedup is unknown or unbounded, not a number to average."""
+    known = [v for v in values if v is not None]
+    if len(known) < len(values) or not known:
+        return {"mean": None, "std": None, "min": min(known, default=None), "max": max(known, default=None),
+                "n": len(values), "missing": len(values) - len(known) - from_start, "from_start": from_start}
+    return {"mean": float(np.mean(known)), "std": float(np.std(known, ddof=1)) if len(known) > 1 else 0.0,
+            "min": float(min(known)), "max": float(max(known)), "n": len(known), "missing": 0, "from_start": 0}
+
+
+def rank_above(singular: Sequence[float], relative: float = 1e-3) -> int:
+    """Singular values above ``relative`` times the largest: the paper's Figure 6 reads "rank" off the
+    spectrum, where a symmetric clone's second half sits at rounding level."""
+    singular = np.asarray(singular)
+    return int((singular > relative * singular.max()).sum())
+
+
+def early_bump(curve: Sequence[tuple[float, float]], fraction: float = 0.25) -> float:
+    """How far the validation loss rises above its starting value within the first ``fraction`` of
+    training (0 when it never does): the paper's early forgetting of a cloned model."""
+    end = curve[-1][0] * fraction
+    return max(0.0, max(loss for tokens, loss in curve if tokens <= end) - curve[0][1])
 
 
 def model_symmetry(rules: Sequence[ParamRule], tensors: dict[str, torch.Tensor]) -> dict[str, float]:
