@@ -167,6 +167,16 @@ def train_step(model, optimizer, scheduler, batches: list[dict], args, device) -
 
 
 @torch.no_grad()
+def first_batch_loss(model, batches: list[dict], device) -> float:
+    """The model's mean loss over one global batch in eval mode (no dropout), without a step."""
+    from megatron.core import parallel_state
+
+    model.eval()
+    total = sum(float(micro_batch_loss(model, batch, device)) for batch in batches) / len(batches)
+    return mean_over(parallel_state.get_data_parallel_group(), total)
+
+
+@torch.no_grad()
 def evaluate(model, dataset, args, device) -> float:
     """Mean loss over the first ``eval_iters`` global batches of the validation split (the same
     samples at every evaluation, so curves compare without sampling noise)."""
@@ -397,6 +407,14 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
         history.valid.append({"iteration": 0, "tokens": 0, "lm_loss": evaluate(model, valid_ds, args, device)})
         log.note(f"validation at iteration 0: lm loss {history.valid[-1]['lm_loss']:.4f}")
     iteration = loaded.iteration
+    if iteration == 0 and history.source_check is not None:
+        # dropout off, as the source's loss is computed: with dropout the training loss of the same
+        # function differs by the masks
+        check = history.source_check
+        check["first_loss"] = first_batch_loss(model, micro_batches(train_ds, 0, args, dp_rank), device)
+        check["abs_diff"] = abs(check["first_loss"] - check["source_loss"])
+        log.note(f"the clone's loss on the first batch (dropout off) {check['first_loss']:.6f}; the source "
+                 f"model's on the same batch: {check['source_loss']:.6f} (|diff| {check['abs_diff']:.2e})")
     while iteration < args.train_iters:
         t0 = time.perf_counter()
         batches = micro_batches(train_ds, consumed(iteration), args, dp_rank)
@@ -407,12 +425,6 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
         record = {"iteration": iteration, "tokens": consumed(iteration) * args.seq_length, "lm_loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_s": tokens_per_iter / seconds}
         history.train.append(record)
-        if iteration == 1 and history.source_check is not None:
-            check = history.source_check
-            check["first_loss"] = loss
-            check["abs_diff"] = abs(loss - check["source_loss"])
-            log.note(f"iteration 1 lm loss {loss:.6f}; the source model on the same batch: "
-                     f"{check['source_loss']:.6f} (|diff| {check['abs_diff']:.2e})")
         log.step(record)
         if args.eval_iters and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
             history.valid.append({"iteration": iteration, "tokens": consumed(iteration) * args.seq_length,
