@@ -8,11 +8,13 @@ Megatron-LM's ``--use-checkpoint-args`` reads back.
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from .data import DataSource
 from .errors import MegacloneError
 from .spec import pad_vocab
+
+if TYPE_CHECKING:  # data imports numpy; --help must not
+    from .data import DataSource
 
 # What Megatron-LM's --use-checkpoint-args (load_args_from_checkpoint in megatron/training/
 # checkpointing.py, read at NVIDIA/Megatron-LM 0032978f, checkpoint_version 3.0) takes from a
@@ -135,6 +137,8 @@ def apply_checkpoint_args(args: argparse.Namespace, saved: argparse.Namespace) -
 
 def data_source(args: argparse.Namespace) -> DataSource:
     """The data the flags name: --data-path cut by --split, or one path per split."""
+    from .data import DataSource
+
     def paths(value):
         return tuple(value) if value else None
 
