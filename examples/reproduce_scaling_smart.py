@@ -400,7 +400,6 @@ def claims(report: dict, runs: dict) -> list[dict]:
 
     clones = [c for c in CLONES if c in v]
     means = {c: v[c]["speedup"]["mean"] for c in clones}
-    lows = {c: v[c]["speedup"]["min"] for c in clones}
     measured = "; ".join(f"{c} {_fmt(v[c]['speedup'])}" for c in clones)
     reached = [m for m in means.values() if m is not None]
     in_range = bool(reached) and len(reached) == len(means) and all(2.2 <= m <= 4.0 for m in reached)
@@ -431,10 +430,9 @@ def claims(report: dict, runs: dict) -> list[dict]:
           "reproduced" if separated else "contradicted" if reversed_ else "inconclusive",
           "seed ranges of symmetric and noisy symmetric entirely better than diagonal's (reproduced) or "
           "entirely worse (contradicted); overlapping ranges are inconclusive")
-    last = lambda name, group: [p[group] for p in sym[name] if group in p][-1]  # noqa: E731
     d0, d1 = "symmetric-dropout0-s1", "symmetric-s1"
     kept = min(p[g] for p in sym[d0] for g in scaling_groups(p))
-    decayed = {g: last(d1, g) for g in scaling_groups(sym[d1][-1])}
+    decayed = {g: sym[d1][-1][g] for g in scaling_groups(sym[d1][-1])}
     claim("symmetry decays in training (dropout breaks it; Figure 5)",
           f"dropout 0.1: final row cosine {', '.join(f'{g} {c:.4f}' for g, c in decayed.items())}; "
           f"dropout 0: lowest {kept:.12f}",
@@ -467,7 +465,10 @@ def claims(report: dict, runs: dict) -> list[dict]:
 
 
 def scaling_groups(point: dict) -> list[str]:
-    return [g for g in ("qkv", "ffn", "output") if g in point]
+    """The Figure 5 groups a symmetry point holds."""
+    from megaclone.scaling import SYMMETRY_GROUPS
+
+    return [g for g in SYMMETRY_GROUPS if g in point]
 
 
 def markdown(report: dict) -> str:
