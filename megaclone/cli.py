@@ -33,8 +33,29 @@ def launch_rank() -> int:
     return 0
 
 
+def record_for_launcher(message: str) -> None:
+    """Hand ``message`` to torchrun's error file, so the launcher's failure report repeats this
+    process's one-line error instead of a link to its documentation (torchrun still prints the report:
+    a launcher whose worker exits non-zero always does)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    with contextlib.suppress(OSError), open(path, "w") as f:
+        json.dump({"message": message, "timestamp": str(int(time.time()))}, f)
+
+
 def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse flags on every process; only rank 0 prints --help or a usage error (all exit alike)."""
+    usage_error = parser.error
+
+    def error(message: str):
+        record_for_launcher(f"{parser.prog}: error: {message}")
+        usage_error(message)
+
+    parser.error = error
     if launch_rank() == 0:
         return parser.parse_args(argv)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
@@ -63,18 +84,22 @@ def run(main: Callable[[], int]) -> None:
     except MegacloneError as exc:
         if exc.local:  # this process alone knows: it reports, and the launcher stops the others
             print(f"error: rank {launch_rank()}: {exc}", file=sys.stderr, flush=True)
+            record_for_launcher(f"error: rank {launch_rank()}: {exc}")
             os._exit(EXIT_BAD_INPUT)
         rank0_print(f"error: {exc}", file=sys.stderr)
+        record_for_launcher(f"error: {exc}")
         code = EXIT_BAD_INPUT
     except Exception as exc:
         if not _lost_peer(exc):
             raise
         dist = _initialized_dist()
         rank = dist.get_rank() if dist is not None else launch_rank()
-        print(f"error: rank {rank}: another process of this job died or stopped answering "
-              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})\n"
-              "  fix: look for the first failure in the launcher's report (a killed or stuck process); "
-              "nothing was published, rerun with --overwrite", file=sys.stderr, flush=True)
+        message = (f"error: rank {rank}: another process of this job died or stopped answering "
+                   f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})\n"
+                   "  fix: look for the first failure in the launcher's report (a killed or stuck process); "
+                   "nothing was published, rerun with --overwrite")
+        print(message, file=sys.stderr, flush=True)
+        record_for_launcher(message)
         os._exit(EXIT_PEER_LOST)  # the process group cannot be torn down with a peer gone
     dist = _initialized_dist()
     if dist is not None:

@@ -38,6 +38,8 @@ def test_killed_rank_leaves_no_complete_checkpoint_and_rerun_recovers(source, tm
         # torchrun exits 1 when a rank fails; the rank's own status (2: bad input) is in its report
         assert refused.returncode == 1 and "exitcode  : 2" in refused.stderr
         assert "is not empty" in refused.stderr and "pass --overwrite" in refused.stderr
+        # the launcher's report repeats the refusal instead of pointing at torchrun's documentation
+        assert refused.stderr.count("pass --overwrite") >= 2 and "To enable traceback" not in refused.stderr
 
     rerun = torchrun(2, "expand_sharded.py", "--load", source, "--save", dst, "--tp", "2", "--overwrite")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -70,6 +72,7 @@ def test_a_stopped_rank_becomes_an_error_on_every_other_rank_within_the_timeout(
     assert stuck.returncode != 0
     assert "error: rank 0: another process of this job died or stopped answering" in stuck.stderr
     assert "exitcode  : 3" in stuck.stderr  # the surviving rank's own status
+    assert "traceback : error: rank 0: another process of this job died" in stuck.stderr
     # 15 s timeout + torchrun's 30 s grace before SIGKILL of the stopped rank + start-up
     assert elapsed < 240, f"took {elapsed:.0f} s"
     time.sleep(1)
