@@ -255,6 +255,28 @@ def test_export_never_deletes_its_source_or_a_users_files(source, tmp_path):
     _export_refused(tree / "x", mine, "not empty", overwrite=False)
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty read-only tmpfs (root writes through chmod, not through a read-only mount; needs
+    permission to mount, as on CI here; skipped elsewhere)."""
+    import subprocess
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_read_only_destination_is_refused_before_reading(source, read_only_dir):
+    refused(source, read_only_dir, "is not writable")
+    refused(source, read_only_dir / "wide", "cannot create it, .* is not writable")
+    _export_refused(source, read_only_dir, "is not writable")
+    _export_refused(source, read_only_dir / "hf", "cannot create it")
+
+
 def test_export_overwrite_replaces_an_earlier_export(source, tmp_path):
     pytest.importorskip("transformers")
     from megaclone.export import export_hf
