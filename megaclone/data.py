@@ -44,9 +44,6 @@ class ByteTokenizer:
     def tokenize(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < BYTE_VOCAB).decode("utf-8", errors="replace")
-
     def megatron_args(self) -> dict:
         """The Megatron-LM flags (as args fields) that read this data the same way."""
         return {"tokenizer_type": self.tokenizer_type, "vocab_size": BYTE_VOCAB}

@@ -9,7 +9,7 @@ Pure numpy; no tensors, files or processes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Union
 
 import numpy as np
 
@@ -78,8 +78,3 @@ class Concat:
 
 
 DimMap = Union[Tile, Pad, Concat]
-
-
-def source_indices(dim_map: DimMap, dst_indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Apply a map to destination indices (any order); returns (src, block) int64 arrays."""
-    return dim_map(np.asarray(dst_indices, dtype=np.int64))

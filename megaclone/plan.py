@@ -1,8 +1,8 @@
 """Per-rank planner: for each destination slice a rank owns, exactly which source boxes it reads.
 
-A box is any rectangle of a source global tensor: ``dist_checkpointing.load`` reads boxes off
-megatron-core's regular grid when they are described as irregular shards (torch >= 2.6), so one box
-per contiguous run of needed indices suffices. Pure index math.
+A box is any rectangle of a source global tensor, one per contiguous run of needed indices; each
+kind of source reads boxes its own way (megaclone.source: torch DCP's reader for torch_dist,
+safetensors slices for Hugging Face, memory-mapped legacy files). Pure index math: no files.
 """
 
 from __future__ import annotations

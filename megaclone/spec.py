@@ -55,10 +55,6 @@ class ModelSpec:
         return (self.heads_per_group + 2) * self.kv_channels
 
     @property
-    def fc1_rows(self) -> int:
-        return 2 * self.ffn_hidden_size if self.swiglu else self.ffn_hidden_size
-
-    @property
     def tied(self) -> bool:
         return not self.untie_embeddings_and_output_weights
 
