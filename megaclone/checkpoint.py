@@ -269,9 +269,43 @@ def _publish(root: Path, iteration: int, before_publish: Optional[Callable[[], N
     dist.barrier()
 
 
-def legacy_file(ckpt: Path, tp_rank: int) -> Path:
-    """Megatron-LM's --ckpt-format torch file of one TP rank (pipeline size 1)."""
-    return ckpt / f"mp_rank_{tp_rank:02d}" / "model_optim_rng.pt"
+# Transformer Engine layer specs fuse each pre-norm into the next linear; megatron-core's local spec
+# (the one that runs on CPU) keeps it a module of its own. Legacy files may use either name.
+LOCAL_SPEC_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
+def legacy_file(ckpt: Path, tp_rank: int, stage: int = 0, pipeline: int = 1) -> Path:
+    """Megatron-LM's --ckpt-format torch file of one (TP rank, pipeline stage)."""
+    name = f"mp_rank_{tp_rank:02d}" + (f"_{stage:03d}" if pipeline > 1 else "")
+    return ckpt / name / "model_optim_rng.pt"
+
+
+def legacy_model_state(ckpt: Path, tp_rank: int, pipeline: int, layers_per_stage: int) -> dict[str, Any]:
+    """One TP rank's model state dict of a legacy checkpoint, its pipeline stages joined as Megatron-LM
+    numbers layers within a stage (stage s's layer i is global layer s * layers_per_stage + i), with
+    local-spec module names and no Transformer Engine ``_extra_state``: what a local-spec GPTModel of
+    the same TP and pipeline size 1 loads with ``load_state_dict(strict=True)``."""
+    import re
+
+    state: dict[str, Any] = {}
+    for stage in range(pipeline):
+        file = legacy_file(ckpt, tp_rank, stage, pipeline)
+        with reading(file):
+            model = torch.load(file, map_location="cpu", weights_only=False)["model"]
+        for key, value in model.items():
+            if key.endswith("._extra_state"):
+                continue
+            m = re.match(r"decoder\.layers\.(\d+)\.(.*)", key)
+            if m:
+                suffix = LOCAL_SPEC_NAMES.get(m.group(2), m.group(2))
+                key = f"decoder.layers.{stage * layers_per_stage + int(m.group(1))}.{suffix}"
+            state[key] = value
+    return state
 
 
 def save_legacy_checkpoint(root: Path, iteration: int, state: dict[str, Any], tp_rank: int, writer: bool,

@@ -124,16 +124,6 @@ def _check_hf_shapes(files: hf.SafetensorsDir, t: hf.HFTensor, rule, spec: Model
 
 # ---------------------------------------------------------------- legacy Megatron-LM (--ckpt-format torch)
 
-# torch_dist key suffix -> the module name megatron-core's local layer spec gives it in a state dict
-# (the Transformer Engine spec uses the torch_dist name itself).
-LOCAL_SPEC_NAMES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
-}
-
-
 def _legacy_files(path: Path) -> dict[tuple[int, int], Path]:
     """(tp rank, pp stage) -> model_optim_rng.pt of a legacy iteration directory."""
     files = {}
@@ -198,7 +188,7 @@ def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> So
         else:
             suffix = key[len("decoder.layers."):]
             prefix = f"decoder.layers.{layer % per_stage}."
-            names = [prefix + suffix] + ([prefix + LOCAL_SPEC_NAMES[suffix]] if suffix in LOCAL_SPEC_NAMES else [])
+            names = [prefix + suffix] + ([prefix + ckpt_io.LOCAL_SPEC_NAMES[suffix]] if suffix in ckpt_io.LOCAL_SPEC_NAMES else [])
         for name in names:
             if name in model:
                 return model[name]

@@ -60,25 +60,40 @@ def _open(root: Path) -> tuple[Path, ModelSpec, torch.dtype, Source]:
 
 
 def load_source_model(source: Source, device) -> torch.nn.Module:
-    """The source as a GPTModel at the largest TP its shape allows in this world (switches the
-    parallel state to it). torch_dist loads through dist_checkpointing; other formats are copied in
-    slice by slice (the expander's own path at factor 1, which is the identity)."""
+    """The source as megatron-core loads it, without megaclone's reader: a torch_dist checkpoint through
+    ``dist_checkpointing`` at the largest TP its shape allows in this world (it reshards), a legacy
+    one with ``load_state_dict(strict=True)`` at its own TP. Switches the parallel state to that TP."""
     from megatron.core import parallel_state
 
-    from .clone import CloneConfig
-    from .expand import RankReport, fill_rank
-    from .model import model_sharded_state_dict, parameter_slots
-
-    tp = feasible_tp(source.spec, dist.get_world_size())
+    if source.kind == "torch_dist":
+        tp = feasible_tp(source.spec, dist.get_world_size())
+    elif source.kind == "torch":
+        tp = getattr(source.args, "tensor_model_parallel_size", 1)
+        if dist.get_world_size() % tp:
+            raise MegacloneError(f"the legacy source {source.path} has TP {tp}, which does not divide the "
+                                 f"{dist.get_world_size()} processes of this job",
+                                 f"launch a multiple of {tp} processes (the trainer: or pass --no-source-check)")
+    else:
+        raise ValueError(f"{source.kind} sources are checked through transformers, not megatron-core")
     init_parallel(tp)
     spec = dataclasses.replace(source.spec, tensor_parallel=tp)
     model = build_gpt(spec, dtype=source.dtype, device=device)
     if source.kind == "torch_dist":
         load_model(model, source.path)
     else:
-        fill_rank(source, spec, parameter_slots(model_sharded_state_dict(model)), parallel_state.get_tensor_model_parallel_rank(),
-                  CloneConfig(), RankReport(rank=dist.get_rank()))
+        load_legacy_model(model, source.path, spec, getattr(source.args, "pipeline_model_parallel_size", 1))
     return model
+
+
+def load_legacy_model(model: torch.nn.Module, path: Path, spec: ModelSpec, pipeline: int = 1) -> None:
+    """Megatron-LM's legacy load: this TP rank's files (every pipeline stage joined), strict."""
+    from megatron.core import parallel_state
+
+    state = ckpt_io.legacy_model_state(path, parallel_state.get_tensor_model_parallel_rank(), pipeline,
+                                       spec.num_layers // pipeline)
+    if spec.tied:  # the last stage keeps a copy of the embedding as the output layer; one stage shares it
+        state.pop("output_layer.weight", None)
+    model.load_state_dict(state, strict=True)
 
 
 def _megatron_reference(source: Source, batches: list[torch.Tensor], device) -> list[torch.Tensor]:
@@ -217,11 +232,8 @@ def _destination_model(destination: Source, spec: ModelSpec, dtype: torch.dtype,
     """The destination as megatron-core loads it at its own TP (switches the parallel state to it)."""
     init_parallel(spec.tensor_parallel)
     model = build_gpt(spec, dtype=dtype, device=device)
-    if destination.kind == "torch":  # Megatron-LM's legacy load: this TP rank's file, strict
-        from megatron.core import parallel_state as ps
-
-        file = ckpt_io.legacy_file(destination.path, ps.get_tensor_model_parallel_rank())
-        model.load_state_dict(torch.load(file, map_location="cpu", weights_only=False)["model"], strict=True)
+    if destination.kind == "torch":
+        load_legacy_model(model, destination.path, spec)
     else:
         load_model(model, destination.path)
     return model

@@ -102,7 +102,7 @@ def save_legacy(model, args, root: Path, te_names: bool) -> None:
     the model's state dict (local-spec names, or Transformer Engine names for the fused norms)."""
     from megatron.core import parallel_state as ps
 
-    from megaclone.source import LOCAL_SPEC_NAMES
+    from megaclone.checkpoint import LOCAL_SPEC_NAMES
 
     tp_rank, stage = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     name = f"mp_rank_{tp_rank:02d}" + (f"_{stage:03d}" if ps.get_pipeline_model_parallel_world_size() > 1 else "")
@@ -139,6 +139,11 @@ def legacy_cases(out: Path, spec: ModelSpec) -> dict:
         # identical on data-parallel replicas, different per (TP rank, stage)
         toy.perturb_(model, torch.Generator().manual_seed(5 + 10 * ps.get_pipeline_model_parallel_rank()
                                                           + ps.get_tensor_model_parallel_rank()))
+        # as in training, parameters Megatron replicates over TP (norms) are equal on every TP rank
+        for param in model.parameters():
+            if not getattr(param, "tensor_model_parallel", False):
+                dist.broadcast(param.data, ps.get_tensor_model_parallel_src_rank(),
+                               group=ps.get_tensor_model_parallel_group())
         args = toy.megatron_args(dataclasses.replace(spec, tensor_parallel=tp), pipeline_model_parallel_size=pp)
         name = f"legacy-tp{tp}-pp{pp}" + ("-te" if te else "")
         save_legacy(model, args, out / name, te)
