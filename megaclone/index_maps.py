@@ -77,4 +77,92 @@ class Concat:
         return src + which * self.part.src_size, block
 
 
-DimMap = Union[Tile, Pad, Concat]
+@dataclass(frozen=True)
+class GroupedHeads:
+    """Attention heads (``head_dim`` indices each) when heads grow by ``heads_factor`` but query
+    groups only by ``groups_factor`` (a divisor of it): the extra heads join the existing groups.
+
+    Destination group j copies source group j mod G (copy ``b = j // G``); its query head r copies
+    the source group's head r mod hpg (copy ``c = r // hpg``), and belongs to clone block
+    ``b * heads_factor / groups_factor + c``, so every source head is copied once per block, and each
+    copy attends with keys and values copied from its own source head's group.
+    ``groups_factor == heads_factor`` is the plain ``Tile`` of whole heads.
+    """
+
+    groups: int  # source query groups (G)
+    heads_per_group: int  # source query heads per group (hpg)
+    head_dim: int
+    heads_factor: int
+    groups_factor: int
+
+    def __post_init__(self):
+        if self.groups_factor < 1 or self.heads_factor % self.groups_factor:
+            raise ValueError(f"the query-group factor {self.groups_factor} must divide the head factor {self.heads_factor}")
+
+    @property
+    def src_size(self) -> int:
+        return self.groups * self.heads_per_group * self.head_dim
+
+    @property
+    def dst_size(self) -> int:
+        return self.src_size * self.heads_factor
+
+    @property
+    def factor(self) -> int:
+        return self.heads_factor
+
+    @property
+    def dst_heads_per_group(self) -> int:
+        return self.heads_per_group * self.heads_factor // self.groups_factor
+
+    def head(self, group: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source head, block) of query head ``r`` of destination group ``group``."""
+        b, source_group = np.divmod(group, self.groups)
+        c, h = np.divmod(r, self.heads_per_group)
+        return source_group * self.heads_per_group + h, b * (self.heads_factor // self.groups_factor) + c
+
+    def __call__(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t, e = np.divmod(i, self.head_dim)
+        group, r = np.divmod(t, self.dst_heads_per_group)
+        head, block = self.head(group, r)
+        return head * self.head_dim + e, block
+
+
+@dataclass(frozen=True)
+class GroupedQKV:
+    """Megatron's fused QKV rows (per group: its query heads, one key head, one value head) under
+    ``heads``: query rows follow ``heads``, a destination group's key and value rows copy its source
+    group's (block ``j // G``, below the query blocks' range)."""
+
+    heads: GroupedHeads
+
+    @property
+    def src_rows_per_group(self) -> int:
+        return (self.heads.heads_per_group + 2) * self.heads.head_dim
+
+    @property
+    def src_size(self) -> int:
+        return self.heads.groups * self.src_rows_per_group
+
+    @property
+    def dst_size(self) -> int:
+        return self.heads.groups * self.heads.groups_factor * (self.heads.dst_heads_per_group + 2) * self.heads.head_dim
+
+    @property
+    def factor(self) -> int:
+        return self.heads.heads_factor
+
+    def __call__(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        hd, hpg_dst = self.heads.head_dim, self.heads.dst_heads_per_group
+        group, within = np.divmod(i, (hpg_dst + 2) * hd)
+        r, e = np.divmod(within, hd)
+        head, q_block = self.heads.head(group, np.minimum(r, hpg_dst - 1))
+        source_group = group % self.heads.groups
+        kv_block, _ = np.divmod(group, self.heads.groups)
+        query = r < hpg_dst
+        src_in_group = np.where(query, head % self.heads.heads_per_group, self.heads.heads_per_group + r - hpg_dst)
+        src = source_group * self.src_rows_per_group + src_in_group * hd + e
+        return src, np.where(query, q_block, kv_block)
+
+
+DimMap = Union[Tile, Pad, Concat, GroupedHeads, GroupedQKV]

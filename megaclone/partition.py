@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from .index_maps import Concat, DimMap, Pad, Tile
+from .index_maps import Concat, DimMap, GroupedHeads, GroupedQKV, Pad, Tile
 from .spec import ModelSpec
 
 
@@ -77,8 +77,9 @@ class ParamRule:
     @property
     def diagonal_applies(self) -> bool:
         """The paper's diagonal variants are defined for matrices cloned on both axes by one factor;
-        every other matrix (the output layer, unequal hidden and head/FFN factors) stays symmetric."""
-        return self.role is Role.MATRIX and self.c_out == self.c_in > 1
+        every other matrix (the output layer, unequal hidden and head/FFN factors, a fused QKV whose
+        key/value rows grow less than its query rows) stays symmetric."""
+        return self.role is Role.MATRIX and self.c_out == self.c_in > 1 and not isinstance(self.rows, GroupedQKV)
 
     @property
     def noise_blocks(self) -> int:
@@ -97,8 +98,13 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
     k = dst.num_attention_heads // src.num_attention_heads
     m = dst.ffn_hidden_size // src.ffn_hidden_size
     hidden = Tile(src.hidden_size, n)
-    qkv = Tile(src.num_query_groups * src.qkv_rows_per_group, k, unit=src.qkv_rows_per_group)
-    heads = Tile(src.num_attention_heads * src.kv_channels, k, unit=src.kv_channels)
+    g = dst.num_query_groups // src.num_query_groups
+    if g == k:  # whole query groups (their q, k and v rows) repeat
+        qkv = Tile(src.num_query_groups * src.qkv_rows_per_group, k, unit=src.qkv_rows_per_group)
+        heads = Tile(src.num_attention_heads * src.kv_channels, k, unit=src.kv_channels)
+    else:  # the new heads join the groups
+        heads = GroupedHeads(src.num_query_groups, src.heads_per_group, src.kv_channels, k, g)
+        qkv = GroupedQKV(heads)
     ffn = Tile(src.ffn_hidden_size, m)
     fc1 = Concat(ffn, 2) if src.swiglu else ffn
     vocab = Pad(src.padded_vocab_size, dst.padded_vocab_size)

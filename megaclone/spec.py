@@ -204,23 +204,37 @@ def _refuse_unsupported(args: Any) -> None:
 
 @dataclass(frozen=True)
 class Factors:
-    """Integer growth factors: n for hidden, k for heads and query groups, m for the FFN."""
+    """Integer growth factors: n for hidden, k for heads, m for the FFN, and g for query groups (a
+    divisor of k; None: k, the groups grow with the heads)."""
 
     hidden: int
     heads: int
     ffn: int
+    query_groups: Optional[int] = None
 
     @classmethod
     def uniform(cls, factor: int) -> "Factors":
         return cls(factor, factor, factor)
 
+    @property
+    def groups(self) -> int:
+        return self.heads if self.query_groups is None else self.query_groups
+
     def validate(self) -> None:
         for name, value in dataclasses.asdict(self).items():
+            if value is None and name == "query_groups":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MegacloneError(
                     f"the {name} factor must be a positive integer, got {value!r}",
-                    "pass --factor N (or --hidden-factor/--head-factor/--ffn-factor) with N >= 1",
+                    "pass --factor N (or --hidden-factor/--head-factor/--query-group-factor/--ffn-factor) "
+                    "with N >= 1",
                 )
+        if self.heads % self.groups:
+            raise MegacloneError(
+                f"the query-group factor {self.groups} does not divide the head factor {self.heads}: the new "
+                "heads must split evenly over the query groups",
+                f"pass --query-group-factor 1 (keep the groups) or a divisor of {self.heads}")
 
 
 def pad_vocab(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
@@ -236,7 +250,7 @@ def grow(src: ModelSpec, factors: Factors, tensor_parallel: int) -> ModelSpec:
         src,
         hidden_size=src.hidden_size * factors.hidden,
         num_attention_heads=src.num_attention_heads * factors.heads,
-        num_query_groups=src.num_query_groups * factors.heads,
+        num_query_groups=src.num_query_groups * factors.groups,
         ffn_hidden_size=src.ffn_hidden_size * factors.ffn,
         padded_vocab_size=pad_vocab(src.vocab_size, src.make_vocab_size_divisible_by, tensor_parallel),
         tensor_parallel=tensor_parallel,

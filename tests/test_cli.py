@@ -46,6 +46,16 @@ def test_verify_passes_per_rank_and_fails_past_tolerance(source, expanded):
     assert strict.returncode == 1 and "FAIL" in strict.stdout
 
 
+def test_query_groups_kept_while_heads_grow_at_tp_2(source, tmp_path):
+    """Fused QKV split by whole destination groups over two ranks when only the heads grow."""
+    dst = tmp_path / "groups-kept"
+    grown = torchrun(2, "expand_sharded.py", "--load", str(source), "--save", str(dst), "--tp", "2",
+                     "--query-group-factor", "1", "--variant", "noisy-diagonal")
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    ok = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(dst))
+    assert ok.returncode == 0 and "PASS: 2 ranks" in ok.stdout, ok.stdout[-3000:] + ok.stderr[-3000:]
+
+
 def test_world_size_must_equal_tp(source, tmp_path):
     proc = run([sys.executable, "tools/expand_sharded.py", "--load", str(source), "--save", str(tmp_path / "d"),
                 "--tp", "2"])

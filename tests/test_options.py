@@ -33,6 +33,31 @@ def test_unequal_factors_preserve_the_logits(source, tmp_path):
         assert r.ok and r.max_rel < 1e-5, (factors, r)
 
 
+@pytest.mark.parametrize("variant", ["symmetric", "noisy-symmetric", "diagonal"])
+def test_query_groups_may_grow_less_than_the_heads(source, tmp_path, variant):
+    """--query-group-factor: the new heads join the existing groups (the authors' code keeps a
+    multi-query model's single KV head); megatron-core's GQA forward of the wide model gives the
+    source's logits, and the args record the groups."""
+    from megaclone.clone import CloneConfig, Variant
+
+    mqa = tmp_path / "mqa"
+    toy.make_source(mqa, toy.preset_spec("llama", 1, num_query_groups=1), train_steps=1)
+    for src, factors, groups in ((source, Factors(2, 2, 2, 1), 8), (source, Factors(3, 4, 2, 2), 16),
+                                 (mqa, Factors(2, 2, 2, 1), 1)):
+        dst = tmp_path / f"{src.name}-{factors.heads}-{factors.groups}"
+        expand(src, dst, factors, 1, CloneConfig(Variant(variant), seed=3))
+        args = ckpt_io.read_common(ckpt_io.find_checkpoint(dst))["args"]
+        assert (args.num_attention_heads, args.num_query_groups) == (16 * factors.heads, groups)
+        [r] = verify(src, dst)
+        assert r.ok and r.max_rel < 1e-5, (factors, r)
+
+
+def test_a_query_group_factor_must_divide_the_head_factor(source, tmp_path):
+    with pytest.raises(MegacloneError, match="does not divide the head factor 2"):
+        expand(source, tmp_path / "d", Factors(2, 2, 2, 3), 1)
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
 def test_a_half_precision_destination_from_an_fp32_source(source, tmp_path, dtype, tol):
     expand(source, tmp_path / "d", Factors.uniform(2), 1, dtype=dtype)

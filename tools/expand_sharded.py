@@ -23,7 +23,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, required=True, help="destination tensor-parallel size = world size")
     p.add_argument("--factor", type=int, default=2, help="growth factor for hidden, heads and FFN (default 2)")
     p.add_argument("--hidden-factor", type=int, help="override the hidden-size factor")
-    p.add_argument("--head-factor", type=int, help="override the attention heads / query groups factor")
+    p.add_argument("--head-factor", type=int, help="override the attention heads factor")
+    p.add_argument("--query-group-factor", type=int,
+                   help="query groups (key/value heads) factor, a divisor of the head factor (default: the head "
+                        "factor; 1 keeps the groups, e.g. a multi-query model's single KV head)")
     p.add_argument("--ffn-factor", type=int, help="override the FFN factor")
     p.add_argument("--variant", default="symmetric",
                    choices=["symmetric", "noisy-symmetric", "diagonal", "noisy-diagonal"],
@@ -67,9 +70,8 @@ def main() -> int:
             f"--tp {args.tp} but {rt.world_size} processes were started",
             f"launch with torchrun --nproc_per_node {args.tp} (or mpirun -n {args.tp})",
         )
-    factors = Factors(
-        args.hidden_factor or args.factor, args.head_factor or args.factor, args.ffn_factor or args.factor
-    )
+    factors = Factors(args.hidden_factor or args.factor, args.head_factor or args.factor,
+                      args.ffn_factor or args.factor, args.query_group_factor)
     progress = ExpandProgress(enabled=rt.is_main and not args.no_progress)
     reports = expand(
         args.load or args.load_hf, args.save, factors, args.tp,
