@@ -15,7 +15,7 @@ from megaclone.errors import MegacloneError
 from megaclone.expand import destination_spec, expand
 from megaclone.source import open_source
 from megaclone.spec import Factors
-from util import overwrite_stored_value, tree_hash
+from util import overwrite_stored_value, tmpfs, tree_hash
 
 
 @pytest.fixture(scope="module")
@@ -257,17 +257,9 @@ def test_export_never_deletes_its_source_or_a_users_files(source, tmp_path):
 
 @pytest.fixture
 def read_only_dir(tmp_path):
-    """An empty read-only tmpfs (root writes through chmod, not through a read-only mount; needs
-    permission to mount, as on CI here; skipped elsewhere)."""
-    import subprocess
-
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)], capture_output=True)
+    """An empty read-only disk (root writes through chmod, not through a read-only mount)."""
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as mount:
+        yield mount
 
 
 def test_a_read_only_destination_is_refused_before_reading(source, read_only_dir):

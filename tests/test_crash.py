@@ -8,7 +8,7 @@ import uuid
 import psutil
 import pytest
 
-from util import torchrun, tree_hash
+from util import tmpfs, torchrun, tree_hash
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +96,9 @@ def test_nothing_outlives_a_rank_killed_while_its_writers_run(source, tmp_path):
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A 300 KiB tmpfs (needs root, as on CI here; skipped elsewhere)."""
-    import subprocess
-
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)], capture_output=True)
+    """A 300 KiB disk."""
+    with tmpfs(tmp_path / "tiny", "size=300k") as mount:
+        yield mount
 
 
 def test_a_full_disk_says_so_and_leaves_no_partial_checkpoint(source, tiny_disk):

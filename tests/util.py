@@ -1,10 +1,12 @@
 """Helpers shared by the tests: running the tools as a user would, hashing a directory tree."""
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +74,18 @@ def overwrite_stored_value(root, key: str, index: int, value: float) -> None:
     with open(path, "r+b") as f:
         f.seek(info.offset)
         f.write(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``mount`` with ``options`` (a full or read-only disk; mounting needs root, as
+    on CI here: the test is skipped elsewhere)."""
+    import pytest
+
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
