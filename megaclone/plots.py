@@ -77,17 +77,18 @@ def loss_bands(bands: Mapping[str, Sequence[tuple[float, float, float, float]]],
     as a band. ``bands[name]`` holds (tokens, mean, low, high) points."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    top = target
+    top = bottom = target
     for name, points in bands.items():
         tokens, mean, low, high = (np.array(v) for v in zip(*points))
         line, = ax.plot(tokens / 1e6, mean, label=name, linestyle="--" if name.startswith("random-init") else "-")
         if np.any(high > low):
             ax.fill_between(tokens / 1e6, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-        top = max(top, float(np.median(mean)))
+        top = max(top, float(np.median(mean)))  # a random-init start would flatten every other curve
+        bottom = min(bottom, float(low.min()))
     ax.axhline(target, color="gray", linewidth=0.8, linestyle=":", label="target (random-init final loss)")
     ax.set_xlabel("training tokens of the wide model (millions)")
     ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_ylim(target * 0.97, top * 1.15)
+    ax.set_ylim(bottom * 0.98, top * 1.15)
     if title:
         ax.set_title(title)
     ax.legend(fontsize=8)
