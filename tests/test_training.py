@@ -159,8 +159,14 @@ def test_reproduction_report(out, report):
     seeds = QUICK["seeds"]
     assert set(report["runs"]) == {f"{v}-s{k}" for v in repro.MAIN for k in range(1, seeds + 1)} | {
         "noisy-diagonal-s1", "symmetric-dropout0-s1", "symmetric-source-lr-s1", "symmetric-from-third-s1",
-        "symmetric-from-two-thirds-s1"}
+        "symmetric-from-two-thirds-s1", "symmetric-4x-s1"}
     assert report["variants"]["random-init"]["speedup"]["mean"] == pytest.approx(1.0)
+    # Figure 9: the half-width source grown 4x (query groups by less) is the targets' shape and its function
+    four = report["runs"]["symmetric-4x-s1"]["source_check"]
+    assert "small-source" in four["source"] and four["abs_diff"] < 1e-5, four
+    wide = vars(ckpt_io.read_common(ckpt_io.find_checkpoint(out / "expanded" / "symmetric-4x"))["args"])
+    assert [wide[f] for f in ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")] == [
+        2 * QUICK[f] for f in ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")]
     assert report["variants"]["symmetric"]["final_loss"]["n"] == seeds
     for name in report["figures"].values():
         assert (out / "results" / name).read_bytes()[:4] == b"\x89PNG"
