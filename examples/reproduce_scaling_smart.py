@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduce "Scaling Smart" (Samragh et al., 2024) in miniature on this machine's CPU.
 
-    python examples/reproduce_scaling_smart.py            # about an hour on 2 cores
+    python examples/reproduce_scaling_smart.py            # about 75 minutes on 2 cores
     python examples/reproduce_scaling_smart.py --quick --out runs/repro-quick --results runs/repro-quick/results
 
 1. byte-level data from the Python standard library, cut into three disjoint document sets
@@ -13,7 +13,8 @@
    lr half the source's, linear warm-up, cosine decay, hidden and attention dropout 0.1; paired seeds
    (one seed fixes the data order, the dropout masks, the noise and the random init) for the main
    variants, one seed for the side runs (noisy diagonal, symmetric with dropout 0, symmetric at the
-   source's lr, clones of the source at a third and two thirds of its training);
+   source's lr, clones of the source at a third and two thirds of its training, and a 4x clone of a
+   half-width source trained on the same tokens);
 5. speedups against the random-init model of the same seed, the paper's Figure 5 and 6 measures,
    figures, a claims table and a JSON of everything.
 
