@@ -52,6 +52,20 @@ def test_query_groups_may_grow_less_than_the_heads(source, tmp_path, variant):
         assert r.ok and r.max_rel < 1e-5, (factors, r)
 
 
+def test_a_gpt2_with_fewer_query_groups_than_heads_is_not_exported(source, tmp_path):  # source: the process group
+    """transformers' GPT-2 has no grouped-query attention: the export refuses, writing nothing."""
+    pytest.importorskip("transformers")
+    from megaclone.export import export_hf
+
+    src = tmp_path / "gpt2"
+    toy.make_source(src, toy.preset_spec("gpt2", 1), train_steps=1)
+    wide = tmp_path / "wide"
+    expand(src, wide, Factors(1, 2, 1, 1), 1)
+    with pytest.raises(MegacloneError, match="has no grouped-query attention"):
+        export_hf(wide, tmp_path / "hf", "gpt2")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_query_group_factor_must_divide_the_head_factor(source, tmp_path):
     with pytest.raises(MegacloneError, match="does not divide the head factor 2"):
         expand(source, tmp_path / "d", Factors(2, 2, 2, 3), 1)
