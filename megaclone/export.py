@@ -67,8 +67,7 @@ def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = Non
         args = ckpt_io.read_common(path)["args"]
         spec = ModelSpec.from_args(args)
         mtype = model_type or getattr(args, "hf_model_type", None) or hf.infer_model_type(spec)
-        hf.family_of(mtype)
-        if mtype in ("gpt2", "gpt_neox") and spec.num_query_groups != spec.num_attention_heads:
+        if not hf.family_of(mtype).grouped_query and spec.num_query_groups != spec.num_attention_heads:
             raise MegacloneError(
                 f"{path} has {spec.num_attention_heads} heads in {spec.num_query_groups} query groups, but "
                 f"transformers' {mtype} has no grouped-query attention",

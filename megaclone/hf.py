@@ -86,6 +86,8 @@ class Family:
     args_from_config: Callable[[dict], dict]
     layout: Callable[[ModelSpec], dict[str, HFTensor]]
     config_from_spec: Callable[[ModelSpec, str], dict]
+    grouped_query: bool = False  # transformers' model has key/value heads apart from query heads
+
 
 
 def _rope(config: dict) -> tuple[float, float]:
@@ -261,7 +263,7 @@ def _neox_config(s: ModelSpec, model_type: str) -> dict:
 
 
 FAMILIES = (
-    Family("llama", ("llama", "mistral", "qwen2"), _llama_args, _llama_layout, _llama_config),
+    Family("llama", ("llama", "mistral", "qwen2"), _llama_args, _llama_layout, _llama_config, grouped_query=True),
     Family("gpt2", ("gpt2",), _gpt2_args, _gpt2_layout, _gpt2_config),
     Family("gpt_neox", ("gpt_neox",), _neox_args, _neox_layout, _neox_config),
 )

@@ -157,8 +157,7 @@ class GroupedQKV:
         group, within = np.divmod(i, (hpg_dst + 2) * hd)
         r, e = np.divmod(within, hd)
         head, q_block = self.heads.head(group, np.minimum(r, hpg_dst - 1))
-        source_group = group % self.heads.groups
-        kv_block, _ = np.divmod(group, self.heads.groups)
+        kv_block, source_group = np.divmod(group, self.heads.groups)
         query = r < hpg_dst
         src_in_group = np.where(query, head % self.heads.heads_per_group, self.heads.heads_per_group + r - hpg_dst)
         src = source_group * self.src_rows_per_group + src_in_group * hd + e

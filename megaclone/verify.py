@@ -63,8 +63,6 @@ def load_source_model(source: Source, device) -> torch.nn.Module:
     """The source as megatron-core loads it, without megaclone's reader: a torch_dist checkpoint through
     ``dist_checkpointing`` at the largest TP its shape allows in this world (it reshards), a legacy
     one with ``load_state_dict(strict=True)`` at its own TP. Switches the parallel state to that TP."""
-    from megatron.core import parallel_state
-
     if source.kind == "torch_dist":
         tp = feasible_tp(source.spec, dist.get_world_size())
     elif source.kind == "torch":
