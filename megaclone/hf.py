@@ -89,7 +89,6 @@ class Family:
     grouped_query: bool = False  # transformers' model has key/value heads apart from query heads
 
 
-
 def _rope(config: dict) -> tuple[float, float]:
     """(rope_theta, partial rotary factor) from transformers 4 or 5 config fields; refuses scaling."""
     params = config.get("rope_parameters") or config.get("rope_scaling") or {}
