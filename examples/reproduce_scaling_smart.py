@@ -75,7 +75,7 @@ def flags(**kwargs) -> list[str]:
 def half_width(size: dict, tp: int) -> dict:
     """The smaller source of Figure 9: half the hidden size, heads and FFN, query groups halved where
     they can be (one per TP rank at least); its 4x clone has the targets' shape, its query groups
-    grown by what the targets' need (--query-group-factor)."""
+    grown by what the targets need (--query-group-factor)."""
     return {**size, "hidden_size": size["hidden_size"] // 2, "num_attention_heads": size["num_attention_heads"] // 2,
             "num_query_groups": max(tp, size["num_query_groups"] // 2), "ffn_hidden_size": size["ffn_hidden_size"] // 2}
 
@@ -223,16 +223,17 @@ def plan_stages(args, size: dict, runs: list[Run]) -> list[Stage]:
     stages = [Stage(f"data-{name}", ["tools/preprocess_data.py", "--output-prefix", str(prefix), "--seed",
                                      str(SOURCE_SEED), *flags(skip_documents=skip[name], max_documents=count[name])],
                     done=Path(f"{prefix}.idx").exists(), torchrun=False) for name, prefix in data.items()]
-    src_json = out / "source.json"
-    stages.append(Stage("train-source", ["examples/pretrain_gpt.py", *shape_flags(size), *train_flags(
-        size, {"train": data["source"], "valid": data["valid"]}, SOURCE_SEED, size["source_iters"], out / "source",
-        src_json, tp, schedule=SOURCE_LR, save_interval=size["source_iters"] // 3)],
-        done=finished(src_json, size["source_iters"]), after=("data-source", "data-valid")))
-    small, small_json = half_width(size, tp), out / "small-source.json"
-    stages.append(Stage("train-small-source", ["examples/pretrain_gpt.py", *shape_flags(small), *train_flags(
-        small, {"train": data["source"], "valid": data["valid"]}, SOURCE_SEED, size["source_iters"],
-        out / "small-source", small_json, tp, schedule=SOURCE_LR, save_interval=size["source_iters"])],
-        done=finished(small_json, size["source_iters"]), after=("data-source", "data-valid")))
+    small = half_width(size, tp)
+
+    def train_source(name: str, shape: dict, snapshots: int) -> Stage:
+        """A source trained from scratch on the source stream at the source's schedule."""
+        log_json = out / f"{name}.json"
+        return Stage(f"train-{name}", ["examples/pretrain_gpt.py", *shape_flags(shape), *train_flags(
+            shape, {"train": data["source"], "valid": data["valid"]}, SOURCE_SEED, size["source_iters"], out / name,
+            log_json, tp, schedule=SOURCE_LR, save_interval=size["source_iters"] // snapshots)],
+            done=finished(log_json, size["source_iters"]), after=("data-source", "data-valid"))
+
+    stages += [train_source("source", size, snapshots=3), train_source("small-source", small, snapshots=1)]
     expansions: dict[str, tuple[str, int, Path, list[str], str]] = {}
     for run in runs:
         if run.start == FOUR_X:
