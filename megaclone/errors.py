@@ -15,6 +15,10 @@ class MegacloneError(Exception):
         super().__init__(f"{problem}" + (f"\n  fix: {fix}" if fix else ""))
 
 
+class NotComparable(MegacloneError):
+    """A clone that does not compute its source's function by design: a logit check has nothing to prove."""
+
+
 @contextlib.contextmanager
 def reading(path: "str | os.PathLike", what: str = "") -> Iterator[None]:
     """Turn a failure to read or parse ``path`` (missing, truncated, garbage) into a MegacloneError that

@@ -34,7 +34,7 @@ from .source import Source, open_any_source
 from .plan import SliceTask, plan_rank, power_chunks
 from .memory import PeakMemory
 from .runtime import agree, cpu_seconds, return_large_frees, trim_heap
-from .spec import Factors, ModelSpec, check_divisible, grow
+from .spec import Depth, Factors, ModelSpec, check_divisible, grow
 
 # Fault injection for crash-safety tests: MEGACLONE_FAULT_INJECT="<point>:<rank>" makes that rank
 # SIGKILL itself at that point ("read": after its first slice; "write": after saving its shard,
@@ -85,8 +85,8 @@ class RankReport:
     peak_rss: dict[str, int] = field(default_factory=dict)
 
 
-def destination_spec(source: Source, factors: Factors, tp: int) -> ModelSpec:
-    dst = grow(source.spec, factors, tp)
+def destination_spec(source: Source, factors: Factors, tp: int, depth: Depth = Depth()) -> ModelSpec:
+    dst = grow(source.spec, factors, tp, depth)
     check_divisible(dst)
     return dst
 
@@ -158,28 +158,36 @@ def fill_rank(
     on_slice: Optional[Callable[[SliceTask, int], None]] = None,
     allow_non_finite: bool = False,
     powers: Optional[dict[tuple[str, Optional[int]], np.ndarray]] = None,
+    depth: Depth = Depth(),
 ) -> None:
     """Compute every destination slice this rank owns into its row blocks (model.parameter_slots),
     one task at a time: read its source boxes (locally, no collective), clone, release. Source values
     that are not finite are refused (naming the tensor) unless ``allow_non_finite``."""
     rules = param_rules(source.spec, dst_spec)
     slots = dict(slots)
-    for task in plan_rank(rules, source.spec.num_layers, dst_spec.tensor_parallel, tp_rank):
+    layers = depth.layer_map(source.spec.num_layers)
+    for task in plan_rank(rules, layers, dst_spec.tensor_parallel, tp_rank, depth.zeroes_added_outputs):
         blocks = slots.pop((task.rule.key, task.layer))
         _check_blocks(task, blocks)
         t0 = time.perf_counter()
         box_read = task.box_read
-        parts = source.read(box_read)
-        if not allow_non_finite:
-            _check_finite(task, parts)
-        t1 = time.perf_counter()
-        piece = assemble_piece(task, parts, source.tensors[task.rule.key].dtype)
-        del parts
-        with torch.no_grad():
-            for b in blocks:
-                clone_slice(task.rule, task.layer or 0, piece, task.dst_rows[b.start:b.stop], task.dst_cols, cfg,
-                            out=b.tensor, signal_power=(powers or {}).get((task.rule.key, task.layer)))
-        del piece
+        if task.zero:  # a residual output of a layer added by identity depth growth: nothing to read
+            t1 = t0
+            with torch.no_grad():
+                for b in blocks:
+                    b.tensor.zero_()
+        else:
+            parts = source.read(box_read)
+            if not allow_non_finite:
+                _check_finite(task, parts)
+            t1 = time.perf_counter()
+            piece = assemble_piece(task, parts, source.tensors[task.rule.key].dtype)
+            del parts
+            with torch.no_grad():
+                for b in blocks:
+                    clone_slice(task.rule, task.layer or 0, piece, task.dst_rows[b.start:b.stop], task.dst_cols, cfg,
+                                out=b.tensor, signal_power=(powers or {}).get((task.rule.key, task.src_layer)))
+            del piece
         t2 = time.perf_counter()
         report.slices += 1
         if report.slices == 1:
@@ -210,8 +218,10 @@ def expand(
     pp: int = 1,
     save_format: str = "torch_dist",
     allow_non_finite: bool = False,
+    depth: Depth = Depth(),
 ) -> list[RankReport]:
-    """Expand ``src_root`` into ``dst_root`` at TP ``tp``; returns every rank's report (on every rank).
+    """Expand ``src_root`` into ``dst_root`` at TP ``tp`` (and ``depth``); returns every rank's report
+    (on every rank).
 
     The destination keeps the source's dtype unless ``dtype`` is given (values are computed in fp32,
     or fp64 for an fp64 source, and rounded once). torch_dist keys are global, so the bytes do not
@@ -236,13 +246,15 @@ def expand(
         if world % tp:
             raise MegacloneError(f"world size {world} is not a multiple of --tp {tp}", f"launch with --nproc_per_node {tp}")
         source = open_any_source(src_root, src_format, vocab_size)
-        dst_spec = destination_spec(source, factors, tp)
+        dst_spec = destination_spec(source, factors, tp, depth)
         if save_format == "torch" and pp != 1:
             raise MegacloneError("--save-format torch writes pipeline size 1 only",
                                  "use the default torch_dist format (one destination serves every --pp)")
         if pp < 1 or dst_spec.num_layers % pp:
-            raise MegacloneError(f"--pp {pp} does not divide the {dst_spec.num_layers} layers",
-                                 "choose a pipeline size that divides the number of layers")
+            grown = f" ({source.spec.num_layers} x depth factor {depth.factor})" if depth.factor > 1 else ""
+            raise MegacloneError(f"--pp {pp} does not divide the {dst_spec.num_layers} layers{grown}",
+                                 "choose a pipeline size that divides the number of layers"
+                                 + (", or a depth factor that makes it divisible" if depth.factor > 1 else ""))
         return source, dst_spec
 
     source, dst_spec = agree(validate)
@@ -268,7 +280,7 @@ def expand(
                   if cfg.variant.noisy else None)
         # every rank learns of a refusal here (bad values in its part of the source) before the save's collectives
         agree(lambda: fill_rank(source, dst_spec, slots, parallel_state.get_tensor_model_parallel_rank(), cfg, report,
-                                on_slice, allow_non_finite, powers))
+                                on_slice, allow_non_finite, powers, depth))
         del slots
         claim.clear()  # an earlier output goes only now that the source has been read whole
 
@@ -284,6 +296,7 @@ def expand(
             "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
             "megaclone": {
                 "factors": dataclasses.asdict(factors),
+                "depth": dataclasses.asdict(depth),
                 "variant": cfg.variant.value,
                 "snr_db": cfg.snr_db,
                 "seed": cfg.seed,

@@ -164,4 +164,21 @@ class GroupedQKV:
         return src, np.where(query, q_block, kv_block)
 
 
-DimMap = Union[Tile, Pad, Concat, GroupedHeads, GroupedQKV]
+@dataclass(frozen=True)
+class Repeat:
+    """Each source index repeated ``factor`` times in place: D index i copies S index ``i div factor``,
+    copy ``i mod factor`` (the layer axis under interleaved depth growth: every source layer followed
+    by its copies). ``Tile`` is the other order (the whole source axis repeated)."""
+
+    src_size: int
+    factor: int
+
+    @property
+    def dst_size(self) -> int:
+        return self.src_size * self.factor
+
+    def __call__(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.divmod(i, self.factor)
+
+
+DimMap = Union[Tile, Pad, Concat, GroupedHeads, GroupedQKV, Repeat]

@@ -52,6 +52,9 @@ class ParamRule:
     # Noisy variants: source rows per noise block (one head of q, k or v; one SwiGLU half; a whole
     # matrix otherwise), the unit whose signal power sets the noise scale; 0 = never perturbed.
     noise_unit: int = 0
+    # Written into the residual stream by a layer (its attention output and second MLP projection,
+    # with their biases): zero in a layer added by identity depth growth.
+    residual_output: bool = False
 
     def __post_init__(self):
         if self.noise_unit and (self.role is not Role.MATRIX or self.rows.src_size % self.noise_unit):
@@ -145,9 +148,10 @@ def _sublayer(prefix: str, first: str, first_rows: DimMap, second: str, second_c
     if first_bias:
         rules.append(ParamRule(f"{prefix}{first}.bias", first_rows, None, Split.COLUMN, Role.VECTOR, True))
     rules.append(ParamRule(f"{prefix}{second}.weight", hidden, second_cols, Split.ROW, Role.MATRIX, True,
-                           noise_unit=hidden.src_size))
+                           noise_unit=hidden.src_size, residual_output=True))
     if second_bias:
-        rules.append(ParamRule(f"{prefix}{second}.bias", hidden, None, Split.REPLICATED, Role.VECTOR, True))
+        rules.append(ParamRule(f"{prefix}{second}.bias", hidden, None, Split.REPLICATED, Role.VECTOR, True,
+                               residual_output=True))
     return rules
 
 

@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .index_maps import NO_SOURCE
+from .index_maps import NO_SOURCE, DimMap
 from .partition import ParamRule, dst_slice
 
 
@@ -43,14 +43,25 @@ class BoxRead:
 
 @dataclass(frozen=True)
 class SliceTask:
-    """One destination slice (a parameter, one layer of it) and the source it needs."""
+    """One destination slice (a parameter, one layer of it) and the source it needs: the rows and
+    columns of source layer ``src_layer``, or nothing when the slice is ``zero`` (an output projection
+    of a layer added by identity depth growth)."""
 
     rule: ParamRule
-    layer: Optional[int]  # None for parameters outside the layer stack
+    layer: Optional[int]  # destination layer; None for parameters outside the layer stack
+    src_layer: Optional[int]  # the source layer it reads (None exactly when ``layer`` is)
     dst_rows: np.ndarray
     dst_cols: Optional[np.ndarray]
-    src_rows: np.ndarray  # sorted unique source rows needed
+    src_rows: np.ndarray  # sorted unique source rows needed (none when zero)
     src_cols: Optional[np.ndarray]  # sorted unique source cols needed (None for vectors)
+    zero: bool = False
+
+    def __post_init__(self):
+        if (self.layer is None) != (self.src_layer is None) or (self.layer is None) == self.rule.per_layer:
+            raise ValueError(f"{self.rule.key}: destination layer {self.layer} and source layer {self.src_layer} "
+                             "must both be set exactly for a per-layer parameter")
+        if self.zero and len(self.src_rows):
+            raise ValueError(f"{self.rule.key}: a zero slice reads no source")
 
     @property
     def boxes(self) -> list[list[Box]]:
@@ -64,7 +75,7 @@ class SliceTask:
     @property
     def box_read(self) -> BoxRead:
         """Every box of the task, row runs first, in one request."""
-        return BoxRead(self.rule.key, self.layer, tuple(box for row in self.boxes for box in row))
+        return BoxRead(self.rule.key, self.src_layer, tuple(box for row in self.boxes for box in row))
 
     @property
     def dst_numel(self) -> int:
@@ -94,14 +105,26 @@ def _needed(dim_map, dst_indices: np.ndarray) -> np.ndarray:
     return np.unique(src[src != NO_SOURCE])
 
 
-def plan_rank(rules: list[ParamRule], num_layers: int, tp: int, rank: int) -> Iterator[SliceTask]:
-    """The slices TP rank ``rank`` computes, parameter by parameter, layer by layer, in a fixed order."""
+def plan_rank(rules: list[ParamRule], layers: DimMap, tp: int, rank: int,
+              zero_added_outputs: bool = False) -> Iterator[SliceTask]:
+    """The slices TP rank ``rank`` computes, parameter by parameter, destination layer by layer, in a
+    fixed order. ``layers`` maps a destination layer to (source layer, copy); with
+    ``zero_added_outputs`` the residual outputs of every copy but the first are zero slices."""
+    src_layer, copy = layers(np.arange(layers.dst_size))
+    none = np.empty(0, dtype=np.int64)
     for rule in rules:
         rows, cols = dst_slice(rule, tp, rank)
         src_rows = _needed(rule.rows, rows)
         src_cols = None if cols is None else _needed(rule.cols, cols)
-        for layer in range(num_layers) if rule.per_layer else [None]:
-            yield SliceTask(rule, layer, rows, cols, src_rows, src_cols)
+        if not rule.per_layer:
+            yield SliceTask(rule, None, None, rows, cols, src_rows, src_cols)
+            continue
+        for layer in range(layers.dst_size):
+            if zero_added_outputs and rule.residual_output and copy[layer] > 0:
+                yield SliceTask(rule, layer, int(src_layer[layer]), rows, cols, none,
+                                None if cols is None else none, zero=True)
+            else:
+                yield SliceTask(rule, layer, int(src_layer[layer]), rows, cols, src_rows, src_cols)
 
 
 # Elements per read of the signal-power pass: bounds its working set.

@@ -232,10 +232,11 @@ def agree(check: Callable[[], T]) -> T:
     except MegacloneError as exc:
         error = exc
     errors: list = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, None if error is None else (error.problem, error.fix))
+    dist.all_gather_object(errors, None if error is None else (type(error), error.problem, error.fix))
     for found in errors:
         if found is not None:
-            raise MegacloneError(*found)
+            kind, problem, fix = found
+            raise kind(problem, fix)
     return result  # type: ignore[return-value]
 
 

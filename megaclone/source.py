@@ -21,7 +21,7 @@ from . import hf
 from .errors import MegacloneError, reading
 from .partition import param_rules
 from .plan import Box, BoxRead, keyed_runs
-from .spec import ModelSpec
+from .spec import Depth, ModelSpec
 
 Reader = Callable[[BoxRead], list[torch.Tensor]]
 
@@ -38,6 +38,21 @@ class Source:
     dtype: torch.dtype
     read: Reader
     kind: str = "torch_dist"
+    clone_record: Optional[dict] = None  # what megaclone recorded if it wrote this checkpoint (factors, depth...)
+
+    @property
+    def not_function_preserving(self) -> Optional[str]:
+        return not_function_preserving(self.clone_record)
+
+
+def not_function_preserving(clone_record: Optional[dict]) -> Optional[str]:
+    """Why a clone (by the record megaclone wrote with it) does not compute its source's function by
+    design; None when it does, or when the checkpoint is not a clone."""
+    depth = Depth(**(clone_record or {}).get("depth", {}))
+    if depth.function_preserving:
+        return None
+    return (f"this clone was grown in depth with --depth-init {depth.init} (x{depth.factor}): its added layers are "
+            "exact copies that change the function, so its logits are not the source's by design")
 
 
 def _expected_shape(spec: ModelSpec, rule) -> tuple[int, ...]:
@@ -71,7 +86,8 @@ def open_source(root: str | Path, vocab_size: Optional[int] = None) -> Source:
     if len(dtypes) != 1:
         raise MegacloneError(f"source parameters mix dtypes {sorted(map(str, dtypes))}", "save the source in one dtype")
 
-    return Source(path, spec, common["args"], tensors, dtypes.pop(), ckpt_io.BoxReader(path).read)
+    return Source(path, spec, common["args"], tensors, dtypes.pop(), ckpt_io.BoxReader(path).read,
+                  clone_record=common.get("megaclone"))
 
 
 def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source:
@@ -230,7 +246,7 @@ def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> So
     def read(r: BoxRead) -> list[torch.Tensor]:
         return [read_box(r.key, r.layer, box) for box in r.boxes]
 
-    return Source(path, spec, args, tensors, dtype, read, kind="torch")
+    return Source(path, spec, args, tensors, dtype, read, kind="torch", clone_record=first.get("megaclone"))
 
 
 def open_megatron_source(root: str | Path, vocab_size: Optional[int] = None) -> Source:

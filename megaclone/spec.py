@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .errors import MegacloneError
+from .index_maps import DimMap, Repeat, Tile
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
@@ -237,17 +238,63 @@ class Factors:
                 f"pass --query-group-factor 1 (keep the groups) or a divisor of {self.heads}")
 
 
+DEPTH_INITS = ("identity", "stack")
+DEPTH_PLACEMENTS = ("interleave", "top")
+
+
+@dataclass(frozen=True)
+class Depth:
+    """Depth growth: the destination stacks ``factor`` layers per source layer.
+
+    ``placement`` orders them: "interleave" puts each source layer's copies right after it
+    (destination layer i copies source layer i div factor), "top" repeats the whole source stack
+    (i copies i mod L). ``init`` sets the copies (every copy but the first of each source layer):
+    "identity" zeroes the weights and biases through which a layer writes to the residual stream (the
+    attention output projection and the second MLP projection), so an added layer adds nothing and the
+    model computes the source's function (LLaMA-Pro's block expansion); "stack" copies the layer
+    whole (G_stack), which changes the function.
+    """
+
+    factor: int = 1
+    init: str = "identity"
+    placement: str = "interleave"
+
+    def __post_init__(self):
+        if not isinstance(self.factor, int) or isinstance(self.factor, bool) or self.factor < 1:
+            raise MegacloneError(f"the depth factor must be a positive integer, got {self.factor!r}",
+                                 "pass --depth-factor N with N >= 1 (1 keeps the source's layers)")
+        if self.init not in DEPTH_INITS:
+            raise MegacloneError(f"unknown depth init {self.init!r}", f"pass --depth-init one of {DEPTH_INITS}")
+        if self.placement not in DEPTH_PLACEMENTS:
+            raise MegacloneError(f"unknown depth placement {self.placement!r}",
+                                 f"pass --depth-placement one of {DEPTH_PLACEMENTS}")
+
+    @property
+    def function_preserving(self) -> bool:
+        return self.factor == 1 or self.init == "identity"
+
+    @property
+    def zeroes_added_outputs(self) -> bool:
+        return self.factor > 1 and self.init == "identity"
+
+    def layer_map(self, src_layers: int) -> DimMap:
+        """Destination layer -> (source layer, copy); copy 0 is the source layer's own place."""
+        return Repeat(src_layers, self.factor) if self.placement == "interleave" else Tile(src_layers, self.factor)
+
+
 def pad_vocab(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
     """Megatron's padding: round the true vocab up to a multiple of divisible_by x TP."""
     multiple = divisible_by * tensor_parallel
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def grow(src: ModelSpec, factors: Factors, tensor_parallel: int) -> ModelSpec:
-    """The destination spec: widths multiplied, head dim unchanged, vocab re-padded for the new TP."""
+def grow(src: ModelSpec, factors: Factors, tensor_parallel: int, depth: Depth = Depth()) -> ModelSpec:
+    """The destination spec: widths and layers multiplied, head dim unchanged, vocab re-padded for the
+    new TP."""
     factors.validate()
     return dataclasses.replace(
         src,
+        num_layers=src.num_layers * depth.factor,
         hidden_size=src.hidden_size * factors.hidden,
         num_attention_heads=src.num_attention_heads * factors.heads,
         num_query_groups=src.num_query_groups * factors.groups,

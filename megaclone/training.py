@@ -31,7 +31,7 @@ from . import train_state
 from .errors import MegacloneError
 from .model import build_gpt, causal_mask, model_sharded_state_dict
 from .runtime import Runtime, init_parallel
-from .source import Source, open_any_source
+from .source import Source, not_function_preserving, open_any_source
 from .spec import ModelSpec
 
 
@@ -346,7 +346,9 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
     loaded = Loaded()
     if load_path is not None and args.finetune and not args.no_source_check:
         meta = ckpt_io.read_common(load_path).get("megaclone")
-        if meta and Path(meta["source"]).exists():
+        if meta and (reason := not_function_preserving(meta)) is not None:
+            _print(rt, f"not comparing the first-batch loss with the source's: {reason}")
+        elif meta and Path(meta["source"]).exists():
             source = open_any_source(meta["source"], meta.get("source_format"))
             history.source_check = {"source": str(source.path), "variant": meta.get("variant"),
                                     "source_loss": source_loss(source, train_ds, args, device)}

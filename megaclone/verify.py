@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .errors import MegacloneError
+from .errors import MegacloneError, NotComparable
 from .model import build_gpt, causal_logits, load_model
 from .runtime import agree, init_parallel
 from . import checkpoint as ckpt_io
@@ -176,6 +176,9 @@ def verify(
     def validate():
         src = _open_hf(Path(src_hf)) if src_hf is not None else _open(Path(src_root))
         dst = _open(Path(dst_root))
+        if (reason := dst[3].not_function_preserving) is not None:
+            raise NotComparable(reason, "train it and compare losses instead; grow with --depth-init identity "
+                                        "for a clone whose logits equal the source's")
         if dist.get_world_size() % dst[1].tensor_parallel:
             raise MegacloneError(
                 f"the destination has TP {dst[1].tensor_parallel}, but the world size is {dist.get_world_size()}",

@@ -14,7 +14,7 @@ from megaclone import toy
 from megaclone.clone import CloneConfig, SourcePiece, Variant, clone_slice
 from megaclone.partition import param_rules
 from megaclone.plan import contiguous_runs, plan_rank
-from megaclone.spec import Factors, grow
+from megaclone.spec import Depth, Factors, grow
 from reference import expand_reference, zero_sum_violation
 
 
@@ -52,16 +52,21 @@ def block_powers(src, s):
     return out
 
 
-def clone_all(src, s, d, cfg, tp):
+def clone_all(src, s, d, cfg, tp, depth=Depth()):
     """Full destination tensors assembled from every rank's slices, each from its planned reads only."""
     rules = param_rules(s, d)
     powers = block_powers(src, s) if cfg.variant.noisy else {}
     dtype = next(iter(src.values())).dtype
-    dst = {r.key: torch.full(((s.num_layers,) if r.per_layer else ()) + r.dst_shape, float("nan"), dtype=dtype)
+    dst = {r.key: torch.full(((d.num_layers,) if r.per_layer else ()) + r.dst_shape, float("nan"), dtype=dtype)
            for r in rules}
     for rank in range(tp):
-        for task in plan_rank(rules, s.num_layers, tp, rank):
-            full = src[task.rule.key] if task.layer is None else src[task.rule.key][task.layer]
+        for task in plan_rank(rules, depth.layer_map(s.num_layers), tp, rank, depth.zeroes_added_outputs):
+            target = dst[task.rule.key] if task.layer is None else dst[task.rule.key][task.layer]
+            if task.zero:
+                assert len(task.src_rows) == 0 and task.box_read.numel == 0
+                target[np.ix_(task.dst_rows, task.dst_cols) if task.dst_cols is not None else task.dst_rows] = 0
+                continue
+            full = src[task.rule.key] if task.layer is None else src[task.rule.key][task.src_layer]
             # read exactly the planned grid boxes, nothing else
             covered = [i for o, n in contiguous_runs(task.src_rows) for i in range(o, o + n)]
             assert covered == list(task.src_rows)
@@ -73,8 +78,7 @@ def clone_all(src, s, d, cfg, tp):
             # odd ranks compute in place into a preallocated shard, as the expander does
             out = torch.full(shape, float("nan"), dtype=dtype) if rank % 2 else None
             values = clone_slice(task.rule, task.layer or 0, piece, task.dst_rows, task.dst_cols, cfg, out=out,
-                                 signal_power=powers.get((task.rule.key, task.layer)))
-            target = dst[task.rule.key] if task.layer is None else dst[task.rule.key][task.layer]
+                                 signal_power=powers.get((task.rule.key, task.src_layer)))
             if task.dst_cols is None:
                 target[torch.as_tensor(task.dst_rows)] = values
             else:
@@ -98,6 +102,58 @@ def test_exact_variants_match_block_reference(preset, factors, tp, variant):
     for key in ref:
         assert got[key].shape == ref[key].shape, key
         torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0, msg=key)
+
+
+def deepen_reference(wide: dict, layers: int, factor: int, placement: str, init: str) -> dict:
+    """The depth-grown model from the (width-grown) one, written out layer by layer: interleave puts
+    copies 1..factor-1 of layer l right after it, top repeats the stack; identity zeroes every copy's
+    attention output and second MLP projection (weights and biases)."""
+    order = ([(l, c) for l in range(layers) for c in range(factor)] if placement == "interleave"
+             else [(l, c) for c in range(factor) for l in range(layers)])
+    out = {}
+    for key, t in wide.items():
+        if not key.startswith("decoder.layers."):
+            out[key] = t
+            continue
+        residual = "linear_proj." in key or "linear_fc2." in key
+        out[key] = torch.stack([torch.zeros_like(t[l]) if c and init == "identity" and residual else t[l]
+                                for l, c in order])
+    return out
+
+
+@pytest.mark.parametrize("preset,factors,depth,tp", [
+    ("llama", Factors(2, 2, 2), Depth(2), 4),
+    ("gpt2", Factors(1, 1, 1), Depth(3, "identity", "top"), 2),
+    ("gpt2", Factors(2, 2, 2), Depth(2, "stack", "interleave"), 1),
+    ("llama", Factors(1, 1, 1), Depth(3, "stack", "top"), 2),
+])
+@pytest.mark.parametrize("variant", ["symmetric", "diagonal"])
+def test_depth_growth_matches_the_layer_by_layer_reference(preset, factors, depth, tp, variant):
+    s = toy.preset_spec(preset, 1)
+    d = grow(s, factors, tp, depth)
+    assert d.num_layers == s.num_layers * depth.factor
+    src = random_source(s)
+    got = clone_all(src, s, d, CloneConfig(Variant(variant)), tp, depth)
+    wide = expand_reference(src, s, grow(s, factors, tp), variant)
+    ref = deepen_reference(wide, s.num_layers, depth.factor, depth.placement, depth.init)
+    assert set(got) == set(ref)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0, msg=key)
+
+
+def test_noisy_depth_copies_read_their_source_layers_power_and_draw_their_own_noise():
+    """Noise is keyed by the destination layer (copies of one source layer get different, still
+    zero-sum, noise) at the power of the source layer they copy."""
+    s = toy.preset_spec("llama", 1)
+    src = random_source(s, seed=4)
+    depth = Depth(2, "stack")
+    d = grow(s, Factors.uniform(2), 2, depth)
+    got = clone_all(src, s, d, CloneConfig(Variant.NOISY_SYMMETRIC, seed=5), 2, depth)
+    base = deepen_reference(expand_reference(src, s, grow(s, Factors.uniform(2), 2), "symmetric"),
+                            s.num_layers, 2, "interleave", "stack")
+    for key in NOISY:
+        assert zero_sum_violation(got[key], base[key], 1, 2) < 1e-5, key
+        assert not torch.equal(got[key][0], got[key][1]), f"{key}: both copies of layer 0 drew the same noise"
 
 
 # Blocks large enough that a block's sampled noise power is within 0.05 dB (one standard deviation)

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Grow a Megatron GPT checkpoint in width with HyperCloning, one process per destination TP rank.
+"""Grow a Megatron GPT checkpoint in width with HyperCloning (and in depth), one process per destination
+TP rank.
 
     torchrun --nproc_per_node 8 tools/expand_sharded.py --load small_ckpt --save wide_ckpt --tp 8 --factor 2
+    torchrun --nproc_per_node 4 tools/expand_sharded.py --load small_ckpt --save big_ckpt --tp 4 --factor 2 --depth-factor 2
     torchrun --nproc_per_node 4 tools/expand_sharded.py --load-hf hf_model_dir --save wide_ckpt --tp 4 --factor 2
     mpirun -n 8 python tools/expand_sharded.py --load small_ckpt --save wide_ckpt --tp 8 --factor 2
 """
@@ -28,6 +30,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="query groups (key/value heads) factor, a divisor of the head factor (default: the head "
                         "factor; 1 keeps the groups, e.g. a multi-query model's single KV head)")
     p.add_argument("--ffn-factor", type=int, help="override the FFN factor")
+    p.add_argument("--depth-factor", type=int, default=1,
+                   help="layers per source layer in the destination (default 1: no depth growth)")
+    p.add_argument("--depth-init", choices=["identity", "stack"], default="identity",
+                   help="identity (default): an added layer copies its source layer with its attention output "
+                        "and second MLP projections zero, so the model computes the source's function; stack: "
+                        "exact copies (G_stack), a different function that the verifier does not compare")
+    p.add_argument("--depth-placement", choices=["interleave", "top"], default="interleave",
+                   help="interleave (default): each source layer followed by its copies; top: the whole source "
+                        "stack repeated")
     p.add_argument("--variant", default="symmetric",
                    choices=["symmetric", "noisy-symmetric", "diagonal", "noisy-diagonal"],
                    help="clone variant (README, Variants): symmetric (default; exact copies, needs dropout to "
@@ -62,7 +73,7 @@ def main() -> int:
     from megaclone.expand import expand
     from megaclone.progress import ExpandProgress, summary_table
     from megaclone.runtime import init_distributed
-    from megaclone.spec import Factors
+    from megaclone.spec import Depth, Factors
 
     rt = init_distributed(args.device, args.timeout_minutes)
     if rt.world_size != args.tp:
@@ -80,6 +91,7 @@ def main() -> int:
         src_format="hf" if args.load_hf else "torch_dist",
         dtype=getattr(torch, args.dtype) if args.dtype else None, pp=args.pp, save_format=args.save_format,
         allow_non_finite=args.allow_non_finite,
+        depth=Depth(args.depth_factor, args.depth_init, args.depth_placement),
     )
     progress.close()
     if rt.is_main:
