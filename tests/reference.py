@@ -78,6 +78,23 @@ def expand_reference(src: dict[str, torch.Tensor], s, d, variant: str) -> dict[s
     return out
 
 
+def deepen_reference(wide: dict, layers: int, factor: int, placement: str, init: str) -> dict:
+    """The depth-grown model from the (width-grown) one, written out layer by layer: interleave puts
+    copies 1..factor-1 of layer l right after it, top repeats the stack; identity zeroes every copy's
+    attention output and second MLP projection (weights and biases)."""
+    order = ([(l, c) for l in range(layers) for c in range(factor)] if placement == "interleave"
+             else [(l, c) for c in range(factor) for l in range(layers)])
+    out = {}
+    for key, t in wide.items():
+        if not key.startswith("decoder.layers."):
+            out[key] = t
+            continue
+        residual = "linear_proj." in key or "linear_fc2." in key
+        out[key] = torch.stack([torch.zeros_like(t[l]) if c and init == "identity" and residual else t[l]
+                                for l, c in order])
+    return out
+
+
 def zero_sum_violation(noisy: torch.Tensor, base: torch.Tensor, c_out_rows: int, c_in: int) -> float:
     """max |sum over input blocks of (noisy - base)| for a [R, c_in*I] matrix (0 when noise is zero-sum)."""
     delta = (noisy - base).double()

@@ -15,7 +15,7 @@ from megaclone.clone import CloneConfig, SourcePiece, Variant, clone_slice
 from megaclone.partition import param_rules
 from megaclone.plan import contiguous_runs, plan_rank
 from megaclone.spec import Depth, Factors, grow
-from reference import expand_reference, zero_sum_violation
+from reference import deepen_reference, expand_reference, zero_sum_violation
 
 
 def random_source(spec, seed=0):
@@ -102,23 +102,6 @@ def test_exact_variants_match_block_reference(preset, factors, tp, variant):
     for key in ref:
         assert got[key].shape == ref[key].shape, key
         torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0, msg=key)
-
-
-def deepen_reference(wide: dict, layers: int, factor: int, placement: str, init: str) -> dict:
-    """The depth-grown model from the (width-grown) one, written out layer by layer: interleave puts
-    copies 1..factor-1 of layer l right after it, top repeats the stack; identity zeroes every copy's
-    attention output and second MLP projection (weights and biases)."""
-    order = ([(l, c) for l in range(layers) for c in range(factor)] if placement == "interleave"
-             else [(l, c) for c in range(factor) for l in range(layers)])
-    out = {}
-    for key, t in wide.items():
-        if not key.startswith("decoder.layers."):
-            out[key] = t
-            continue
-        residual = "linear_proj." in key or "linear_fc2." in key
-        out[key] = torch.stack([torch.zeros_like(t[l]) if c and init == "identity" and residual else t[l]
-                                for l, c in order])
-    return out
 
 
 @pytest.mark.parametrize("preset,factors,depth,tp", [

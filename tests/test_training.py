@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from megaclone import checkpoint as ckpt_io
-from util import ROOT, run
+from util import ROOT, run, torchrun
 
 sys.path.insert(0, str(ROOT / "examples"))
 import reproduce_scaling_smart as repro  # noqa: E402
@@ -68,6 +68,22 @@ def test_resume_continues_exactly(out, tmp_path):
     assert sorted(resumed) == list(range(11, 21))
     assert all(resumed[i] == original[i] for i in resumed), (original, resumed)
     assert (tmp_path / "resumed" / "iter_0000020").is_dir()
+
+
+def test_a_width_and_depth_clone_trains_from_the_source_loss(out, tmp_path):
+    """The issue's command at this machine's size: width 2 and depth 2 (identity, interleaved), then
+    examples/pretrain_gpt.py --finetune --use-checkpoint-args: a 4-layer model whose first-batch loss
+    is the 2-layer source's (dropout off), as the trainer computes both with megatron-core."""
+    clone = tmp_path / "wide-deep"
+    proc = torchrun(2, "expand_sharded.py", "--load", out / "source", "--save", clone, "--tp", "2", "--factor", "2",
+                    "--depth-factor", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _train(out, "--load", clone, "--finetune", "--use-checkpoint-args", "--train-iters", "2",
+                  "--save", tmp_path / "trained", "--log-json", tmp_path / "deep.json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "model: 4 layers, hidden 64" in proc.stdout
+    check = json.loads((tmp_path / "deep.json").read_text())["source_check"]
+    assert abs(check["first_loss"] - check["source_loss"]) <= 1e-5 * check["source_loss"], check
 
 
 @pytest.fixture(scope="module")
