@@ -292,6 +292,7 @@ def analyse(args, size: dict, runs: list[Run], stages: Stages) -> dict:
 
     from megaclone import checkpoint as ckpt_io
     from megaclone import plots, scaling
+    from megaclone.layout import MLP
     from megaclone.partition import param_rules
     from megaclone.runtime import init_distributed
     from megaclone.spec import ModelSpec
@@ -336,7 +337,7 @@ def analyse(args, size: dict, runs: list[Run], stages: Stages) -> dict:
             points.append((int(it_dir.name[5:]) * tokens_per_iter, scaling.group_row_cosines(rules, tensors(it_dir))))
         symmetry[r.name] = [{"tokens": t, **c} for t, c in points]
 
-    key = "decoder.layers.mlp.linear_fc2.weight"  # cloned on both axes: the paper's Figure 6 case
+    key = MLP + "linear_fc2.weight"  # cloned on both axes: the paper's Figure 6 case
     init_std = 0.02 / (2 * size["num_layers"]) ** 0.5  # megatron-core's scaled init of output projections
     shape = tensors(wide_path)[key][0].shape
     spectra = {

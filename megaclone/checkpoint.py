@@ -19,6 +19,7 @@ import torch
 
 from .destination import TRACKER
 from .errors import MegacloneError, reading, writing
+from .layout import LAYERS, LOCAL_SPEC_NAMES
 from .plan import BoxRead
 
 LATEST = TRACKER  # latest_checkpointed_iteration.txt
@@ -269,16 +270,6 @@ def _publish(root: Path, iteration: int, before_publish: Optional[Callable[[], N
     dist.barrier()
 
 
-# Transformer Engine layer specs fuse each pre-norm into the next linear; megatron-core's local spec
-# (the one that runs on CPU) keeps it a module of its own. Legacy files may use either name.
-LOCAL_SPEC_NAMES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
-}
-
-
 def legacy_file(ckpt: Path, tp_rank: int, stage: int = 0, pipeline: int = 1) -> Path:
     """Megatron-LM's --ckpt-format torch file of one (TP rank, pipeline stage)."""
     name = f"mp_rank_{tp_rank:02d}" + (f"_{stage:03d}" if pipeline > 1 else "")
@@ -303,7 +294,7 @@ def legacy_model_state(ckpt: Path, tp_rank: int, pipeline: int, layers_per_stage
             m = re.match(r"decoder\.layers\.(\d+)\.(.*)", key)
             if m:
                 suffix = LOCAL_SPEC_NAMES.get(m.group(2), m.group(2))
-                key = f"decoder.layers.{stage * layers_per_stage + int(m.group(1))}.{suffix}"
+                key = f"{LAYERS}{stage * layers_per_stage + int(m.group(1))}.{suffix}"
             state[key] = value
     return state
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt_io
 from . import destination, hf
 from .errors import MegacloneError, writing
-from .partition import param_rules
+from .layout import catalogue
 from .plan import Box, BoxRead
 from .runtime import agree
 from .spec import ModelSpec
@@ -79,8 +79,8 @@ def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = Non
     meta = ckpt_io.read_tensor_metadata(path)
     with destination.Claim.take(out, destination.Kind.HF, [Path(root), path], overwrite) as claim:
         claim.clear()
-        pieces = [(r.key, layer) for r in param_rules(spec, spec)
-                  for layer in (range(spec.num_layers) if r.per_layer else [None])]
+        pieces = [(t.key, layer) for t in catalogue(spec)
+                  for layer in (range(spec.num_layers) if t.per_layer else [None])]
         sizes = [int(torch.Size(meta[k].shape[1:] if layer is not None else meta[k].shape).numel()) for k, layer in pieces]
         owner = deal(sizes, world)
         mine: dict[str, torch.Tensor] = {}

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import MegacloneError, reading
+from .layout import ATTENTION, LAYERS, MLP
 from .plan import Box, keyed_runs
 from .spec import ModelSpec, pad_vocab
 
@@ -137,16 +138,16 @@ def _llama_layout(s: ModelSpec) -> dict[str, HFTensor]:
     qkv = grouped_qkv(s.num_attention_heads, s.num_query_groups, s.kv_channels)
     out = {
         "embedding.word_embeddings.weight": HFTensor(("model.embed_tokens.weight",), identity(s.vocab_size)),
-        "decoder.layers.self_attention.linear_qkv.layer_norm_weight": HFTensor((p + "input_layernorm.weight",), identity(s.hidden_size)),
-        "decoder.layers.self_attention.linear_qkv.weight": HFTensor(tuple(p + f"self_attn.{x}_proj.weight" for x in "qkv"), qkv),
-        "decoder.layers.self_attention.linear_proj.weight": HFTensor((p + "self_attn.o_proj.weight",), identity(s.hidden_size)),
-        "decoder.layers.mlp.linear_fc1.layer_norm_weight": HFTensor((p + "post_attention_layernorm.weight",), identity(s.hidden_size)),
-        "decoder.layers.mlp.linear_fc1.weight": HFTensor((p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), concat(s.ffn_hidden_size)),
-        "decoder.layers.mlp.linear_fc2.weight": HFTensor((p + "mlp.down_proj.weight",), identity(s.hidden_size)),
+        ATTENTION + "linear_qkv.layer_norm_weight": HFTensor((p + "input_layernorm.weight",), identity(s.hidden_size)),
+        ATTENTION + "linear_qkv.weight": HFTensor(tuple(p + f"self_attn.{x}_proj.weight" for x in "qkv"), qkv),
+        ATTENTION + "linear_proj.weight": HFTensor((p + "self_attn.o_proj.weight",), identity(s.hidden_size)),
+        MLP + "linear_fc1.layer_norm_weight": HFTensor((p + "post_attention_layernorm.weight",), identity(s.hidden_size)),
+        MLP + "linear_fc1.weight": HFTensor((p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), concat(s.ffn_hidden_size)),
+        MLP + "linear_fc2.weight": HFTensor((p + "mlp.down_proj.weight",), identity(s.hidden_size)),
         "decoder.final_layernorm.weight": HFTensor(("model.norm.weight",), identity(s.hidden_size)),
     }
     if s.add_qkv_bias:
-        out["decoder.layers.self_attention.linear_qkv.bias"] = HFTensor(tuple(p + f"self_attn.{x}_proj.bias" for x in "qkv"), qkv)
+        out[ATTENTION + "linear_qkv.bias"] = HFTensor(tuple(p + f"self_attn.{x}_proj.bias" for x in "qkv"), qkv)
     if not s.tied:
         out["output_layer.weight"] = HFTensor(("lm_head.weight",), identity(s.vocab_size))
     return out
@@ -188,18 +189,18 @@ def _gpt2_layout(s: ModelSpec) -> dict[str, HFTensor]:
     return {
         "embedding.word_embeddings.weight": HFTensor(("transformer.wte.weight",), identity(s.vocab_size)),
         "embedding.position_embeddings.weight": HFTensor(("transformer.wpe.weight",), identity(s.max_position_embeddings)),
-        "decoder.layers.self_attention.linear_qkv.layer_norm_weight": HFTensor((p + "ln_1.weight",), h),
-        "decoder.layers.self_attention.linear_qkv.layer_norm_bias": HFTensor((p + "ln_1.bias",), h),
-        "decoder.layers.self_attention.linear_qkv.weight": HFTensor((p + "attn.c_attn.weight",), qkv, transposed=True),
-        "decoder.layers.self_attention.linear_qkv.bias": HFTensor((p + "attn.c_attn.bias",), qkv),
-        "decoder.layers.self_attention.linear_proj.weight": HFTensor((p + "attn.c_proj.weight",), h, transposed=True),
-        "decoder.layers.self_attention.linear_proj.bias": HFTensor((p + "attn.c_proj.bias",), h),
-        "decoder.layers.mlp.linear_fc1.layer_norm_weight": HFTensor((p + "ln_2.weight",), h),
-        "decoder.layers.mlp.linear_fc1.layer_norm_bias": HFTensor((p + "ln_2.bias",), h),
-        "decoder.layers.mlp.linear_fc1.weight": HFTensor((p + "mlp.c_fc.weight",), ffn, transposed=True),
-        "decoder.layers.mlp.linear_fc1.bias": HFTensor((p + "mlp.c_fc.bias",), ffn),
-        "decoder.layers.mlp.linear_fc2.weight": HFTensor((p + "mlp.c_proj.weight",), h, transposed=True),
-        "decoder.layers.mlp.linear_fc2.bias": HFTensor((p + "mlp.c_proj.bias",), h),
+        ATTENTION + "linear_qkv.layer_norm_weight": HFTensor((p + "ln_1.weight",), h),
+        ATTENTION + "linear_qkv.layer_norm_bias": HFTensor((p + "ln_1.bias",), h),
+        ATTENTION + "linear_qkv.weight": HFTensor((p + "attn.c_attn.weight",), qkv, transposed=True),
+        ATTENTION + "linear_qkv.bias": HFTensor((p + "attn.c_attn.bias",), qkv),
+        ATTENTION + "linear_proj.weight": HFTensor((p + "attn.c_proj.weight",), h, transposed=True),
+        ATTENTION + "linear_proj.bias": HFTensor((p + "attn.c_proj.bias",), h),
+        MLP + "linear_fc1.layer_norm_weight": HFTensor((p + "ln_2.weight",), h),
+        MLP + "linear_fc1.layer_norm_bias": HFTensor((p + "ln_2.bias",), h),
+        MLP + "linear_fc1.weight": HFTensor((p + "mlp.c_fc.weight",), ffn, transposed=True),
+        MLP + "linear_fc1.bias": HFTensor((p + "mlp.c_fc.bias",), ffn),
+        MLP + "linear_fc2.weight": HFTensor((p + "mlp.c_proj.weight",), h, transposed=True),
+        MLP + "linear_fc2.bias": HFTensor((p + "mlp.c_proj.bias",), h),
         "decoder.final_layernorm.weight": HFTensor(("transformer.ln_f.weight",), h),
         "decoder.final_layernorm.bias": HFTensor(("transformer.ln_f.bias",), h),
     }
@@ -250,7 +251,7 @@ def _neox_layout(s: ModelSpec) -> dict[str, HFTensor]:
         ("mlp.linear_fc2.weight", "mlp.dense_4h_to_h.weight", h),
         ("mlp.linear_fc2.bias", "mlp.dense_4h_to_h.bias", h),
     ):
-        out[f"decoder.layers.{megatron}"] = HFTensor((p + hf,), rows)
+        out[f"{LAYERS}{megatron}"] = HFTensor((p + hf,), rows)
     if not s.tied:
         out["output_layer.weight"] = HFTensor(("embed_out.weight",), identity(s.vocab_size))
     return out

@@ -13,13 +13,14 @@ from typing import Any, Optional
 
 import torch
 
+from .layout import LAYERS
 from .spec import ModelSpec
 
 # Transformer Engine norms (TE >= 1.13) request an _extra_state the local spec does not write; a
 # destination carries it so Megatron-LM's default TE-spec model loads the checkpoint.
 TE_ONLY_OBJECTS = ("decoder.final_layernorm._extra_state",)
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LAYER = re.compile("^" + re.escape(LAYERS) + r"(\d+)\.")
 
 
 def _pipeline_size() -> int:

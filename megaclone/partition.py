@@ -1,8 +1,8 @@
-"""What each GPTModel parameter is, how Megatron partitions it over TP, and how it is cloned.
+"""Clone rules per tensor, and which indices of a tensor a TP rank owns.
 
-``param_rules(src, dst)`` lists every parameter of the destination model with its on-disk key
-(megatron-core torch_dist keys, layers stacked on a leading axis), the index maps of its axes and
-its tensor-parallel split. Pure data: shapes and maps only.
+``param_rules(src, dst)`` attaches to every tensor of the destination's layout catalogue
+(``layout.catalogue``) the index maps of its axes and its clone role, from one declarative table.
+Pure data: shapes and maps only.
 """
 
 from __future__ import annotations
@@ -14,20 +14,8 @@ from typing import Optional
 import numpy as np
 
 from .index_maps import Concat, DimMap, GroupedHeads, GroupedQKV, Pad, Tile
+from .layout import ATTENTION, MLP, Split, Tensor, catalogue, norm_names
 from .spec import ModelSpec
-
-
-class Split(Enum):
-    """Megatron's tensor-parallel partitioning of a parameter."""
-
-    COLUMN = "column"  # output rows split (linear_qkv, linear_fc1, output_layer)
-    VOCAB = "vocab"  # embedding rows split (word embeddings)
-    ROW = "row"  # input columns split (linear_proj, linear_fc2)
-    REPLICATED = "replicated"  # norms, row-parallel biases, position embeddings
-
-    @property
-    def axis(self) -> Optional[int]:
-        return {Split.COLUMN: 0, Split.VOCAB: 0, Split.ROW: 1}.get(self)
 
 
 class Role(Enum):
@@ -40,25 +28,39 @@ class Role(Enum):
 
 @dataclass(frozen=True)
 class ParamRule:
-    """One destination parameter: key on disk, axis maps, TP split and clone role."""
+    """How one destination tensor (its catalogue entry) is cloned: the index maps of its axes and its
+    clone role."""
 
-    key: str
+    tensor: Tensor  # the destination's catalogue entry
     rows: DimMap
     cols: Optional[DimMap]  # None for vectors
-    split: Split
     role: Role
-    per_layer: bool
     divisor: int = 1  # vectors only (the tied final norm is divided by n)
     # Noisy variants: source rows per noise block (one head of q, k or v; one SwiGLU half; a whole
     # matrix otherwise), the unit whose signal power sets the noise scale; 0 = never perturbed.
     noise_unit: int = 0
-    # Written into the residual stream by a layer (its attention output and second MLP projection,
-    # with their biases): zero in a layer added by identity depth growth.
-    residual_output: bool = False
 
     def __post_init__(self):
+        if self.dst_shape != self.tensor.shape:
+            raise ValueError(f"{self.key}: the maps give {self.dst_shape}, the catalogue {self.tensor.shape}")
         if self.noise_unit and (self.role is not Role.MATRIX or self.rows.src_size % self.noise_unit):
             raise ValueError(f"{self.key}: noise blocks of {self.noise_unit} rows do not tile {self.rows.src_size}")
+
+    @property
+    def key(self) -> str:
+        return self.tensor.key
+
+    @property
+    def split(self) -> Split:
+        return self.tensor.split
+
+    @property
+    def per_layer(self) -> bool:
+        return self.tensor.per_layer
+
+    @property
+    def residual_output(self) -> bool:
+        return self.tensor.residual_output
 
     @property
     def src_shape(self) -> tuple[int, ...]:
@@ -90,18 +92,16 @@ class ParamRule:
 
     @property
     def parts(self) -> int:
-        """Equal parts of the split axis, each divided over TP (2 for SwiGLU fc1: gate and up)."""
-        dim = self.rows if self.split.axis == 0 else self.cols
-        return dim.parts if isinstance(dim, Concat) else 1
+        return self.tensor.parts
 
 
 def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
-    """Every parameter of ``dst`` (a grown ``src``) in Megatron's torch_dist naming, in a fixed order."""
+    """Every tensor of ``dst`` (a grown ``src``; layout.catalogue) with the maps that clone it."""
     n = dst.hidden_size // src.hidden_size
     k = dst.num_attention_heads // src.num_attention_heads
     m = dst.ffn_hidden_size // src.ffn_hidden_size
-    hidden = Tile(src.hidden_size, n)
     g = dst.num_query_groups // src.num_query_groups
+    hidden = Tile(src.hidden_size, n)
     if g == k:  # whole query groups (their q, k and v rows) repeat
         qkv = Tile(src.num_query_groups * src.qkv_rows_per_group, k, unit=src.qkv_rows_per_group)
         heads = Tile(src.num_attention_heads * src.kv_channels, k, unit=src.kv_channels)
@@ -111,48 +111,33 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
     ffn = Tile(src.ffn_hidden_size, m)
     fc1 = Concat(ffn, 2) if src.swiglu else ffn
     vocab = Pad(src.padded_vocab_size, dst.padded_vocab_size)
-    layer = "decoder.layers."
-    norm_names = ["weight"] + (["bias"] if src.normalization == "LayerNorm" else [])
-
-    rules = [ParamRule("embedding.word_embeddings.weight", vocab, hidden, Split.VOCAB, Role.EMBEDDING, False)]
-    if src.position_embedding_type == "learned_absolute":
-        positions = Pad(src.max_position_embeddings, dst.max_position_embeddings)
-        rules.append(
-            ParamRule("embedding.position_embeddings.weight", positions, hidden, Split.REPLICATED, Role.EMBEDDING, False)
-        )
-    rules += _sublayer(f"{layer}self_attention.", "linear_qkv", qkv, "linear_proj", heads, hidden, norm_names,
-                       src.has_qkv_bias, src.add_bias_linear, first_noise_unit=src.kv_channels)
-    rules += _sublayer(f"{layer}mlp.", "linear_fc1", fc1, "linear_fc2", ffn, hidden, norm_names,
-                       src.add_bias_linear, src.add_bias_linear, first_noise_unit=src.ffn_hidden_size)
-    # Tied: the output layer reuses the unscaled embedding, so the final norm carries the 1/n.
-    final_divisor = n if src.tied else 1
-    for name in norm_names:
-        rules.append(
-            ParamRule(f"decoder.final_layernorm.{name}", hidden, None, Split.REPLICATED, Role.VECTOR, False, final_divisor)
-        )
-    if not src.tied:
-        rules.append(ParamRule("output_layer.weight", vocab, hidden, Split.COLUMN, Role.MATRIX, False))
-    return rules
-
-
-def _sublayer(prefix: str, first: str, first_rows: DimMap, second: str, second_cols: DimMap, hidden: DimMap,
-              norm_names: list[str], first_bias: bool, second_bias: bool, first_noise_unit: int) -> list[ParamRule]:
-    """Attention or MLP as Megatron stores it: the pre-norm fused into a column-parallel linear
-    (hidden -> first_rows), then a row-parallel linear (second_cols -> hidden). The first linear's noise
-    blocks are ``first_noise_unit`` rows (a head; a SwiGLU half), the second's its whole matrix, as the
-    authors' code clones q/k/v per head and every other linear whole."""
-    rules = [ParamRule(f"{prefix}{first}.layer_norm_{name}", hidden, None, Split.REPLICATED, Role.VECTOR, True)
-             for name in norm_names]
-    rules.append(ParamRule(f"{prefix}{first}.weight", first_rows, hidden, Split.COLUMN, Role.MATRIX, True,
-                           noise_unit=first_noise_unit))
-    if first_bias:
-        rules.append(ParamRule(f"{prefix}{first}.bias", first_rows, None, Split.COLUMN, Role.VECTOR, True))
-    rules.append(ParamRule(f"{prefix}{second}.weight", hidden, second_cols, Split.ROW, Role.MATRIX, True,
-                           noise_unit=hidden.src_size, residual_output=True))
-    if second_bias:
-        rules.append(ParamRule(f"{prefix}{second}.bias", hidden, None, Split.REPLICATED, Role.VECTOR, True,
-                               residual_output=True))
-    return rules
+    positions = Pad(src.max_position_embeddings, dst.max_position_embeddings)
+    # key -> (rows, cols, role, noise unit): noise per head of q/k/v, per SwiGLU half, else the whole
+    # matrix, as the authors' code clones q/k/v per head and every other linear whole
+    rules = {
+        "embedding.word_embeddings.weight": (vocab, hidden, Role.EMBEDDING, 0),
+        "embedding.position_embeddings.weight": (positions, hidden, Role.EMBEDDING, 0),
+        f"{ATTENTION}linear_qkv.weight": (qkv, hidden, Role.MATRIX, src.kv_channels),
+        f"{ATTENTION}linear_qkv.bias": (qkv, None, Role.VECTOR, 0),
+        f"{ATTENTION}linear_proj.weight": (hidden, heads, Role.MATRIX, src.hidden_size),
+        f"{ATTENTION}linear_proj.bias": (hidden, None, Role.VECTOR, 0),
+        f"{MLP}linear_fc1.weight": (fc1, hidden, Role.MATRIX, src.ffn_hidden_size),
+        f"{MLP}linear_fc1.bias": (fc1, None, Role.VECTOR, 0),
+        f"{MLP}linear_fc2.weight": (hidden, ffn, Role.MATRIX, src.hidden_size),
+        f"{MLP}linear_fc2.bias": (hidden, None, Role.VECTOR, 0),
+        "output_layer.weight": (vocab, hidden, Role.MATRIX, 0),
+    }
+    for name in norm_names(src):
+        for key in (f"{ATTENTION}linear_qkv.layer_norm_{name}", f"{MLP}linear_fc1.layer_norm_{name}",
+                    f"decoder.final_layernorm.{name}"):
+            rules[key] = (hidden, None, Role.VECTOR, 0)
+    out = []
+    for tensor in catalogue(dst):
+        rows, cols, role, noise_unit = rules[tensor.key]
+        # tied: the output layer reuses the unscaled embedding, so the final norm carries the 1/n
+        divisor = n if src.tied and tensor.key.startswith("decoder.final_layernorm.") else 1
+        out.append(ParamRule(tensor, rows, cols, role, divisor, noise_unit))
+    return out
 
 
 def owned_indices(size: int, parts: int, tp: int, rank: int) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .index_maps import NO_SOURCE
+from .layout import ATTENTION, MLP
 from .partition import ParamRule, Role
 
 
@@ -97,8 +98,8 @@ def row_cosines(rule: ParamRule, weight: torch.Tensor) -> list[float]:
 
 # The paper's Figure 5 groups: attention (fused q/k/v), feed-forward (both MLP matrices), unembedding.
 SYMMETRY_GROUPS = {
-    "qkv": ("decoder.layers.self_attention.linear_qkv.weight",),
-    "ffn": ("decoder.layers.mlp.linear_fc1.weight", "decoder.layers.mlp.linear_fc2.weight"),
+    "qkv": (ATTENTION + "linear_qkv.weight",),
+    "ffn": (MLP + "linear_fc1.weight", MLP + "linear_fc2.weight"),
     "output": ("output_layer.weight",),
 }
 

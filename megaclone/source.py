@@ -19,7 +19,8 @@ import torch
 from . import checkpoint as ckpt_io
 from . import hf
 from .errors import MegacloneError, reading
-from .partition import param_rules
+from .layout import LAYERS, LOCAL_SPEC_NAMES, Split, catalogue
+from .partition import owner_of
 from .plan import Box, BoxRead, keyed_runs
 from .spec import Depth, ModelSpec
 
@@ -55,10 +56,6 @@ def not_function_preserving(clone_record: Optional[dict]) -> Optional[str]:
             "exact copies that change the function, so its logits are not the source's by design")
 
 
-def _expected_shape(spec: ModelSpec, rule) -> tuple[int, ...]:
-    return ((spec.num_layers,) if rule.per_layer else ()) + rule.src_shape
-
-
 def open_source(root: str | Path, vocab_size: Optional[int] = None) -> Source:
     """A Megatron-LM torch_dist checkpoint: args present, every tensor the model needs stored with the
     shape its args imply, every shard file present and complete."""
@@ -67,22 +64,22 @@ def open_source(root: str | Path, vocab_size: Optional[int] = None) -> Source:
     spec = ModelSpec.from_args(common["args"], vocab_size=vocab_size)
     tensors = ckpt_io.read_tensor_metadata(path)
     ckpt_io.check_storage(path)
-    rules = param_rules(spec, spec)
-    for rule in rules:
-        meta = tensors.get(rule.key)
+    expected = catalogue(spec)
+    for tensor in expected:
+        meta = tensors.get(tensor.key)
         if meta is None:
             raise MegacloneError(
-                f"the source checkpoint {path} has no tensor {rule.key!r}, which its args imply",
+                f"the source checkpoint {path} has no tensor {tensor.key!r}, which its args imply",
                 "check that the args in common.pt describe the saved model (e.g. swiglu, add_bias_linear, "
                 "position_embedding_type, untie_embeddings_and_output_weights)",
             )
-        if meta.shape != _expected_shape(spec, rule):
+        if meta.shape != tensor.stored_shape(spec.num_layers):
             raise MegacloneError(
-                f"source tensor {rule.key!r} has shape {meta.shape}, but the checkpoint args imply "
-                f"{_expected_shape(spec, rule)}",
+                f"source tensor {tensor.key!r} has shape {meta.shape}, but the checkpoint args imply "
+                f"{tensor.stored_shape(spec.num_layers)}",
                 "the checkpoint args do not match its weights; fix the args or re-save the checkpoint",
             )
-    dtypes = {tensors[r.key].dtype for r in rules}
+    dtypes = {tensors[t.key].dtype for t in expected}
     if len(dtypes) != 1:
         raise MegacloneError(f"source parameters mix dtypes {sorted(map(str, dtypes))}", "save the source in one dtype")
 
@@ -101,17 +98,17 @@ def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source
     family = hf.family_of(args.hf_model_type)
     layout = family.layout(spec)
     files = hf.SafetensorsDir(root)
-    rules = param_rules(spec, spec)
-    missing = [r.key for r in rules if r.key not in layout]
+    expected = catalogue(spec)
+    missing = [t.key for t in expected if t.key not in layout]
     if missing:
         raise AssertionError(f"{family.name} layout lacks {missing}")
     dtypes = set()
-    for rule in rules:
-        dtypes |= _check_hf_shapes(files, layout[rule.key], rule, spec)
+    for tensor in expected:
+        dtypes |= _check_hf_shapes(files, layout[tensor.key], tensor, spec)
     if len(dtypes) != 1:
         raise MegacloneError(f"the HF tensors mix dtypes {sorted(map(str, dtypes))}", "save the model in one dtype")
     dtype = dtypes.pop()
-    tensors = {r.key: ckpt_io.TensorMeta(_expected_shape(spec, r), dtype) for r in rules}
+    tensors = {t.key: ckpt_io.TensorMeta(t.stored_shape(spec.num_layers), dtype) for t in expected}
 
     def read(r: BoxRead) -> list[torch.Tensor]:
         return [hf.read_box(files, layout[r.key], r.layer, box, dtype) for box in r.boxes]
@@ -119,16 +116,16 @@ def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source
     return Source(root, spec, args, tensors, dtype, read, kind="hf")
 
 
-def _check_hf_shapes(files: hf.SafetensorsDir, t: hf.HFTensor, rule, spec: ModelSpec) -> set[torch.dtype]:
+def _check_hf_shapes(files: hf.SafetensorsDir, t: hf.HFTensor, tensor, spec: ModelSpec) -> set[torch.dtype]:
     """Every HF tensor behind one Megatron tensor exists with the shape config.json implies; their dtypes."""
     dtypes = set()
-    part, row = t.row_map(np.arange(rule.src_shape[0]))
+    part, row = t.row_map(np.arange(tensor.shape[0]))
     for p, name in enumerate(t.names):
         rows = int(row[part == p].max()) + 1 if (part == p).any() else 0
-        expected = (rows,) + rule.src_shape[1:]
+        expected = (rows,) + tensor.shape[1:]
         if t.transposed and len(expected) == 2:
             expected = expected[::-1]
-        layer_names = [name.format(i=i) for i in range(spec.num_layers)] if rule.per_layer else [name]
+        layer_names = [name.format(i=i) for i in range(spec.num_layers)] if tensor.per_layer else [name]
         for n in layer_names:
             shape, dtype = files.shape_dtype(n)
             if shape != expected:
@@ -164,8 +161,6 @@ def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> So
     """A legacy Megatron-LM checkpoint of a megatron-core GPT model (``mp_rank_XX[_YYY]/
     model_optim_rng.pt``, any TP and PP, local or Transformer Engine module names). Files are opened
     memory-mapped, so a box touches only the pages it covers."""
-    from .partition import Split, owner_of
-
     path = _legacy_dir(Path(root))
     files = _legacy_files(path)
     if not files:
@@ -194,7 +189,7 @@ def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> So
         raise MegacloneError(f"{path} has files for {sorted(files)}, but its args say TP {tp} x PP {pp}",
                              "copy the complete checkpoint directory")
     per_stage = spec.num_layers // pp
-    rules = {r.key: r for r in param_rules(spec, spec)}
+    entries = {t.key: t for t in catalogue(spec)}
 
     def local_tensor(key: str, layer: Optional[int], tp_rank: int) -> torch.Tensor:
         stage = 0 if key.startswith("embedding.") else pp - 1 if layer is None else layer // per_stage
@@ -202,9 +197,9 @@ def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> So
         if layer is None:
             names = [key]
         else:
-            suffix = key[len("decoder.layers."):]
-            prefix = f"decoder.layers.{layer % per_stage}."
-            names = [prefix + suffix] + ([prefix + ckpt_io.LOCAL_SPEC_NAMES[suffix]] if suffix in ckpt_io.LOCAL_SPEC_NAMES else [])
+            suffix = key[len(LAYERS):]
+            prefix = f"{LAYERS}{layer % per_stage}."
+            names = [prefix + suffix] + ([prefix + LOCAL_SPEC_NAMES[suffix]] if suffix in LOCAL_SPEC_NAMES else [])
         for name in names:
             if name in model:
                 return model[name]
@@ -212,14 +207,14 @@ def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> So
                              "the checkpoint args do not match its weights")
 
     def read_box(key: str, layer: Optional[int], box: Box) -> torch.Tensor:
-        rule = rules[key]
-        axis = rule.split.axis if rule.split is not Split.REPLICATED else None
+        entry = entries[key]
+        axis = entry.split.axis
         if axis is None:
             t = local_tensor(key, layer, 0)
             return t[tuple(slice(o, o + n) for o, n in zip(box.offsets, box.lengths))].clone()
-        size = rule.src_shape[axis]
+        size = entry.shape[axis]
         index = np.arange(box.offsets[axis], box.offsets[axis] + box.lengths[axis])
-        rank, local = owner_of(index, size, rule.parts, tp)
+        rank, local = owner_of(index, size, entry.parts, tp)
         pieces = []
         for a, b in keyed_runs(rank, local):
             sl = [slice(o, o + n) for o, n in zip(box.offsets, box.lengths)]
@@ -229,16 +224,14 @@ def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> So
 
     dtype = local_tensor("embedding.word_embeddings.weight", None, 0).dtype
     tensors = {}
-    for key, rule in rules.items():
-        tensors[key] = ckpt_io.TensorMeta(_expected_shape(spec, rule), dtype)
-        layers = range(spec.num_layers) if rule.per_layer else [None]
+    for key, entry in entries.items():
+        tensors[key] = ckpt_io.TensorMeta(entry.stored_shape(spec.num_layers), dtype)
+        layers = range(spec.num_layers) if entry.per_layer else [None]
         for layer in layers:
-            for tp_rank in range(tp if rule.split is not Split.REPLICATED else 1):
+            for tp_rank in range(tp if entry.split is not Split.REPLICATED else 1):
                 t = local_tensor(key, layer, tp_rank)
-                expected = list(rule.src_shape)
-                if rule.split.axis is not None:
-                    expected[rule.split.axis] //= tp
-                if tuple(t.shape) != tuple(expected) or t.dtype != dtype:
+                expected = entry.local_shape(tp)
+                if tuple(t.shape) != expected or t.dtype != dtype:
                     raise MegacloneError(
                         f"{path}: {key} (layer {layer}, TP rank {tp_rank}) is {tuple(t.shape)} {t.dtype}, but the args "
                         f"imply {tuple(expected)} {dtype}", "the checkpoint args do not match its weights")

@@ -102,7 +102,7 @@ def save_legacy(model, args, root: Path, te_names: bool) -> None:
     the model's state dict (local-spec names, or Transformer Engine names for the fused norms)."""
     from megatron.core import parallel_state as ps
 
-    from megaclone.checkpoint import LOCAL_SPEC_NAMES
+    from megaclone.layout import LOCAL_SPEC_NAMES
 
     tp_rank, stage = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     name = f"mp_rank_{tp_rank:02d}" + (f"_{stage:03d}" if ps.get_pipeline_model_parallel_world_size() > 1 else "")

@@ -91,7 +91,7 @@ def gib(n):
 
 def measure(args, src: Path, out: Path, tp: int, mode: str) -> dict:
     """One run of one mode at one TP, in its own torchrun: the row of the table."""
-    from megaclone.checkpoint import directory_bytes
+    from megaclone.checkpoint import LATEST, directory_bytes
 
     dst, report = out / f"{mode}-tp{tp}", out / f"{mode}-tp{tp}.json"
     t0 = time.time()
@@ -119,11 +119,11 @@ def main() -> int:
     args = parse_args()
     if args.cmd == "worker":
         return worker(args)
-    from megaclone.checkpoint import directory_bytes
+    from megaclone.checkpoint import LATEST, directory_bytes
 
     out = Path(args.out)
     src = out / "src"
-    if not (src / "latest_checkpointed_iteration.txt").exists():
+    if not (src / LATEST).exists():
         print(f"building the {args.preset} source at TP {args.src_tp} ...", flush=True)
         torchrun(args.src_tp, "tools/make_source.py", "--preset", args.preset, "--save", src, "--tp", args.src_tp,
                  "--train-steps", 0, "--vocab-size", args.vocab_size, "--overwrite",
