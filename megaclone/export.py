@@ -24,8 +24,6 @@ from .plan import Box, BoxRead
 from .runtime import agree
 from .spec import ModelSpec
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json")
 
@@ -52,7 +50,7 @@ def _hf_config(spec: ModelSpec, model_type: str, dtype: torch.dtype):
         raise MegacloneError("export needs transformers for config.json", "pip install transformers") from exc
     fields = hf.family_of(model_type).config_from_spec(spec, model_type)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    config.architectures = [ARCHITECTURES[model_type]]
+    config.architectures = [hf.family_of(model_type).model_types[model_type]]
     config.torch_dtype = dtype
     return config
 
@@ -72,6 +70,10 @@ def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = Non
                 f"{path} has {spec.num_attention_heads} heads in {spec.num_query_groups} query groups, but "
                 f"transformers' {mtype} has no grouped-query attention",
                 "keep this model in Megatron, or grow it without --query-group-factor")
+        unplaced = [t.key for t in catalogue(spec) if t.key not in hf.family_of(mtype).layout(spec)]
+        if unplaced:
+            raise MegacloneError(f"transformers' {mtype} has no place for {', '.join(unplaced)} of {path}",
+                                 "export as a model_type that has them (--model-type), or keep the model in Megatron")
         return path, args, spec, mtype
 
     path, args, spec, mtype = agree(validate)

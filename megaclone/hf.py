@@ -83,7 +83,7 @@ def merged(row_map: RowMap, sizes: Sequence[int]) -> RowMap:
 @dataclass(frozen=True)
 class Family:
     name: str
-    model_types: tuple[str, ...]
+    model_types: dict[str, str]  # HF model_type -> its transformers class (config.json's architectures)
     args_from_config: Callable[[dict], dict]
     layout: Callable[[ModelSpec], dict[str, HFTensor]]
     config_from_spec: Callable[[ModelSpec, str], dict]
@@ -130,7 +130,8 @@ def _llama_args(c: dict) -> dict:
                 max_position_embeddings=c["max_position_embeddings"], position_embedding_type="rope",
                 rotary_base=theta, rotary_percent=partial, swiglu=True, normalization="RMSNorm",
                 norm_epsilon=c.get("rms_norm_eps", 1e-6), add_bias_linear=False,
-                add_qkv_bias=c["model_type"] == "qwen2", untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", False))
+                add_qkv_bias=c["model_type"] == "qwen2", qk_layernorm=c["model_type"] == "qwen3",
+                untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", False))
 
 
 def _llama_layout(s: ModelSpec) -> dict[str, HFTensor]:
@@ -146,6 +147,10 @@ def _llama_layout(s: ModelSpec) -> dict[str, HFTensor]:
         MLP + "linear_fc2.weight": HFTensor((p + "mlp.down_proj.weight",), identity(s.hidden_size)),
         "decoder.final_layernorm.weight": HFTensor(("model.norm.weight",), identity(s.hidden_size)),
     }
+    if s.qk_layernorm:
+        for which in "qk":
+            out[ATTENTION + f"{which}_layernorm.weight"] = HFTensor((p + f"self_attn.{which}_norm.weight",),
+                                                                     identity(s.kv_channels))
     if s.add_qkv_bias:
         out[ATTENTION + "linear_qkv.bias"] = HFTensor(tuple(p + f"self_attn.{x}_proj.bias" for x in "qkv"), qkv)
     if not s.tied:
@@ -263,9 +268,10 @@ def _neox_config(s: ModelSpec, model_type: str) -> dict:
 
 
 FAMILIES = (
-    Family("llama", ("llama", "mistral", "qwen2"), _llama_args, _llama_layout, _llama_config, grouped_query=True),
-    Family("gpt2", ("gpt2",), _gpt2_args, _gpt2_layout, _gpt2_config),
-    Family("gpt_neox", ("gpt_neox",), _neox_args, _neox_layout, _neox_config),
+    Family("llama", {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                     "qwen3": "Qwen3ForCausalLM"}, _llama_args, _llama_layout, _llama_config, grouped_query=True),
+    Family("gpt2", {"gpt2": "GPT2LMHeadModel"}, _gpt2_args, _gpt2_layout, _gpt2_config),
+    Family("gpt_neox", {"gpt_neox": "GPTNeoXForCausalLM"}, _neox_args, _neox_layout, _neox_config),
 )
 
 
@@ -280,16 +286,23 @@ def family_of(model_type: str) -> Family:
 def infer_model_type(spec: ModelSpec) -> str:
     """The HF family a Megatron model (not imported from HF) exports as."""
     if spec.swiglu and spec.normalization == "RMSNorm" and spec.position_embedding_type == "rope" and not spec.add_bias_linear:
-        return "qwen2" if spec.add_qkv_bias else "llama"
+        return "qwen3" if spec.qk_layernorm else "qwen2" if spec.add_qkv_bias else "llama"
     if spec.position_embedding_type == "learned_absolute" and spec.normalization == "LayerNorm" and spec.tied:
         return "gpt2"
     if spec.position_embedding_type == "rope" and spec.normalization == "LayerNorm" and spec.add_bias_linear:
         return "gpt_neox"
-    raise MegacloneError("this model matches no Hugging Face family megaclone exports (llama, qwen2, gpt2, gpt_neox)",
+    raise MegacloneError("this model matches no Hugging Face family megaclone exports (llama, qwen2, qwen3, gpt2, "
+                         "gpt_neox)",
                          "pass --model-type explicitly if the layout matches one of them")
 
 
 # ---------------------------------------------------------------- reading
+
+
+# Buffers that older transformers versions saved beside the weights (causal masks, RoPE frequencies):
+# recomputed by every model, never imported.
+NON_PARAMETER_BUFFERS = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias",
+                         "rotary_emb.inv_freq")
 
 
 class SafetensorsDir:

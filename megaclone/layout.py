@@ -103,6 +103,9 @@ def catalogue(spec: ModelSpec) -> list[Tensor]:
         out.append(Tensor(f"{prefix}{first}.weight", (rows, h), Split.COLUMN, True, parts))
         if first_bias:
             out.append(Tensor(f"{prefix}{first}.bias", (rows,), Split.COLUMN, True, parts))
+        if prefix == ATTENTION and spec.qk_layernorm:  # one norm over a head's channels, shared by all heads
+            out += [Tensor(f"{ATTENTION}{which}_layernorm.{n}", (spec.kv_channels,), Split.REPLICATED, True)
+                    for which in "qk" for n in norms]
         out.append(Tensor(f"{prefix}{second}.weight", (h, cols), Split.ROW, True, residual_output=True))
         if second_bias:
             out.append(Tensor(f"{prefix}{second}.bias", (h,), Split.REPLICATED, True, residual_output=True))

@@ -48,6 +48,7 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device
         add_qkv_bias=spec.add_qkv_bias,
         gated_linear_unit=spec.swiglu,
         activation_func=_activation(spec),
+        qk_layernorm=spec.qk_layernorm,
         tensor_model_parallel_size=spec.tensor_parallel,
         pipeline_model_parallel_size=_pipeline_size(),
         pipeline_dtype=dtype,
@@ -93,7 +94,7 @@ def build_gpt(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch
     device = device or torch.device("cpu")
     model = GPTModel(
         config=transformer_config(spec, dtype, device, initialize, init_method_std, hidden_dropout, attention_dropout),
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization=spec.normalization),
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization=spec.normalization, qk_layernorm=spec.qk_layernorm),
         vocab_size=spec.padded_vocab_size,
         max_sequence_length=spec.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -128,6 +128,8 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
         "output_layer.weight": (vocab, hidden, Role.MATRIX, 0),
     }
     for name in norm_names(src):
+        for which in "qk":  # per-head norms: a head's channels do not grow
+            rules[f"{ATTENTION}{which}_layernorm.{name}"] = (Tile(src.kv_channels, 1), None, Role.VECTOR, 0)
         for key in (f"{ATTENTION}linear_qkv.layer_norm_{name}", f"{MLP}linear_fc1.layer_norm_{name}",
                     f"decoder.final_layernorm.{name}"):
             rules[key] = (hidden, None, Role.VECTOR, 0)

@@ -102,6 +102,8 @@ def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source
     missing = [t.key for t in expected if t.key not in layout]
     if missing:
         raise AssertionError(f"{family.name} layout lacks {missing}")
+    _check_hf_names(files, {n.format(i=i) for t in expected for n in layout[t.key].names
+                            for i in (range(spec.num_layers) if t.per_layer else [0])}, family.name)
     dtypes = set()
     for tensor in expected:
         dtypes |= _check_hf_shapes(files, layout[tensor.key], tensor, spec)
@@ -114,6 +116,23 @@ def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source
         return [hf.read_box(files, layout[r.key], r.layer, box, dtype) for box in r.boxes]
 
     return Source(root, spec, args, tensors, dtype, read, kind="hf")
+
+
+def _check_hf_names(files: hf.SafetensorsDir, used: set[str], family: str) -> None:
+    """The files hold exactly the tensors the import reads (nanoGPT's ``from_pretrained`` rule): a
+    tensor it needs and cannot find, or one it would leave unread (a feature this importer does not
+    model, whose weights would be lost without a word), is refused by name."""
+    stored = {name for name in files.files if not name.endswith(hf.NON_PARAMETER_BUFFERS)}
+    for names, problem, fix in (
+        (sorted(used - stored), "lacks tensors its config.json implies",
+         "the safetensors files do not match config.json: save the model again with save_pretrained"),
+        (sorted(stored - used), "holds tensors the import would not read",
+         f"they belong to a feature megaclone's {family} import does not model; it would drop them silently. "
+         "Use a model without them, or convert them into the model's own weights first"),
+    ):
+        if names:
+            shown = ", ".join(repr(n) for n in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            raise MegacloneError(f"{files.root} {problem}: {shown}", fix)
 
 
 def _check_hf_shapes(files: hf.SafetensorsDir, t: hf.HFTensor, tensor, spec: ModelSpec) -> set[torch.dtype]:

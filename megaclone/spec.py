@@ -45,6 +45,7 @@ class ModelSpec:
     rotary_base: int = 10000
     rotary_percent: float = 1.0
     openai_gelu: bool = False  # GPT-2's tanh-approximated GeLU (Megatron-LM --openai-gelu)
+    qk_layernorm: bool = False  # a norm over each query and key head (Qwen3; Megatron-LM --qk-layernorm)
 
     @property
     def heads_per_group(self) -> int:
@@ -107,6 +108,7 @@ class ModelSpec:
             rotary_base=get("rotary_base", 10000),
             rotary_percent=get("rotary_percent", 1.0),
             openai_gelu=bool(get("openai_gelu", False)),
+            qk_layernorm=bool(get("qk_layernorm", False)),
         )
 
     def to_args(self, base: Any = None, dtype: Any = None) -> argparse.Namespace:
@@ -140,6 +142,7 @@ class ModelSpec:
             "rotary_base": self.rotary_base,
             "rotary_percent": self.rotary_percent,
             "openai_gelu": self.openai_gelu,
+            "qk_layernorm": self.qk_layernorm,
             # what Megatron-LM's --use-checkpoint-args forces and megaclone's models imply
             "add_position_embedding": self.position_embedding_type == "learned_absolute",
             "use_rotary_position_embeddings": self.position_embedding_type == "rope",
@@ -183,7 +186,6 @@ def _refuse_unsupported(args: Any) -> None:
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     unsupported = {
         "num_experts": "mixture-of-experts layers",
-        "qk_layernorm": "query/key layernorm",
         "apply_layernorm_1p": "zero-centered (1p) layernorm",
         "multi_latent_attention": "multi-latent attention",
         "apply_residual_connection_post_layernorm": "post-layernorm residuals",

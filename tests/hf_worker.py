@@ -35,6 +35,9 @@ def configs():
         # q/k/v biases, tied embeddings
         "qwen2": (T.Qwen2Config(hidden_size=32, intermediate_size=48, num_attention_heads=8, num_key_value_heads=4,
                                 tie_word_embeddings=True, **small), None),
+        # per-head q/k RMSNorm (megatron-core's qk_layernorm), head_dim apart from hidden/heads, tied
+        "qwen3": (T.Qwen3Config(hidden_size=32, intermediate_size=48, num_attention_heads=8, num_key_value_heads=4,
+                                head_dim=8, tie_word_embeddings=True, **small), None),
         # Conv1D transposes, learned positions, tanh GeLU, tied
         "gpt2": (T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                               bos_token_id=0, eos_token_id=0), None),

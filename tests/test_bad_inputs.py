@@ -14,7 +14,7 @@ from megaclone import toy
 from megaclone.errors import MegacloneError
 from megaclone.expand import destination_spec, expand
 from megaclone.source import open_source
-from megaclone.spec import Factors
+from megaclone.spec import Depth, Factors
 from util import overwrite_stored_value, tmpfs, tree_hash
 
 
@@ -52,6 +52,16 @@ def copy_of(source, tmp_path) -> Path:
 
 def test_factor_must_be_a_positive_integer(source, tmp_path):
     refused(source, tmp_path / "d", "factor must be a positive integer", factors=Factors(2, 0, 2))
+
+
+@pytest.mark.parametrize("depth,match", [(dict(factor=0), "depth factor must be a positive integer"),
+                                         (dict(factor=2.0), "depth factor must be a positive integer"),
+                                         (dict(factor=2, init="zero"), "unknown depth init 'zero'"),
+                                         (dict(factor=2, placement="bottom"), "unknown depth placement 'bottom'")])
+def test_a_bad_depth_request_is_refused_with_the_flag_to_fix(depth, match):
+    with pytest.raises(MegacloneError, match=match) as err:
+        Depth(**depth)
+    assert "--depth-" in err.value.fix
 
 
 def test_world_must_hold_whole_tp_groups(source, tmp_path):

@@ -9,7 +9,7 @@ from megaclone.errors import MegacloneError  # noqa: E402
 from megaclone.source import open_hf_source  # noqa: E402
 from util import run_worker  # noqa: E402
 
-FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox")
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,24 @@ def test_bf16_stays_bf16_and_symmetric_power_of_two_is_bit_exact(results):
     assert all(r["bf16"].values()), r["bf16"]
     assert all(r["as-fp32"].values()), r["as-fp32"]  # --dtype float32: the bf16 values, widened
     assert r["verify_tol"] == 2e-2 and r["verify_rel"] <= r["verify_tol"], r
+
+
+def test_hf_tensors_the_import_would_not_read_or_cannot_find_are_refused_by_name(tmp_path):
+    """The key sets must match: a weight the import would drop (here a q_norm, as Qwen3 has) and a
+    weight it needs are each named, before anything is read."""
+    import transformers as T
+    from safetensors.torch import load_file, save_file
+
+    config = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           num_hidden_layers=2, vocab_size=64)
+    hf_dir = _hf_dir(tmp_path / "llama", config)
+    tensors = load_file(hf_dir / "model.safetensors")
+    open_hf_source(hf_dir)  # as saved: accepted
+    extra = {**tensors, "model.layers.1.self_attn.q_norm.weight": tensors["model.norm.weight"][:8].clone()}
+    save_file(extra, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MegacloneError, match="would not read: 'model.layers.1.self_attn.q_norm.weight'"):
+        open_hf_source(hf_dir)
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MegacloneError, match="lacks tensors its config.json implies: 'model.layers.0.mlp.up_proj"):
+        open_hf_source(hf_dir)

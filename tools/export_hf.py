@@ -20,8 +20,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="Megatron checkpoint root (torch_dist)")
     p.add_argument("--save", required=True, help="Hugging Face output directory")
-    p.add_argument("--model-type", choices=["llama", "mistral", "qwen2", "gpt2", "gpt_neox"],
-                   help="Hugging Face model_type (default: recorded at import, else inferred)")
+    p.add_argument("--model-type",
+                   help="Hugging Face model_type, one the family registry (megaclone/hf.py) holds: llama, mistral, "
+                        "qwen2, qwen3, gpt2, gpt_neox (default: recorded at import, else inferred)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
     cli.add_device_flags(p)
     return cli.parse(p, argv)
