@@ -66,6 +66,11 @@ def grouped_qkv(heads: int, groups: int, head_dim: int) -> RowMap:
     return f
 
 
+def offset(size: int, first: int) -> RowMap:
+    """Row r is HF row r + first (OPT's learned positions keep ``first`` = 2 unused rows in front)."""
+    return lambda r: (np.where(r < size, 0, -1), np.where(r < size, r + first, 0))
+
+
 def merged(row_map: RowMap, sizes: Sequence[int]) -> RowMap:
     """Parts laid end to end in one HF tensor (GPT-2's c_attn holds [q_all, k_all, v_all])."""
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -218,6 +223,61 @@ def _gpt2_config(s: ModelSpec, model_type: str) -> dict:
                 tie_word_embeddings=True)
 
 
+def _opt_args(c: dict) -> dict:
+    _require(c, c.get("do_layer_norm_before", True) and not c.get("_remove_final_layer_norm", False),
+             "do_layer_norm_before=False (post-layernorm, as OPT-350M)",
+             "megatron-core's GPTModel is pre-norm: only OPT models with do_layer_norm_before=True convert")
+    h = c["hidden_size"]
+    _require(c, c.get("word_embed_proj_dim", h) == h, f"word_embed_proj_dim {c.get('word_embed_proj_dim')} != "
+             f"hidden_size {h} (project_in/project_out, as OPT-350M)", "megatron-core's embedding has no projection")
+    _require(c, c.get("activation_function", "relu") == "relu", f"activation {c.get('activation_function')!r}",
+             "ReLU only")
+    _require(c, c.get("enable_bias", True) and c.get("layer_norm_elementwise_affine", True),
+             "enable_bias=False or layer_norm_elementwise_affine=False", "OPT with biases and affine norms only")
+    heads = c["num_attention_heads"]
+    return dict(num_layers=c["num_hidden_layers"], hidden_size=h, num_attention_heads=heads, num_query_groups=heads,
+                group_query_attention=False, kv_channels=h // heads, ffn_hidden_size=c["ffn_dim"],
+                max_position_embeddings=c["max_position_embeddings"], position_embedding_type="learned_absolute",
+                swiglu=False, relu=True, normalization="LayerNorm", norm_epsilon=1e-5, add_bias_linear=True,
+                add_qkv_bias=False, untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", True))
+
+
+OPT_POSITION_OFFSET = 2  # transformers' OPTLearnedPositionalEmbedding: position p is row p + 2
+
+
+def _opt_layout(s: ModelSpec) -> dict[str, HFTensor]:
+    p = "model.decoder.layers.{i}."
+    qkv = grouped_qkv(s.num_attention_heads, s.num_query_groups, s.kv_channels)
+    h, ffn = identity(s.hidden_size), identity(s.ffn_hidden_size)
+    out = {
+        "embedding.word_embeddings.weight": HFTensor(("model.decoder.embed_tokens.weight",), identity(s.vocab_size)),
+        "embedding.position_embeddings.weight": HFTensor(("model.decoder.embed_positions.weight",),
+                                                         offset(s.max_position_embeddings, OPT_POSITION_OFFSET)),
+        "decoder.final_layernorm.weight": HFTensor(("model.decoder.final_layer_norm.weight",), h),
+        "decoder.final_layernorm.bias": HFTensor(("model.decoder.final_layer_norm.bias",), h),
+    }
+    for name in ("weight", "bias"):
+        out.update({
+            ATTENTION + f"linear_qkv.layer_norm_{name}": HFTensor((p + f"self_attn_layer_norm.{name}",), h),
+            ATTENTION + f"linear_qkv.{name}": HFTensor(tuple(p + f"self_attn.{x}_proj.{name}" for x in "qkv"), qkv),
+            ATTENTION + f"linear_proj.{name}": HFTensor((p + f"self_attn.out_proj.{name}",), h),
+            MLP + f"linear_fc1.layer_norm_{name}": HFTensor((p + f"final_layer_norm.{name}",), h),
+            MLP + f"linear_fc1.{name}": HFTensor((p + f"fc1.{name}",), ffn),
+            MLP + f"linear_fc2.{name}": HFTensor((p + f"fc2.{name}",), h),
+        })
+    if not s.tied:
+        out["output_layer.weight"] = HFTensor(("lm_head.weight",), identity(s.vocab_size))
+    return out
+
+
+def _opt_config(s: ModelSpec, model_type: str) -> dict:
+    return dict(model_type=model_type, hidden_size=s.hidden_size, word_embed_proj_dim=s.hidden_size,
+                ffn_dim=s.ffn_hidden_size, num_hidden_layers=s.num_layers, num_attention_heads=s.num_attention_heads,
+                max_position_embeddings=s.max_position_embeddings, vocab_size=s.vocab_size, do_layer_norm_before=True,
+                activation_function="relu", enable_bias=True, layer_norm_elementwise_affine=True,
+                tie_word_embeddings=s.tied)
+
+
 def _neox_args(c: dict) -> dict:
     _require(c, not c.get("use_parallel_residual", True), "use_parallel_residual=True (attention and MLP in parallel)",
              "megatron-core's GPTModel is sequential; only GPT-NeoX models with use_parallel_residual=False convert")
@@ -271,6 +331,7 @@ FAMILIES = (
     Family("llama", {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                      "qwen3": "Qwen3ForCausalLM"}, _llama_args, _llama_layout, _llama_config, grouped_query=True),
     Family("gpt2", {"gpt2": "GPT2LMHeadModel"}, _gpt2_args, _gpt2_layout, _gpt2_config),
+    Family("opt", {"opt": "OPTForCausalLM"}, _opt_args, _opt_layout, _opt_config),
     Family("gpt_neox", {"gpt_neox": "GPTNeoXForCausalLM"}, _neox_args, _neox_layout, _neox_config),
 )
 
@@ -287,12 +348,14 @@ def infer_model_type(spec: ModelSpec) -> str:
     """The HF family a Megatron model (not imported from HF) exports as."""
     if spec.swiglu and spec.normalization == "RMSNorm" and spec.position_embedding_type == "rope" and not spec.add_bias_linear:
         return "qwen3" if spec.qk_layernorm else "qwen2" if spec.add_qkv_bias else "llama"
+    if spec.position_embedding_type == "learned_absolute" and spec.normalization == "LayerNorm" and spec.relu:
+        return "opt"
     if spec.position_embedding_type == "learned_absolute" and spec.normalization == "LayerNorm" and spec.tied:
         return "gpt2"
     if spec.position_embedding_type == "rope" and spec.normalization == "LayerNorm" and spec.add_bias_linear:
         return "gpt_neox"
     raise MegacloneError("this model matches no Hugging Face family megaclone exports (llama, qwen2, qwen3, gpt2, "
-                         "gpt_neox)",
+                         "opt, gpt_neox)",
                          "pass --model-type explicitly if the layout matches one of them")
 
 
@@ -399,7 +462,8 @@ def hf_tensors_from(t: HFTensor, layer: Optional[int], full: torch.Tensor) -> di
     out = {}
     for p, name in enumerate(t.names):
         sel = np.nonzero(part == p)[0]
-        sel = sel[np.argsort(hrow[sel], kind="stable")]
-        piece = full[torch.from_numpy(sel)]
+        rows = int(hrow[sel].max()) + 1 if len(sel) else 0
+        piece = full.new_zeros((rows,) + tuple(full.shape[1:]))  # rows no Megatron row maps to stay zero
+        piece[torch.from_numpy(hrow[sel])] = full[torch.from_numpy(sel)]
         out[name.format(i=layer)] = (piece.T if t.transposed and piece.dim() == 2 else piece).contiguous()
     return out

@@ -72,6 +72,8 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device
 def _activation(spec: ModelSpec):
     if spec.swiglu:
         return torch.nn.functional.silu
+    if spec.relu:
+        return torch.nn.functional.relu
     if spec.openai_gelu:
         from megatron.core.transformer.utils import openai_gelu
 

@@ -46,6 +46,7 @@ class ModelSpec:
     rotary_percent: float = 1.0
     openai_gelu: bool = False  # GPT-2's tanh-approximated GeLU (Megatron-LM --openai-gelu)
     qk_layernorm: bool = False  # a norm over each query and key head (Qwen3; Megatron-LM --qk-layernorm)
+    relu: bool = False  # plain ReLU MLP (OPT): megaclone's own field, Megatron-LM has no such flag
 
     @property
     def heads_per_group(self) -> int:
@@ -109,6 +110,7 @@ class ModelSpec:
             rotary_percent=get("rotary_percent", 1.0),
             openai_gelu=bool(get("openai_gelu", False)),
             qk_layernorm=bool(get("qk_layernorm", False)),
+            relu=bool(get("relu", False)),
         )
 
     def to_args(self, base: Any = None, dtype: Any = None) -> argparse.Namespace:
@@ -143,6 +145,7 @@ class ModelSpec:
             "rotary_percent": self.rotary_percent,
             "openai_gelu": self.openai_gelu,
             "qk_layernorm": self.qk_layernorm,
+            "relu": self.relu,
             # what Megatron-LM's --use-checkpoint-args forces and megaclone's models imply
             "add_position_embedding": self.position_embedding_type == "learned_absolute",
             "use_rotary_position_embeddings": self.position_embedding_type == "rope",

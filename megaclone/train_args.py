@@ -32,7 +32,7 @@ CHECKPOINT_ARGS_FORCED = (
     "tensor_model_parallel_size", "pipeline_model_parallel_size",
 )
 # Shape fields megaclone's trainer also takes (Megatron-LM leaves them to the command line).
-CHECKPOINT_ARGS_EXTRA = ("norm_epsilon", "make_vocab_size_divisible_by", "vocab_size", "qk_layernorm")
+CHECKPOINT_ARGS_EXTRA = ("norm_epsilon", "make_vocab_size_divisible_by", "vocab_size", "qk_layernorm", "relu")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear", help="no biases in linear layers")
     g.add_argument("--add-qkv-bias", action="store_true", help="biases on q/k/v only (Qwen2)")
     g.add_argument("--qk-layernorm", action="store_true", help="a norm over each query and key head (Qwen3)")
+    g.add_argument("--relu", action="store_true",
+                   help="plain ReLU MLP (OPT; megaclone's flag: Megatron-LM has none and would train GeLU)")
     g.add_argument("--init-method-std", type=float, default=0.02, help="std of the random initialization")
     g.add_argument("--hidden-dropout", type=float, default=0.1,
                    help="dropout after attention and MLP (Megatron-LM's default; it also breaks a symmetric "

@@ -9,7 +9,7 @@ from megaclone.errors import MegacloneError  # noqa: E402
 from megaclone.source import open_hf_source  # noqa: E402
 from util import run_worker  # noqa: E402
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "gpt_neox")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_import_matches_transformers_logits(results, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_round_trip_and_grown_model_in_transformers(results, family):
     r = results[family]
-    assert r["roundtrip_same_names"] and r["roundtrip_identical"]
+    assert r["roundtrip_same_names"] and r["roundtrip_identical"] and r["roundtrip_unread_rows_zero"]
     assert r["exported_wide_rel"] <= 1e-5
 
 
@@ -50,9 +50,13 @@ def test_unsupported_hf_models_are_refused_with_a_fix(tmp_path):
     with pytest.raises(MegacloneError, match="use_parallel_residual"):
         open_hf_source(_hf_dir(tmp_path / "neox", T.GPTNeoXConfig(
             hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=50)))
+    opt = dict(hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=50)
+    with pytest.raises(MegacloneError, match="post-layernorm, as OPT-350M"):
+        open_hf_source(_hf_dir(tmp_path / "opt-post", T.OPTConfig(do_layer_norm_before=False, **opt)))
+    with pytest.raises(MegacloneError, match="word_embed_proj_dim 16 != hidden_size 32"):
+        open_hf_source(_hf_dir(tmp_path / "opt-proj", T.OPTConfig(word_embed_proj_dim=16, **opt)))
     with pytest.raises(MegacloneError, match="not supported"):
-        open_hf_source(_hf_dir(tmp_path / "opt", T.OPTConfig(
-            hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=50)))
+        open_hf_source(_hf_dir(tmp_path / "bloom", T.BloomConfig(hidden_size=32, n_head=4, n_layer=1, vocab_size=50)))
     with pytest.raises(MegacloneError, match="config.json"):
         open_hf_source(tmp_path)
 
