@@ -29,6 +29,7 @@ from . import destination
 from .clone import CloneConfig, SourcePiece, clone_slice
 from .errors import MegacloneError
 from .model import RowBlock, Slots, build_gpt, model_sharded_state_dict, parameter_slots
+from .layout import catalogue
 from .partition import param_rules
 from .source import Source, open_any_source
 from .plan import SliceTask, plan_rank, power_chunks
@@ -159,14 +160,19 @@ def fill_rank(
     allow_non_finite: bool = False,
     powers: Optional[dict[tuple[str, Optional[int]], np.ndarray]] = None,
     depth: Depth = Depth(),
+    only_slots: bool = False,
 ) -> None:
     """Compute every destination slice this rank owns into its row blocks (model.parameter_slots),
     one task at a time: read its source boxes (locally, no collective), clone, release. Source values
-    that are not finite are refused (naming the tensor) unless ``allow_non_finite``."""
+    that are not finite are refused (naming the tensor) unless ``allow_non_finite``. With
+    ``only_slots`` the rank computes only the (tensor, layer) pieces ``slots`` holds (a share dealt to
+    it), else every piece its TP rank owns must have a slot."""
     rules = param_rules(source.spec, dst_spec)
     slots = dict(slots)
     layers = depth.layer_map(source.spec.num_layers)
     for task in plan_rank(rules, layers, dst_spec.tensor_parallel, tp_rank, depth.zeroes_added_outputs):
+        if only_slots and (task.rule.key, task.layer) not in slots:
+            continue
         blocks = slots.pop((task.rule.key, task.layer))
         _check_blocks(task, blocks)
         t0 = time.perf_counter()
@@ -316,6 +322,66 @@ def expand(
     report.seconds["total"] = time.perf_counter() - start
     report.seconds["cpu"] = cpu_seconds() - cpu_start
     del state
+    report.peak_rss = memory.stop()
+    reports: list[Optional[RankReport]] = [None] * world
+    dist.all_gather_object(reports, report)
+    return reports  # type: ignore[return-value]
+
+
+def expand_to_hf(
+    src_root: str | Path,
+    out: str | Path,
+    factors: Factors,
+    cfg: CloneConfig = CloneConfig(),
+    depth: Depth = Depth(),
+    overwrite: bool = False,
+    dtype: Optional[torch.dtype] = None,
+    on_slice: Optional[Callable[[SliceTask, int], None]] = None,
+    allow_non_finite: bool = False,
+) -> list[RankReport]:
+    """Grow a Hugging Face model straight into a Hugging Face directory, any number of ranks, no
+    Megatron checkpoint in between: the destination's (tensor, layer) pieces are dealt to ranks by
+    size; each rank computes its whole pieces (reading only the source rows and columns they need),
+    turns them into the family's HF tensors and writes one safetensors shard (export.write_hf)."""
+    from .export import check_exportable, deal, hf_pieces, write_hf
+    from . import hf
+
+    start = time.perf_counter()
+    return_large_frees()
+    memory = PeakMemory().start()
+    out, src_root = Path(out), Path(src_root)
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def validate():
+        source = open_any_source(src_root, "hf")
+        dst_spec = destination_spec(source, factors, 1, depth)  # whole tensors: TP 1's layout
+        model_type = source.args.hf_model_type
+        check_exportable(dst_spec, model_type, src_root)
+        return source, dst_spec, model_type
+
+    source, dst_spec, model_type = agree(validate)
+    with destination.Claim.take(out, destination.Kind.HF, [src_root], overwrite) as claim:
+        report = RankReport(rank=rank)
+        dtype = dtype or source.dtype
+        pieces, sizes = hf_pieces(dst_spec)
+        tensors = {t.key: t for t in catalogue(dst_spec)}
+        slots: Slots = {(key, layer): [RowBlock(0, tensors[key].shape[0], torch.empty(tensors[key].shape, dtype=dtype))]
+                        for (key, layer), who in zip(pieces, deal(sizes, world)) if who == rank}
+        powers = (signal_powers(source, param_rules(source.spec, dst_spec), source.spec.num_layers)
+                  if cfg.variant.noisy else None)
+        agree(lambda: fill_rank(source, dst_spec, dict(slots), 0, cfg, report, on_slice, allow_non_finite, powers,
+                                depth, only_slots=True))
+        claim.clear()
+        layout = hf.family_of(model_type).layout(dst_spec)
+        mine: dict[str, torch.Tensor] = {}
+        for key, layer in list(slots):
+            [block] = slots.pop((key, layer))  # freed as its HF tensors are made
+            mine.update(hf.hf_tensors_from(layout[key], layer, block.tensor))
+        t0 = time.perf_counter()
+        write_hf(out, mine, dst_spec, model_type, dtype, source.path)
+    report.seconds["write"] = time.perf_counter() - t0
+    report.seconds["total"] = time.perf_counter() - start
+    del mine
     report.peak_rss = memory.stop()
     reports: list[Optional[RankReport]] = [None] * world
     dist.all_gather_object(reports, report)

@@ -55,6 +55,56 @@ def _hf_config(spec: ModelSpec, model_type: str, dtype: torch.dtype):
     return config
 
 
+def check_exportable(spec: ModelSpec, model_type: str, what: Path) -> None:
+    """Refuse, before anything is written, a model that transformers' ``model_type`` cannot hold."""
+    family = hf.family_of(model_type)
+    if not family.grouped_query and spec.num_query_groups != spec.num_attention_heads:
+        raise MegacloneError(
+            f"{what} has {spec.num_attention_heads} heads in {spec.num_query_groups} query groups, but "
+            f"transformers' {model_type} has no grouped-query attention",
+            "keep this model in Megatron, or grow it without --query-group-factor")
+    unplaced = [t.key for t in catalogue(spec) if t.key not in family.layout(spec)]
+    if unplaced:
+        raise MegacloneError(f"transformers' {model_type} has no place for {', '.join(unplaced)} of {what}",
+                             "export as a model_type that has them (--model-type), or keep the model in Megatron")
+
+
+def hf_pieces(spec: ModelSpec) -> tuple[list[tuple[str, Optional[int]]], list[int]]:
+    """Every (tensor, layer) of the model, with its number of elements: the units dealt to ranks."""
+    pieces = [(t.key, layer) for t in catalogue(spec) for layer in (range(spec.num_layers) if t.per_layer else [None])]
+    sizes = [int(torch.Size(t.shape).numel()) for t in catalogue(spec)
+             for _ in (range(spec.num_layers) if t.per_layer else [None])]
+    return pieces, sizes
+
+
+def write_hf(out: Path, mine: dict[str, torch.Tensor], spec: ModelSpec, model_type: str, dtype: torch.dtype,
+             tokenizer: Optional[Path]) -> int:
+    """Every rank writes its HF tensors as one safetensors shard; rank 0 then writes the index, the
+    tokenizer files and ``config.json`` last (a directory without it is not a loadable model).
+    Returns the number of HF tensors written by all ranks."""
+    from safetensors.torch import save_file
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    name = shard_name(rank, world)
+    nbytes = sum(v.numel() * v.element_size() for v in mine.values())
+    with writing(out, out / name, nbytes):
+        save_file(mine, str(out / name), metadata={"format": "pt"})
+    shares: list = [None] * world
+    dist.all_gather_object(shares, (sorted(mine), nbytes))
+    names = [n for n, _ in shares]
+    if rank == 0:
+        weight_map = {t: shard_name(r, world) for r, ts in enumerate(names) for t in ts}
+        if world > 1:
+            index = {"metadata": {"total_size": sum(b for _, b in shares)}, "weight_map": dict(sorted(weight_map.items()))}
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for f in TOKENIZER_FILES:
+            if tokenizer is not None and tokenizer.is_dir() and (tokenizer / f).exists():
+                shutil.copy2(tokenizer / f, out / f)
+        _hf_config(spec, model_type, dtype).save_pretrained(str(out))  # last: marks it complete
+    dist.barrier()
+    return sum(len(n) for n in names)
+
+
 def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = None, overwrite: bool = False) -> dict:
     """Write ``out`` (config.json, safetensors shards, index, tokenizer files); all ranks call it."""
     out = Path(out)
@@ -65,15 +115,7 @@ def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = Non
         args = ckpt_io.read_common(path)["args"]
         spec = ModelSpec.from_args(args)
         mtype = model_type or getattr(args, "hf_model_type", None) or hf.infer_model_type(spec)
-        if not hf.family_of(mtype).grouped_query and spec.num_query_groups != spec.num_attention_heads:
-            raise MegacloneError(
-                f"{path} has {spec.num_attention_heads} heads in {spec.num_query_groups} query groups, but "
-                f"transformers' {mtype} has no grouped-query attention",
-                "keep this model in Megatron, or grow it without --query-group-factor")
-        unplaced = [t.key for t in catalogue(spec) if t.key not in hf.family_of(mtype).layout(spec)]
-        if unplaced:
-            raise MegacloneError(f"transformers' {mtype} has no place for {', '.join(unplaced)} of {path}",
-                                 "export as a model_type that has them (--model-type), or keep the model in Megatron")
+        check_exportable(spec, mtype, path)
         return path, args, spec, mtype
 
     path, args, spec, mtype = agree(validate)
@@ -81,35 +123,15 @@ def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = Non
     meta = ckpt_io.read_tensor_metadata(path)
     with destination.Claim.take(out, destination.Kind.HF, [Path(root), path], overwrite) as claim:
         claim.clear()
-        pieces = [(t.key, layer) for t in catalogue(spec)
-                  for layer in (range(spec.num_layers) if t.per_layer else [None])]
-        sizes = [int(torch.Size(meta[k].shape[1:] if layer is not None else meta[k].shape).numel()) for k, layer in pieces]
-        owner = deal(sizes, world)
+        pieces, sizes = hf_pieces(spec)
         mine: dict[str, torch.Tensor] = {}
         reader = ckpt_io.BoxReader(path)
-        for (key, layer), who in zip(pieces, owner):
+        for (key, layer), who in zip(pieces, deal(sizes, world)):
             if who != rank:
                 continue
             shape = meta[key].shape[1:] if layer is not None else meta[key].shape
             [full] = reader.read(BoxRead(key, layer, (Box(tuple(0 for _ in shape), tuple(shape)),)))
             mine.update(hf.hf_tensors_from(layout[key], layer, full))
-        from safetensors.torch import save_file
-
-        name = shard_name(rank, world)
-        with writing(out, out / name, sum(v.numel() * v.element_size() for v in mine.values())):
-            save_file(mine, str(out / name), metadata={"format": "pt"})
-        shares: list = [None] * world
-        dist.all_gather_object(shares, (sorted(mine), sum(v.numel() * v.element_size() for v in mine.values())))
-        names = [n for n, _ in shares]
-        if rank == 0:
-            weight_map = {t: shard_name(r, world) for r, ts in enumerate(names) for t in ts}
-            if world > 1:
-                index = {"metadata": {"total_size": sum(b for _, b in shares)}, "weight_map": dict(sorted(weight_map.items()))}
-                (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-            tokenizer = Path(str(getattr(args, "tokenizer_model", "") or ""))
-            for f in TOKENIZER_FILES:
-                if tokenizer.is_dir() and (tokenizer / f).exists():
-                    shutil.copy2(tokenizer / f, out / f)
-            _hf_config(spec, mtype, meta[pieces[0][0]].dtype).save_pretrained(str(out))  # last: marks it complete
-        dist.barrier()
-    return {"model_type": mtype, "tensors": sum(len(n) for n in names), "files": world}
+        tokenizer = Path(args.tokenizer_model) if getattr(args, "tokenizer_model", None) else None
+        count = write_hf(out, mine, spec, mtype, meta[pieces[0][0]].dtype, tokenizer)
+    return {"model_type": mtype, "tensors": count, "files": world}

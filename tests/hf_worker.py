@@ -14,10 +14,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megaclone.clone import CloneConfig, Variant  # noqa: E402
-from megaclone.expand import expand  # noqa: E402
+from megaclone.expand import expand, expand_to_hf  # noqa: E402
 from megaclone.export import export_hf  # noqa: E402
 from megaclone.runtime import init_distributed  # noqa: E402
-from megaclone.spec import Factors  # noqa: E402
+from megaclone.spec import Depth, Factors  # noqa: E402
 from megaclone.verify import verify  # noqa: E402
 
 
@@ -135,6 +135,10 @@ def main() -> None:
         # transformers and computes the source's logits
         export_hf(out / f"{family}-f1-tp2-symmetric", out / f"{family}-roundtrip", overwrite=True)
         export_hf(out / f"{family}-f2-tp4-symmetric", out / f"{family}-wide-hf", overwrite=True)
+        # HF to HF in one pass, no Megatron checkpoint; and grown in depth too
+        expand_to_hf(src, out / f"{family}-hf2hf", Factors.uniform(2), overwrite=True)
+        expand_to_hf(src, out / f"{family}-hf2hf-deep", Factors.uniform(2), depth=Depth(2, "identity", "top"),
+                     overwrite=True)
         if rt.is_main:
             from transformers import AutoModelForCausalLM
 
@@ -150,6 +154,16 @@ def main() -> None:
                 ls, lw = small(tokens).logits, wide(tokens).logits
             r["exported_wide_hidden"] = wide.config.hidden_size if hasattr(wide.config, "hidden_size") else None
             r["exported_wide_rel"] = ((ls - lw).abs().max() / ls.abs().max()).item()
+            two_step, one_step = safetensors_dir(out / f"{family}-wide-hf"), safetensors_dir(out / f"{family}-hf2hf")
+            r["hf2hf_equals_two_step"] = sorted(two_step) == sorted(one_step) and all(
+                torch.equal(two_step[k], one_step[k]) for k in two_step)
+            r["hf2hf_files"] = len(list((out / f"{family}-hf2hf").glob("*.safetensors")))
+            for name in ("hf2hf", "hf2hf-deep"):
+                grown = AutoModelForCausalLM.from_pretrained(str(out / f"{family}-{name}")).eval()
+                with torch.no_grad():
+                    lg = grown(tokens).logits
+                r[f"{name}_rel"] = ((ls - lg).abs().max() / ls.abs().max()).item()
+                r[f"{name}_layers"] = grown.config.num_hidden_layers
         dist.barrier()
     results["bf16"] = bf16_case(out, rt)
     if rt.is_main:

@@ -33,6 +33,16 @@ def test_export_round_trip_and_grown_model_in_transformers(results, family):
     assert r["exported_wide_rel"] <= 1e-5
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_to_hf_in_one_pass_loads_in_transformers_with_the_small_models_logits(results, family):
+    """--save-hf: every rank writes its shard, no Megatron checkpoint; the same bytes as import then
+    export; width 2 alone and with depth 2 (identity, top), both equal to the small model in transformers."""
+    r = results[family]
+    assert r["hf2hf_files"] == 4 and r["hf2hf_equals_two_step"]
+    assert r["hf2hf_rel"] <= 1e-5 and r["hf2hf-deep_rel"] <= 1e-5
+    assert (r["hf2hf_layers"], r["hf2hf-deep_layers"]) == (2, 4)
+
+
 def test_sharded_source_was_exercised(results):
     assert results["llama"]["files"] >= 2
 

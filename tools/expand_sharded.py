@@ -4,6 +4,7 @@ TP rank.
 
     torchrun --nproc_per_node 8 tools/expand_sharded.py --load small_ckpt --save wide_ckpt --tp 8 --factor 2
     torchrun --nproc_per_node 4 tools/expand_sharded.py --load small_ckpt --save big_ckpt --tp 4 --factor 2 --depth-factor 2
+    torchrun --nproc_per_node 2 tools/expand_sharded.py --load-hf hf_model_dir --save-hf wide_hf_dir --factor 2
     torchrun --nproc_per_node 4 tools/expand_sharded.py --load-hf hf_model_dir --save wide_ckpt --tp 4 --factor 2
     mpirun -n 8 python tools/expand_sharded.py --load small_ckpt --save wide_ckpt --tp 8 --factor 2
 """
@@ -21,8 +22,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--load", help="source checkpoint root (Megatron-LM torch_dist layout)")
     src.add_argument("--load-hf", help="source Hugging Face directory (config.json + safetensors): Llama, Mistral, "
                                        "Qwen2, GPT-2, GPT-NeoX; --factor 1 converts without growing")
-    p.add_argument("--save", required=True, help="destination checkpoint root (created; must be empty)")
-    p.add_argument("--tp", type=int, required=True, help="destination tensor-parallel size = world size")
+    dst = p.add_mutually_exclusive_group(required=True)
+    dst.add_argument("--save", help="destination checkpoint root (created; must be empty)")
+    dst.add_argument("--save-hf", help="instead of --save, with --load-hf: write the grown model as a Hugging Face "
+                                      "directory, each rank one safetensors shard (any number of ranks; no --tp)")
+    p.add_argument("--tp", type=int, help="destination tensor-parallel size = world size (required with --save)")
     p.add_argument("--factor", type=int, default=2, help="growth factor for hidden, heads and FFN (default 2)")
     p.add_argument("--hidden-factor", type=int, help="override the hidden-size factor")
     p.add_argument("--head-factor", type=int, help="override the attention heads factor")
@@ -60,7 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="copy NaN/Inf source values instead of refusing the source (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     cli.add_device_flags(p)
-    return cli.parse(p, argv)
+    args = cli.parse(p, argv)
+    if args.save and args.tp is None:
+        p.error("--save needs --tp (the destination tensor-parallel size, = the number of processes)")
+    if args.save_hf and not args.load_hf:
+        p.error("--save-hf grows a Hugging Face model: give its directory with --load-hf")
+    if args.save_hf and (args.tp is not None or args.pp != 1 or args.save_format != "torch_dist" or args.vocab_size):
+        p.error("--tp, --pp, --save-format and --vocab-size describe a Megatron destination; leave them out with "
+                "--save-hf (any number of processes)")
+    return args
 
 
 def main() -> int:
@@ -70,32 +82,36 @@ def main() -> int:
 
     from megaclone.clone import CloneConfig, Variant
     from megaclone.errors import MegacloneError
-    from megaclone.expand import expand
+    from megaclone.expand import expand, expand_to_hf
     from megaclone.progress import ExpandProgress, summary_table
     from megaclone.runtime import init_distributed
     from megaclone.spec import Depth, Factors
 
     rt = init_distributed(args.device, args.timeout_minutes)
-    if rt.world_size != args.tp:
+    if args.save and rt.world_size != args.tp:
         raise MegacloneError(
             f"--tp {args.tp} but {rt.world_size} processes were started",
             f"launch with torchrun --nproc_per_node {args.tp} (or mpirun -n {args.tp})",
         )
     factors = Factors(args.hidden_factor or args.factor, args.head_factor or args.factor,
                       args.ffn_factor or args.factor, args.query_group_factor)
+    cfg = CloneConfig(Variant(args.variant), args.snr_db, args.seed)
+    depth = Depth(args.depth_factor, args.depth_init, args.depth_placement)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     progress = ExpandProgress(enabled=rt.is_main and not args.no_progress)
-    reports = expand(
-        args.load or args.load_hf, args.save, factors, args.tp,
-        CloneConfig(Variant(args.variant), args.snr_db, args.seed),
-        overwrite=args.overwrite, vocab_size=args.vocab_size, device=rt.device, on_slice=progress.update,
-        src_format="hf" if args.load_hf else "torch_dist",
-        dtype=getattr(torch, args.dtype) if args.dtype else None, pp=args.pp, save_format=args.save_format,
-        allow_non_finite=args.allow_non_finite,
-        depth=Depth(args.depth_factor, args.depth_init, args.depth_placement),
-    )
+    if args.save_hf:
+        reports = expand_to_hf(args.load_hf, args.save_hf, factors, cfg, depth, overwrite=args.overwrite, dtype=dtype,
+                               on_slice=progress.update, allow_non_finite=args.allow_non_finite)
+    else:
+        reports = expand(
+            args.load or args.load_hf, args.save, factors, args.tp, cfg,
+            overwrite=args.overwrite, vocab_size=args.vocab_size, device=rt.device, on_slice=progress.update,
+            src_format="hf" if args.load_hf else "torch_dist", dtype=dtype, pp=args.pp,
+            save_format=args.save_format, allow_non_finite=args.allow_non_finite, depth=depth,
+        )
     progress.close()
     if rt.is_main:
-        print(summary_table(reports, args.save), flush=True)
+        print(summary_table(reports, args.save or args.save_hf), flush=True)
     dist.barrier()
     return 0
 
