@@ -336,11 +336,27 @@ FAMILIES = (
 )
 
 
+# Families whose function megatron-core's GPTModel cannot compute, with the reason.
+CANNOT_EXPRESS = {
+    "gemma": "Gemma multiplies the input embedding by sqrt(hidden_size) while its tied output layer uses the "
+             "unscaled embedding; megatron-core's embedding has no multiplier, so no GPTModel computes it",
+    "gemma2": "Gemma 2 scales its embedding by sqrt(hidden_size) (megatron-core's embedding has no multiplier), "
+              "soft-caps attention scores and logits and adds norms after attention and MLP, none of which "
+              "megatron-core's GPTModel does",
+    "olmo2": "OLMo-2 normalizes the attention and MLP outputs before adding them to the residual stream and "
+             "normalizes q and k over the whole projection; megatron-core's GPTModel is pre-norm with per-head "
+             "q/k norms only",
+}
+
+
 def family_of(model_type: str) -> Family:
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
     supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    if model_type in CANNOT_EXPRESS:
+        raise MegacloneError(f"Hugging Face model_type {model_type!r} is refused: {CANNOT_EXPRESS[model_type]}",
+                             f"megaclone imports {supported}")
     raise MegacloneError(f"Hugging Face model_type {model_type!r} is not supported", f"supported: {supported}")
 
 
