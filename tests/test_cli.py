@@ -56,6 +56,42 @@ def test_query_groups_kept_while_heads_grow_at_tp_2(source, tmp_path):
     assert ok.returncode == 0 and "PASS: 2 ranks" in ok.stdout, ok.stdout[-3000:] + ok.stderr[-3000:]
 
 
+def test_depth_flags_reach_the_checkpoint_and_the_verifier_skips_a_stack_clone(source, tmp_path):
+    from megaclone import checkpoint as ckpt_io
+
+    dst = tmp_path / "stacked"
+    grown = torchrun(2, "expand_sharded.py", "--load", str(source), "--save", str(dst), "--tp", "2", "--factor", "1",
+                     "--depth-factor", "2", "--depth-init", "stack", "--depth-placement", "top")
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    common = ckpt_io.read_common(ckpt_io.find_checkpoint(dst))
+    assert common["megaclone"]["depth"] == {"factor": 2, "init": "stack", "placement": "top"}
+    assert common["args"].num_layers == 4
+    checked = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(dst))
+    assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+    assert "NOT COMPARED: this clone was grown in depth with --depth-init stack (x2)" in checked.stdout
+    assert "PASS" not in checked.stdout and "FAIL" not in checked.stdout
+
+
+def test_hf_to_hf_in_one_command_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    small = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        vocab_size=64, max_position_embeddings=32)).eval()
+    small.save_pretrained(str(tmp_path / "small"))
+    grown = torchrun(2, "expand_sharded.py", "--load-hf", str(tmp_path / "small"), "--save-hf", str(tmp_path / "wide"),
+                     "--factor", "2", "--depth-factor", "2")
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    wide = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "wide")).eval()
+    assert (wide.config.hidden_size, wide.config.num_hidden_layers) == (64, 4)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = small(tokens).logits, wide(tokens).logits
+    assert float((a - b).abs().max() / a.abs().max()) <= 1e-5
+
+
 def test_world_size_must_equal_tp(source, tmp_path):
     proc = run([sys.executable, "tools/expand_sharded.py", "--load", str(source), "--save", str(tmp_path / "d"),
                 "--tp", "2"])
@@ -81,7 +117,7 @@ def test_a_flag_error_under_torchrun_prints_once():
     assert proc.returncode != 0
     assert proc.stderr.count("usage:") == 1, proc.stderr[-2000:]
     # printed once by rank 0, repeated in the launcher's report of each rank instead of a documentation link
-    assert proc.stderr.count("the following arguments are required: --save") >= 2, proc.stderr[-2000:]
+    assert proc.stderr.count("one of the arguments --save --save-hf is required") >= 2, proc.stderr[-2000:]
     assert "To enable traceback" not in proc.stderr
 
 
