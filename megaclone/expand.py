@@ -371,12 +371,18 @@ def expand_to_hf(
                   if cfg.variant.noisy else None)
         agree(lambda: fill_rank(source, dst_spec, dict(slots), 0, cfg, report, on_slice, allow_non_finite, powers,
                                 depth, only_slots=True))
-        claim.clear()
         layout = hf.family_of(model_type).layout(dst_spec)
-        mine: dict[str, torch.Tensor] = {}
-        for key, layer in list(slots):
-            [block] = slots.pop((key, layer))  # freed as its HF tensors are made
-            mine.update(hf.hf_tensors_from(layout[key], layer, block.tensor))
+
+        def to_hf() -> dict[str, torch.Tensor]:
+            mine = {}
+            for key, layer in list(slots):
+                [block] = slots.pop((key, layer))  # freed as its HF tensors are made
+                hf.check_constant(layout[key], key, layer, block.tensor, model_type)
+                mine.update(hf.hf_tensors_from(layout[key], layer, block.tensor))
+            return mine
+
+        mine = agree(to_hf)  # every rank learns of a refusal before an earlier output is removed
+        claim.clear()
         t0 = time.perf_counter()
         write_hf(out, mine, dst_spec, model_type, dtype, source.path)
     report.seconds["write"] = time.perf_counter() - t0

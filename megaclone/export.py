@@ -122,16 +122,22 @@ def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = Non
     layout = hf.family_of(mtype).layout(spec)
     meta = ckpt_io.read_tensor_metadata(path)
     with destination.Claim.take(out, destination.Kind.HF, [Path(root), path], overwrite) as claim:
-        claim.clear()
         pieces, sizes = hf_pieces(spec)
-        mine: dict[str, torch.Tensor] = {}
         reader = ckpt_io.BoxReader(path)
-        for (key, layer), who in zip(pieces, deal(sizes, world)):
-            if who != rank:
-                continue
-            shape = meta[key].shape[1:] if layer is not None else meta[key].shape
-            [full] = reader.read(BoxRead(key, layer, (Box(tuple(0 for _ in shape), tuple(shape)),)))
-            mine.update(hf.hf_tensors_from(layout[key], layer, full))
+
+        def read_mine() -> dict[str, torch.Tensor]:
+            mine = {}
+            for (key, layer), who in zip(pieces, deal(sizes, world)):
+                if who != rank:
+                    continue
+                shape = meta[key].shape[1:] if layer is not None else meta[key].shape
+                [full] = reader.read(BoxRead(key, layer, (Box(tuple(0 for _ in shape), tuple(shape)),)))
+                hf.check_constant(layout[key], key, layer, full, mtype)
+                mine.update(hf.hf_tensors_from(layout[key], layer, full))
+            return mine
+
+        mine = agree(read_mine)  # a refusal on any rank stops every rank before an earlier output is removed
+        claim.clear()
         tokenizer = Path(args.tokenizer_model) if getattr(args, "tokenizer_model", None) else None
         count = write_hf(out, mine, spec, mtype, meta[pieces[0][0]].dtype, tokenizer)
     return {"model_type": mtype, "tensors": count, "files": world}

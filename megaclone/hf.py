@@ -31,11 +31,22 @@ DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F
 
 @dataclass(frozen=True)
 class HFTensor:
-    """Where one Megatron tensor's rows live: HF tensor names (``{i}`` = layer), a row map, layout."""
+    """Where one Megatron tensor's rows live: HF tensor names (``{i}`` = layer), a row map, layout.
+    With ``constant`` the HF model has no such tensor (OLMo's non-parametric norms): every value is
+    that constant on import, and export refuses a model whose values differ from it."""
 
     names: tuple[str, ...]
     row_map: RowMap
     transposed: bool = False
+    constant: Optional[float] = None
+
+    def __post_init__(self):
+        if (self.constant is None) == (not self.names):
+            raise ValueError("an HF tensor has names, or is a constant with none")
+
+
+def constant(value: float) -> HFTensor:
+    return HFTensor((), identity(0), constant=value)
 
 
 # ---------------------------------------------------------------- row maps
@@ -120,6 +131,25 @@ def _rope_config(theta: float, partial: float) -> dict:
 def _require(config: dict, ok: bool, problem: str, fix: str) -> None:
     if not ok:
         raise MegacloneError(f"{config.get('model_type')}: {problem}", fix)
+
+
+def _olmo_args(c: dict) -> dict:
+    _require(c, c.get("clip_qkv") is None, f"clip_qkv={c.get('clip_qkv')}", "megatron-core does not clamp q/k/v: "
+             "only OLMo models without clip_qkv convert")
+    args = _llama_args({**c, "model_type": "olmo"})
+    # OLMo's LayerNorm has no weight or bias: a megatron-core LayerNorm with weight 1 and bias 0 (trainable)
+    return dict(args, normalization="LayerNorm", norm_epsilon=1e-5)
+
+
+def _olmo_layout(s: ModelSpec) -> dict[str, HFTensor]:
+    out = _llama_layout(s)
+    for key in (ATTENTION + "linear_qkv.layer_norm_", MLP + "linear_fc1.layer_norm_", "decoder.final_layernorm."):
+        out[key + "weight"], out[key + "bias"] = constant(1.0), constant(0.0)
+    return out
+
+
+def _olmo_config(s: ModelSpec, model_type: str) -> dict:
+    return dict(_llama_config(s, model_type), clip_qkv=None)
 
 
 def _llama_args(c: dict) -> dict:
@@ -332,6 +362,7 @@ FAMILIES = (
                      "qwen3": "Qwen3ForCausalLM"}, _llama_args, _llama_layout, _llama_config, grouped_query=True),
     Family("gpt2", {"gpt2": "GPT2LMHeadModel"}, _gpt2_args, _gpt2_layout, _gpt2_config),
     Family("opt", {"opt": "OPTForCausalLM"}, _opt_args, _opt_layout, _opt_config),
+    Family("olmo", {"olmo": "OlmoForCausalLM"}, _olmo_args, _olmo_layout, _olmo_config, grouped_query=True),
     Family("gpt_neox", {"gpt_neox": "GPTNeoXForCausalLM"}, _neox_args, _neox_layout, _neox_config),
 )
 
@@ -370,8 +401,10 @@ def infer_model_type(spec: ModelSpec) -> str:
         return "gpt2"
     if spec.position_embedding_type == "rope" and spec.normalization == "LayerNorm" and spec.add_bias_linear:
         return "gpt_neox"
+    if spec.swiglu and spec.normalization == "LayerNorm" and spec.position_embedding_type == "rope":
+        return "olmo"
     raise MegacloneError("this model matches no Hugging Face family megaclone exports (llama, qwen2, qwen3, gpt2, "
-                         "opt, gpt_neox)",
+                         "opt, gpt_neox, olmo)",
                          "pass --model-type explicitly if the layout matches one of them")
 
 
@@ -421,6 +454,8 @@ class SafetensorsDir:
 
 def read_box(files: SafetensorsDir, t: HFTensor, layer: Optional[int], box: Box, dtype: torch.dtype) -> torch.Tensor:
     """One box of a Megatron tensor from the HF files, reading only the rows and columns it covers."""
+    if t.constant is not None:
+        return torch.full(box.lengths, t.constant, dtype=dtype)
     rows = np.arange(box.offsets[0], box.offsets[0] + box.lengths[0])
     part, hrow = t.row_map(rows)
     names = [n.format(i=layer) for n in t.names]
@@ -472,8 +507,20 @@ def megatron_args(root: Path, make_vocab_size_divisible_by: int = 128) -> argpar
 # ---------------------------------------------------------------- writing (export)
 
 
+def check_constant(t: HFTensor, key: str, layer: Optional[int], full: torch.Tensor, model_type: str) -> None:
+    """Refuse to export a tensor the HF model keeps constant (has no parameter for) once it differs."""
+    if t.constant is not None and not bool((full == t.constant).all()):
+        where = key + ("" if layer is None else f" (layer {layer})")
+        raise MegacloneError(
+            f"{where} is no longer {t.constant:g} everywhere, but transformers' {model_type} has no parameter for "
+            "it (a non-parametric norm): exporting would change the function",
+            "keep the model in Megatron; a width-grown tied model carries 1/n in its final norm and cannot be "
+            "exported to such a family")
+
+
 def hf_tensors_from(t: HFTensor, layer: Optional[int], full: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The HF tensors one full Megatron tensor (one layer of it) holds: the row maps run backwards."""
+    """The HF tensors one full Megatron tensor (one layer of it) holds: the row maps run backwards.
+    A constant holds none (``check_constant`` first)."""
     part, hrow = t.row_map(np.arange(full.shape[0]))
     out = {}
     for p, name in enumerate(t.names):

@@ -43,6 +43,9 @@ def configs():
                               bos_token_id=0, eos_token_id=0), None),
         # the paper's family: ReLU, learned positions at offset 2, biases everywhere, tied
         "opt": (T.OPTConfig(hidden_size=32, ffn_dim=48, num_attention_heads=4, word_embed_proj_dim=32, **small), None),
+        # non-parametric LayerNorm (weight 1, bias 0 in Megatron), SwiGLU, GQA, untied
+        "olmo": (T.OlmoConfig(hidden_size=32, intermediate_size=48, num_attention_heads=8, num_key_value_heads=4,
+                              tie_word_embeddings=False, **small), None),
         # fused per-head QKV, partial rotary, biases (sequential residual: see the README)
         "gpt_neox": (T.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                      use_parallel_residual=False, **small), None),
@@ -114,6 +117,30 @@ def bf16_case(out: Path, rt) -> dict:
     return r
 
 
+def olmo_tied_case(out: Path, rt) -> dict:
+    """A tied OLMo grown 2x keeps 1/2 in its final norm, which OLMo's non-parametric norm cannot hold:
+    --save-hf refuses before writing; grown in Megatron it still verifies against transformers."""
+    import transformers as T
+
+    from megaclone.errors import MegacloneError
+
+    src = out / "olmo-tied-hf"
+    if rt.is_main:
+        make_hf(src, T.OlmoConfig(hidden_size=32, intermediate_size=48, num_attention_heads=8, num_key_value_heads=4,
+                                  tie_word_embeddings=True, vocab_size=100, num_hidden_layers=2,
+                                  max_position_embeddings=64), None, seed=21)
+    dist.barrier()
+    r = {}
+    try:
+        expand_to_hf(src, out / "olmo-tied-wide-hf", Factors.uniform(2), overwrite=True)
+    except MegacloneError as exc:
+        r["error"] = str(exc)
+    r["wrote"] = (out / "olmo-tied-wide-hf" / "config.json").exists()
+    expand(src, out / "olmo-tied-wide", Factors.uniform(2), 2, overwrite=True, src_format="hf")
+    r["verify_rel"] = max(x.max_rel for x in verify(None, out / "olmo-tied-wide", src_hf=src))
+    return r
+
+
 def main() -> None:
     rt = init_distributed()
     out = Path(sys.argv[1])
@@ -166,6 +193,7 @@ def main() -> None:
                 r[f"{name}_layers"] = grown.config.num_hidden_layers
         dist.barrier()
     results["bf16"] = bf16_case(out, rt)
+    results["olmo-tied"] = olmo_tied_case(out, rt)
     if rt.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.barrier()

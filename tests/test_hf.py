@@ -9,7 +9,7 @@ from megaclone.errors import MegacloneError  # noqa: E402
 from megaclone.source import open_hf_source  # noqa: E402
 from util import run_worker  # noqa: E402
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "gpt_neox")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "olmo", "gpt_neox")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,12 @@ def test_hf_to_hf_in_one_pass_loads_in_transformers_with_the_small_models_logits
     assert r["hf2hf_files"] == 4 and r["hf2hf_equals_two_step"]
     assert r["hf2hf_rel"] <= 1e-5 and r["hf2hf-deep_rel"] <= 1e-5
     assert (r["hf2hf_layers"], r["hf2hf-deep_layers"]) == (2, 4)
+
+
+def test_a_tied_olmo_grown_in_width_is_not_exported_but_verifies_in_megatron(results):
+    r = results["olmo-tied"]
+    assert "decoder.final_layernorm.weight is no longer 1 everywhere" in r["error"] and not r["wrote"]
+    assert r["verify_rel"] <= 1e-5
 
 
 def test_sharded_source_was_exercised(results):
