@@ -41,22 +41,27 @@ def pick_device(requested: Optional[str] = None) -> tuple[torch.device, str]:
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", "0")))
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device()), "nccl"
-    _install_cpu_shims()
+    global _cpu
+    _cpu = True
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
     return torch.device("cpu"), "gloo"
 
 
-def _install_cpu_shims() -> None:
-    """Let megatron-core build and run models without a GPU (docs/design.md, "CPU").
+_cpu = False  # set by init_distributed on a CPU run: init_parallel then installs the CPU RNG tracker
 
-    megatron-core asks torch.cuda for the current device and synchronizes: on CPU those become the
-    CPU device and a no-op. Its RNG tracker keeps named CUDA generator states; on CPU it keeps CPU
-    generator states instead, so dropout inside tensor-parallel regions (attention) draws different
-    masks on each TP rank, as on GPUs, while the default state stays shared.
+
+def _install_cpu_rng_tracker() -> None:
+    """Let megatron-core run models without a GPU (docs/design.md, "CPU"); with the torch.cuda shims
+    init_distributed installs (the current device is the CPU, synchronize a no-op).
+
+    megatron-core's RNG tracker keeps named CUDA generator states; on CPU it keeps CPU generator states
+    instead, so dropout inside tensor-parallel regions (attention) draws different masks on each TP
+    rank, as on GPUs, while the default state stays shared. Installed with the first model-parallel
+    layout, so a job that builds no megatron-core model (``--save-hf``) never imports megatron-core.
     """
     from megatron.core.tensor_parallel import random as tp_random
 
-    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
-    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
     tp_random.CudaRNGStatesTracker.add = _cpu_tracker_add  # type: ignore[method-assign]
     tp_random.CudaRNGStatesTracker.fork = _cpu_tracker_fork  # type: ignore[method-assign]
 
@@ -183,6 +188,8 @@ def init_parallel(tensor_parallel: int, pipeline_parallel: int = 1) -> None:
     global _current
     from megatron.core import parallel_state
 
+    if _cpu:
+        _install_cpu_rng_tracker()
     layout = (tensor_parallel, pipeline_parallel)
     if parallel_state.model_parallel_is_initialized():
         if _current == layout:
