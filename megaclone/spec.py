@@ -11,10 +11,12 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import MegacloneError
-from .index_maps import DimMap, Repeat, Tile
+
+if TYPE_CHECKING:
+    from .index_maps import DimMap
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
@@ -282,8 +284,10 @@ class Depth:
     def zeroes_added_outputs(self) -> bool:
         return self.factor > 1 and self.init == "identity"
 
-    def layer_map(self, src_layers: int) -> DimMap:
+    def layer_map(self, src_layers: int) -> "DimMap":
         """Destination layer -> (source layer, copy); copy 0 is the source layer's own place."""
+        from .index_maps import Repeat, Tile  # numpy: kept out of the flag parsers' imports (--help)
+
         return Repeat(src_layers, self.factor) if self.placement == "interleave" else Tile(src_layers, self.factor)
 
 
