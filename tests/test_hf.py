@@ -110,3 +110,32 @@ def test_hf_tensors_the_import_would_not_read_or_cannot_find_are_refused_by_name
     save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MegacloneError, match="lacks tensors its config.json implies: 'model.layers.0.mlp.up_proj"):
         open_hf_source(hf_dir)
+
+
+def test_an_imported_opt_trains_with_relu_from_the_source_loss(tmp_path):
+    """Megatron-LM has no plain-ReLU flag: the written args carry megaclone's ``relu`` field and
+    examples/pretrain_gpt.py trains the grown OPT with it, starting at the loss transformers' own OPT
+    computes on the first batch."""
+    import json
+    import sys
+
+    import torch
+    import transformers as T
+
+    from util import run
+
+    torch.manual_seed(2)
+    T.AutoModelForCausalLM.from_config(T.OPTConfig(
+        hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32, vocab_size=300,
+        num_hidden_layers=2, max_position_embeddings=128)).save_pretrained(str(tmp_path / "small"))
+    for cmd in (["tools/expand_sharded.py", "--load-hf", tmp_path / "small", "--save", tmp_path / "wide", "--tp", "1",
+                 "--factor", "2", "--no-progress"],
+                ["tools/preprocess_data.py", "--input", "megaclone", "--output-prefix", tmp_path / "data"],
+                ["examples/pretrain_gpt.py", "--load", tmp_path / "wide", "--finetune", "--use-checkpoint-args",
+                 "--seq-length", "64", "--data-path", tmp_path / "data", "--split", "90,10,0", "--micro-batch-size", "4",
+                 "--global-batch-size", "4", "--train-iters", "2", "--lr", "1e-3", "--eval-iters", "0",
+                 "--log-json", tmp_path / "log.json"]):
+        proc = run([sys.executable, *cmd])
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check = json.loads((tmp_path / "log.json").read_text())["source_check"]
+    assert abs(check["first_loss"] - check["source_loss"]) <= 1e-5 * check["source_loss"], check
