@@ -24,7 +24,7 @@ from megaclone import toy  # noqa: E402
 from megaclone.expand import expand  # noqa: E402
 from megaclone.model import build_gpt, causal_logits, causal_mask, load_model  # noqa: E402
 from megaclone.runtime import init_distributed, init_parallel  # noqa: E402
-from megaclone.spec import Factors, ModelSpec  # noqa: E402
+from megaclone.spec import Depth, Factors, ModelSpec  # noqa: E402
 from megaclone.verify import verify  # noqa: E402
 
 
@@ -152,6 +152,10 @@ def legacy_cases(out: Path, spec: ModelSpec) -> dict:
         expand(out / name, dst, Factors.uniform(2), 4, overwrite=True)
         results[f"{name}-vs-twin"] = max(r.max_rel for r in verify(out / f"{name}-twin", dst))
         results[f"{name}-vs-legacy"] = max(r.max_rel for r in verify(out / name, dst))
+        # grown in depth too: added layers read their source layer from the legacy stage files
+        deep = out / f"{name}-wide-deep"
+        expand(out / name, deep, Factors.uniform(2), 4, overwrite=True, depth=Depth(2, "identity", "top"))
+        results[f"{name}-vs-twin-deep"] = max(r.max_rel for r in verify(out / f"{name}-twin", deep))
         # a legacy destination (--save-format torch): loaded per TP rank with load_state_dict(strict)
         legacy_dst = out / f"{name}-wide-legacy"
         expand(out / name, legacy_dst, Factors.uniform(2), 4, overwrite=True, save_format="torch")
