@@ -62,7 +62,7 @@ def naive_expand(src_root: Path, dst_root: Path, factors: Factors, tp: int,
     for rule in rules:
         rows = np.arange(rule.rows.src_size)
         cols = None if rule.cols is None else np.arange(rule.cols.src_size)
-        for layer in range(source.spec.num_layers) if rule.per_layer else [None]:
+        for layer in rule.tensor.layers(source.spec.num_layers):
             data = full_src[rule.key] if layer is None else full_src[rule.key][layer]
             piece = SourcePiece(data, rows, cols)
             full_dst[(rule.key, layer)] = clone_slice(

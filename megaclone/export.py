@@ -9,6 +9,7 @@ every shard is on disk: a directory without ``config.json`` is not a loadable mo
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -71,10 +72,8 @@ def check_exportable(spec: ModelSpec, model_type: str, what: Path) -> None:
 
 def hf_pieces(spec: ModelSpec) -> tuple[list[tuple[str, Optional[int]]], list[int]]:
     """Every (tensor, layer) of the model, with its number of elements: the units dealt to ranks."""
-    pieces = [(t.key, layer) for t in catalogue(spec) for layer in (range(spec.num_layers) if t.per_layer else [None])]
-    sizes = [int(torch.Size(t.shape).numel()) for t in catalogue(spec)
-             for _ in (range(spec.num_layers) if t.per_layer else [None])]
-    return pieces, sizes
+    tensors = [(t, layer) for t in catalogue(spec) for layer in t.layers(spec.num_layers)]
+    return [(t.key, layer) for t, layer in tensors], [math.prod(t.shape) for t, _ in tensors]
 
 
 def write_hf(out: Path, mine: dict[str, torch.Tensor], spec: ModelSpec, model_type: str, dtype: torch.dtype,

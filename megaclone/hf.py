@@ -136,7 +136,7 @@ def _require(config: dict, ok: bool, problem: str, fix: str) -> None:
 def _olmo_args(c: dict) -> dict:
     _require(c, c.get("clip_qkv") is None, f"clip_qkv={c.get('clip_qkv')}", "megatron-core does not clamp q/k/v: "
              "only OLMo models without clip_qkv convert")
-    args = _llama_args({**c, "model_type": "olmo"})
+    args = _llama_args(c)
     # OLMo's LayerNorm has no weight or bias: a megatron-core LayerNorm with weight 1 and bias 0 (trainable)
     return dict(args, normalization="LayerNorm", norm_epsilon=1e-5)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional
+from typing import Optional, Sequence
 
 from .spec import ModelSpec
 
@@ -64,6 +64,10 @@ class Tensor:
         axis = self.split.axis
         if axis is not None and (axis >= len(self.shape) or self.shape[axis] % self.parts):
             raise ValueError(f"{self.key}: {self.parts} parts do not split axis {axis} of {self.shape}")
+
+    def layers(self, num_layers: int) -> Sequence[Optional[int]]:
+        """The layer indices it is stored for: every layer, or None once for a tensor outside the stack."""
+        return range(num_layers) if self.per_layer else [None]
 
     def stored_shape(self, num_layers: int) -> tuple[int, ...]:
         """The global shape on disk: the layer axis first for per-layer tensors."""

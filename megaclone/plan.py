@@ -150,7 +150,7 @@ def power_chunks(rules: list, num_layers: int) -> list[PowerChunk]:
             continue
         cols = rule.src_shape[1]
         step = max(1, min(rule.noise_unit, POWER_CHUNK_ELEMENTS // cols))
-        for layer in (range(num_layers) if rule.per_layer else [None]):
+        for layer in rule.tensor.layers(num_layers):
             for block in range(rule.noise_blocks):
                 first = block * rule.noise_unit
                 for start in range(first, first + rule.noise_unit, step):

@@ -103,7 +103,7 @@ def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source
     if missing:
         raise AssertionError(f"{family.name} layout lacks {missing}")
     _check_hf_names(files, {n.format(i=i) for t in expected for n in layout[t.key].names
-                            for i in (range(spec.num_layers) if t.per_layer else [0])}, family.name)
+                            for i in t.layers(spec.num_layers)}, family.name)
     dtypes = set()
     for tensor in expected:
         dtypes |= _check_hf_shapes(files, layout[tensor.key], tensor, spec)
@@ -144,7 +144,7 @@ def _check_hf_shapes(files: hf.SafetensorsDir, t: hf.HFTensor, tensor, spec: Mod
         expected = (rows,) + tensor.shape[1:]
         if t.transposed and len(expected) == 2:
             expected = expected[::-1]
-        layer_names = [name.format(i=i) for i in range(spec.num_layers)] if tensor.per_layer else [name]
+        layer_names = [name.format(i=i) for i in tensor.layers(spec.num_layers)]
         for n in layer_names:
             shape, dtype = files.shape_dtype(n)
             if shape != expected:
@@ -245,8 +245,7 @@ def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> So
     tensors = {}
     for key, entry in entries.items():
         tensors[key] = ckpt_io.TensorMeta(entry.stored_shape(spec.num_layers), dtype)
-        layers = range(spec.num_layers) if entry.per_layer else [None]
-        for layer in layers:
+        for layer in entry.layers(spec.num_layers):
             for tp_rank in range(tp if entry.split is not Split.REPLICATED else 1):
                 t = local_tensor(key, layer, tp_rank)
                 expected = entry.local_shape(tp)
