@@ -75,7 +75,7 @@ def naive_expand(src_root: Path, dst_root: Path, factors: Factors, tp: int,
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     by_key = {r.key: r for r in rules}
     with torch.no_grad():
-        for (key, layer), [target] in parameter_slots(model_sd).items():
+        for (key, layer, _), [target] in parameter_slots(model_sd).items():
             rows, cols = dst_slice(by_key[key], tp, tp_rank)
             full = full_dst[(key, layer)]
             target.tensor.copy_(full[torch.from_numpy(rows)] if cols is None else full[np.ix_(rows, cols)])

@@ -17,7 +17,7 @@ import torch
 
 from .errors import MegacloneError
 from .index_maps import NO_SOURCE
-from .noise import stream_key, zero_sum_noise
+from .noise import standard_normal, stream_key, zero_sum_noise
 from .partition import ParamRule, Role
 
 # Rows of noise generated at once: bounds the float64 working set of a noisy slice.
@@ -128,11 +128,27 @@ def clone_slice(
             raise ValueError(f"{rule.key}: the noisy variants need the source's signal power per noise block")
         sigma = _noise_sigma(rule, src_rows, signal_power, cfg.snr_db)
         values.add_(_noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, sigma).to(values.dtype))
+    if rule.gain != 1:
+        values.mul_(rule.gain)
     if out is None:
         return values.to(piece.data.dtype)
     if not in_place:
         out.copy_(values)
     return out
+
+
+def router_slice(rule: ParamRule, layer: int, dst_rows: np.ndarray, dst_cols: np.ndarray, cfg: CloneConfig,
+                 std: float, out: torch.Tensor) -> torch.Tensor:
+    """A MoE router's rows ``dst_rows`` (experts) at columns ``dst_cols``, into ``out``: N(0, std^2)
+    drawn per (virtual group, column) from the seeded stream of (router, layer), so the ``rule.slices``
+    experts of one group (e div G) get one row, equal logits, and top-k picks whole groups; std 0: zero.
+    Depends only on (cfg.seed, layer, indices): every rank and layout draws the same router."""
+    if std == 0:
+        return out.zero_()
+    groups = (dst_rows // rule.slices).astype(np.uint64)[:, None]
+    counters = groups * np.uint64(rule.cols.dst_size) + dst_cols.astype(np.uint64)[None, :]
+    values = std * standard_normal(stream_key(cfg.seed, rule.key, layer), counters)
+    return out.copy_(torch.from_numpy(values))
 
 
 def _uniform_divisor(rule: ParamRule, cfg: CloneConfig) -> int:

@@ -26,16 +26,16 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from . import destination
-from .clone import CloneConfig, SourcePiece, clone_slice
+from .clone import CloneConfig, SourcePiece, clone_slice, router_slice
 from .errors import MegacloneError
-from .model import RowBlock, Slots, build_gpt, model_sharded_state_dict, parameter_slots
+from .model import RowBlock, Slots, add_te_moe_norm_keys, build_gpt, model_sharded_state_dict, parameter_slots
 from .layout import catalogue
-from .partition import param_rules
+from .partition import Role, param_rules
 from .source import Source, open_any_source
 from .plan import SliceTask, plan_rank, power_chunks
 from .memory import PeakMemory
 from .runtime import agree, cpu_seconds, return_large_frees, trim_heap
-from .spec import Depth, Factors, ModelSpec, check_divisible, grow
+from .spec import Depth, Experts, Factors, ModelSpec, check_divisible, grow
 
 # Fault injection for crash-safety tests: MEGACLONE_FAULT_INJECT="<point>:<rank>" makes that rank
 # SIGKILL itself at that point ("read": after its first slice; "write": after saving its shard,
@@ -86,8 +86,9 @@ class RankReport:
     peak_rss: dict[str, int] = field(default_factory=dict)
 
 
-def destination_spec(source: Source, factors: Factors, tp: int, depth: Depth = Depth()) -> ModelSpec:
-    dst = grow(source.spec, factors, tp, depth)
+def destination_spec(source: Source, factors: Factors, tp: int, depth: Depth = Depth(),
+                     experts: Optional[Experts] = None) -> ModelSpec:
+    dst = grow(source.spec, factors, tp, depth, experts)
     check_divisible(dst)
     return dst
 
@@ -138,11 +139,11 @@ def signal_powers(source: Source, rules: list, num_layers: int) -> dict[tuple[st
     shares: list = [None] * world
     dist.all_gather_object(shares, mine)
     sums = {k: v for share in shares for k, v in share.items()}
-    rules_by_key = {r.key: r for r in rules}
+    rules_by_key = {r.source_key: r for r in rules}
     blocks: dict[tuple[str, Optional[int]], list[list[float]]] = {}
     for chunk in chunks:
         rule = rules_by_key[chunk.read.key]
-        per_layer = blocks.setdefault((rule.key, chunk.read.layer), [[] for _ in range(rule.noise_blocks)])
+        per_layer = blocks.setdefault((rule.source_key, chunk.read.layer), [[] for _ in range(rule.noise_blocks)])
         per_layer[chunk.block].append(sums[chunk.index])
     return {(key, layer): np.array([math.fsum(b) for b in per_block])
             / (rules_by_key[key].noise_unit * rules_by_key[key].src_shape[1])
@@ -161,52 +162,67 @@ def fill_rank(
     powers: Optional[dict[tuple[str, Optional[int]], np.ndarray]] = None,
     depth: Depth = Depth(),
     only_slots: bool = False,
+    ep_rank: int = 0,
 ) -> None:
     """Compute every destination slice this rank owns into its row blocks (model.parameter_slots),
     one task at a time: read its source boxes (locally, no collective), clone, release. Source values
     that are not finite are refused (naming the tensor) unless ``allow_non_finite``. With
-    ``only_slots`` the rank computes only the (tensor, layer) pieces ``slots`` holds (a share dealt to
-    it), else every piece its TP rank owns must have a slot."""
+    ``only_slots`` the rank computes only the (tensor, layer, expert) pieces ``slots`` holds (a share
+    dealt to it), else every piece its TP and EP rank own must have a slot."""
     rules = param_rules(source.spec, dst_spec)
     slots = dict(slots)
     layers = depth.layer_map(source.spec.num_layers)
-    for task in plan_rank(rules, layers, dst_spec.tensor_parallel, tp_rank, depth.zeroes_added_outputs):
-        if only_slots and (task.rule.key, task.layer) not in slots:
+    router_std = 0.0 if dst_spec.experts is None or dst_spec.experts.router_init == "zero" else _init_std(source)
+    for task in plan_rank(rules, layers, dst_spec.tensor_parallel, tp_rank, depth.zeroes_added_outputs,
+                          dst_spec.expert_parallel, ep_rank):
+        place = (task.rule.key, task.layer, task.expert)
+        if only_slots and place not in slots:
             continue
-        blocks = slots.pop((task.rule.key, task.layer))
+        blocks = slots.pop(place)
         _check_blocks(task, blocks)
         t0 = time.perf_counter()
         box_read = task.box_read
-        if task.zero:  # a residual output of a layer added by identity depth growth: nothing to read
+        source_dtype = source.tensors[task.rule.source_key].dtype if task.rule.role is not Role.ROUTER else None
+        if task.zero or source_dtype is None:  # nothing to read: an added layer's residual output, a router
             t1 = t0
             with torch.no_grad():
                 for b in blocks:
-                    b.tensor.zero_()
+                    if task.zero:
+                        b.tensor.zero_()
+                    else:
+                        router_slice(task.rule, task.layer or 0, task.dst_rows[b.start:b.stop], task.dst_cols, cfg,
+                                     router_std, out=b.tensor)
         else:
             parts = source.read(box_read)
             if not allow_non_finite:
                 _check_finite(task, parts)
             t1 = time.perf_counter()
-            piece = assemble_piece(task, parts, source.tensors[task.rule.key].dtype)
+            piece = assemble_piece(task, parts, source_dtype)
             del parts
+            power = (powers or {}).get((task.rule.source_key, task.src_layer))
             with torch.no_grad():
                 for b in blocks:
                     clone_slice(task.rule, task.layer or 0, piece, task.dst_rows[b.start:b.stop], task.dst_cols, cfg,
-                                out=b.tensor, signal_power=(powers or {}).get((task.rule.key, task.src_layer)))
+                                out=b.tensor, signal_power=power)
             del piece
         t2 = time.perf_counter()
         report.slices += 1
         if report.slices == 1:
             _fault_point("read")
         shard_bytes = task.dst_numel * blocks[0].tensor.element_size()
-        report.bytes_read += box_read.numel * source.tensors[task.rule.key].dtype.itemsize
+        report.bytes_read += box_read.numel * (source_dtype.itemsize if source_dtype else 0)
         report.bytes_computed += shard_bytes
         report.seconds["read"] = report.seconds.get("read", 0.0) + t1 - t0
         report.seconds["compute"] = report.seconds.get("compute", 0.0) + t2 - t1
         if on_slice is not None:
             on_slice(task, shard_bytes)
     if slots:
-        raise AssertionError(f"destination parameters without a clone rule: {sorted(k for k, _ in slots)}")
+        raise AssertionError(f"destination parameters without a clone rule: {sorted(k for k, _, _ in slots)}")
+
+
+def _init_std(source: Source) -> float:
+    """The source's weight init std (Megatron-LM's --init-method-std, 0.02 by default): a new router's."""
+    return float(getattr(source.args, "init_method_std", None) or 0.02)
 
 
 def expand(
@@ -225,8 +241,10 @@ def expand(
     save_format: str = "torch_dist",
     allow_non_finite: bool = False,
     depth: Depth = Depth(),
+    experts: Optional[Experts] = None,
 ) -> list[RankReport]:
-    """Expand ``src_root`` into ``dst_root`` at TP ``tp`` (and ``depth``); returns every rank's report
+    """Expand ``src_root`` into ``dst_root`` at TP ``tp`` (and ``depth``; with ``experts``, every MLP
+    upcycled to a mixture of experts over ``experts.parallel`` EP ranks); returns every rank's report
     (on every rank).
 
     The destination keeps the source's dtype unless ``dtype`` is given (values are computed in fp32,
@@ -235,7 +253,8 @@ def expand(
     takes it from there) after checking that it divides the layers.
 
     The world may hold several TP groups (data-parallel replicas): each computes the same shard and
-    megatron-core writes only the main replica.
+    megatron-core writes only the main replica. With experts, ranks are arranged as megatron-core does
+    (TP x EP x DP): each computes and writes only its own experts.
     """
     from megatron.core import parallel_state
 
@@ -248,11 +267,18 @@ def expand(
     dst_root = Path(dst_root)
     src_root = Path(src_root)
 
+    ep = experts.parallel if experts else 1
+
     def validate():
-        if world % tp:
-            raise MegacloneError(f"world size {world} is not a multiple of --tp {tp}", f"launch with --nproc_per_node {tp}")
+        if world % (tp * ep):
+            ranks = f"--tp {tp} x --ep {ep}" if ep > 1 else f"--tp {tp}"
+            raise MegacloneError(f"world size {world} is not a multiple of {ranks}",
+                                 f"launch with --nproc_per_node {tp * ep} (or a multiple of it)")
         source = open_any_source(src_root, src_format, vocab_size)
-        dst_spec = destination_spec(source, factors, tp, depth)
+        dst_spec = destination_spec(source, factors, tp, depth, experts)
+        if save_format == "torch" and experts:
+            raise MegacloneError("--save-format torch does not write mixture-of-experts checkpoints",
+                                 "use the default torch_dist format (it loads into sequential and grouped-GEMM experts)")
         if save_format == "torch" and pp != 1:
             raise MegacloneError("--save-format torch writes pipeline size 1 only",
                                  "use the default torch_dist format (one destination serves every --pp)")
@@ -273,7 +299,7 @@ def expand(
         report = RankReport(rank=dist.get_rank())
         report.seconds["validate"] = time.perf_counter() - start
         t0 = time.perf_counter()
-        init_parallel(tp)
+        init_parallel(tp, 1, ep)
         dtype = dtype or source.dtype
         model = build_gpt(dst_spec, dtype=dtype, device=device)
         model_sd = model_sharded_state_dict(model)
@@ -286,7 +312,8 @@ def expand(
                   if cfg.variant.noisy else None)
         # every rank learns of a refusal here (bad values in its part of the source) before the save's collectives
         agree(lambda: fill_rank(source, dst_spec, slots, parallel_state.get_tensor_model_parallel_rank(), cfg, report,
-                                on_slice, allow_non_finite, powers, depth))
+                                on_slice, allow_non_finite, powers, depth,
+                                ep_rank=parallel_state.get_expert_model_parallel_rank()))
         del slots
         claim.clear()  # an earlier output goes only now that the source has been read whole
 
@@ -303,6 +330,7 @@ def expand(
             "megaclone": {
                 "factors": dataclasses.asdict(factors),
                 "depth": dataclasses.asdict(depth),
+                "experts": None if dst_spec.experts is None else dataclasses.asdict(dst_spec.experts),
                 "variant": cfg.variant.value,
                 "snr_db": cfg.snr_db,
                 "seed": cfg.seed,
@@ -316,6 +344,8 @@ def expand(
                                            writer=parallel_state.get_data_parallel_rank() == 0,
                                            before_publish=lambda: _fault_point("write"))
         else:
+            if dst_spec.experts:
+                add_te_moe_norm_keys(model_sd)
             del model_sd  # ``state`` is now the shard's only owner
             ckpt_io.save_checkpoint(dst_root, 0, state, before_publish=lambda: _fault_point("write"))
     report.seconds["write"] = time.perf_counter() - t0
@@ -365,7 +395,7 @@ def expand_to_hf(
         dtype = dtype or source.dtype
         pieces, sizes = hf_pieces(dst_spec)
         tensors = {t.key: t for t in catalogue(dst_spec)}
-        slots: Slots = {(key, layer): [RowBlock(0, tensors[key].shape[0], torch.empty(tensors[key].shape, dtype=dtype))]
+        slots: Slots = {(key, layer, None): [RowBlock(0, tensors[key].shape[0], torch.empty(tensors[key].shape, dtype=dtype))]
                         for (key, layer), who in zip(pieces, deal(sizes, world)) if who == rank}
         powers = (signal_powers(source, param_rules(source.spec, dst_spec), source.spec.num_layers)
                   if cfg.variant.noisy else None)
@@ -375,8 +405,8 @@ def expand_to_hf(
 
         def to_hf() -> dict[str, torch.Tensor]:
             mine = {}
-            for key, layer in list(slots):
-                [block] = slots.pop((key, layer))  # freed as its HF tensors are made
+            for key, layer, _ in list(slots):
+                [block] = slots.pop((key, layer, None))  # freed as its HF tensors are made
                 hf.check_constant(layout[key], key, layer, block.tensor, model_type)
                 mine.update(hf.hf_tensors_from(layout[key], layer, block.tensor))
             return mine

@@ -59,6 +59,9 @@ def _hf_config(spec: ModelSpec, model_type: str, dtype: torch.dtype):
 def check_exportable(spec: ModelSpec, model_type: str, what: Path) -> None:
     """Refuse, before anything is written, a model that transformers' ``model_type`` cannot hold."""
     family = hf.family_of(model_type)
+    if spec.experts:
+        raise MegacloneError(f"{what} is a mixture of {spec.experts.num} experts; megaclone writes dense Hugging "
+                             "Face families only", "keep the mixture of experts in Megatron (leave out --save-hf)")
     if not family.grouped_query and spec.num_query_groups != spec.num_attention_heads:
         raise MegacloneError(
             f"{what} has {spec.num_attention_heads} heads in {spec.num_query_groups} query groups, but "

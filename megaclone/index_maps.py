@@ -181,4 +181,37 @@ class Repeat:
         return np.divmod(i, self.factor)
 
 
-DimMap = Union[Tile, Pad, Concat, GroupedHeads, GroupedQKV, Repeat]
+@dataclass(frozen=True)
+class ExpertSlice:
+    """One expert's FFN axis under upcycling: slice ``slice`` (of ``inner.dst_size / parts / size``)
+    of the dense FFN axis ``inner``, cut the same way in each of its ``parts`` (SwiGLU's gate and up).
+    D index i (part p, offset r) reads inner index ``p * dense + slice * size + r``."""
+
+    inner: Union[Tile, Concat]
+    parts: int
+    size: int  # the expert's FFN hidden size
+    slice: int = 0
+
+    def __post_init__(self):
+        dense = self.inner.dst_size // self.parts
+        if dense % self.size or not 0 <= self.slice < dense // self.size:
+            raise ValueError(f"slice {self.slice} of {self.size} does not lie in a dense FFN of {dense}")
+
+    @property
+    def src_size(self) -> int:
+        return self.inner.src_size
+
+    @property
+    def dst_size(self) -> int:
+        return self.parts * self.size
+
+    @property
+    def factor(self) -> int:
+        return self.inner.factor
+
+    def __call__(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        part, r = np.divmod(i, self.size)
+        return self.inner(part * (self.inner.dst_size // self.parts) + self.slice * self.size + r)
+
+
+DimMap = Union[Tile, Pad, Concat, GroupedHeads, GroupedQKV, Repeat, ExpertSlice]

@@ -17,6 +17,8 @@ from .spec import ModelSpec
 LAYERS = "decoder.layers."  # prefix of the per-layer tensors, stacked on a leading layer axis
 ATTENTION = LAYERS + "self_attention."
 MLP = LAYERS + "mlp."
+EXPERTS = MLP + "experts.experts."  # megatron-core's key for every expert layout (sequential or grouped GEMM)
+ROUTER = MLP + "router.weight"
 
 # Transformer Engine layer specs fuse each pre-norm into the next linear (the keys below); megatron-core's
 # local spec (the one that runs on CPU) keeps it a module of its own: its state-dict names, per layer.
@@ -48,7 +50,9 @@ class Tensor:
 
     ``parts``: equal parts of the split axis, each divided over TP on its own (2 for SwiGLU's
     ``linear_fc1``, [gate; up]). ``residual_output``: a layer writes through it into the residual
-    stream (its attention output and second MLP projection, with their biases).
+    stream (its attention output and second MLP projection, with their biases). ``experts``: one
+    such tensor per expert (a mixture-of-experts MLP), stacked on an axis after the layer axis that
+    expert parallelism splits; 0 for every other tensor.
     """
 
     key: str
@@ -57,8 +61,11 @@ class Tensor:
     per_layer: bool
     parts: int = 1
     residual_output: bool = False
+    experts: int = 0
 
     def __post_init__(self):
+        if self.experts and not self.per_layer:
+            raise ValueError(f"{self.key}: experts live in the layer stack")
         if self.per_layer != self.key.startswith(LAYERS):
             raise ValueError(f"{self.key}: per-layer tensors, and only they, live under {LAYERS!r}")
         axis = self.split.axis
@@ -71,7 +78,15 @@ class Tensor:
 
     def stored_shape(self, num_layers: int) -> tuple[int, ...]:
         """The global shape on disk: the layer axis first for per-layer tensors."""
-        return ((num_layers,) if self.per_layer else ()) + self.shape
+        return ((num_layers,) if self.per_layer else ()) + ((self.experts,) if self.experts else ()) + self.shape
+
+    def expert_ids(self, ep: int = 1, ep_rank: int = 0) -> Sequence[Optional[int]]:
+        """The experts EP rank ``ep_rank`` holds (a contiguous 1/ep of them), or None once for a tensor
+        that is not per expert."""
+        if not self.experts:
+            return [None]
+        local = self.experts // ep
+        return range(ep_rank * local, (ep_rank + 1) * local)
 
     def local_shape(self, tp: int) -> tuple[int, ...]:
         """One TP rank's shape (of one layer)."""
@@ -97,6 +112,7 @@ def catalogue(spec: ModelSpec) -> list[Tensor]:
     if spec.position_embedding_type == "learned_absolute":
         out.append(Tensor("embedding.position_embeddings.weight", (spec.max_position_embeddings, h),
                           Split.REPLICATED, False))
+    experts = spec.experts
     for prefix, first, rows, parts, first_bias, second, cols, second_bias in (
         (ATTENTION, "linear_qkv", qkv_rows, 1, spec.has_qkv_bias, "linear_proj", heads, spec.add_bias_linear),
         (MLP, "linear_fc1", fc1_parts * spec.ffn_hidden_size, fc1_parts, spec.add_bias_linear, "linear_fc2",
@@ -104,6 +120,12 @@ def catalogue(spec: ModelSpec) -> list[Tensor]:
     ):
         # a pre-norm fused into a column-parallel linear (hidden -> rows), then a row-parallel one (cols -> hidden)
         out += [Tensor(f"{prefix}{first}.layer_norm_{n}", (h,), Split.REPLICATED, True) for n in norms]
+        if prefix == MLP and experts:  # the MoE layer: a router, then each expert's two projections
+            f, e = experts.ffn_hidden_size, experts.num
+            out += [Tensor(ROUTER, (e, h), Split.REPLICATED, True),
+                    Tensor(f"{EXPERTS}linear_fc1.weight", (fc1_parts * f, h), Split.COLUMN, True, fc1_parts, experts=e),
+                    Tensor(f"{EXPERTS}linear_fc2.weight", (h, f), Split.ROW, True, residual_output=True, experts=e)]
+            continue
         out.append(Tensor(f"{prefix}{first}.weight", (rows, h), Split.COLUMN, True, parts))
         if first_bias:
             out.append(Tensor(f"{prefix}{first}.bias", (rows,), Split.COLUMN, True, parts))

@@ -13,12 +13,14 @@ from typing import Any, Optional
 
 import torch
 
-from .layout import LAYERS
+from .layout import EXPERTS, LAYERS
 from .spec import ModelSpec
 
 # Transformer Engine norms (TE >= 1.13) request an _extra_state the local spec does not write; a
 # destination carries it so Megatron-LM's default TE-spec model loads the checkpoint.
 TE_ONLY_OBJECTS = ("decoder.final_layernorm._extra_state",)
+MLP_NORM = LAYERS + "mlp.linear_fc1.layer_norm_"  # the pre-MLP norm's torch_dist key (local spec; fused in TE)
+PRE_MLP_NORM = LAYERS + "pre_mlp_layernorm."  # its key in a Transformer Engine MoE layer
 
 _LAYER = re.compile("^" + re.escape(LAYERS) + r"(\d+)\.")
 
@@ -36,6 +38,7 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device
     from megatron.core.transformer import TransformerConfig
 
     return TransformerConfig(
+        **_moe_config(spec),
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
         num_attention_heads=spec.num_attention_heads,
@@ -69,6 +72,40 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype, device: torch.device
     )
 
 
+def _moe_config(spec: ModelSpec) -> dict[str, Any]:
+    """megatron-core's MoE settings for ``spec.experts`` (none for a dense model). The experts run as
+    megatron-core's SequentialMLP with the all-gather token dispatcher: the all-to-all one creates a
+    CUDA stream when built, and grouped GEMM needs Transformer Engine or the grouped_gemm package.
+    Both store the same torch_dist keys, so a checkpoint written this way loads into either."""
+    experts = spec.experts
+    if experts is None:
+        return {}
+    _define_te_general_gemm()
+    return dict(
+        num_moe_experts=experts.num,
+        moe_router_topk=experts.topk,
+        moe_ffn_hidden_size=experts.ffn_hidden_size,
+        expert_model_parallel_size=experts.parallel,
+        moe_token_dispatcher_type="allgather",
+        moe_router_pre_softmax=experts.pre_softmax,
+        moe_router_score_function=experts.score_function,
+        moe_router_load_balancing_type=experts.load_balancing_type,
+        moe_aux_loss_coeff=experts.aux_loss_coeff,
+        moe_grouped_gemm=False,
+    )
+
+
+def _define_te_general_gemm() -> None:
+    """megatron-core 0.16.1's moe_utils binds ``te_general_gemm`` only when Transformer Engine imports,
+    and its router's gating reads the name unconditionally (``if te_general_gemm is not None``), so
+    without Transformer Engine every MoE forward raises NameError. Binding it to None selects the plain
+    torch path that code already has."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def _activation(spec: ModelSpec):
     if spec.swiglu:
         return torch.nn.functional.silu
@@ -96,7 +133,9 @@ def build_gpt(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch
     device = device or torch.device("cpu")
     model = GPTModel(
         config=transformer_config(spec, dtype, device, initialize, init_method_std, hidden_dropout, attention_dropout),
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization=spec.normalization, qk_layernorm=spec.qk_layernorm),
+        transformer_layer_spec=get_gpt_layer_local_spec(
+            num_experts=spec.experts.num if spec.experts else None, moe_grouped_gemm=False,
+            normalization=spec.normalization, qk_layernorm=spec.qk_layernorm),
         vocab_size=spec.padded_vocab_size,
         max_sequence_length=spec.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -127,6 +166,31 @@ def model_sharded_state_dict(model) -> dict[str, Any]:
     return sd
 
 
+def add_te_moe_norm_keys(sd: dict[str, Any]) -> None:
+    """Also store a MoE layer's pre-MLP norm under the key a Transformer Engine model loads it from.
+
+    megatron-core's local spec maps ``pre_mlp_layernorm`` to ``mlp.linear_fc1.layer_norm_*`` (where a
+    dense Transformer Engine layer fuses it), but a Transformer Engine MoE layer keeps it a module of
+    its own (``gpt_layer_specs``: ``pre_mlp_layernorm=backend.layer_norm() if num_experts``, no key
+    map), stored as ``pre_mlp_layernorm.*`` with an ``_extra_state``. Writing the values under both
+    keys lets either spec load the checkpoint: dist_checkpointing's default strictness (and
+    Megatron-LM's) accepts keys a model does not ask for. Call on a filled state dict, before saving.
+    """
+    import dataclasses as dc
+
+    from megatron.core.dist_checkpointing import ShardedObject
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    for name, item in list(sd.items()):
+        if not (isinstance(item, ShardedTensor) and item.key.startswith(MLP_NORM)):
+            continue
+        te_key = PRE_MLP_NORM + item.key[len(MLP_NORM):]
+        sd[name + ".te"] = dc.replace(item, key=te_key)
+        layer, layers = item.global_offset[0], item.global_shape[0]
+        extra = PRE_MLP_NORM + "_extra_state"
+        sd.setdefault(f"{extra}.{layer}", ShardedObject(extra, None, (layers,), (layer,), replica_id=item.replica_id))
+
+
 @dataclass(frozen=True)
 class RowBlock:
     """Rows [start, stop) of this rank's slice of one parameter (one layer of it), held in ``tensor``."""
@@ -136,11 +200,13 @@ class RowBlock:
     tensor: torch.Tensor
 
 
-Slots = dict[tuple[str, Optional[int]], list[RowBlock]]
+# (torch_dist key, layer or None, expert or None) -> row blocks
+Slots = dict[tuple[str, Optional[int], Optional[int]], list[RowBlock]]
 
 
 def parameter_slots(model_sd: dict[str, Any], own_storage: bool = False) -> Slots:
-    """(torch_dist key, layer) -> the row blocks that hold this rank's slice of that parameter.
+    """(torch_dist key, layer, expert) -> the row blocks that hold this rank's slice of that parameter
+    (layer None outside the layer stack; expert, its global index, None but for per-expert tensors).
 
     By default each parameter is one block, the model's own tensor: filling the blocks fills the model.
 
@@ -160,7 +226,12 @@ def parameter_slots(model_sd: dict[str, Any], own_storage: bool = False) -> Slot
         if not isinstance(data, torch.Tensor) or name.endswith("_extra_state"):
             return item
         match = _LAYER.match(name)
-        blocks = slots.setdefault((item.key, int(match.group(1)) if match else None), [])
+        expert = None
+        if item.key.startswith(EXPERTS):  # the expert axis follows the layer axis (layout.Tensor.stored_shape)
+            if not isinstance(item, ShardedTensor):
+                raise AssertionError(f"{item.key}: expert tensors are filled through their sharded pieces (own_storage)")
+            expert = item.global_offset[1]
+        blocks = slots.setdefault((item.key, int(match.group(1)) if match else None, expert), [])
         if own_storage and isinstance(item, ShardedTensor) and not owns_storage(data):
             row = data[0].numel() if data.dim() > 1 else 1
             if not data.is_contiguous() or data.storage_offset() % row:

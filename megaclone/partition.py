@@ -7,14 +7,15 @@ Pure data: shapes and maps only.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 from typing import Optional
 
 import numpy as np
 
-from .index_maps import Concat, DimMap, GroupedHeads, GroupedQKV, Pad, Tile
-from .layout import ATTENTION, MLP, Split, Tensor, catalogue, norm_names
+from .index_maps import Concat, DimMap, ExpertSlice, GroupedHeads, GroupedQKV, Pad, Tile
+from .layout import ATTENTION, EXPERTS, MLP, ROUTER, Split, Tensor, catalogue, norm_names
 from .spec import ModelSpec
 
 
@@ -24,6 +25,7 @@ class Role(Enum):
     MATRIX = "matrix"  # W_D[i, j] = W_S[i', j'] / c_in (+ noise), or the diagonal variant
     EMBEDDING = "embedding"  # a lookup table: tiled along hidden, never scaled
     VECTOR = "vector"  # bias / norm: tiled, divided only by ``divisor``
+    ROUTER = "router"  # a MoE router: no source; seeded rows shared by each virtual group of experts, or zero
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class ParamRule:
     # Noisy variants: source rows per noise block (one head of q, k or v; one SwiGLU half; a whole
     # matrix otherwise), the unit whose signal power sets the noise scale; 0 = never perturbed.
     noise_unit: int = 0
+    source: Optional[str] = None  # the source tensor it reads, when not its own key (experts read the dense MLP)
+    gain: int = 1  # matrices: the clone is multiplied by it last (a granular expert's second projection: G)
+    slices: int = 1  # per-expert tensors: G, the dense FFN slices; expert e holds slice e mod G
 
     def __post_init__(self):
         if self.dst_shape != self.tensor.shape:
@@ -49,6 +54,18 @@ class ParamRule:
     @property
     def key(self) -> str:
         return self.tensor.key
+
+    @property
+    def source_key(self) -> str:
+        return self.source or self.tensor.key
+
+    def for_expert(self, expert: Optional[int]) -> "ParamRule":
+        """The rule of one expert of a per-expert tensor (its slice of the dense FFN); itself otherwise."""
+        if expert is None or self.slices == 1:
+            return self
+        s = expert % self.slices
+        pick = lambda m: dataclasses.replace(m, slice=s) if isinstance(m, ExpertSlice) else m  # noqa: E731
+        return dataclasses.replace(self, rows=pick(self.rows), cols=None if self.cols is None else pick(self.cols))
 
     @property
     def split(self) -> Split:
@@ -127,6 +144,16 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
         f"{MLP}linear_fc2.bias": (hidden, None, Role.VECTOR, 0),
         "output_layer.weight": (vocab, hidden, Role.MATRIX, 0),
     }
+    extra: dict[str, dict] = {}
+    if dst.experts:  # upcycling: every expert holds a slice of the grown dense MLP (slice 0 here, see for_expert)
+        f, parts = dst.experts.ffn_hidden_size, 2 if src.swiglu else 1
+        g = dst.experts.granularity(dst.ffn_hidden_size)
+        rules[ROUTER] = (Tile(dst.experts.num, 1), hidden, Role.ROUTER, 0)
+        rules[f"{EXPERTS}linear_fc1.weight"] = (ExpertSlice(fc1, parts, f), hidden, Role.MATRIX, src.ffn_hidden_size)
+        rules[f"{EXPERTS}linear_fc2.weight"] = (hidden, ExpertSlice(ffn, 1, f), Role.MATRIX, src.hidden_size)
+        extra[f"{EXPERTS}linear_fc1.weight"] = dict(source=f"{MLP}linear_fc1.weight", slices=g)
+        extra[f"{EXPERTS}linear_fc2.weight"] = dict(source=f"{MLP}linear_fc2.weight", slices=g, gain=g)
+        extra[ROUTER] = dict(slices=g)
     for name in norm_names(src):
         for which in "qk":  # per-head norms: a head's channels do not grow
             rules[f"{ATTENTION}{which}_layernorm.{name}"] = (Tile(src.kv_channels, 1), None, Role.VECTOR, 0)
@@ -138,7 +165,7 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
         rows, cols, role, noise_unit = rules[tensor.key]
         # tied: the output layer reuses the unscaled embedding, so the final norm carries the 1/n
         divisor = n if src.tied and tensor.key.startswith("decoder.final_layernorm.") else 1
-        out.append(ParamRule(tensor, rows, cols, role, divisor, noise_unit))
+        out.append(ParamRule(tensor, rows, cols, role, divisor, noise_unit, **extra.get(tensor.key, {})))
     return out
 
 

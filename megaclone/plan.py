@@ -45,7 +45,8 @@ class BoxRead:
 class SliceTask:
     """One destination slice (a parameter, one layer of it) and the source it needs: the rows and
     columns of source layer ``src_layer``, or nothing when the slice is ``zero`` (an output projection
-    of a layer added by identity depth growth)."""
+    of a layer added by identity depth growth) or a router (no source). Per-expert tensors have one
+    task per expert, whose ``rule`` is that expert's (``ParamRule.for_expert``)."""
 
     rule: ParamRule
     layer: Optional[int]  # destination layer; None for parameters outside the layer stack
@@ -55,8 +56,11 @@ class SliceTask:
     src_rows: np.ndarray  # sorted unique source rows needed (none when zero)
     src_cols: Optional[np.ndarray]  # sorted unique source cols needed (None for vectors)
     zero: bool = False
+    expert: Optional[int] = None  # the expert (global index) of a per-expert tensor
 
     def __post_init__(self):
+        if (self.expert is None) != (not self.rule.tensor.experts):
+            raise ValueError(f"{self.rule.key}: an expert index is set exactly for per-expert tensors")
         if (self.layer is None) != (self.src_layer is None) or (self.layer is None) == self.rule.per_layer:
             raise ValueError(f"{self.rule.key}: destination layer {self.layer} and source layer {self.src_layer} "
                              "must both be set exactly for a per-layer parameter")
@@ -75,7 +79,7 @@ class SliceTask:
     @property
     def box_read(self) -> BoxRead:
         """Every box of the task, row runs first, in one request."""
-        return BoxRead(self.rule.key, self.src_layer, tuple(box for row in self.boxes for box in row))
+        return BoxRead(self.rule.source_key, self.src_layer, tuple(box for row in self.boxes for box in row))
 
     @property
     def dst_numel(self) -> int:
@@ -106,25 +110,31 @@ def _needed(dim_map, dst_indices: np.ndarray) -> np.ndarray:
 
 
 def plan_rank(rules: list[ParamRule], layers: DimMap, tp: int, rank: int,
-              zero_added_outputs: bool = False) -> Iterator[SliceTask]:
-    """The slices TP rank ``rank`` computes, parameter by parameter, destination layer by layer, in a
-    fixed order. ``layers`` maps a destination layer to (source layer, copy); with
-    ``zero_added_outputs`` the residual outputs of every copy but the first are zero slices."""
+              zero_added_outputs: bool = False, ep: int = 1, ep_rank: int = 0) -> Iterator[SliceTask]:
+    """The slices TP rank ``rank`` (of EP rank ``ep_rank``) computes, parameter by parameter,
+    destination layer by layer, expert by expert (its own experts only), in a fixed order. ``layers``
+    maps a destination layer to (source layer, copy); with ``zero_added_outputs`` the residual
+    outputs of every copy but the first are zero slices."""
+    from .partition import Role
+
     src_layer, copy = layers(np.arange(layers.dst_size))
     none = np.empty(0, dtype=np.int64)
-    for rule in rules:
-        rows, cols = dst_slice(rule, tp, rank)
-        src_rows = _needed(rule.rows, rows)
-        src_cols = None if cols is None else _needed(rule.cols, cols)
-        if not rule.per_layer:
-            yield SliceTask(rule, None, None, rows, cols, src_rows, src_cols)
-            continue
-        for layer in range(layers.dst_size):
-            if zero_added_outputs and rule.residual_output and copy[layer] > 0:
-                yield SliceTask(rule, layer, int(src_layer[layer]), rows, cols, none,
-                                None if cols is None else none, zero=True)
-            else:
-                yield SliceTask(rule, layer, int(src_layer[layer]), rows, cols, src_rows, src_cols)
+    for shared in rules:
+        rows, cols = dst_slice(shared, tp, rank)
+        for expert in shared.tensor.expert_ids(ep, ep_rank):
+            rule = shared.for_expert(expert)
+            reads = rule.role is not Role.ROUTER
+            src_rows = _needed(rule.rows, rows) if reads else none
+            src_cols = None if cols is None else _needed(rule.cols, cols) if reads else none
+            if not rule.per_layer:
+                yield SliceTask(rule, None, None, rows, cols, src_rows, src_cols)
+                continue
+            for layer in range(layers.dst_size):
+                if zero_added_outputs and rule.residual_output and copy[layer] > 0:
+                    yield SliceTask(rule, layer, int(src_layer[layer]), rows, cols, none,
+                                    None if cols is None else none, zero=True, expert=expert)
+                else:
+                    yield SliceTask(rule, layer, int(src_layer[layer]), rows, cols, src_rows, src_cols, expert=expert)
 
 
 # Elements per read of the signal-power pass: bounds its working set.
@@ -155,6 +165,6 @@ def power_chunks(rules: list, num_layers: int) -> list[PowerChunk]:
                 first = block * rule.noise_unit
                 for start in range(first, first + rule.noise_unit, step):
                     rows = min(step, first + rule.noise_unit - start)
-                    read = BoxRead(rule.key, layer, (Box((start, 0), (rows, cols)),))
+                    read = BoxRead(rule.source_key, layer, (Box((start, 0), (rows, cols)),))
                     chunks.append(PowerChunk(len(chunks), read, block))
     return chunks

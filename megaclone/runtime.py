@@ -176,12 +176,12 @@ def init_distributed(device: Optional[str] = None, timeout_minutes: float = 10.0
     return Runtime(dist.get_rank(), dist.get_world_size(), dev, backend, launcher)
 
 
-_current: Optional[tuple[int, int]] = None
+_current: Optional[tuple[int, int, int]] = None
 
 
-def init_parallel(tensor_parallel: int, pipeline_parallel: int = 1) -> None:
-    """(Re)initialize megatron-core's parallel state with the given TP (and PP); the rest of the world
-    is DP. A no-op when that layout is already set. Switching destroys the old groups first:
+def init_parallel(tensor_parallel: int, pipeline_parallel: int = 1, expert_parallel: int = 1) -> None:
+    """(Re)initialize megatron-core's parallel state with the given TP (and PP, and EP for experts,
+    which megatron-core splits over TP like the rest); the rest of the world is DP. A no-op when that layout is already set. Switching destroys the old groups first:
     megatron-core's destroy_model_parallel only forgets them, and every forgotten gloo group keeps its
     threads.
     """
@@ -190,7 +190,7 @@ def init_parallel(tensor_parallel: int, pipeline_parallel: int = 1) -> None:
 
     if _cpu:
         _install_cpu_rng_tracker()
-    layout = (tensor_parallel, pipeline_parallel)
+    layout = (tensor_parallel, pipeline_parallel, expert_parallel)
     if parallel_state.model_parallel_is_initialized():
         if _current == layout:
             return
@@ -198,7 +198,7 @@ def init_parallel(tensor_parallel: int, pipeline_parallel: int = 1) -> None:
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
-        create_gloo_process_groups=False,
+        expert_model_parallel_size=expert_parallel, create_gloo_process_groups=False,
     )
     _current = layout
 

@@ -49,6 +49,11 @@ class ModelSpec:
     openai_gelu: bool = False  # GPT-2's tanh-approximated GeLU (Megatron-LM --openai-gelu)
     qk_layernorm: bool = False  # a norm over each query and key head (Qwen3; Megatron-LM --qk-layernorm)
     relu: bool = False  # plain ReLU MLP (OPT): megaclone's own field, Megatron-LM has no such flag
+    experts: Optional["Experts"] = None  # mixture-of-experts MLPs; None: dense
+
+    @property
+    def expert_parallel(self) -> int:
+        return self.experts.parallel if self.experts else 1
 
     @property
     def heads_per_group(self) -> int:
@@ -113,6 +118,7 @@ class ModelSpec:
             openai_gelu=bool(get("openai_gelu", False)),
             qk_layernorm=bool(get("qk_layernorm", False)),
             relu=bool(get("relu", False)),
+            experts=Experts.from_args(args),
         )
 
     def to_args(self, base: Any = None, dtype: Any = None) -> argparse.Namespace:
@@ -156,6 +162,7 @@ class ModelSpec:
             "apply_layernorm_1p": False,
             "apply_query_key_layer_scaling": False,
         }
+        fields.update(self.experts.to_args(self.tensor_parallel) if self.experts else {"num_experts": None})
         for key, value in fields.items():
             setattr(out, key, value)
         if dtype is not None:
@@ -190,7 +197,8 @@ def _plain(value: Any) -> bool:
 def _refuse_unsupported(args: Any) -> None:
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     unsupported = {
-        "num_experts": "mixture-of-experts layers",
+        "moe_shared_expert_intermediate_size": "shared experts",
+        "moe_expert_capacity_factor": "an expert capacity (dropped tokens)",
         "apply_layernorm_1p": "zero-centered (1p) layernorm",
         "multi_latent_attention": "multi-latent attention",
         "apply_residual_connection_post_layernorm": "post-layernorm residuals",
@@ -201,6 +209,10 @@ def _refuse_unsupported(args: Any) -> None:
                 f"the source model uses {what} ({name}={get(name)!r}), which megaclone does not clone",
                 "expand a dense GPT model (GQA/MHA attention, GeLU or SwiGLU MLP, LayerNorm or RMSNorm)",
             )
+    if get("num_experts") and get("moe_layer_freq", 1) not in (None, 1):
+        raise MegacloneError(f"the model mixes dense and mixture-of-experts layers (moe_layer_freq="
+                             f"{get('moe_layer_freq')!r}), which megaclone does not read",
+                             "use a model whose every layer is a mixture of experts, or a dense model")
     if get("normalization", "LayerNorm") not in NORMALIZATIONS:
         raise MegacloneError(f"normalization {get('normalization')!r} is not supported", f"use one of {NORMALIZATIONS}")
     if get("position_embedding_type", "learned_absolute") not in POSITION_EMBEDDINGS:
@@ -291,25 +303,164 @@ class Depth:
         return Repeat(src_layers, self.factor) if self.placement == "interleave" else Tile(src_layers, self.factor)
 
 
+ROUTER_INITS = ("random", "zero")
+# Megatron-LM's --moe-router-load-balancing-type values that change only the loss, never the forward
+# pass; "sinkhorn" re-routes tokens in training and is refused.
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+
+
+@dataclass(frozen=True)
+class Experts:
+    """Mixture-of-experts MLPs in megatron-core's MoE layer: ``num`` experts of ``ffn_hidden_size``
+    (None until ``grow`` sets it: the dense FFN), the top ``topk`` per token, ``parallel`` expert-
+    parallel ranks (each holds num/parallel experts; experts are split over TP like the dense MLP).
+
+    Upcycling (docs/design.md, "Experts") makes every expert a slice of the dense MLP: granularity
+    G = dense FFN / expert FFN, expert e holds slice e mod G with its second projection scaled by G,
+    and the router gives the G experts of a virtual group (e div G) one row, so top-k picks whole
+    groups. The layer then computes the dense MLP exactly when the top-k weights sum to one over
+    whole groups: softmax after top-k (Megatron's default), or before it when top-k is every expert.
+    The sigmoid score function, pre-softmax with fewer than all experts, and sinkhorn balancing
+    change the function and are refused.
+    """
+
+    num: int
+    topk: int
+    ffn_hidden_size: Optional[int] = None
+    parallel: int = 1
+    grouped_gemm: bool = False
+    router_init: str = "random"  # "random": seeded normal rows per virtual group; "zero": all logits tie
+    pre_softmax: bool = False
+    score_function: str = "softmax"
+    load_balancing_type: str = "aux_loss"
+    aux_loss_coeff: float = 0.0
+
+    def __post_init__(self):
+        for name in ("num", "topk", "parallel"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                flag = {"num": "--num-experts", "topk": "--moe-router-topk", "parallel": "--ep"}[name]
+                raise MegacloneError(f"{flag} must be a positive integer, got {value!r}", f"pass {flag} N with N >= 1")
+        if self.num < 2:
+            raise MegacloneError(f"--num-experts {self.num}: a mixture needs at least 2 experts",
+                                 "pass --num-experts 2 or more (or leave it out for a dense model)")
+        if self.topk == 1:
+            raise MegacloneError("top-1 routing does not preserve the function: megatron-core requires "
+                                 "--moe-router-pre-softmax with top-1, and the chosen expert is then weighted by its "
+                                 "softmax over all experts, less than one", "pass --moe-router-topk 2 or more")
+        if self.topk > self.num:
+            raise MegacloneError(f"--moe-router-topk {self.topk} is larger than --num-experts {self.num}",
+                                 f"route each token to at most {self.num} experts")
+        if self.num % self.parallel:
+            raise MegacloneError(f"--num-experts {self.num} does not divide over --ep {self.parallel} ranks",
+                                 "choose an expert-parallel size that divides the number of experts")
+        if self.score_function != "softmax":
+            raise MegacloneError(f"router score function {self.score_function!r} does not preserve the dense "
+                                 "model's function: sigmoid scores of the chosen experts do not sum to one",
+                                 "use --moe-router-score-function softmax")
+        if self.pre_softmax and self.topk != self.num:
+            raise MegacloneError(f"--moe-router-pre-softmax with top-{self.topk} of {self.num} experts does not "
+                                 "preserve the function: the chosen experts' softmax weights sum to less than one",
+                                 "leave out --moe-router-pre-softmax (softmax over the top-k, Megatron's default)")
+        if self.load_balancing_type not in LOAD_BALANCING_TYPES:
+            raise MegacloneError(f"load balancing {self.load_balancing_type!r} is not supported: sinkhorn changes "
+                                 "which experts a token reaches in training, so training would not start from "
+                                 "the dense model's function", f"use one of {LOAD_BALANCING_TYPES}")
+        if self.router_init not in ROUTER_INITS:
+            raise MegacloneError(f"unknown router init {self.router_init!r}", f"pass --moe-router-init one of {ROUTER_INITS}")
+        if self.ffn_hidden_size is not None and self.ffn_hidden_size < 1:
+            raise MegacloneError(f"--moe-ffn-hidden-size must be positive, got {self.ffn_hidden_size}",
+                                 "pass a divisor of the (grown) FFN hidden size")
+
+    def granularity(self, dense_ffn: int) -> int:
+        """G: experts per copy of the dense MLP (each holds 1/G of its FFN)."""
+        return dense_ffn // (self.ffn_hidden_size or dense_ffn)
+
+    def check_upcycling(self, dense_ffn: int) -> None:
+        """Refuse expert shapes the dense MLP cannot be split into exactly (with the reason)."""
+        f = self.ffn_hidden_size or dense_ffn
+        if dense_ffn % f:
+            raise MegacloneError(f"--moe-ffn-hidden-size {f} does not divide the FFN hidden size {dense_ffn} "
+                                 "(after width growth)", "pass a divisor of it, or leave the flag out")
+        g = dense_ffn // f
+        if self.num % g:
+            raise MegacloneError(f"{self.num} experts are not whole copies of the dense MLP cut into {g} slices",
+                                 f"pass a multiple of {g} to --num-experts")
+        if self.topk % g and self.topk != self.num:
+            raise MegacloneError(f"top-{self.topk} cannot pick whole groups of the {g} slices that make up the "
+                                 "dense MLP, so the layer would not compute it",
+                                 f"pass a multiple of {g} to --moe-router-topk")
+        if self.router_init == "zero" and g > 1 and self.topk != self.num:
+            raise MegacloneError("a zero router ties every expert, so top-k would not pick whole groups of slices",
+                                 "use --moe-router-init random with granular experts")
+
+    def to_args(self, tensor_parallel: int) -> dict[str, Any]:
+        """The Megatron-LM arguments of this MoE layer (--use-checkpoint-args and the MoE flags)."""
+        return {
+            "num_experts": self.num,
+            "moe_router_topk": self.topk,
+            "moe_ffn_hidden_size": self.ffn_hidden_size,
+            "expert_model_parallel_size": self.parallel,
+            "expert_tensor_parallel_size": tensor_parallel,
+            "moe_grouped_gemm": self.grouped_gemm,
+            "moe_router_pre_softmax": self.pre_softmax,
+            "moe_router_score_function": self.score_function,
+            "moe_router_load_balancing_type": self.load_balancing_type,
+            "moe_aux_loss_coeff": self.aux_loss_coeff,
+            "moe_token_dispatcher_type": "allgather",
+            "moe_router_topk_scaling_factor": None,
+            "moe_expert_capacity_factor": None,
+            "moe_shared_expert_intermediate_size": None,
+            "moe_layer_freq": 1,
+            "moe_router_init": self.router_init,  # megaclone's own record (how the router was set)
+        }
+
+    @classmethod
+    def from_args(cls, args: Any) -> Optional["Experts"]:
+        get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+        if not get("num_experts"):
+            return None
+        return cls(
+            num=get("num_experts"), topk=get("moe_router_topk", 2), ffn_hidden_size=get("moe_ffn_hidden_size"),
+            parallel=get("expert_model_parallel_size", 1) or 1, grouped_gemm=bool(get("moe_grouped_gemm", False)),
+            router_init=get("moe_router_init", "random"), pre_softmax=bool(get("moe_router_pre_softmax", False)),
+            score_function=get("moe_router_score_function", "softmax"),
+            load_balancing_type=get("moe_router_load_balancing_type", "aux_loss"),
+            aux_loss_coeff=get("moe_aux_loss_coeff", 0.0) or 0.0)
+
+
 def pad_vocab(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
     """Megatron's padding: round the true vocab up to a multiple of divisible_by x TP."""
     multiple = divisible_by * tensor_parallel
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def grow(src: ModelSpec, factors: Factors, tensor_parallel: int, depth: Depth = Depth()) -> ModelSpec:
+def grow(src: ModelSpec, factors: Factors, tensor_parallel: int, depth: Depth = Depth(),
+         experts: Optional[Experts] = None) -> ModelSpec:
     """The destination spec: widths and layers multiplied, head dim unchanged, vocab re-padded for the
-    new TP."""
+    new TP; with ``experts``, every (grown) MLP upcycled to them."""
     factors.validate()
+    if src.experts is not None:
+        raise MegacloneError(f"the source is already a mixture of {src.experts.num} experts, which megaclone does "
+                             "not grow", "expand the dense model it was upcycled from, with --num-experts")
+    ffn = src.ffn_hidden_size * factors.ffn
+    if experts is not None:
+        experts.check_upcycling(ffn)
+        experts = dataclasses.replace(experts, ffn_hidden_size=experts.ffn_hidden_size or ffn)
+        if src.add_bias_linear:
+            raise MegacloneError("upcycling a model with linear biases is not supported (megaclone gives each "
+                                 "expert no bias)", "upcycle a model without biases (add_bias_linear False), "
+                                 "or leave out --num-experts")
     return dataclasses.replace(
         src,
         num_layers=src.num_layers * depth.factor,
         hidden_size=src.hidden_size * factors.hidden,
         num_attention_heads=src.num_attention_heads * factors.heads,
         num_query_groups=src.num_query_groups * factors.groups,
-        ffn_hidden_size=src.ffn_hidden_size * factors.ffn,
+        ffn_hidden_size=ffn,
         padded_vocab_size=pad_vocab(src.vocab_size, src.make_vocab_size_divisible_by, tensor_parallel),
         tensor_parallel=tensor_parallel,
+        experts=experts,
     )
 
 
@@ -324,6 +475,8 @@ def check_divisible(spec: ModelSpec) -> None:
         "FFN hidden size": spec.ffn_hidden_size,
         "padded vocabulary": spec.padded_vocab_size,
     }
+    if spec.experts:
+        checks["expert FFN hidden size"] = spec.experts.ffn_hidden_size
     for what, size in checks.items():
         if size % tp:
             raise MegacloneError(

@@ -179,11 +179,11 @@ def verify(
         if (reason := dst[3].not_function_preserving) is not None:
             raise NotComparable(reason, "train it and compare losses instead; grow with --depth-init identity "
                                         "for a clone whose logits equal the source's")
-        if dist.get_world_size() % dst[1].tensor_parallel:
-            raise MegacloneError(
-                f"the destination has TP {dst[1].tensor_parallel}, but the world size is {dist.get_world_size()}",
-                f"launch with --nproc_per_node {dst[1].tensor_parallel}",
-            )
+        ranks = dst[1].tensor_parallel * dst[1].expert_parallel
+        if dist.get_world_size() % ranks:
+            layout = f"TP {dst[1].tensor_parallel}" + (f" x EP {dst[1].expert_parallel}" if ranks > dst[1].tensor_parallel else "")
+            raise MegacloneError(f"the destination has {layout}, but the world size is {dist.get_world_size()}",
+                                 f"launch with --nproc_per_node {ranks}")
         return src, dst
 
     (src_path, src_spec, src_dtype, source), (dst_path, dst_spec, dst_dtype, destination) = agree(validate)
@@ -230,8 +230,8 @@ def verify(
 
 
 def _destination_model(destination: Source, spec: ModelSpec, dtype: torch.dtype, device) -> torch.nn.Module:
-    """The destination as megatron-core loads it at its own TP (switches the parallel state to it)."""
-    init_parallel(spec.tensor_parallel)
+    """The destination as megatron-core loads it at its own TP and EP (switches the parallel state to it)."""
+    init_parallel(spec.tensor_parallel, 1, spec.expert_parallel)
     model = build_gpt(spec, dtype=dtype, device=device)
     if destination.kind == "torch":
         load_legacy_model(model, destination.path, spec)

@@ -34,7 +34,7 @@ def test_saved_pieces_own_their_storage_and_the_fused_tensor_is_freed():
     sd = model_sharded_state_dict(model)
     slots = parameter_slots(sd, own_storage=True)
 
-    gate, up = slots[(FC1, 0)]
+    gate, up = slots[(FC1, 0, None)]
     f = spec.ffn_hidden_size
     assert (gate.start, gate.stop, up.start, up.stop) == (0, f, f, 2 * f)
     assert all(owns_storage(t.data) for t in saved_tensors(sd))
@@ -51,7 +51,7 @@ def test_default_slots_are_the_model_parameters():
     spec = toy.preset_spec("llama", 1)
     model = build(spec)
     slots = parameter_slots(model_sharded_state_dict(model))
-    [block] = slots[(FC1, 0)]
+    [block] = slots[(FC1, 0, None)]
     assert block.tensor.data_ptr() == model.decoder.layers[0].mlp.linear_fc1.weight.data_ptr()
     # megatron-core would save this fused tensor as two views, and copy them before writing
     from megatron.core.dist_checkpointing.mapping import apply_factories

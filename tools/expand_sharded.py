@@ -6,6 +6,8 @@ TP rank.
     torchrun --nproc_per_node 4 tools/expand_sharded.py --load small_ckpt --save big_ckpt --tp 4 --factor 2 --depth-factor 2
     torchrun --nproc_per_node 2 tools/expand_sharded.py --load-hf hf_model_dir --save-hf wide_hf_dir --factor 2
     torchrun --nproc_per_node 4 tools/expand_sharded.py --load-hf hf_model_dir --save wide_ckpt --tp 4 --factor 2
+    torchrun --nproc_per_node 4 tools/expand_sharded.py --load small_ckpt --save moe_ckpt --tp 2 --ep 2 --factor 2 \
+        --num-experts 4 --moe-router-topk 2
     mpirun -n 8 python tools/expand_sharded.py --load small_ckpt --save wide_ckpt --tp 8 --factor 2
 """
 
@@ -43,6 +45,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depth-placement", choices=["interleave", "top"], default="interleave",
                    help="interleave (default): each source layer followed by its copies; top: the whole source "
                         "stack repeated")
+    moe = p.add_argument_group("mixture of experts (upcycling every MLP; Megatron-LM's flag names)")
+    moe.add_argument("--num-experts", type=int, help="experts per layer (default: none, the MLPs stay dense)")
+    moe.add_argument("--moe-router-topk", type=int, default=2, help="experts per token (default 2)")
+    moe.add_argument("--moe-ffn-hidden-size", type=int,
+                     help="an expert's FFN size: a divisor of the (grown) FFN, G = FFN / it slices per copy of the "
+                          "dense MLP (granular experts; default: the whole FFN, G = 1)")
+    moe.add_argument("--ep", type=int, default=1,
+                     help="expert-parallel size: ranks = --tp x --ep, each writes num-experts / ep experts")
+    moe.add_argument("--moe-grouped-gemm", action="store_true",
+                     help="record moe_grouped_gemm for Megatron-LM (the torch_dist keys are the same)")
+    moe.add_argument("--moe-router-init", choices=["random", "zero"], default="random",
+                     help="random (default): seeded rows, one per group of G experts; zero: every expert ties "
+                          "(G = 1 only, or top-k = all experts)")
+    moe.add_argument("--moe-router-pre-softmax", action="store_true",
+                     help="softmax before top-k (function-preserving only when top-k is every expert; refused else)")
+    moe.add_argument("--moe-router-score-function", default="softmax",
+                     help="softmax (default); sigmoid is refused: it does not preserve the function")
+    moe.add_argument("--moe-router-load-balancing-type", default="aux_loss",
+                     help="aux_loss (default), seq_aux_loss, global_aux_loss or none; sinkhorn is refused")
+    moe.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
+                     help="recorded for Megatron-LM training (default 0.0, Megatron-LM's)")
     p.add_argument("--variant", default="symmetric",
                    choices=["symmetric", "noisy-symmetric", "diagonal", "noisy-diagonal"],
                    help="clone variant (README, Variants): symmetric (default; exact copies, needs dropout to "
@@ -69,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--save needs --tp (the destination tensor-parallel size, = the number of processes)")
     if args.save_hf and not args.load_hf:
         p.error("--save-hf grows a Hugging Face model: give its directory with --load-hf")
+    if args.save_hf and args.num_experts:
+        p.error("--num-experts writes a mixture of experts, which megaclone keeps in Megatron: use --save")
     if args.save_hf and (args.tp is not None or args.pp != 1 or args.save_format != "torch_dist" or args.vocab_size):
         p.error("--tp, --pp, --save-format and --vocab-size describe a Megatron destination; leave them out with "
                 "--save-hf (any number of processes)")
@@ -85,13 +110,22 @@ def main() -> int:
     from megaclone.expand import expand, expand_to_hf
     from megaclone.progress import ExpandProgress, summary_table
     from megaclone.runtime import init_distributed
-    from megaclone.spec import Depth, Factors
+    from megaclone.spec import Depth, Experts, Factors
 
     rt = init_distributed(args.device, args.timeout_minutes)
-    if args.save and rt.world_size != args.tp:
+    experts = None
+    if args.num_experts is not None:
+        experts = Experts(args.num_experts, args.moe_router_topk, args.moe_ffn_hidden_size, args.ep,
+                          args.moe_grouped_gemm, args.moe_router_init, args.moe_router_pre_softmax,
+                          args.moe_router_score_function, args.moe_router_load_balancing_type, args.moe_aux_loss_coeff)
+    elif args.ep != 1:
+        raise MegacloneError("--ep splits experts, but no --num-experts was given", "pass --num-experts E, or leave out --ep")
+    ranks = args.tp * args.ep if args.save else None
+    if args.save and rt.world_size != ranks:
+        layout = f"--tp {args.tp}" + (f" x --ep {args.ep}" if args.ep > 1 else "")
         raise MegacloneError(
-            f"--tp {args.tp} but {rt.world_size} processes were started",
-            f"launch with torchrun --nproc_per_node {args.tp} (or mpirun -n {args.tp})",
+            f"{layout} but {rt.world_size} processes were started",
+            f"launch with torchrun --nproc_per_node {ranks} (or mpirun -n {ranks})",
         )
     factors = Factors(args.hidden_factor or args.factor, args.head_factor or args.factor,
                       args.ffn_factor or args.factor, args.query_group_factor)
@@ -107,7 +141,7 @@ def main() -> int:
             args.load or args.load_hf, args.save, factors, args.tp, cfg,
             overwrite=args.overwrite, vocab_size=args.vocab_size, device=rt.device, on_slice=progress.update,
             src_format="hf" if args.load_hf else "torch_dist", dtype=dtype, pp=args.pp,
-            save_format=args.save_format, allow_non_finite=args.allow_non_finite, depth=depth,
+            save_format=args.save_format, allow_non_finite=args.allow_non_finite, depth=depth, experts=experts,
         )
     progress.close()
     if rt.is_main:
