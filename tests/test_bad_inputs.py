@@ -14,7 +14,7 @@ from megaclone import toy
 from megaclone.errors import MegacloneError
 from megaclone.expand import destination_spec, expand
 from megaclone.source import open_source
-from megaclone.spec import Depth, Factors
+from megaclone.spec import Depth, Experts, Factors
 from util import overwrite_stored_value, tmpfs, tree_hash
 
 
@@ -62,6 +62,30 @@ def test_a_bad_depth_request_is_refused_with_the_flag_to_fix(depth, match):
     with pytest.raises(MegacloneError, match=match) as err:
         Depth(**depth)
     assert "--depth-" in err.value.fix
+
+
+@pytest.mark.parametrize("experts,match,flag", [
+    (dict(num=4, topk=5), "--moe-router-topk 5 is larger than --num-experts 4", "at most 4"),
+    (dict(num=6, topk=2, parallel=4), "--num-experts 6 does not divide over --ep 4", "divides"),
+    (dict(num=4, topk=1), "top-1 routing does not preserve the function", "--moe-router-topk 2"),
+    (dict(num=1, topk=1), "at least 2 experts", "--num-experts 2"),
+    (dict(num=4, topk=2, score_function="sigmoid"), "sigmoid", "--moe-router-score-function softmax"),
+    (dict(num=4, topk=2, pre_softmax=True), "pre-softmax with top-2 of 4", "leave out --moe-router-pre-softmax"),
+    (dict(num=4, topk=2, load_balancing_type="sinkhorn"), "sinkhorn", "aux_loss"),
+    (dict(num=4, topk=2, router_init="ones"), "unknown router init", "--moe-router-init"),
+    (dict(num=0, topk=2), "--num-experts must be a positive integer", "--num-experts"),
+])
+def test_a_router_setting_that_changes_the_function_is_refused_with_the_fix(experts, match, flag):
+    with pytest.raises(MegacloneError, match=match) as err:
+        Experts(**experts)
+    assert flag in err.value.fix
+
+
+def test_a_zero_router_cannot_pick_whole_groups_of_granular_experts():
+    with pytest.raises(MegacloneError, match="zero router ties every expert") as err:
+        Experts(4, 2, ffn_hidden_size=48, router_init="zero").check_upcycling(96)
+    assert "--moe-router-init random" in err.value.fix
+    Experts(4, 4, ffn_hidden_size=48, router_init="zero").check_upcycling(96)  # top-k = every expert: exact
 
 
 def test_world_must_hold_whole_tp_groups(source, tmp_path):

@@ -56,6 +56,23 @@ def test_query_groups_kept_while_heads_grow_at_tp_2(source, tmp_path):
     assert ok.returncode == 0 and "PASS: 2 ranks" in ok.stdout, ok.stdout[-3000:] + ok.stderr[-3000:]
 
 
+def test_moe_upcycling_at_tp_2_ep_2_passes_the_verifier_on_4_ranks(source, tmp_path):
+    """The issue's command: width 2 and 4 experts (top-2) over TP 2 x EP 2; a --ep without experts and
+    a process count that is not TP x EP are refused before anything is written."""
+    dst = tmp_path / "moe"
+    flags = ["--load", str(source), "--save", str(dst), "--tp", "2", "--factor", "2"]
+    grown = torchrun(4, "expand_sharded.py", *flags, "--ep", "2", "--num-experts", "4", "--moe-router-topk", "2")
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    ok = torchrun(4, "verify_logits.py", "--src", str(source), "--dst", str(dst))
+    assert ok.returncode == 0 and "PASS: 4 ranks" in ok.stdout, ok.stdout[-3000:] + ok.stderr[-3000:]
+    lone = torchrun(4, "expand_sharded.py", *flags[:3], str(tmp_path / "lone"), *flags[4:], "--ep", "2")
+    assert lone.returncode != 0 and "--ep splits experts, but no --num-experts was given" in lone.stderr
+    short = torchrun(2, "expand_sharded.py", *flags[:3], str(tmp_path / "short"), *flags[4:], "--ep", "2",
+                     "--num-experts", "4")
+    assert short.returncode != 0 and "--tp 2 x --ep 2 but 2 processes were started" in short.stderr
+    assert not (tmp_path / "lone").exists() and not (tmp_path / "short").exists()
+
+
 def test_depth_flags_reach_the_checkpoint_and_the_verifier_skips_a_stack_clone(source, tmp_path):
     from megaclone import checkpoint as ckpt_io
 

@@ -92,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--save needs --tp (the destination tensor-parallel size, = the number of processes)")
     if args.save_hf and not args.load_hf:
         p.error("--save-hf grows a Hugging Face model: give its directory with --load-hf")
+    if args.ep != 1 and args.num_experts is None:
+        p.error("--ep splits experts, but no --num-experts was given: pass --num-experts E, or leave out --ep")
     if args.save_hf and args.num_experts:
         p.error("--num-experts writes a mixture of experts, which megaclone keeps in Megatron: use --save")
     if args.save_hf and (args.tp is not None or args.pp != 1 or args.save_format != "torch_dist" or args.vocab_size):
@@ -118,8 +120,6 @@ def main() -> int:
         experts = Experts(args.num_experts, args.moe_router_topk, args.moe_ffn_hidden_size, args.ep,
                           args.moe_grouped_gemm, args.moe_router_init, args.moe_router_pre_softmax,
                           args.moe_router_score_function, args.moe_router_load_balancing_type, args.moe_aux_loss_coeff)
-    elif args.ep != 1:
-        raise MegacloneError("--ep splits experts, but no --num-experts was given", "pass --num-experts E, or leave out --ep")
     ranks = args.tp * args.ep if args.save else None
     if args.save and rt.world_size != ranks:
         layout = f"--tp {args.tp}" + (f" x --ep {args.ep}" if args.ep > 1 else "")

@@ -1,0 +1,172 @@
+"""Dense to mixture-of-experts upcycling in one torchrun group of 4 ranks (TP x EP x DP as megatron-core
+arranges them), every case expanded by the library and checked against megatron-core itself:
+
+- per-rank logits of the upcycled model (megatron-core's MoE layer computing them) against the dense
+  source's (``verify``);
+- every parameter of each rank's MoE model, loaded by megatron-core, against megatron-core's own
+  run-time upcycling (``upcycling_utils.upcycle_state_dict``) of the dense model: the source itself
+  for width factor 1, megaclone's dense width clone otherwise (which tests/depth_worker.py and the
+  end-to-end tests check against the block-algebra reference). For granular experts megatron-core
+  spreads the factor G over fc1 and fc2 (G^(1/3) each with SwiGLU), megaclone puts it on fc2 alone
+  (exact: SiLU is not homogeneous); the comparison undoes each side's scale;
+- which experts each rank wrote (EP) and the args Megatron-LM reads;
+- requests that cannot be upcycled exactly are refused before anything is written.
+
+    torchrun --nproc_per_node 4 tests/moe_worker.py OUT_DIR
+"""
+
+import dataclasses
+import json
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from megaclone import checkpoint as ckpt_io  # noqa: E402
+from megaclone import toy  # noqa: E402
+from megaclone.clone import CloneConfig, Variant  # noqa: E402
+from megaclone.errors import MegacloneError  # noqa: E402
+from megaclone.expand import expand  # noqa: E402
+from megaclone.model import build_gpt, load_model  # noqa: E402
+from megaclone.runtime import init_distributed, init_parallel  # noqa: E402
+from megaclone.spec import Depth, Experts, Factors, ModelSpec  # noqa: E402
+from megaclone.verify import verify  # noqa: E402
+from e2e_worker import plain_tensors  # noqa: E402
+
+# (name, width factor, experts, TP, depth, variant)
+CASES = [
+    ("w1-e4-k2-tp2-ep2", 1, Experts(4, 2, parallel=2), 2, Depth(), "symmetric"),
+    ("w2-e4-k2-tp2-ep2", 2, Experts(4, 2, parallel=2), 2, Depth(), "symmetric"),
+    # G = 4: a width-2 clone's FFN is two copies of the source's, so only G > 2 makes its slices differ
+    ("w2-e8-k4-granular4-tp2-ep2", 2, Experts(8, 4, ffn_hidden_size=48, parallel=2), 2, Depth(), "symmetric"),
+    ("w2-e8-k4-granular2-tp1-ep4", 2, Experts(8, 4, ffn_hidden_size=96, parallel=4), 1, Depth(), "diagonal"),
+    ("w1-e4-k2-granular2-noisy-tp2-ep2", 1, Experts(4, 2, ffn_hidden_size=48, parallel=2), 2, Depth(),
+     "noisy-symmetric"),
+    ("w2-e4-k2-depth2-zero-router-tp4-ep1", 2, Experts(4, 2, router_init="zero"), 4, Depth(2), "symmetric"),
+    ("w1-e4-k4-pre-softmax-tp1-ep2", 1, Experts(4, 4, parallel=2, pre_softmax=True), 1, Depth(), "symmetric"),
+]
+
+SCALED = ("linear_fc1.weight", "linear_fc2.weight")
+VOCAB = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def oracle_error(dense_spec: ModelSpec, dense_path: Path, moe_spec: ModelSpec, moe_path: Path, g: int) -> float:
+    """Largest |ours - megatron-core's upcycling| over this rank's MoE parameters (all ranks' max), both
+    models loaded by megatron-core at TP 1 and the checkpoint's EP."""
+    from megatron.core.transformer.moe.upcycling_utils import upcycle_state_dict
+
+    # at TP 1: megatron-core's run-time upcycling slices each TP rank's shard of the dense FFN, so at
+    # TP > 1 its granular experts depend on the TP; megaclone's are its TP-1 experts at every TP
+    # (megatron-core's loader reshards the checkpoint to TP 1 here)
+    init_parallel(1, 1, moe_spec.expert_parallel)
+    dense = build_gpt(dataclasses.replace(dense_spec, tensor_parallel=1))
+    load_model(dense, ckpt_io.find_checkpoint(dense_path))
+    moe = build_gpt(dataclasses.replace(moe_spec, tensor_parallel=1))
+    load_model(moe, ckpt_io.find_checkpoint(moe_path))
+    ours = moe.state_dict()
+    theirs = upcycle_state_dict([moe], [dense])["model"]
+    theirs_scale, ours_fc2_scale = g ** (1 / 3), g  # SwiGLU: megatron-core's (G^(1/3) on each of fc1, fc2)
+    worst = torch.zeros(1)
+    if set(ours) != set(theirs):
+        raise AssertionError(f"keys differ: {sorted(set(ours) ^ set(theirs))}")
+    for key, mine in ours.items():
+        if not isinstance(mine, torch.Tensor) or key.endswith("_extra_state"):
+            continue
+        if key.endswith("mlp.router.weight") and g > 1:
+            # megatron-core draws rows for E/G groups from a fresh router (its first E/G rows); applied to
+            # ours, already grouped, it is not the identity: router_groups checks the grouping instead
+            continue
+        want = theirs[key]
+        if ".experts." in key and key.endswith(SCALED):
+            want = want / theirs_scale
+            if key.endswith("linear_fc2.weight"):
+                mine = mine / ours_fc2_scale
+        if key in VOCAB:  # each model keeps the padding rows of the TP it was written at
+            mine, want = mine[: moe_spec.vocab_size], want[: moe_spec.vocab_size]
+        worst[0] = max(float(worst[0]), float((mine.float() - want.float()).abs().max()))
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst[0])
+
+
+def router_groups(path: Path, g: int) -> bool:
+    """Every layer's router gives the G experts of a group (e div G) one row, and groups differ."""
+    router = plain_tensors(path)["decoder.layers.mlp.router.weight"]  # layers x experts x hidden
+    rows = router.unflatten(1, (-1, g))  # layers x groups x G x hidden
+    same = bool((rows == rows[:, :, :1]).all())
+    distinct = all(len({tuple(r.tolist()) for r in layer[:, 0]}) == layer.shape[0] for layer in rows)
+    return same and distinct
+
+
+def experts_written(path: Path) -> list[int]:
+    """Expert indices whose fc2 rows hold values (each EP rank wrote its own; none is all zero)."""
+    fc2 = plain_tensors(path)["decoder.layers.mlp.experts.experts.linear_fc2.weight"]
+    return [e for e in range(fc2.shape[1]) if fc2[:, e].abs().sum() > 0]
+
+
+def main() -> None:
+    rt = init_distributed()
+    out = Path(sys.argv[1])
+    results: dict = {"cases": {}}
+    spec = toy.preset_spec("llama", 2)
+    toy.make_source(out / "llama", spec, train_steps=2)
+    expand(out / "llama", out / "dense-w2", Factors.uniform(2), 2)  # the oracle's dense model at factor 2
+    dense = {1: (spec, out / "llama"), 2: (ModelSpec.from_args(_args(out / "dense-w2")), out / "dense-w2")}
+
+    for case, factor, experts, tp, depth, variant in CASES:
+        dst = out / case
+        expand(out / "llama", dst, Factors.uniform(factor), tp, CloneConfig(Variant(variant), seed=5), depth=depth,
+               experts=experts)
+        args = _args(dst)
+        moe_spec = ModelSpec.from_args(args)
+        record: dict = {"max_rel": max(r.max_rel for r in verify(out / "llama", dst)),
+                        "experts_written": experts_written(dst),
+                        "args": {k: getattr(args, k, None) for k in (
+                            "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "expert_model_parallel_size",
+                            "moe_router_pre_softmax", "moe_router_score_function", "num_layers", "hidden_size")}}
+        g = moe_spec.experts.granularity(moe_spec.ffn_hidden_size)
+        if experts.router_init == "random":
+            record["router_groups"] = router_groups(dst, g)
+        if depth.factor == 1 and not variant.startswith("noisy") and variant != "diagonal":
+            dense_spec, dense_path = dense[factor]
+            record["oracle_max_abs"] = oracle_error(dense_spec, dense_path, moe_spec, dst, g)
+        results["cases"][case] = record
+        dist.barrier()
+
+    refusals = {
+        "ep-does-not-fit-world": dict(factors=Factors.uniform(2), tp=4, experts=Experts(4, 2, parallel=2)),
+        "granular-topk": dict(factors=Factors.uniform(2), tp=2, experts=Experts(4, 2, ffn_hidden_size=48)),
+        "granular-size": dict(factors=Factors.uniform(2), tp=2, experts=Experts(4, 2, ffn_hidden_size=100)),
+        "legacy-format": dict(factors=Factors.uniform(2), tp=2, experts=Experts(4, 2, parallel=2), save_format="torch"),
+        "bias-source": dict(factors=Factors.uniform(1), tp=1, experts=Experts(4, 2), src="gpt2"),
+        "moe-source": dict(factors=Factors.uniform(1), tp=2, experts=Experts(4, 2, parallel=2),
+                           src="w2-e4-k2-tp2-ep2"),
+    }
+    toy.make_source(out / "gpt2", toy.preset_spec("gpt2", 1), train_steps=1)
+    results["refused"] = {}
+    for name, flags in refusals.items():
+        src = out / flags.pop("src", "llama")
+        target = out / f"refused-{name}"
+        try:
+            expand(src, target, flags.pop("factors"), flags.pop("tp"), **flags)
+            message = None
+        except MegacloneError as exc:
+            message = str(exc)
+        results["refused"][name] = {"error": message, "wrote": target.exists()}
+    if rt.is_main:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _args(root: Path):
+    return ckpt_io.read_common(ckpt_io.find_checkpoint(root))["args"]
+
+
+if __name__ == "__main__":
+    main()
