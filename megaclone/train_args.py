@@ -31,8 +31,13 @@ CHECKPOINT_ARGS_FORCED = (
     "apply_query_key_layer_scaling", "rotary_base", "attention_dropout", "hidden_dropout",
     "tensor_model_parallel_size", "pipeline_model_parallel_size",
 )
-# Shape fields megaclone's trainer also takes (Megatron-LM leaves them to the command line).
-CHECKPOINT_ARGS_EXTRA = ("norm_epsilon", "make_vocab_size_divisible_by", "vocab_size", "qk_layernorm", "relu")
+# Shape fields megaclone's trainer also takes (Megatron-LM leaves them to the command line), the
+# mixture of experts' shape and router among them (the expert-parallel size as the TP size: forced).
+CHECKPOINT_ARGS_EXTRA = ("norm_epsilon", "make_vocab_size_divisible_by", "vocab_size", "qk_layernorm", "relu",
+                         "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax",
+                         "moe_router_score_function", "expert_model_parallel_size", "moe_router_init")
+# Training settings of a mixture of experts: from the checkpoint only where the command line left them unset.
+CHECKPOINT_MOE_IF_UNSET = ("moe_router_load_balancing_type", "moe_aux_loss_coeff")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, default=256, help="NullTokenizer ids before its end-of-document id")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="vocabulary padding multiple (times TP)")
 
+    g = p.add_argument_group("mixture of experts (megatron-core's MoE layer; taken from an upcycled --load "
+                             "with --use-checkpoint-args)")
+    g.add_argument("--num-experts", type=int, help="experts per MoE layer (default: dense MLPs)")
+    g.add_argument("--moe-router-topk", type=int, default=2, help="experts per token")
+    g.add_argument("--moe-ffn-hidden-size", type=int, help="an expert's FFN size (default --ffn-hidden-size)")
+    g.add_argument("--moe-router-pre-softmax", action="store_true", help="softmax over all experts before top-k")
+    g.add_argument("--moe-router-score-function", default="softmax", choices=["softmax"],
+                   help="router scores (megaclone's MoE spec holds the function-preserving softmax only)")
+    g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"],
+                   help="load-balancing loss (default aux_loss)")
+    g.add_argument("--moe-aux-loss-coeff", type=float, help="weight of the load-balancing loss (default 0.0); "
+                                                            "the loss is logged apart from the LM loss")
+    g.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather"],
+                   help="token dispatcher (all-to-all builds a CUDA stream: megaclone's trainer uses allgather)")
+    g.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="accepted for Megatron-LM commands; the experts run sequentially here (same checkpoint keys)")
+
     g = p.add_argument_group("parallelism and data")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size; the rest of the world is data parallel")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="EP size: experts split over it (ranks = TP x EP x expert data parallel)")
     g.add_argument("--data-path", nargs="+", help="dataset prefixes (tools/preprocess_data.py), or weight prefix pairs")
     g.add_argument("--split", default="969,30,1", help="train,validation,test weights over each dataset's documents")
     for split in ("train", "valid", "test"):
@@ -131,9 +155,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def apply_checkpoint_args(args: argparse.Namespace, saved: argparse.Namespace) -> None:
     """--use-checkpoint-args as Megatron-LM applies it (a value the checkpoint lacks or holds as None
     changes nothing); the tensor-parallel size, too, comes from the checkpoint."""
-    for name in CHECKPOINT_ARGS_IF_UNSET + CHECKPOINT_ARGS_FORCED + CHECKPOINT_ARGS_EXTRA:
+    for name in CHECKPOINT_ARGS_IF_UNSET + CHECKPOINT_MOE_IF_UNSET + CHECKPOINT_ARGS_FORCED + CHECKPOINT_ARGS_EXTRA:
         value = getattr(saved, name, None)
-        forced = name not in CHECKPOINT_ARGS_IF_UNSET
+        forced = name not in CHECKPOINT_ARGS_IF_UNSET + CHECKPOINT_MOE_IF_UNSET
         if value is not None and (forced or getattr(args, name, None) is None):
             setattr(args, name, value)
 
@@ -153,10 +177,25 @@ def data_source(args: argparse.Namespace) -> DataSource:
 
 def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Validate and derive Megatron-LM's computed fields (data-parallel size, batch, padded vocab)."""
-    tp = args.tensor_model_parallel_size
-    if world_size % tp:
-        raise MegacloneError(f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp}",
-                             f"launch a multiple of {tp} processes")
+    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    if world_size % (tp * ep):
+        raise MegacloneError(f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp}"
+                             + (f" x --expert-model-parallel-size {ep}" if ep > 1 else ""),
+                             f"launch a multiple of {tp * ep} processes")
+    if ep > 1 and not args.num_experts:
+        raise MegacloneError(f"--expert-model-parallel-size {ep} without --num-experts",
+                             "pass --num-experts, or load an upcycled checkpoint with --use-checkpoint-args")
+    if args.num_experts and tp > 1:
+        raise MegacloneError(
+            f"a mixture of experts at tensor-parallel size {tp}: megatron-core trains MoE layers with TP > 1 only "
+            "under sequence parallelism (its MoE layer raises otherwise), and its local-spec norms, the ones that "
+            "run without Transformer Engine or Apex, refuse sequence parallelism",
+            "train at --tensor-model-parallel-size 1 (expand with --tp 1 --ep N), or in Megatron-LM with Transformer "
+            "Engine and --sequence-parallel")
+    if args.moe_router_load_balancing_type is None:
+        args.moe_router_load_balancing_type = "aux_loss"
+    if args.moe_aux_loss_coeff is None:
+        args.moe_aux_loss_coeff = 0.0
     args.world_size = world_size
     args.data_parallel_size = world_size // tp
     args.pipeline_model_parallel_size = 1

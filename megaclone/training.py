@@ -118,26 +118,41 @@ def mean_over(group, value: float) -> float:
 # ---------------------------------------------------------------- one step
 
 
-def average_gradients(params: list[torch.nn.Parameter], dp_group) -> None:
-    size = dist.get_world_size(dp_group)
-    if size == 1:
-        return
+def average_gradients(params: list[torch.nn.Parameter], dp_group, expert_dp_group=None) -> None:
+    """The gradient of the loss averaged over data-parallel ranks: each parameter's gradient summed over
+    its replicas and divided by the DP size. An expert's replicas (megatron-core marks them
+    ``allreduce=False``) are the expert-data-parallel group, but its gradient already holds every EP
+    rank's tokens, so it is divided by the same DP size (as Megatron's DDP scales it)."""
+    dp = dist.get_world_size(dp_group)
     for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=dp_group)
-            p.grad /= size
+        if p.grad is None:
+            continue
+        group = dp_group if getattr(p, "allreduce", True) or expert_dp_group is None else expert_dp_group
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(p.grad, group=group)
+        if dp > 1:
+            p.grad /= dp
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group) -> float:
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group, expert_group=None) -> float:
     """Global L2 norm over the model (TP-split parameters summed over the TP group, replicated ones
     counted once); grads are scaled down when it exceeds ``max_norm`` (0 disables clipping)."""
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    grads = [p.grad for p in params if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
-    sq = torch.zeros(1, dtype=torch.float64, device=params[0].device)
-    for g in grads:
-        sq += g.detach().double().pow(2).sum()
+    def square_sum(dense: bool) -> torch.Tensor:
+        sq = torch.zeros(1, dtype=torch.float64, device=params[0].device)
+        for p in params:
+            if (p.grad is not None and param_is_not_tensor_parallel_duplicate(p)
+                    and getattr(p, "allreduce", True) == dense):
+                sq += p.grad.detach().double().pow(2).sum()
+        return sq
+
+    sq = square_sum(dense=True)
     dist.all_reduce(sq, group=tp_group)
+    if expert_group is not None:  # each expert lives on one EP rank, split over the expert TP ranks
+        experts = square_sum(dense=False)
+        dist.all_reduce(experts, group=expert_group)
+        sq += experts
     norm = float(sq.sqrt())
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
@@ -147,23 +162,50 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group) 
     return norm
 
 
-def train_step(model, optimizer, scheduler, batches: list[dict], args, device) -> tuple[float, float]:
-    """Forward/backward over this rank's micro-batches, DP-average, clip, step; (loss, grad norm)."""
+def train_step(model, optimizer, scheduler, batches: list[dict], args, device) -> tuple[float, float, Optional[float]]:
+    """Forward/backward over this rank's micro-batches, DP-average, clip, step; (LM loss, grad norm,
+    load-balancing loss of a mixture of experts, or None). megatron-core's MoE layer adds the
+    load-balancing gradient itself (scaled as the LM loss is); the LM loss reported excludes it."""
     from megatron.core import parallel_state
 
+    moe = bool(args.num_experts)
     model.train()
     optimizer.zero_grad(set_to_none=True)
+    if moe:
+        _start_aux_losses(len(batches), device)
     total = 0.0
     for batch in batches:
         loss = micro_batch_loss(model, batch, device)
         (loss / len(batches)).backward()
         total += float(loss.detach()) / len(batches)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    average_gradients(params, parallel_state.get_data_parallel_group())
-    grad_norm = clip_grad_norm(params, args.clip_grad, parallel_state.get_tensor_model_parallel_group())
+    average_gradients(params, parallel_state.get_data_parallel_group(),
+                      parallel_state.get_expert_data_parallel_group() if moe else None)
+    grad_norm = clip_grad_norm(params, args.clip_grad, parallel_state.get_tensor_model_parallel_group(),
+                               parallel_state.get_expert_tensor_and_model_parallel_group() if moe else None)
     optimizer.step()
     scheduler.step(increment=args.global_batch_size)
-    return mean_over(parallel_state.get_data_parallel_group(), total), grad_norm
+    dp = parallel_state.get_data_parallel_group()
+    aux = _aux_loss(len(batches))
+    return mean_over(dp, total), grad_norm, None if aux is None else mean_over(dp, aux)
+
+
+def _start_aux_losses(micro_batches: int, device) -> None:
+    """Scale the load-balancing gradient as each micro-batch's LM loss is (1/micro-batches), as
+    Megatron-LM does, and forget the previous step's logged values."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / micro_batches, device=device))
+    clear_aux_losses_tracker()
+
+
+def _aux_loss(micro_batches: int) -> Optional[float]:
+    """This rank's load-balancing loss of the step (mean over layers and micro-batches), unweighted by
+    its coefficient; None when no layer computed one (coefficient 0)."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    tracked = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+    return None if tracked is None else float(tracked["values"].float().mean()) / micro_batches
 
 
 @torch.no_grad()
@@ -355,7 +397,7 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
         elif meta:
             _print(rt, f"the source {meta['source']} of this clone is gone; skipping the first-batch loss check")
 
-    init_parallel(args.tensor_model_parallel_size)
+    init_parallel(args.tensor_model_parallel_size, 1, args.expert_model_parallel_size)
     from megatron.core import tensor_parallel
 
     torch.manual_seed(args.seed)  # the same on every rank: CPU init builds the full matrix, then slices
@@ -386,7 +428,9 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
     _print(rt, f"model: {spec.num_layers} layers, hidden {spec.hidden_size}, heads {spec.num_attention_heads} "
                f"(groups {spec.num_query_groups}), ffn {spec.ffn_hidden_size}, "
                f"{sum(p.numel() for p in model.parameters()):,} parameters on this rank; "
-               f"TP {args.tensor_model_parallel_size} x DP {args.data_parallel_size}, device {device}")
+               + (f"{spec.experts.num} experts (top-{spec.experts.topk}, ffn {spec.experts.ffn_hidden_size}) over "
+                  f"EP {spec.expert_parallel}; " if spec.experts else "")
+               + f"TP {args.tensor_model_parallel_size} x DP {args.data_parallel_size}, device {device}")
     log = _Logger(rt, args, loaded.iteration)
     dp_rank = parallel_state.get_data_parallel_rank()
     tokens_per_iter = args.global_batch_size * args.seq_length
@@ -421,11 +465,13 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
         t0 = time.perf_counter()
         batches = micro_batches(train_ds, consumed(iteration), args, dp_rank)
         lr = max(g["lr"] for g in optimizer.param_groups)
-        loss, grad_norm = train_step(model, optimizer, scheduler, batches, args, device)
+        loss, grad_norm, aux = train_step(model, optimizer, scheduler, batches, args, device)
         iteration += 1
         seconds = time.perf_counter() - t0
         record = {"iteration": iteration, "tokens": consumed(iteration) * args.seq_length, "lm_loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_s": tokens_per_iter / seconds}
+        if aux is not None:
+            record["load_balancing_loss"] = aux
         history.train.append(record)
         log.step(record)
         if args.eval_iters and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
@@ -469,7 +515,9 @@ class _Logger:
             self.bar.update(1)
         elif r["iteration"] % self.args.log_interval == 0 or r["iteration"] in (1, self.args.train_iters):
             print(f" iteration {r['iteration']:>7}/{self.args.train_iters} | consumed tokens {r['tokens']:>11,} | "
-                  f"lm loss {r['lm_loss']:.6f} | learning rate {r['lr']:.3e} | grad norm {r['grad_norm']:.3f} | "
+                  f"lm loss {r['lm_loss']:.6f} | "
+                  + (f"load balancing loss {r['load_balancing_loss']:.6f} | " if "load_balancing_loss" in r else "")
+                  + f"learning rate {r['lr']:.3e} | grad norm {r['grad_norm']:.3f} | "
                   f"tokens per second {r['tokens_per_s']:.0f}", flush=True)
 
     def note(self, text: str) -> None:

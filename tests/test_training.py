@@ -86,6 +86,39 @@ def test_a_width_and_depth_clone_trains_from_the_source_loss(out, tmp_path):
     assert abs(check["first_loss"] - check["source_loss"]) <= 1e-5 * check["source_loss"], check
 
 
+def test_an_upcycled_mixture_of_experts_trains_from_the_source_loss_the_same_at_every_ep(out, tmp_path):
+    """The source grown 2x and upcycled to 4 experts (top-2), written for EP 2 and for EP 1, each trained
+    3 iterations on 2 ranks with megatron-core's MoE layer and a load-balancing loss: the first-batch
+    loss is the dense source's, the load-balancing loss is logged apart, and EP 2 (each rank half the
+    experts) follows EP 1 (every rank all of them) step for step, which holds only if expert gradients
+    are averaged as Megatron does (summed over expert replicas, divided by the data-parallel size).
+    A TP 2 mixture is refused by the trainer, with the reason (sequence parallelism)."""
+    moe = ["--factor", "2", "--num-experts", "4", "--moe-router-topk", "2", "--no-progress"]
+    ep2, ep1, tp2 = tmp_path / "ep2", tmp_path / "ep1", tmp_path / "tp2"
+    for ckpt, n, layout in ((ep2, 2, ["--tp", "1", "--ep", "2"]), (ep1, 1, ["--tp", "1"]), (tp2, 2, ["--tp", "2"])):
+        proc = torchrun(n, "expand_sharded.py", "--load", out / "source", "--save", ckpt, *layout, *moe)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs, stdout = {}, {}
+    for name, ckpt in (("ep2", ep2), ("ep1", ep1)):
+        proc = _train(out, "--load", ckpt, "--finetune", "--use-checkpoint-args", "--train-iters", "3",
+                      "--hidden-dropout", "0", "--attention-dropout", "0", "--moe-aux-loss-coeff", "0.01",
+                      "--eval-iters", "0", "--log-json", tmp_path / f"{name}.json")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[name], stdout[name] = json.loads((tmp_path / f"{name}.json").read_text()), proc.stdout
+    assert "4 experts (top-2, ffn 128) over EP 2; TP 1 x DP 2" in stdout["ep2"]
+    assert "load balancing loss" in stdout["ep2"]
+    check = runs["ep2"]["source_check"]
+    assert abs(check["first_loss"] - check["source_loss"]) <= 1e-5 * check["source_loss"], check
+    for name in runs:
+        assert all(0.9 < r["load_balancing_loss"] < 4 for r in runs[name]["train"])
+    steps = {name: [(r["lm_loss"], r["grad_norm"]) for r in run["train"]] for name, run in runs.items()}
+    assert len(steps["ep2"]) == 3
+    for (loss2, norm2), (loss1, norm1) in zip(steps["ep2"], steps["ep1"]):
+        assert abs(loss2 - loss1) <= 1e-5 * loss1 and abs(norm2 - norm1) <= 1e-4 * norm1, steps
+    refused = _train(out, "--load", tp2, "--finetune", "--use-checkpoint-args", "--train-iters", "1")
+    assert refused.returncode != 0 and "refuse sequence parallelism" in refused.stderr
+
+
 @pytest.fixture(scope="module")
 def resumed_elsewhere(out, tmp_path_factory):
     """Largest |loss difference| from the original run over iterations 11-20 of two resumes from its
