@@ -92,11 +92,16 @@ def test_an_upcycled_mixture_of_experts_trains_from_the_source_loss_the_same_at_
     loss is the dense source's, the load-balancing loss is logged apart, and EP 2 (each rank half the
     experts) follows EP 1 (every rank all of them) step for step, which holds only if expert gradients
     are averaged as Megatron does (summed over expert replicas, divided by the data-parallel size).
-    A TP 2 mixture is refused by the trainer, with the reason (sequence parallelism)."""
+    A TP 2 mixture is refused by the trainer, with the reason (sequence parallelism).
+
+    The dense source is the TP 2 source converted to TP 1 first (--factor 1): a TP 1 destination
+    re-pads the vocabulary for TP 1 (384 rows, not 512), and Megatron's loss covers padding rows."""
     moe = ["--factor", "2", "--num-experts", "4", "--moe-router-topk", "2", "--no-progress"]
-    ep2, ep1, tp2 = tmp_path / "ep2", tmp_path / "ep1", tmp_path / "tp2"
+    dense, ep2, ep1, tp2 = tmp_path / "dense-tp1", tmp_path / "ep2", tmp_path / "ep1", tmp_path / "tp2"
+    proc = torchrun(1, "expand_sharded.py", "--load", out / "source", "--save", dense, "--tp", "1", "--factor", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for ckpt, n, layout in ((ep2, 2, ["--tp", "1", "--ep", "2"]), (ep1, 1, ["--tp", "1"]), (tp2, 2, ["--tp", "2"])):
-        proc = torchrun(n, "expand_sharded.py", "--load", out / "source", "--save", ckpt, *layout, *moe)
+        proc = torchrun(n, "expand_sharded.py", "--load", dense, "--save", ckpt, *layout, *moe)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs, stdout = {}, {}
     for name, ckpt in (("ep2", ep2), ("ep1", ep1)):
