@@ -104,13 +104,15 @@ def test_an_upcycled_mixture_of_experts_trains_from_the_source_loss_the_same_at_
         proc = torchrun(n, "expand_sharded.py", "--load", dense, "--save", ckpt, *layout, *moe)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs, stdout = {}, {}
-    for name, ckpt in (("ep2", ep2), ("ep1", ep1)):
-        proc = _train(out, "--load", ckpt, "--finetune", "--use-checkpoint-args", "--train-iters", "3",
-                      "--hidden-dropout", "0", "--attention-dropout", "0", "--moe-aux-loss-coeff", "0.01",
-                      "--eval-iters", "0", "--log-json", tmp_path / f"{name}.json")
+    for name, ckpt, ep in (("ep2", ep2, "2"), ("ep1", ep1, "1")):
+        # the shape on the command line, not --use-checkpoint-args (it would force the source's dropout 0.1,
+        # whose masks depend on the layout)
+        proc = _train(out, "--load", ckpt, "--finetune", *repro.shape_flags(QUICK, factor=2), "--num-experts", "4",
+                      "--moe-router-topk", "2", "--expert-model-parallel-size", ep, "--tensor-model-parallel-size", "1",
+                      "--train-iters", "3", "--hidden-dropout", "0", "--attention-dropout", "0",
+                      "--moe-aux-loss-coeff", "0.01", "--eval-iters", "0", "--log-json", tmp_path / f"{name}.json")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[name], stdout[name] = json.loads((tmp_path / f"{name}.json").read_text()), proc.stdout
-    assert "4 experts (top-2, ffn 128) over EP 2; TP 1 x DP 2" in stdout["ep2"]
     assert "load balancing loss" in stdout["ep2"]
     check = runs["ep2"]["source_check"]
     assert abs(check["first_loss"] - check["source_loss"]) <= 1e-5 * check["source_loss"], check
@@ -120,6 +122,10 @@ def test_an_upcycled_mixture_of_experts_trains_from_the_source_loss_the_same_at_
     assert len(steps["ep2"]) == 3
     for (loss2, norm2), (loss1, norm1) in zip(steps["ep2"], steps["ep1"]):
         assert abs(loss2 - loss1) <= 1e-5 * loss1 and abs(norm2 - norm1) <= 1e-4 * norm1, steps
+    upcycled_args = _train(out, "--load", ep2, "--finetune", "--use-checkpoint-args", "--train-iters", "1",
+                           "--eval-iters", "0", "--log-json", tmp_path / "args.json")
+    assert upcycled_args.returncode == 0, upcycled_args.stdout[-3000:] + upcycled_args.stderr[-3000:]
+    assert "4 experts (top-2, ffn 128) over EP 2; TP 1 x DP 2" in upcycled_args.stdout  # from the checkpoint
     refused = _train(out, "--load", tp2, "--finetune", "--use-checkpoint-args", "--train-iters", "1")
     assert refused.returncode != 0 and "refuse sequence parallelism" in refused.stderr
 
