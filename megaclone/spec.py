@@ -421,7 +421,8 @@ class Experts:
         if not get("num_experts"):
             return None
         return cls(
-            num=get("num_experts"), topk=get("moe_router_topk", 2), ffn_hidden_size=get("moe_ffn_hidden_size"),
+            num=get("num_experts"), topk=get("moe_router_topk", 2),
+            ffn_hidden_size=get("moe_ffn_hidden_size") or get("ffn_hidden_size") or 4 * get("hidden_size"),
             parallel=get("expert_model_parallel_size", 1) or 1, grouped_gemm=bool(get("moe_grouped_gemm", False)),
             router_init=get("moe_router_init", "random"), pre_softmax=bool(get("moe_router_pre_softmax", False)),
             score_function=get("moe_router_score_function", "softmax"),

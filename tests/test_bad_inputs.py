@@ -141,8 +141,14 @@ def test_args_that_contradict_the_weights(source, tmp_path):
 
 def test_unsupported_model_features(source, tmp_path):
     src = copy_of(source, tmp_path)
+    _rewrite_args(src, multi_latent_attention=True)
+    refused(src, tmp_path / "d", "multi-latent attention")
+
+
+def test_args_that_claim_experts_the_weights_lack(source, tmp_path):
+    src = copy_of(source, tmp_path)
     _rewrite_args(src, num_experts=8)
-    refused(src, tmp_path / "d", "mixture-of-experts")
+    refused(src, tmp_path / "d", "no tensor 'decoder.layers.mlp.router.weight', which its args imply")
 
 
 def test_non_empty_destination_needs_overwrite(source, tmp_path):
