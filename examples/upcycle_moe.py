@@ -33,7 +33,8 @@ import reproduce_scaling_smart as repro  # noqa: E402
 
 EXPERTS, TOPK, EP, AUX = 4, 2, 2, 0.01
 SIZES = {
-    "default": dict(repro.SIZES["default"], source_iters=400, train_iters=150, eval_interval=15, eval_iters=4, seeds=2),
+    "default": dict(repro.SIZES["default"], micro_batch_size=16, source_iters=400, train_iters=150, eval_interval=15,
+                    eval_iters=4, seeds=2),
     "quick": dict(repro.SIZES["quick"], source_iters=30, train_iters=10, eval_interval=5, eval_iters=2, seeds=2),
 }
 ARMS = ("dense", "upcycled", "random-init MoE")

@@ -122,7 +122,7 @@ def test_an_upcycled_mixture_of_experts_trains_from_the_source_loss_the_same_at_
     assert len(steps["ep2"]) == 3
     for (loss2, norm2), (loss1, norm1) in zip(steps["ep2"], steps["ep1"]):
         assert abs(loss2 - loss1) <= 1e-5 * loss1 and abs(norm2 - norm1) <= 1e-4 * norm1, steps
-    upcycled_args = _train(out, "--load", ep2, "--finetune", "--use-checkpoint-args", "--train-iters", "1",
+    upcycled_args = _train(out, "--load", ep2, "--finetune", "--use-checkpoint-args", "--train-iters", "2",
                            "--eval-iters", "0", "--log-json", tmp_path / "args.json")
     assert upcycled_args.returncode == 0, upcycled_args.stdout[-3000:] + upcycled_args.stderr[-3000:]
     assert "4 experts (top-2, ffn 128) over EP 2; TP 1 x DP 2" in upcycled_args.stdout  # from the checkpoint
