@@ -182,35 +182,34 @@ def fill_rank(
         _check_blocks(task, blocks)
         t0 = time.perf_counter()
         box_read = task.box_read
-        source_dtype = source.tensors[task.rule.source_key].dtype if task.rule.role is not Role.ROUTER else None
-        if task.zero or source_dtype is None:  # nothing to read: an added layer's residual output, a router
-            t1 = t0
-            with torch.no_grad():
+        t1 = t0
+        with torch.no_grad():
+            if task.zero:  # a residual output of a layer added by identity depth growth: nothing to read
                 for b in blocks:
-                    if task.zero:
-                        b.tensor.zero_()
-                    else:
-                        router_slice(task.rule, task.layer or 0, task.dst_rows[b.start:b.stop], task.dst_cols, cfg,
-                                     router_std, out=b.tensor)
-        else:
-            parts = source.read(box_read)
-            if not allow_non_finite:
-                _check_finite(task, parts)
-            t1 = time.perf_counter()
-            piece = assemble_piece(task, parts, source_dtype)
-            del parts
-            power = (powers or {}).get((task.rule.source_key, task.src_layer))
-            with torch.no_grad():
+                    b.tensor.zero_()
+            elif task.rule.role is Role.ROUTER:  # a new router: drawn, not read
+                for b in blocks:
+                    router_slice(task.rule, task.layer or 0, task.dst_rows[b.start:b.stop], task.dst_cols, cfg,
+                                 router_std, out=b.tensor)
+            else:
+                source_dtype = source.tensors[task.rule.source_key].dtype
+                parts = source.read(box_read)
+                if not allow_non_finite:
+                    _check_finite(task, parts)
+                t1 = time.perf_counter()
+                piece = assemble_piece(task, parts, source_dtype)
+                del parts
+                power = (powers or {}).get((task.rule.source_key, task.src_layer))
                 for b in blocks:
                     clone_slice(task.rule, task.layer or 0, piece, task.dst_rows[b.start:b.stop], task.dst_cols, cfg,
                                 out=b.tensor, signal_power=power)
-            del piece
+                del piece
+                report.bytes_read += box_read.numel * source_dtype.itemsize
         t2 = time.perf_counter()
         report.slices += 1
         if report.slices == 1:
             _fault_point("read")
         shard_bytes = task.dst_numel * blocks[0].tensor.element_size()
-        report.bytes_read += box_read.numel * (source_dtype.itemsize if source_dtype else 0)
         report.bytes_computed += shard_bytes
         report.seconds["read"] = report.seconds.get("read", 0.0) + t1 - t0
         report.seconds["compute"] = report.seconds.get("compute", 0.0) + t2 - t1

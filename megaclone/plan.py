@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .index_maps import NO_SOURCE, DimMap
-from .partition import ParamRule, dst_slice
+from .partition import ParamRule, Role, dst_slice
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,6 @@ def plan_rank(rules: list[ParamRule], layers: DimMap, tp: int, rank: int,
     destination layer by layer, expert by expert (its own experts only), in a fixed order. ``layers``
     maps a destination layer to (source layer, copy); with ``zero_added_outputs`` the residual
     outputs of every copy but the first are zero slices."""
-    from .partition import Role
-
     src_layer, copy = layers(np.arange(layers.dst_size))
     none = np.empty(0, dtype=np.int64)
     for shared in rules:
