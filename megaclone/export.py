@@ -61,7 +61,7 @@ def check_exportable(spec: ModelSpec, model_type: str, what: Path) -> None:
     family = hf.family_of(model_type)
     if spec.experts:
         raise MegacloneError(f"{what} is a mixture of {spec.experts.num} experts; megaclone writes dense Hugging "
-                             "Face families only", "keep the mixture of experts in Megatron (leave out --save-hf)")
+                             "Face families only", "keep the mixture of experts in Megatron (export and --save-hf take dense models)")
     if not family.grouped_query and spec.num_query_groups != spec.num_attention_heads:
         raise MegacloneError(
             f"{what} has {spec.num_attention_heads} heads in {spec.num_query_groups} query groups, but "

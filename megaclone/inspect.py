@@ -12,6 +12,8 @@ from . import checkpoint as ckpt_io
 SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "group_query_attention", "kv_channels", "padded_vocab_size", "tensor_model_parallel_size",
               "swiglu", "normalization", "position_embedding_type", "untie_embeddings_and_output_weights")
+MOE_ARGS = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size", "expert_model_parallel_size",
+            "moe_router_pre_softmax", "moe_router_load_balancing_type", "moe_aux_loss_coeff")
 
 
 def tensor_digests(root: str | Path) -> dict[str, str]:
@@ -28,7 +30,8 @@ def describe(root: str | Path, digests: bool = False) -> str:
     common = ckpt_io.read_common(path)
     args = common["args"]
     lines = [f"{path}  iteration {common.get('iteration')}  checkpoint_version {common.get('checkpoint_version')}"]
-    lines += [f"  {name} = {getattr(args, name, None)!r}" for name in SHAPE_ARGS]
+    shown = SHAPE_ARGS + (MOE_ARGS if getattr(args, "num_experts", None) else ())
+    lines += [f"  {name} = {getattr(args, name, None)!r}" for name in shown]
     sums = tensor_digests(root) if digests else {}
     for key, meta in sorted(ckpt_io.read_tensor_metadata(path).items()):
         lines.append(f"  {key:60s} {str(meta.shape):20s} {str(meta.dtype):15s} {sums.get(key, '')}")
