@@ -3,11 +3,13 @@ and stored shapes are exactly those of ``GPTModel.sharded_state_dict()``, and it
 ``partition_dim`` megatron-core's parallel layers give their parameters (a world of one, gloo)."""
 
 import dataclasses
+import re
 
 import pytest
 
 from megaclone import toy
-from megaclone.layout import LAYERS, LOCAL_SPEC_NAMES, Split, catalogue
+from megaclone.layout import EXPERTS, LAYERS, LOCAL_SPEC_NAMES, Split, catalogue
+from megaclone.spec import Experts
 
 SHAPES = {
     "llama": {},
@@ -17,6 +19,8 @@ SHAPES = {
     "gpt2-gelu-qkv-bias-only": dict(add_bias_linear=False, add_qkv_bias=True),
     "llama-qk-layernorm": dict(qk_layernorm=True),
     "gpt2-qk-layernorm": dict(qk_layernorm=True),
+    "llama-experts": dict(experts=Experts(4, 2, ffn_hidden_size=96)),
+    "llama-granular-experts-qk-layernorm": dict(experts=Experts(8, 4, ffn_hidden_size=24), qk_layernorm=True),
 }
 
 
@@ -46,7 +50,7 @@ def megatron_layout(spec):
     for name, param in model.named_parameters():
         key = name
         if name.startswith(LAYERS):
-            suffix = name.split(".", 3)[3]
+            suffix = re.sub(r"^mlp\.experts\.local_experts\.\d+\.", "mlp.experts.experts.", name.split(".", 3)[3])
             key = LAYERS + {v: k for k, v in LOCAL_SPEC_NAMES.items()}.get(suffix, suffix)
         if not getattr(param, "tensor_model_parallel", False):
             splits[key] = Split.REPLICATED
@@ -67,4 +71,5 @@ def test_the_catalogue_is_megatron_cores_layout(world, name):
     for key, t in entries.items():
         assert t.stored_shape(spec.num_layers) == tuple(shapes[key]), key
         assert t.split is splits[key], key
-    assert entries[LAYERS + "mlp.linear_fc1.weight"].parts == (2 if spec.swiglu else 1)
+    fc1 = EXPERTS + "linear_fc1.weight" if spec.experts else LAYERS + "mlp.linear_fc1.weight"
+    assert entries[fc1].parts == (2 if spec.swiglu else 1)
