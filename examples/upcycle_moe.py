@@ -2,7 +2,7 @@
 """Dense to mixture-of-experts upcycling, measured on this machine's CPU: does the upcycled model keep
 the dense model's head start, and how does it compare with training the dense model on?
 
-    python examples/upcycle_moe.py                       # about 25 minutes on 2 cores
+    python examples/upcycle_moe.py                       # about 17 minutes on 2 cores
     python examples/upcycle_moe.py --quick --out runs/moe-quick --results runs/moe-quick/results
 
 1. byte-level data from the Python standard library in three disjoint document sets (validation,
@@ -34,7 +34,7 @@ import reproduce_scaling_smart as repro  # noqa: E402
 EXPERTS, TOPK, EP, AUX = 4, 2, 2, 0.01
 SIZES = {
     "default": dict(repro.SIZES["default"], micro_batch_size=16, source_iters=400, train_iters=150, eval_interval=15,
-                    eval_iters=4, seeds=2),
+                    eval_iters=4, seeds=3),
     "quick": dict(repro.SIZES["quick"], source_iters=30, train_iters=10, eval_interval=5, eval_iters=2, seeds=2),
 }
 ARMS = ("dense", "upcycled", "random-init MoE")
@@ -49,15 +49,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(cmd: list, n: int, log: dict, name: str) -> None:
-    """One user-facing command (under torchrun when ``n`` > 1), recorded with its seconds."""
+def run(cmd: list, n: int, log: dict, name: str, done: bool = False) -> None:
+    """One user-facing command (under torchrun when ``n`` > 1), recorded; run unless ``done`` (an
+    earlier, interrupted invocation finished it: its seconds stay in OUT/stages.json)."""
     cmd = [str(c) for c in cmd]
+    log["commands"][name] = " ".join(([f"torchrun --nproc_per_node {n}"] if n > 1 else ["python"]) + cmd)
+    if done:
+        return
     full = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(n)] if n > 1 else []) + cmd
     t0 = time.time()
     proc = subprocess.run(full, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if proc.returncode:
         sys.exit(f"{name} failed: {' '.join(full)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    log["commands"][name] = " ".join(([f"torchrun --nproc_per_node {n}"] if n > 1 else ["python"]) + cmd)
     log["seconds"][name] = round(time.time() - t0, 1)
     print(f"{name}: {log['seconds'][name]:.0f} s", flush=True)
 
@@ -76,19 +79,23 @@ def main() -> int:
     data = {name: out / "data" / name for name in ("valid", "source", "target")}
     skip = {"valid": 0, "source": size["valid_documents"], "target": size["valid_documents"] + size["source_documents"]}
     count = {"valid": size["valid_documents"], "source": size["source_documents"], "target": None}
+    stages = out / "stages.json"
+    if stages.exists():
+        log["seconds"].update(json.loads(stages.read_text()))
     for name, prefix in data.items():
-        if not Path(f"{prefix}.idx").exists():
-            run(["tools/preprocess_data.py", "--output-prefix", prefix, "--seed", repro.SOURCE_SEED,
-                 *repro.flags(skip_documents=skip[name], max_documents=count[name])], 1, log, f"data-{name}")
+        run(["tools/preprocess_data.py", "--output-prefix", prefix, "--seed", repro.SOURCE_SEED,
+             *repro.flags(skip_documents=skip[name], max_documents=count[name])], 1, log, f"data-{name}",
+            done=Path(f"{prefix}.idx").exists())
     source = out / "source"
-    if not finished(out / "source.json", size["source_iters"]):
-        run(["examples/pretrain_gpt.py", *repro.shape_flags(size), *repro.train_flags(
-            size, {"train": data["source"], "valid": data["valid"]}, repro.SOURCE_SEED, size["source_iters"], source,
-            out / "source.json", 1, schedule=repro.SOURCE_LR, save_interval=size["source_iters"])], 2, log, "train-source")
+    run(["examples/pretrain_gpt.py", *repro.shape_flags(size), *repro.train_flags(
+        size, {"train": data["source"], "valid": data["valid"]}, repro.SOURCE_SEED, size["source_iters"], source,
+        out / "source.json", 1, schedule=repro.SOURCE_LR, save_interval=size["source_iters"])], 2, log, "train-source",
+        done=finished(out / "source.json", size["source_iters"]))
     upcycled = out / "upcycled"
-    if not (upcycled / "latest_checkpointed_iteration.txt").exists():
-        run(["tools/expand_sharded.py", "--load", source, "--save", upcycled, "--tp", 1, "--ep", EP, "--factor", 1,
-             *MOE_FLAGS, "--moe-aux-loss-coeff", AUX, "--no-progress", "--overwrite"], EP, log, "upcycle")
+    run(["tools/expand_sharded.py", "--load", source, "--save", upcycled, "--tp", 1, "--ep", EP, "--factor", 1,
+         *MOE_FLAGS, "--moe-aux-loss-coeff", AUX, "--no-progress", "--overwrite"], EP, log, "upcycle",
+        done=(upcycled / "latest_checkpointed_iteration.txt").exists())
+    stages.write_text(json.dumps(log["seconds"]))
     target = {"train": data["target"], "valid": data["valid"]}
     for seed in range(1, size["seeds"] + 1):
         for arm in ARMS:
@@ -99,10 +106,10 @@ def main() -> int:
                      "random-init MoE": [*repro.shape_flags(size), *MOE_FLAGS,
                                          "--expert-model-parallel-size", EP]}[arm]
             aux = [] if arm == "dense" else ["--moe-aux-loss-coeff", AUX]
-            if not finished(log_json, size["train_iters"]):
-                run(["examples/pretrain_gpt.py", *start, *aux, *repro.train_flags(
-                    size, target, seed, size["train_iters"], out / name, log_json, 1,
-                    save_interval=size["train_iters"])], 2, log, f"train-{name}")
+            run(["examples/pretrain_gpt.py", *start, *aux, *repro.train_flags(
+                size, target, seed, size["train_iters"], out / name, log_json, 1,
+                save_interval=size["train_iters"])], 2, log, f"train-{name}", done=finished(log_json, size["train_iters"]))
+            stages.write_text(json.dumps(log["seconds"]))
             log["runs"][name] = json.loads(log_json.read_text())
     write_results(args.results, log, size)
     return 0
@@ -128,9 +135,15 @@ def write_results(results: Path, log: dict, size: dict) -> None:
         lines.append(f"| {arm} | {statistics.fmean(firsts):.4f} | {statistics.fmean(finals):.4f}{spread} | "
                      + ", ".join(f"{f:.4f}" for f in finals) + " | "
                      + (", ".join(f"{a:.4f}" for a in aux) if aux[0] is not None else "-") + " |")
+    final = {arm: [final_loss(log["runs"][f"{arm.replace(' ', '-')}-s{s}"]) for s in seeds] for arm in ARMS}
+    paired = [d - u for d, u in zip(final["dense"], final["upcycled"])]
     text = (f"# Upcycling to {EXPERTS} experts (top-{TOPK}) against the dense model and a random-init mixture\n\n"
             f"Same tokens ({size['train_iters']} iterations x {size['global_batch_size']} x {size['seq_length']}), "
-            f"same recipe, seeds {list(seeds)}; generated by examples/upcycle_moe.py.\n\n" + "\n".join(lines) + "\n")
+            f"same recipe, seeds {list(seeds)}; generated by examples/upcycle_moe.py.\n\n" + "\n".join(lines) + "\n\n"
+            f"Final validation loss, dense minus upcycled, paired by seed: " + ", ".join(f"{p:+.4f}" for p in paired)
+            + f" (range {min(paired):+.4f} to {max(paired):+.4f}).\n")
+    log["paired_dense_minus_upcycled"] = paired
+    (results / "upcycle_moe.json").write_text(json.dumps(log, indent=1))
     (results / "upcycle_moe.md").write_text(text)
     print(text)
 
