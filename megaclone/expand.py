@@ -343,8 +343,7 @@ def expand(
                                            writer=parallel_state.get_data_parallel_rank() == 0,
                                            before_publish=lambda: _fault_point("write"))
         else:
-            if dst_spec.experts:
-                add_te_moe_norm_keys(model_sd)
+            add_te_moe_norm_keys(model_sd)
             del model_sd  # ``state`` is now the shard's only owner
             ckpt_io.save_checkpoint(dst_root, 0, state, before_publish=lambda: _fault_point("write"))
     report.seconds["write"] = time.perf_counter() - t0

@@ -174,13 +174,18 @@ def add_te_moe_norm_keys(sd: dict[str, Any]) -> None:
     its own (``gpt_layer_specs``: ``pre_mlp_layernorm=backend.layer_norm() if num_experts``, no key
     map), stored as ``pre_mlp_layernorm.*`` with an ``_extra_state``. Writing the values under both
     keys lets either spec load the checkpoint: dist_checkpointing's default strictness (and
-    Megatron-LM's) accepts keys a model does not ask for. Call on a filled state dict, before saving.
+    Megatron-LM's) accepts keys a model does not ask for. A no-op for a dense model (Transformer
+    Engine fuses its norm). Every saver of a model calls it on the filled state dict just before
+    saving, after anything that maps parameters to keys (the optimizer's state): the added entries
+    share the norm's tensor.
     """
     import dataclasses as dc
 
     from megatron.core.dist_checkpointing import ShardedObject
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    if not any(getattr(item, "key", "").startswith(EXPERTS) for item in sd.values()):
+        return
     for name, item in list(sd.items()):
         if not (isinstance(item, ShardedTensor) and item.key.startswith(MLP_NORM)):
             continue

@@ -180,8 +180,9 @@ _current: Optional[tuple[int, int, int]] = None
 
 
 def init_parallel(tensor_parallel: int, pipeline_parallel: int = 1, expert_parallel: int = 1) -> None:
-    """(Re)initialize megatron-core's parallel state with the given TP (and PP, and EP for experts,
-    which megatron-core splits over TP like the rest); the rest of the world is DP. A no-op when that layout is already set. Switching destroys the old groups first:
+    """(Re)initialize megatron-core's parallel state with the given TP (and PP, and EP: the expert-
+    parallel size, experts split over TP too); the rest of the world is DP. A no-op when that layout
+    is already set. Switching destroys the old groups first:
     megatron-core's destroy_model_parallel only forgets them, and every forgotten gloo group keeps its
     threads.
     """

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
+from .model import add_te_moe_norm_keys
 
 
 def optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, model_sd: dict) -> dict:
@@ -94,6 +95,7 @@ def save_training_checkpoint(
     }
     if optimizer is not None:
         state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd)
+    add_te_moe_norm_keys(model_sd)  # after the optimizer's map: its entries share the norm's tensor
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     state.update(extra or {})

@@ -58,3 +58,38 @@ def test_requests_that_cannot_be_upcycled_exactly_are_refused_before_writing(res
     refused = results["refused"][name]
     assert refused["error"] is not None and words in refused["error"]
     assert not refused["wrote"]
+
+
+def test_a_trained_mixture_is_saved_with_both_norm_keys_and_resumes(tmp_path):
+    """The trainer's save (world of one, in this process) also stores the pre-MLP norm under the key a
+    Transformer Engine MoE layer loads; the optimizer state stays keyed by the local spec's key, so the
+    checkpoint resumes with its optimizer."""
+    import dataclasses
+
+    import torch
+
+    from megaclone import checkpoint as ckpt_io
+    from megaclone import toy
+    from megaclone.model import build_gpt, model_sharded_state_dict
+    from megaclone.runtime import init_distributed, init_parallel
+    from megaclone.spec import Experts
+    from megaclone.train_state import load_training_checkpoint, save_training_checkpoint
+
+    init_distributed("cpu")
+    init_parallel(1)
+    spec = dataclasses.replace(toy.preset_spec("llama", 1), experts=Experts(4, 2, ffn_hidden_size=96))
+    model = build_gpt(spec, initialize=True)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():  # a step, so the optimizer has state to save
+        p.grad = torch.full_like(p, 0.1)
+    optimizer.step()
+    path = save_training_checkpoint(tmp_path, 1, model_sharded_state_dict(model), spec.to_args(), optimizer)
+    stored = ckpt_io.read_tensor_metadata(path)
+    local, te = "decoder.layers.mlp.linear_fc1.layer_norm_weight", "decoder.layers.pre_mlp_layernorm.weight"
+    assert local in stored and te in stored
+    assert f"optimizer.state.exp_avg.{local}" in stored and f"optimizer.state.exp_avg.{te}" not in stored
+    fresh = build_gpt(spec, initialize=True)
+    resumed = torch.optim.AdamW(fresh.parameters())
+    load_training_checkpoint(path, fresh, fresh.sharded_state_dict(), resumed)
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), name
