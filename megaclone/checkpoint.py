@@ -18,9 +18,12 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from .destination import TRACKER
+from . import unpickling
 from .errors import MegacloneError, reading, writing
 from .layout import LAYERS, LOCAL_SPEC_NAMES
 from .plan import BoxRead
+
+unpickling.guard()  # no checkpoint read in this process runs code from its pickles
 
 LATEST = TRACKER  # latest_checkpointed_iteration.txt
 CHECKPOINT_VERSION = 3.0
@@ -287,7 +290,7 @@ def legacy_model_state(ckpt: Path, tp_rank: int, pipeline: int, layers_per_stage
     for stage in range(pipeline):
         file = legacy_file(ckpt, tp_rank, stage, pipeline)
         with reading(file):
-            model = torch.load(file, map_location="cpu", weights_only=False)["model"]
+            model = unpickling.load(file)["model"]
         for key, value in model.items():
             if key.endswith("._extra_state"):
                 continue

@@ -57,9 +57,22 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
 
     parser.error = error
     if launch_rank() == 0:
-        return parser.parse_args(argv)
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        return parser.parse_args(argv)
+        args = parser.parse_args(argv)
+    else:
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            args = parser.parse_args(argv)
+    if getattr(args, "trust_checkpoint_code", False):
+        from .unpickling import trust_checkpoint_code
+
+        trust_checkpoint_code()
+    return args
+
+
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    """``--trust-checkpoint-code`` for a tool that reads checkpoints (megaclone.unpickling)."""
+    parser.add_argument("--trust-checkpoint-code", action="store_true",
+                        help="unpickle any object a checkpoint holds, which can run code from the file; only for a "
+                             "trusted checkpoint that holds more than tensors, args and RNG states (default: refuse)")
 
 
 def rank0_print(*args, **kwargs) -> None:

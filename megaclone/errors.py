@@ -19,12 +19,40 @@ class NotComparable(MegacloneError):
     """A clone that does not compute its source's function by design: a logit check has nothing to prove."""
 
 
+def code_in_checkpoint(what: "str | os.PathLike", name: str) -> MegacloneError:
+    """The refusal of a pickled object outside the allowlist (megaclone.unpickling)."""
+    return MegacloneError(
+        f"{what} holds a pickled {name}, which megaclone does not unpickle: a checkpoint holds tensors, args and "
+        "RNG states, and unpickling anything else can run code from the file",
+        "use a checkpoint written by Megatron-LM or megaclone; only if you trust this file and the software that "
+        "wrote it, pass --trust-checkpoint-code")
+
+
 @contextlib.contextmanager
-def reading(path: "str | os.PathLike", what: str = "") -> Iterator[None]:
-    """Turn a failure to read or parse ``path`` (missing, truncated, garbage) into a MegacloneError that
-    names the file. A MegacloneError raised inside passes through unchanged."""
+def refusing_code(path: "str | os.PathLike", what: str = "") -> Iterator[None]:
+    """Turn the refusal of a pickled global while reading ``path`` into a MegacloneError naming both
+    (torch DCP reports it wrapped in its CheckpointException, a BaseException)."""
+    from .unpickling import refused_global
+
     try:
         yield
+    except (KeyboardInterrupt, SystemExit, MegacloneError):
+        raise
+    except BaseException as exc:
+        name = refused_global(exc)
+        if name is None:
+            raise
+        raise code_in_checkpoint(what or path, name) from None
+
+
+@contextlib.contextmanager
+def reading(path: "str | os.PathLike", what: str = "") -> Iterator[None]:
+    """Turn a failure to read or parse ``path`` (missing, truncated, garbage, a pickled object outside
+    the allowlist) into a MegacloneError that names the file. A MegacloneError raised inside passes
+    through unchanged."""
+    try:
+        with refusing_code(path, what):
+            yield
     except MegacloneError:
         raise
     except FileNotFoundError as exc:

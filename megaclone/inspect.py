@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
+from .errors import reading
 
 SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "group_query_attention", "kv_channels", "padded_vocab_size", "tensor_model_parallel_size",
@@ -20,7 +21,9 @@ def tensor_digests(root: str | Path) -> dict[str, str]:
     """sha256 of every stored tensor's bytes (all ranks call it: loading is collective)."""
     from megatron.core import dist_checkpointing
 
-    loaded = dist_checkpointing.load_plain_tensors(str(ckpt_io.find_checkpoint(root)))
+    path = ckpt_io.find_checkpoint(root)
+    with reading(path):
+        loaded = dist_checkpointing.load_plain_tensors(str(path))
     return {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
             for k, v in sorted(loaded.items()) if isinstance(v, torch.Tensor)}
 

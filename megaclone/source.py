@@ -18,6 +18,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import hf
+from . import unpickling
 from .errors import MegacloneError, reading
 from .layout import LAYERS, LOCAL_SPEC_NAMES, Split, catalogue
 from .partition import owner_of
@@ -193,7 +194,7 @@ def open_legacy_source(root: str | Path, vocab_size: Optional[int] = None) -> So
                                  "copy the complete checkpoint directory")
         if f not in cache:
             with reading(f):
-                cache[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+                cache[f] = unpickling.load(f, mmap=True)
         return cache[f]
 
     first = state(0, 0)

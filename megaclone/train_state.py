@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
+from .errors import refusing_code
 from .model import add_te_moe_norm_keys
 
 
@@ -115,7 +116,8 @@ def load_training_checkpoint(path: Path, model, model_sd: dict,
         request["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd)
     if rng:
         request["rng_state"] = rng_state_object()
-    loaded = dist_checkpointing.load(request, str(path), validate_access_integrity=False)
+    with refusing_code(path):
+        loaded = dist_checkpointing.load(request, str(path), validate_access_integrity=False)
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         restore_optimizer(optimizer, loaded["optimizer"])

@@ -87,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="copy NaN/Inf source values instead of refusing the source (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     cli.add_device_flags(p)
+    cli.add_trust_flag(p)
     args = cli.parse(p, argv)
     if args.save and args.tp is None:
         p.error("--save needs --tp (the destination tensor-parallel size, = the number of processes)")

@@ -25,6 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "qwen2, qwen3, gpt2, gpt_neox (default: recorded at import, else inferred)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
     cli.add_device_flags(p)
+    cli.add_trust_flag(p)
     return cli.parse(p, argv)
 
 

@@ -15,7 +15,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--digest", action="store_true", help="sha256 of every tensor (reads the whole checkpoint)")
-    args = p.parse_args()
+    cli.add_trust_flag(p)
+    args = cli.parse(p)
     from megaclone.inspect import describe
     from megaclone.runtime import init_distributed
 

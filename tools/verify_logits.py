@@ -29,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
     p.add_argument("--tol", type=float, help="relative tolerance (default from dtype: 1e-5 for fp32)")
     cli.add_device_flags(p)
+    cli.add_trust_flag(p)
     return cli.parse(p, argv)
 
 
