@@ -341,8 +341,9 @@ def _checkpoint_to_load(args) -> Optional[Path]:
 def prepare_args(args: argparse.Namespace, world_size: int) -> tuple[argparse.Namespace, Optional[Path]]:
     """Apply --use-checkpoint-args and derive Megatron-LM's computed fields; validate."""
     path = _checkpoint_to_load(args)
-    if args.load and path is None and args.finetune:
-        raise MegacloneError(f"--finetune but {args.load} holds no checkpoint",
+    if args.load and path is None and (args.finetune or args.use_checkpoint_args):
+        flag = "--finetune" if args.finetune else "--use-checkpoint-args"
+        raise MegacloneError(f"{flag} but --load {args.load} holds no checkpoint (no {ckpt_io.LATEST})",
                              "point --load at a checkpoint (e.g. the --save of tools/expand_sharded.py)")
     if args.save:  # training adds iterations to --save and removes nothing; resuming saves into --load
         data = train_args.data_source(args).files()
@@ -376,6 +377,9 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
     from megatron.core import parallel_state
 
     args, load_path = prepare_args(args, rt.world_size)
+    if args.load and load_path is None:  # as Megatron-LM does, but said where it cannot be missed
+        _print(rt, f"note: --load {args.load} holds no checkpoint (no {ckpt_io.LATEST}): training starts from "
+                   "random weights at iteration 0")
     device = rt.device
     tokenizer = data_io.ByteTokenizer()
     cache = Path(args.data_cache_path) if args.data_cache_path else None

@@ -369,3 +369,16 @@ def test_a_damaged_or_missing_hf_shard_is_named(tmp_path):
 def test_vocab_size_outside_the_embedding_is_refused(source, tmp_path, vocab):
     refused(source, tmp_path / "d", "--vocab-size .* is not within the checkpoint's 304 embedding rows",
             vocab_size=vocab)
+
+
+@pytest.mark.parametrize("flag", ["--finetune", "--use-checkpoint-args"])
+def test_trainer_refuses_a_load_without_a_checkpoint_when_it_needs_one(tmp_path, flag):
+    """Megatron-LM starts from random weights when --load holds no checkpoint; with a flag that reads
+    the checkpoint the trainer refuses instead of training something else."""
+    from megaclone import train_args, training
+
+    (tmp_path / "README").write_text("not a checkpoint")
+    args = train_args.parse_args(["--load", str(tmp_path), flag, "--seq-length", "8", "--micro-batch-size", "1",
+                                  "--lr", "1e-4", "--train-iters", "1", "--data-path", str(tmp_path / "data")])
+    with pytest.raises(MegacloneError, match=f"{flag} but --load .* holds no checkpoint"):
+        training.prepare_args(args, 1)
