@@ -288,7 +288,6 @@ def analyse(args, size: dict, runs: list[Run], stages: Stages) -> dict:
     """Speedups with their seed spread, symmetry over training, spectra; figures, claims and the JSON."""
     import numpy as np
     import torch
-    from megatron.core import dist_checkpointing
 
     from megaclone import checkpoint as ckpt_io
     from megaclone import plots, scaling
@@ -326,7 +325,7 @@ def analyse(args, size: dict, runs: list[Run], stages: Stages) -> dict:
     rules = param_rules(src_spec, ModelSpec.from_args(ckpt_io.read_common(wide_path)["args"]))
 
     def tensors(path: Path) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in dist_checkpointing.load_plain_tensors(str(path)).items()
+        return {k: v for k, v in ckpt_io.load_plain_tensors(path).items()
                 if isinstance(v, torch.Tensor) and not k.startswith("optimizer")}
 
     tokens_per_iter = size["global_batch_size"] * size["seq_length"]

@@ -38,13 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def symmetry(root: Path, iteration: int | None, rules) -> dict[str, float]:
     """Mean per-row cosine between the clone's copies, per kind of matrix, at one checkpoint."""
     import numpy as np
-    from megatron.core import dist_checkpointing
 
     from megaclone import checkpoint as ckpt_io
     from megaclone import scaling
 
     path = ckpt_io.find_checkpoint(root) if iteration is None else root / ckpt_io.iteration_dirname(iteration)
-    tensors = dist_checkpointing.load_plain_tensors(str(path))
+    tensors = ckpt_io.load_plain_tensors(path)
     out = {}
     for kind, suffix in KINDS.items():
         values = []

@@ -48,14 +48,14 @@ def _prepare(src_root: Path, dst_root: Path, factors: Factors, tp: int):
 def naive_expand(src_root: Path, dst_root: Path, factors: Factors, tp: int,
                  cfg: CloneConfig = CloneConfig()) -> RankReport:
     """Whole source in, whole destination built in every process, then each saves its shard."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
     memory = PeakMemory().start()
     report = RankReport(rank=dist.get_rank())
     start, cpu_start = time.perf_counter(), cpu_seconds()
     source, dst_spec = _prepare(Path(src_root), Path(dst_root), factors, tp)
     t0 = time.perf_counter()
-    full_src = dist_checkpointing.load_plain_tensors(str(source.path))
+    full_src = ckpt_io.load_plain_tensors(source.path)
     t1 = time.perf_counter()
     rules = param_rules(source.spec, dst_spec)
     full_dst: dict[tuple[str, int | None], torch.Tensor] = {}

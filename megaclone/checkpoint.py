@@ -1,8 +1,14 @@
 """Checkpoint I/O in Megatron-LM's layout through megatron-core ``dist_checkpointing`` (torch_dist).
 
 ``<root>/latest_checkpointed_iteration.txt`` names ``iter_NNNNNNN`` (or ``release``), which holds the
-torch_dist files and ``common.pt``. This module reads boxes of stored global tensors and saves
-sharded state dicts; it knows nothing of cloning.
+torch_dist files and the common state (args, iteration: everything not sharded). This module reads
+boxes of stored global tensors and saves sharded state dicts; it knows nothing of cloning.
+
+It is also where megatron-core's versions meet. The common state has two forms: ``common.pt``
+(megatron-core up to 0.18) and one ``ShardedObject`` named ``common_state`` inside the torch_dist
+files (0.19 on, which still reads ``common.pt``). :func:`read_common`, :func:`load` and
+:func:`load_plain_tensors` read both whatever megatron-core is installed; saving writes the form the
+installed megatron-core writes. Every reader of a torch_dist checkpoint goes through them.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 
 from .destination import TRACKER
 from . import unpickling
-from .errors import MegacloneError, reading, writing
+from .errors import MegacloneError, reading, refusing_code, writing
 from .layout import LAYERS, LOCAL_SPEC_NAMES
 from .plan import BoxRead
 
@@ -84,22 +90,91 @@ def find_checkpoint(root: str | os.PathLike) -> Path:
     return path
 
 
+COMMON_FILE = "common.pt"  # the common state up to megatron-core 0.18
+COMMON_OBJECT = "common_state"  # from 0.19: ShardedObject("common_state", state, (1,), (0,))
+
+
+def _common_where(ckpt: Path) -> Path:
+    """The file that names the common state in messages: ``common.pt``, else the torch_dist metadata."""
+    return ckpt / COMMON_FILE if (ckpt / COMMON_FILE).exists() else ckpt / ".metadata"
+
+
 def read_common(ckpt: Path) -> dict[str, Any]:
-    """``common.pt``: args, iteration, checkpoint_version (everything not sharded)."""
+    """The common state: args, iteration, checkpoint_version (everything not sharded), in either form."""
     from megatron.core import dist_checkpointing
 
-    if not (ckpt / "common.pt").exists():
-        raise MegacloneError(f"{ckpt / 'common.pt'} is missing", "the checkpoint is incomplete: save it again")
+    if not (ckpt / COMMON_FILE).exists() and not has_stored(ckpt, COMMON_OBJECT):
+        raise MegacloneError(f"{ckpt} holds no common state (neither {COMMON_FILE} nor a '{COMMON_OBJECT}' entry)",
+                             "the checkpoint is incomplete: save it again")
     with reading(ckpt / "metadata.json"):  # megatron-core reads it first, as JSON
         json.loads((ckpt / "metadata.json").read_text())
-    with reading(ckpt / "common.pt"):
-        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    with reading(_common_where(ckpt), f"the common state in {_common_where(ckpt)}"):
+        if (ckpt / COMMON_FILE).exists():
+            common = dist_checkpointing.load_common_state_dict(str(ckpt))
+        else:
+            common = _common_state_object(ckpt)
     if "args" not in common:
         raise MegacloneError(
-            f"{ckpt / 'common.pt'} holds no 'args'",
+            f"{_common_where(ckpt)} holds no 'args'",
             "megaclone needs a checkpoint written by Megatron-LM training (or megaclone), which stores its args",
         )
     return common
+
+
+def _common_state_object(ckpt: Path) -> dict[str, Any]:
+    """The common state as megatron-core 0.19 stores it, read with torch DCP itself (megatron-core
+    packs a ShardedObject's data as ``torch.save([data])``), so any megatron-core version reads it."""
+    import io
+
+    from torch.distributed import checkpoint as dcp
+
+    key = f"{COMMON_OBJECT}/shard_0_1"
+    state: dict[str, Any] = {key: io.BytesIO()}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=True)
+    value = state[key]
+    if isinstance(value, io.BytesIO):
+        value.seek(0)
+        value = torch.load(value, weights_only=True)
+    return value[0]
+
+
+def _common_strategy(ckpt: Path) -> Optional[Any]:
+    """For a megatron-core that reads only ``common.pt`` (its ``load`` takes a common strategy) and a
+    checkpoint without one: a strategy that reads the ``common_state`` object instead."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    if (ckpt / COMMON_FILE).exists() or "common_strategy" not in inspect.signature(dist_checkpointing.load).parameters:
+        return None
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    class CommonStateObject(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            return _common_state_object(Path(checkpoint_dir))
+
+    return CommonStateObject()
+
+
+def load(sharded_state_dict: dict[str, Any], ckpt: Path, **kwargs) -> dict[str, Any]:
+    """megatron-core's ``dist_checkpointing.load`` (collective) of a checkpoint in either form; a
+    pickled object outside the allowlist is refused by name."""
+    from megatron.core import dist_checkpointing
+
+    strategy = _common_strategy(Path(ckpt))
+    if strategy is not None:
+        kwargs["common_strategy"] = strategy
+    with refusing_code(ckpt):
+        return dist_checkpointing.load(sharded_state_dict, str(ckpt), **kwargs)
+
+
+def load_plain_tensors(ckpt: Path) -> dict[str, Any]:
+    """Every stored tensor whole, as megatron-core's ``load_plain_tensors`` (collective)."""
+    from megatron.core import dist_checkpointing
+
+    with reading(ckpt / ".metadata", f"the torch_dist metadata {ckpt / '.metadata'}"):
+        metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    return load(metadata, ckpt, validate_access_integrity=False)
 
 
 def read_tensor_metadata(ckpt: Path) -> dict[str, TensorMeta]:

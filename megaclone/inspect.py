@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from .errors import reading
 
 SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "group_query_attention", "kv_channels", "padded_vocab_size", "tensor_model_parallel_size",
@@ -19,11 +18,7 @@ MOE_ARGS = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size", "expert_mod
 
 def tensor_digests(root: str | Path) -> dict[str, str]:
     """sha256 of every stored tensor's bytes (all ranks call it: loading is collective)."""
-    from megatron.core import dist_checkpointing
-
-    path = ckpt_io.find_checkpoint(root)
-    with reading(path):
-        loaded = dist_checkpointing.load_plain_tensors(str(path))
+    loaded = ckpt_io.load_plain_tensors(ckpt_io.find_checkpoint(root))
     return {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
             for k, v in sorted(loaded.items()) if isinstance(v, torch.Tensor)}
 

@@ -268,14 +268,9 @@ def owns_storage(tensor: torch.Tensor) -> bool:
 
 def load_model(model, ckpt: Path) -> dict[str, Any]:
     """Load a checkpoint's model weights into ``model`` (resharding as needed); returns common state."""
-    from megatron.core import dist_checkpointing
+    from . import checkpoint as ckpt_io
 
-    from . import unpickling
-    from .errors import refusing_code
-
-    unpickling.guard()
-    with refusing_code(ckpt):
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
+    state = ckpt_io.load({"model": model.sharded_state_dict()}, Path(ckpt))
     model.load_state_dict(state["model"], strict=True)
     return state
 

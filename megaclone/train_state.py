@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
-from .errors import refusing_code
 from .model import add_te_moe_norm_keys
 
 
@@ -108,16 +107,13 @@ def load_training_checkpoint(path: Path, model, model_sd: dict,
     """Load weights (resharding to the current TP) and, if given, the optimizer state; with ``rng``
     (a resume at the saved TP, as Megatron-LM restores it) this rank's RNG states too, so dropout
     draws the masks an uninterrupted run would. Returns the checkpoint's common state."""
-    from megatron.core import dist_checkpointing
-
     request: dict = {"model": model_sd}
     if optimizer is not None:
         init_adam_state(optimizer)
         request["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd)
     if rng:
         request["rng_state"] = rng_state_object()
-    with refusing_code(path):
-        loaded = dist_checkpointing.load(request, str(path), validate_access_integrity=False)
+    loaded = ckpt_io.load(request, Path(path), validate_access_integrity=False)
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         restore_optimizer(optimizer, loaded["optimizer"])

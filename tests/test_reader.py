@@ -57,3 +57,35 @@ def test_box_outside_the_stored_tensor_is_refused(stored):
     rows, cols = full[key].shape
     with pytest.raises(MegacloneError, match="do not cover"):
         ckpt_io.BoxReader(ckpt).read(BoxRead(key, None, (Box((rows - 1, 0), (2, cols)),)))
+
+
+def test_the_common_state_as_megatron_core_0_19_stores_it_is_read(stored, tmp_path):
+    """megatron-core 0.19 keeps the common state as one ShardedObject ('common_state', data packed by
+    its torch strategy) instead of common.pt. The same source saved that way, through megatron-core's
+    own ShardedObject path with common.pt removed, gives the same args, loads as the same model
+    (verify: the logits equal the common.pt form's) and grows into a clone of it."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    from megaclone.expand import expand
+    from megaclone.model import build_gpt
+    from megaclone.source import open_source
+    from megaclone.spec import Factors
+    from megaclone.verify import verify
+
+    ckpt, _ = stored
+    source = open_source(ckpt.parent)
+    model = build_gpt(source.spec)
+    common = ckpt_io.load({"model": model.sharded_state_dict()}, ckpt)
+    model.load_state_dict(common.pop("model"), strict=True)
+    new_root = tmp_path / "mcore-0.19"
+    new = new_root / ckpt.name
+    state = {"model": model.sharded_state_dict(),
+             ckpt_io.COMMON_OBJECT: ShardedObject(ckpt_io.COMMON_OBJECT, common, (1,), (0,), replica_id=0)}
+    ckpt_io.save_sharded(new, state)
+    (new / ckpt_io.COMMON_FILE).unlink()  # what 0.16 writes beside the object: the (empty) rest
+    ckpt_io.mark_latest(new_root, ckpt_io.read_tracker(ckpt.parent))
+
+    assert vars(ckpt_io.read_common(new)["args"]) == vars(ckpt_io.read_common(ckpt)["args"])
+    assert all(r.ok and r.max_abs == 0.0 for r in verify(ckpt.parent, new_root))
+    expand(new_root, tmp_path / "wide", Factors.uniform(2), 1)
+    assert all(r.ok for r in verify(new_root, tmp_path / "wide"))
