@@ -9,10 +9,12 @@ setup(
     packages=find_packages(include=["megaclone", "megaclone.*"]),
     python_requires=">=3.10",
     install_requires=[
-        # Tested: torch 2.13.0 (CPU wheel), megatron-core 0.16.1. The upper bound on torch keeps pip
-        # on a CPU machine from pulling a multi-GB CUDA build of a newer release.
-        "torch>=2.6,<2.14",
-        "megatron-core>=0.16.1,<0.17",
+        # What works, not what this machine has: a Megatron environment's own torch and megatron-core
+        # satisfy these, so pip leaves them alone. torch 2.6 made weights-only loading the default and
+        # has add_safe_globals (megaclone.unpickling); megatron-core 0.14 is the oldest run here (README,
+        # "Versions"). A CPU machine keeps the CPU wheel through the README's install line, not a bound here.
+        "torch>=2.6",
+        "megatron-core>=0.14",
         "numpy>=1.24",
         "safetensors>=0.4",
         "psutil>=5.9",  # dist_checkpointing.save needs it; also peak-memory sampling
@@ -22,7 +24,7 @@ setup(
     ],
     extras_require={
         # tests build tiny HF models with transformers' own classes and run the reproduction's quick mode
-        "test": ["pytest>=8", "transformers>=5.23,<5.24", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "packaging>=23", "transformers>=5.23,<5.24", "matplotlib>=3.7"],
         "hf": ["transformers>=5.23,<5.24"],  # tested version; --src-hf verification, config.json on export
         "repro": ["matplotlib>=3.7"],  # figures of the Scaling Smart reproduction
     },
