@@ -284,12 +284,16 @@ def _install_write_results_queue() -> None:
     save: a fresh interpreter per rank, all starting at once (about 10 s of a TP 8 save on 2 cores
     here), and a process that outlives the rank if the rank is killed. A synchronous save writes and
     collects in the rank itself (its forked writers report to it over their own queue), so a plain
-    ``queue.Queue`` serves: no helper process at all.
+    ``queue.Queue`` serves: no helper process at all. megatron-core 0.14 runs even a synchronous
+    save through a forked async caller, which only the manager's queue reaches: it keeps its own.
     """
     import queue
 
+    from megatron.core import __version__ as mcore_version
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    if tuple(int(p) for p in mcore_version.split(".")[:2]) < (0, 15):
+        return
     if filesystem_async._results_queue is None:
         filesystem_async._results_queue = queue.Queue()
 

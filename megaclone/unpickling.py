@@ -40,6 +40,8 @@ _METADATA_GLOBALS = {
                                        "_MEM_FORMAT_ENCODING")),
     *((_DCP + "planner", n) for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")),
     (_DCP + "filesystem", "_StorageInfo"),
+    # megatron-core 0.14 stores its SavePlan subclass (a dataclass) in the metadata's planner data
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan"),
     ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
 }
 
