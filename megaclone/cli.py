@@ -115,9 +115,22 @@ def run(main: Callable[[], int]) -> None:
         record_for_launcher(message)
         os._exit(EXIT_PEER_LOST)  # the process group cannot be torn down with a peer gone
     dist = _initialized_dist()
-    if dist is not None:
-        dist.destroy_process_group()
-    sys.exit(code)
+    if dist is None:
+        sys.exit(code)
+    dist.destroy_process_group()
+    _exit_without_finalization(code)
+
+
+def _exit_without_finalization(code: int) -> None:
+    """Exit once the work is done and published, skipping the interpreter's teardown: gloo's worker
+    threads can still be joinable then, and a finished job died with SIGABRT ('terminate called
+    without an active exception') and a non-zero status after writing its checkpoint."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
 
 
 def _initialized_dist():
