@@ -94,6 +94,11 @@ def run(main: Callable[[], int]) -> None:
     hangs prints one 'error: ...' line per rank that noticed and exits 3."""
     try:
         code = main()
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank of the job: one line each, nothing published
+        message = f"error: rank {launch_rank()}: interrupted; nothing was published"
+        print(message, file=sys.stderr, flush=True)
+        record_for_launcher(message)
+        os._exit(130)
     except MegacloneError as exc:
         if exc.local:  # this process alone knows: it reports, and the launcher stops the others
             print(f"error: rank {launch_rank()}: {exc}", file=sys.stderr, flush=True)

@@ -81,6 +81,13 @@ def _disk_full(exc: BaseException, where: "str | os.PathLike") -> bool:
         return False
 
 
+def _failed_on_another_rank(exc: BaseException) -> bool:
+    """torch DCP's save failed on other ranks only: it raises a CheckpointException on every rank,
+    with the failures of the ranks they happened on (none of this one's)."""
+    failures = getattr(exc, "failures", None)
+    return type(exc).__name__ == "CheckpointException" and isinstance(failures, dict) and not failures
+
+
 @contextlib.contextmanager
 def writing(root: "str | os.PathLike", partial: "str | os.PathLike", needed: int = 0) -> Iterator[None]:
     """Turn a write that failed for lack of space under ``root`` into an error saying the disk is full,
@@ -93,6 +100,9 @@ def writing(root: "str | os.PathLike", partial: "str | os.PathLike", needed: int
         raise
     except BaseException as exc:  # torch DCP's CheckpointException derives from BaseException
         if not _disk_full(exc, root):
+            if _failed_on_another_rank(exc):
+                raise MegacloneError(f"writing {partial} failed; rank 0 gathers every rank's failure and reports "
+                                     "it, and nothing was published", "see rank 0's error", local=True) from None
             raise
         partial = os.fspath(partial)
         if os.path.isdir(partial):

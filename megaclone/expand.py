@@ -45,12 +45,15 @@ FAULT_ENV = "MEGACLONE_FAULT_INJECT"
 
 def _fault_point(point: str) -> None:
     """SIGKILL this rank at ``point`` if asked to ("<point>:<rank>"); "stop-<point>:<rank>" SIGSTOPs it
-    instead (a rank that hangs, as on a stuck filesystem)."""
+    instead (a rank that hangs, as on a stuck filesystem); "interrupt-<point>:<rank>" sends SIGINT to
+    its whole process group, as Ctrl-C in a terminal does to the launcher and every rank."""
     wanted = os.environ.get(FAULT_ENV, "")
     if wanted == f"{point}:{dist.get_rank()}":
         os.kill(os.getpid(), signal.SIGKILL)
     if wanted == f"stop-{point}:{dist.get_rank()}":
         os.kill(os.getpid(), signal.SIGSTOP)
+    if wanted == f"interrupt-{point}:{dist.get_rank()}":
+        os.killpg(os.getpgid(0), signal.SIGINT)
 
 
 def _fault_while_writing() -> None:
