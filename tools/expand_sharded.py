@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "stack repeated")
     moe = p.add_argument_group("mixture of experts (upcycling every MLP; Megatron-LM's flag names)")
     moe.add_argument("--num-experts", type=int, help="experts per layer (default: none, the MLPs stay dense)")
-    moe.add_argument("--moe-router-topk", type=int, default=2, help="experts per token (default 2)")
+    moe.add_argument("--moe-router-topk", type=int, help="experts per token (default 2)")
     moe.add_argument("--moe-ffn-hidden-size", type=int,
                      help="an expert's FFN size: a divisor of the (grown) FFN, G = FFN / it slices per copy of the "
                           "dense MLP (granular experts; default: the whole FFN, G = 1)")
@@ -100,7 +100,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.save_hf and (args.tp is not None or args.pp != 1 or args.save_format != "torch_dist" or args.vocab_size):
         p.error("--tp, --pp, --save-format and --vocab-size describe a Megatron destination; leave them out with "
                 "--save-hf (any number of processes)")
+    if args.moe_router_topk is not None and args.num_experts is None:
+        p.error("--moe-router-topk chooses among experts, but no --num-experts was given: pass --num-experts E, "
+                "or leave out --moe-router-topk")
+    if args.moe_router_topk is None:
+        args.moe_router_topk = 2
+    refuse_early(args)
     return args
+
+
+def refuse_early(args: argparse.Namespace) -> None:
+    """What flags and paths alone refuse, before torch is imported (the library checks all of it again,
+    with the rest, once the source is open)."""
+    import math
+
+    from megaclone import destination
+    from megaclone.errors import MegacloneError
+
+    src_flag, src = ("--load", args.load) if args.load else ("--load-hf", args.load_hf)
+    if not os.path.exists(src):
+        raise MegacloneError(f"{src_flag} {src} does not exist", "pass the directory the source was saved into")
+    for flag in ("factor", "hidden_factor", "head_factor", "query_group_factor", "ffn_factor", "depth_factor", "tp"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise MegacloneError(f"--{flag.replace('_', '-')} {value}: must be a positive integer",
+                                 f"pass --{flag.replace('_', '-')} 1 or more")
+    if not math.isfinite(args.snr_db):
+        raise MegacloneError(f"--snr-db {args.snr_db} is not a finite number", "pass a level in dB, e.g. --snr-db 10")
+    dst_flag, dst = ("--save", args.save) if args.save else ("--save-hf", args.save_hf)
+    kind = destination.Kind.MEGATRON if args.save else destination.Kind.HF
+    destination.guard(dst, kind, sources=[src], overwrite=args.overwrite, flag=dst_flag)
 
 
 def main() -> int:
