@@ -1,12 +1,17 @@
 """The end-to-end matrix, run inside ONE torchrun process group (8 ranks) to pay start-up once.
 
-For each architecture: a trained source saved at TP 1 and resharded to TP 2; every (source TP,
-destination TP, variant, factor) is expanded by the library at that destination TP (other ranks act
-as data-parallel replicas) and verified per rank against the source's logits. Rank 0 then checks the
-gathered destinations: bit-identical across layouts and reruns, equal to an independent block-algebra
-reference (exact variants), zero-sum noise of the right power (noisy variants). Results go to JSON.
+For each architecture: a trained source saved at TP 1 and resharded to TP 2; each (factor, variant)
+group is expanded by the library at the destination TPs of :func:`layouts` (other ranks act as
+data-parallel replicas) and verified per rank against the source's logits at TP 8 (a rank holding only
+vocabulary padding). Rank 0 then checks the gathered destinations: bit-identical across layouts and
+reruns, equal to an independent block-algebra reference (exact variants), zero-sum noise of the right
+power (noisy variants). Results go to JSON.
 
-    torchrun --nproc_per_node 8 tests/e2e_worker.py OUT_DIR [--quick]
+The variants differ only in the values the clone rules compute, which test_clone.py checks per rank
+at TP 1, 2 and 4 in one process; here every variant runs at TP 8 once, and the layout axis (source TP
+1 and 2, destination TP 2 and 8) is crossed with the symmetric and noisy-diagonal variants only.
+
+    torchrun --nproc_per_node 8 tests/e2e_worker.py OUT_DIR
 """
 
 import dataclasses
@@ -32,10 +37,17 @@ from megaclone.spec import Factors, ModelSpec, pad_vocab  # noqa: E402
 from megaclone.verify import verify  # noqa: E402
 from reference import expand_reference, zero_sum_violation  # noqa: E402
 
-SRC_TPS = {2: (1, 2), 3: (2,)}  # factor 3 from the resharded source only: it keeps the suite short
-DST_TPS = (1, 2, 4, 8)
 VARIANTS = [v.value for v in Variant]
 FACTORS = (2, 3)
+ACROSS_LAYOUTS = ("symmetric", "noisy-diagonal")
+
+
+def layouts(factor: int, variant: str) -> list[tuple[int, int]]:
+    """(source TP, destination TP) pairs a group runs; the last is the verified one (TP 8)."""
+    if variant not in ACROSS_LAYOUTS:
+        return [(2, 8)]
+    src_tps = (1, 2) if factor == 2 and variant == "symmetric" else (2,)
+    return [(s, d) for s in src_tps for d in (2, 8)]
 
 
 def plain_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -75,7 +87,6 @@ def reshard_source(src1: Path, dst: Path, spec1: ModelSpec, tp: int) -> ModelSpe
 def main() -> None:
     rt = init_distributed()
     out = Path(sys.argv[1])
-    quick = "--quick" in sys.argv
     archs = ["llama", "gpt2"]
     cases, groups, notes = [], [], {}
     t_start = time.time()
@@ -91,33 +102,31 @@ def main() -> None:
         src_plain = plain_tensors(sources[1])
 
         for factor in FACTORS:
-            for variant in VARIANTS if not quick else ["symmetric", "noisy-diagonal"]:
+            for variant in VARIANTS:
                 digests, ref_diff = {}, None
-                for src_tp in SRC_TPS[factor]:
-                    dst_tps = DST_TPS if not quick else (2, 8)
-                    for dst_tp in dst_tps:
-                        dst = out / f"{arch}-f{factor}-{variant}-s{src_tp}-d{dst_tp}"
-                        t0 = time.time()
-                        reports = expand(sources[src_tp], dst, Factors.uniform(factor), dst_tp,
-                                         CloneConfig(Variant(variant), seed=7), overwrite=True)
-                        t1 = time.time()
-                        # logits at the widest layout (8 ranks, a padding-only rank); the others are
-                        # bit-identical to it (digests below), so they compute the same logits
-                        res = verify(sources[src_tp], dst) if dst_tp == max(dst_tps) else None
-                        cases.append(dict(arch=arch, factor=factor, variant=variant, src_tp=src_tp, dst_tp=dst_tp,
-                                          max_rel=res and max(r.max_rel for r in res),
-                                          max_abs=res and max(r.max_abs for r in res),
-                                          ranks=len(reports), expand_s=t1 - t0, verify_s=time.time() - t1,
-                                          bytes_read=[r.bytes_read for r in reports]))
-                        plain = plain_tensors(dst)
-                        digests[f"s{src_tp}-d{dst_tp}"] = digest(plain, spec1.vocab_size)
-                        if rt.is_main and ref_diff is None:
-                            ref_diff, extra = check_against_reference(src_plain, plain, spec1, factor, variant, dst_tp)
-                        if quick or dst_tp != 8 or src_tp != 2:
-                            import shutil
-                            dist.barrier()
-                            if rt.is_main:
-                                shutil.rmtree(dst)
+                for src_tp, dst_tp in layouts(factor, variant):
+                    dst = out / f"{arch}-f{factor}-{variant}-s{src_tp}-d{dst_tp}"
+                    t0 = time.time()
+                    reports = expand(sources[src_tp], dst, Factors.uniform(factor), dst_tp,
+                                     CloneConfig(Variant(variant), seed=7), overwrite=True)
+                    t1 = time.time()
+                    # logits at the widest layout (8 ranks, a padding-only rank); the others are
+                    # bit-identical to it (digests below), so they compute the same logits
+                    res = verify(sources[src_tp], dst) if dst_tp == 8 else None
+                    cases.append(dict(arch=arch, factor=factor, variant=variant, src_tp=src_tp, dst_tp=dst_tp,
+                                      max_rel=res and max(r.max_rel for r in res),
+                                      max_abs=res and max(r.max_abs for r in res),
+                                      ranks=len(reports), expand_s=t1 - t0, verify_s=time.time() - t1,
+                                      bytes_read=[r.bytes_read for r in reports]))
+                    plain = plain_tensors(dst)
+                    digests[f"s{src_tp}-d{dst_tp}"] = digest(plain, spec1.vocab_size)
+                    if rt.is_main and ref_diff is None:
+                        ref_diff, extra = check_against_reference(src_plain, plain, spec1, factor, variant, dst_tp)
+                    if dst_tp != 8 or src_tp != 2:
+                        import shutil
+                        dist.barrier()
+                        if rt.is_main:
+                            shutil.rmtree(dst)
                 group = dict(arch=arch, factor=factor, variant=variant, digests=digests)
                 if rt.is_main:
                     group.update(ref_max_diff=ref_diff, **extra)

@@ -9,6 +9,7 @@ import pytest
 from util import run, run_worker
 
 
+@pytest.mark.slow
 def test_masks_differ_across_tp_ranks_only_inside_tensor_parallel_regions(tmp_path):
     r = run_worker("dropout_worker.py", 2, tmp_path)
     assert r["outside"][0] == r["outside"][1], "the default stream is shared by the TP ranks"
@@ -37,6 +38,7 @@ def _pretrain(data, *extra):
                 *flags, *extra])
 
 
+@pytest.mark.slow
 def test_a_resumed_run_with_dropout_repeats_the_uninterrupted_one(data, tmp_path):
     whole = _pretrain(data, "--save", tmp_path / "ckpt", "--log-json", tmp_path / "whole.json")
     assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
@@ -50,6 +52,7 @@ def test_a_resumed_run_with_dropout_repeats_the_uninterrupted_one(data, tmp_path
     assert settings["hidden_dropout"] == settings["attention_dropout"] == 0.1  # Megatron-LM's defaults
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_global_batch_size_continues_from_the_samples_consumed(data, tmp_path):
     """Iteration 2 at global batch 4 consumed samples 0-7; resumed at global batch 8, iteration 3 reads
     samples 8-15 and the token counts continue from 8 samples, not from 2 x 8."""

@@ -9,6 +9,8 @@ from megaclone.errors import MegacloneError  # noqa: E402
 from megaclone.source import open_hf_source  # noqa: E402
 from util import run_worker  # noqa: E402
 
+pytestmark = pytest.mark.slow  # torchrun jobs
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "olmo", "gpt_neox")
 
 
@@ -21,7 +23,7 @@ def results(tmp_path_factory):
 def test_import_matches_transformers_logits(results, family):
     r = results[family]
     cases = {k: v for k, v in r.items() if k[:3] in ("f1-", "f2-")}
-    assert len(cases) == 5
+    assert len(cases) == (4 if family == "llama" else 3)
     bad = {k: v for k, v in cases.items() if not v <= 1e-5}
     assert not bad, bad
 

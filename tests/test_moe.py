@@ -10,6 +10,8 @@ import pytest
 from moe_worker import CASES, has_oracle
 from util import run_worker
 
+pytestmark = pytest.mark.slow  # torchrun jobs
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):

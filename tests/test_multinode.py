@@ -1,12 +1,16 @@
 """Two torchrun agents on one machine act as two nodes (c10d rendezvous, shared filesystem): the
 expansion they write together is byte-for-byte the one a single agent writes."""
 
+import pytest
+
 import socket
 import subprocess
 import sys
 
 
 from util import ROOT, tensor_digests, torchrun
+
+pytestmark = pytest.mark.slow  # torchrun jobs
 
 
 def free_port() -> int:
@@ -15,10 +19,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_agents_write_the_same_bytes_as_one(tmp_path):
-    src = tmp_path / "src"
-    made = torchrun(2, "make_source.py", "--preset", "llama", "--save", src, "--train-steps", "1")
-    assert made.returncode == 0, made.stderr[-3000:]
+def test_two_agents_write_the_same_bytes_as_one(cli_source, tmp_path):
+    src = cli_source
     single = torchrun(4, "expand_sharded.py", "--load", src, "--save", tmp_path / "one", "--tp", "4")
     assert single.returncode == 0, single.stderr[-3000:]
 

@@ -8,6 +8,8 @@ import pytest
 
 from util import run_worker
 
+pytestmark = pytest.mark.slow  # torchrun jobs
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
