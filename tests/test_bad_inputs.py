@@ -382,3 +382,14 @@ def test_trainer_refuses_a_load_without_a_checkpoint_when_it_needs_one(tmp_path,
                                   "--lr", "1e-4", "--train-iters", "1", "--data-path", str(tmp_path / "data")])
     with pytest.raises(MegacloneError, match=f"{flag} but --load .* holds no checkpoint"):
         training.prepare_args(args, 1)
+
+
+def test_trainer_refuses_a_mixture_of_experts_at_tp_2_with_the_reason():
+    """megatron-core's MoE layer needs sequence parallelism at TP > 1, which its local-spec norms refuse."""
+    from megaclone import train_args
+
+    args = train_args.parse_args(["--num-experts", "4", "--tensor-model-parallel-size", "2", "--num-layers", "2",
+                                  "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
+                                  "--micro-batch-size", "1", "--lr", "1e-4", "--train-iters", "1"])
+    with pytest.raises(MegacloneError, match="refuse sequence parallelism"):
+        train_args.finalize(args, 2)

@@ -6,20 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from util import run, tensor_digests, torchrun
+from util import run, tensor_digests, torchrun, tree_hash
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    proc = torchrun(2, "make_source.py", "--preset", "llama", "--save", str(root / "src"), "--train-steps", "2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return root / "src"
+def source(cli_source):
+    before = tree_hash(cli_source)
+    yield cli_source
+    assert tree_hash(cli_source) == before, "the source checkpoint was modified"
 
 
 @pytest.fixture(scope="module")
-def expanded(source):
-    dst = source.parent / "wide-torchrun"
+def expanded(source, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("cli") / "wide-torchrun"
     proc = torchrun(2, "expand_sharded.py", "--load", str(source), "--save", str(dst), "--tp", "2",
                     "--variant", "noisy-symmetric", "--seed", "3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -27,9 +26,10 @@ def expanded(source):
     return dst
 
 
+@pytest.mark.slow
 def test_mpirun_writes_the_same_bytes_as_torchrun(source, expanded):
     mpirun = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
-    dst = source.parent / "wide-mpirun"
+    dst = expanded.parent / "wide-mpirun"
     proc = run([mpirun, "-n", "2", sys.executable, "tools/expand_sharded.py", "--load", str(source),
                 "--save", str(dst), "--tp", "2", "--variant", "noisy-symmetric", "--seed", "3", "--no-progress"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -38,6 +38,7 @@ def test_mpirun_writes_the_same_bytes_as_torchrun(source, expanded):
     assert a == b
 
 
+@pytest.mark.slow
 def test_verify_passes_per_rank_and_fails_past_tolerance(source, expanded):
     ok = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(expanded))
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
@@ -46,6 +47,7 @@ def test_verify_passes_per_rank_and_fails_past_tolerance(source, expanded):
     assert strict.returncode == 1 and "FAIL" in strict.stdout
 
 
+@pytest.mark.slow
 def test_query_groups_kept_while_heads_grow_at_tp_2(source, tmp_path):
     """Fused QKV split by whole destination groups over two ranks when only the heads grow."""
     dst = tmp_path / "groups-kept"
@@ -56,6 +58,7 @@ def test_query_groups_kept_while_heads_grow_at_tp_2(source, tmp_path):
     assert ok.returncode == 0 and "PASS: 2 ranks" in ok.stdout, ok.stdout[-3000:] + ok.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_moe_upcycling_at_tp_2_ep_2_passes_the_verifier_on_4_ranks(source, tmp_path):
     """The issue's command: width 2 and 4 experts (top-2) over TP 2 x EP 2; a --ep without experts and
     a process count that is not TP x EP are refused before anything is written."""
@@ -73,6 +76,7 @@ def test_moe_upcycling_at_tp_2_ep_2_passes_the_verifier_on_4_ranks(source, tmp_p
     assert not (tmp_path / "lone").exists() and not (tmp_path / "short").exists()
 
 
+@pytest.mark.slow
 def test_depth_flags_reach_the_checkpoint_and_the_verifier_skips_a_stack_clone(source, tmp_path):
     from megaclone import checkpoint as ckpt_io
 
@@ -89,6 +93,7 @@ def test_depth_flags_reach_the_checkpoint_and_the_verifier_skips_a_stack_clone(s
     assert "PASS" not in checked.stdout and "FAIL" not in checked.stdout
 
 
+@pytest.mark.slow
 def test_hf_to_hf_in_one_command_loads_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     import torch
@@ -109,6 +114,7 @@ def test_hf_to_hf_in_one_command_loads_in_transformers(tmp_path):
     assert float((a - b).abs().max() / a.abs().max()) <= 1e-5
 
 
+@pytest.mark.slow
 def test_world_size_must_equal_tp(source, tmp_path):
     proc = run([sys.executable, "tools/expand_sharded.py", "--load", str(source), "--save", str(tmp_path / "d"),
                 "--tp", "2"])
@@ -129,6 +135,7 @@ def test_help_comes_before_any_heavy_import(tool):
     assert not {m for m in imported if m.split(".")[0] in ("torch", "megatron", "numpy")}, "--help imported torch"
 
 
+@pytest.mark.slow
 def test_a_flag_error_under_torchrun_prints_once():
     proc = torchrun(2, "expand_sharded.py", "--load", "x", "--tp", "2")
     assert proc.returncode != 0
@@ -143,3 +150,22 @@ def test_quickstart_answers_help_and_refuses_unknown_arguments():
     assert shown.returncode == 0 and "usage: bash examples/quickstart.sh" in shown.stdout
     refused = run(["bash", "examples/quickstart.sh", "--tp", "4"])
     assert refused.returncode == 2 and "unknown argument '--tp'" in refused.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--load", "/nonexistent/ckpt", "--save", "{tmp}/d", "--tp", "1"], "--load /nonexistent/ckpt does not exist"),
+    (["--load", "{tmp}", "--save", "{tmp}/d", "--tp", "1", "--factor", "0"], "--factor 0: must be a positive"),
+    (["--load", "{tmp}", "--save", "{tmp}/d", "--tp", "1", "--snr-db", "nan"], "--snr-db nan is not a finite"),
+    (["--load", "{tmp}/src", "--save", "{tmp}/full", "--tp", "1"], "--save {tmp}/full is not empty"),
+    (["--load", "{tmp}", "--save", "{tmp}/d", "--tp", "1", "--moe-router-topk", "2"], "no --num-experts was given"),
+])
+def test_flag_and_path_refusals_come_before_torch_is_imported(tmp_path, flags, message):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("a user's file")
+    args = [f.format(tmp=tmp_path) for f in flags]
+    proc = run([sys.executable, "-X", "importtime", "tools/expand_sharded.py", *args])
+    assert proc.returncode == 2 and message.format(tmp=tmp_path) in proc.stderr, proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "megatron", "numpy")}, "refused after importing torch"
+    assert not (tmp_path / "d").exists() and (tmp_path / "full" / "notes.txt").exists()

@@ -10,13 +10,12 @@ import pytest
 
 from util import tmpfs, torchrun, tree_hash
 
+pytestmark = pytest.mark.slow  # torchrun jobs
+
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    root = tmp_path_factory.mktemp("crash") / "src"
-    proc = torchrun(2, "make_source.py", "--preset", "gpt2", "--save", root, "--train-steps", "1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root
+def source(cli_source):
+    return cli_source
 
 
 @pytest.mark.parametrize("point", ["read", "write"])
@@ -94,6 +93,31 @@ def test_nothing_outlives_a_rank_killed_while_its_writers_run(source, tmp_path):
     assert not (tmp_path / "wide" / "latest_checkpointed_iteration.txt").exists()
 
 
+def test_ctrl_c_ends_every_rank_in_one_line_and_publishes_nothing(source, tmp_path):
+    """SIGINT to the launcher and every rank (what Ctrl-C in a terminal does to its process group),
+    sent by rank 0 while reading: no KeyboardInterrupt traceback, nothing published, nothing left."""
+    import os
+    import subprocess
+    import sys
+
+    from util import ROOT
+
+    tag = uuid.uuid4().hex
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tools/expand_sharded.py", "--load",
+         str(source), "--save", str(tmp_path / "wide"), "--tp", "2", "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, start_new_session=True,  # its own group
+        env={**os.environ, "MEGACLONE_FAULT_INJECT": "interrupt-read:0", "MEGACLONE_TEST_TAG": tag})
+    assert proc.returncode != 0
+    assert "error: rank 0: interrupted; nothing was published" in proc.stderr, proc.stderr[-3000:]
+    ours = [line for line in proc.stderr.splitlines()
+            if line.strip().startswith("File \"") and ("megaclone" in line or "tools/" in line)]
+    assert not ours and "KeyboardInterrupt" not in proc.stderr, proc.stderr[-3000:]  # no rank's traceback
+    time.sleep(1)
+    assert not _processes_tagged(tag), "a process outlived the job"
+    assert not (tmp_path / "wide" / "latest_checkpointed_iteration.txt").exists()
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 300 KiB disk."""
@@ -106,4 +130,7 @@ def test_a_full_disk_says_so_and_leaves_no_partial_checkpoint(source, tiny_disk)
                     "--timeout-minutes", "0.5")
     assert full.returncode != 0
     assert "is full; the partial output" in full.stderr and "fix: free space there" in full.stderr
+    # one line per rank; the only traceback is torchrun's own report
+    assert full.stderr.count("Traceback (most recent call last)") <= 1, full.stderr[-3000:]
+    assert "CheckpointException" not in full.stderr, full.stderr[-3000:]
     assert not list(tiny_disk.rglob("*")), "partial files were left behind"
