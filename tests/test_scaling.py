@@ -67,3 +67,78 @@ def test_row_cosines_measure_how_alike_the_copies_are():
     assert scaling.row_cosines(rule, flipped) == [pytest.approx(-1.0)]
     [random] = scaling.row_cosines(rule, torch.randn(symmetric.shape, dtype=torch.float64))
     assert abs(random) < 0.2
+
+
+def _repro():
+    import sys
+
+    from util import ROOT
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import reproduce_scaling_smart
+
+    return reproduce_scaling_smart
+
+
+@pytest.fixture
+def stored_report():
+    """The reproduction's JSON as it is kept in examples/results (a real run's measurements)."""
+    import copy
+    import json
+
+    from util import ROOT
+
+    return copy.deepcopy(json.loads((ROOT / "examples" / "results" / "scaling_smart.json").read_text()))
+
+
+def _statuses(repro, report) -> dict[str, str]:
+    return {c["claim"].split(" (")[0].split(":")[0]: c["status"] for c in repro.claims(report, report["runs"])}
+
+
+def test_each_claim_follows_its_stated_rule(stored_report):
+    """The claims table's rules against reports edited so that the expected status is known by hand."""
+    repro = _repro()
+    r, v = stored_report, stored_report["variants"]
+    clones = [c for c in repro.CLONES if c in v]
+    for c in clones:  # every clone reached the target, at 3x: the headline holds and every variant wins
+        v[c]["speedup"].update(mean=3.0, std=0.1, min=2.9, max=3.1, from_start=0, missing=0)
+        for n in v[c]["runs"]:
+            r["runs"][n].update(from_start=False, speedup=3.0)
+    got = _statuses(repro, r)
+    assert got["2.2x-4x fewer tokens to the random-init model's final accuracy"] == "reproduced"
+    assert got["every variant beats random init"] == "reproduced"
+    v[clones[0]]["speedup"].update(mean=1.5)  # one variant's mean below 2.2
+    assert _statuses(repro, r)["2.2x-4x fewer tokens to the random-init model's final accuracy"] == "contradicted"
+    for c in clones:  # every clone at the target before training: no finite speedup
+        for n in v[c]["runs"]:
+            r["runs"][n]["from_start"] = True
+    assert _statuses(repro, r)["2.2x-4x fewer tokens to the random-init model's final accuracy"] == "inconclusive"
+    # Figure 5: dropout 0 keeps cosine 1, dropout 0.1 falls below 0.999 in every group
+    sym = r["symmetry"]
+    groups = repro.scaling_groups(sym["symmetric-s1"][-1])
+    for point in sym["symmetric-dropout0-s1"]:
+        point.update({g: 1.0 for g in groups})
+    sym["symmetric-s1"][-1].update({g: 0.99 for g in groups})
+    assert _statuses(repro, r)["symmetry decays in training"] == "reproduced"
+    sym["symmetric-s1"][-1][groups[0]] = 0.9995
+    assert _statuses(repro, r)["symmetry decays in training"] == "contradicted"
+    # Figure 8: final loss must fall as the base trains longer
+    for name, loss in (("symmetric-from-third-s1", 3.0), ("symmetric-from-two-thirds-s1", 2.9), ("symmetric-s1", 2.8)):
+        r["runs"][name]["final_loss"] = loss
+    assert _statuses(repro, r)["a better-trained base gives a better clone"] == "reproduced"
+    r["runs"]["symmetric-from-third-s1"]["final_loss"] = 2.85
+    assert _statuses(repro, r)["a better-trained base gives a better clone"] == "contradicted"
+
+
+def test_the_table_has_a_row_per_variant_and_claim(stored_report):
+    repro = _repro()
+    table = repro.markdown(stored_report)
+    assert "| paper's claim | measured | status |" in table
+    for name, g in stored_report["variants"].items():
+        assert f"| {name} | {repro._fmt(g['speedup'])} |" in table
+    for c in stored_report["claims"]:
+        assert f"| {c['claim']} | {c['measured']} | {c['status']} |" in table
+    # the spread format, by hand
+    assert repro._fmt({"mean": 3.0, "std": 0.5, "min": 2.5, "max": 3.5, "n": 3}) == "3.00x ± 0.50 (range 2.50-3.50, 3 seeds)"
+    assert repro._fmt({"mean": None, "n": 3, "from_start": 3, "missing": 0, "min": None, "max": None}) == \
+        "3 of 3 seeds at the target before training"
