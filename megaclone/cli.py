@@ -53,6 +53,7 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
 
     def error(message: str):
         record_for_launcher(f"{parser.prog}: error: {message}")
+        _let_rank0_speak()
         usage_error(message)
 
     parser.error = error
@@ -73,6 +74,16 @@ def add_trust_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-checkpoint-code", action="store_true",
                         help="unpickle any object a checkpoint holds, which can run code from the file; only for a "
                              "trusted checkpoint that holds more than tensors, args and RNG states (default: refuse)")
+
+
+def _let_rank0_speak() -> None:
+    """Before a refusal every rank makes on its own (flags, paths: no process group yet), the other
+    ranks wait a moment: torchrun stops the job at the first exit, which could otherwise be a rank
+    that prints nothing, killing rank 0 before it prints the message."""
+    if launch_rank() != 0:
+        import time
+
+        time.sleep(2.0)
 
 
 def rank0_print(*args, **kwargs) -> None:
@@ -106,6 +117,8 @@ def run(main: Callable[[], int]) -> None:
             os._exit(EXIT_BAD_INPUT)
         rank0_print(f"error: {exc}", file=sys.stderr)
         record_for_launcher(f"error: {exc}")
+        if _initialized_dist() is None:
+            _let_rank0_speak()
         code = EXIT_BAD_INPUT
     except Exception as exc:
         if not _lost_peer(exc):

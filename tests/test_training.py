@@ -4,7 +4,7 @@ contract with Megatron-LM, symmetry with and without dropout.
 A small pipeline of the user commands at TP 2 (the reproduction's quick shape and recipe) provides
 the checkpoints and histories the tests below examine: byte data, a source trained 30 iterations
 (checkpoints at 10, 20, 30), its symmetric and noisy-diagonal clones, each trained 20 iterations
-(dropout 0 and the source's 0.1), and a random-init model for one iteration. The reproduction's
+(dropout 0 and the source's 0.1), and a random-init model for two iterations. The reproduction's
 report functions are tested on its stored JSON (test_scaling.py); the reproduction itself is run as
 the README says, not in the suite.
 """
@@ -60,7 +60,7 @@ def out(tmp_path_factory):
             QUICK, data, 1, CLONE_ITERS, out / "runs" / name, out / "runs" / f"{name}.json", 2,
             save_interval=CLONE_ITERS // 2), *extra])
     _run_ok([*launch, *repro.shape_flags(QUICK, factor=2), *repro.train_flags(
-        QUICK, data, 1, 1, out / "runs" / "random-init", out / "runs" / "random-init.json", 2, eval_iters=0)])
+        QUICK, data, 1, 2, out / "runs" / "random-init", out / "runs" / "random-init.json", 2, eval_iters=0)])
     return out
 
 
