@@ -69,6 +69,14 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
     return args
 
 
+def require_paths(*flags_and_paths: tuple[str, Optional[str]]) -> None:
+    """Refuse, before any heavy import, an input path that does not exist (``None``: flag not given)."""
+    for flag, path in flags_and_paths:
+        if path is not None and not os.path.exists(path):
+            raise MegacloneError(f"{flag} {path} does not exist", "pass the directory the checkpoint or model "
+                                                                  "was saved into")
+
+
 def add_trust_flag(parser: argparse.ArgumentParser) -> None:
     """``--trust-checkpoint-code`` for a tool that reads checkpoints (megaclone.unpickling)."""
     parser.add_argument("--trust-checkpoint-code", action="store_true",

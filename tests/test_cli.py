@@ -152,19 +152,26 @@ def test_quickstart_answers_help_and_refuses_unknown_arguments():
     assert refused.returncode == 2 and "unknown argument '--tp'" in refused.stderr
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--load", "/nonexistent/ckpt", "--save", "{tmp}/d", "--tp", "1"], "--load /nonexistent/ckpt does not exist"),
-    (["--load", "{tmp}", "--save", "{tmp}/d", "--tp", "1", "--factor", "0"], "--factor 0: must be a positive"),
-    (["--load", "{tmp}", "--save", "{tmp}/d", "--tp", "1", "--snr-db", "nan"], "--snr-db nan is not a finite"),
-    (["--load", "{tmp}/src", "--save", "{tmp}/full", "--tp", "1"], "--save {tmp}/full is not empty"),
-    (["--load", "{tmp}", "--save", "{tmp}/d", "--tp", "1", "--moe-router-topk", "2"], "no --num-experts was given"),
+@pytest.mark.parametrize("tool,flags,message", [
+    ("expand_sharded.py", ["--load", "/nonexistent/ckpt", "--save", "{tmp}/d", "--tp", "1"],
+     "--load /nonexistent/ckpt does not exist"),
+    ("expand_sharded.py", ["--load", "{tmp}", "--save", "{tmp}/d", "--tp", "1", "--factor", "0"],
+     "--factor 0: must be a positive"),
+    ("expand_sharded.py", ["--load", "{tmp}", "--save", "{tmp}/d", "--tp", "1", "--snr-db", "nan"],
+     "--snr-db nan is not a finite"),
+    ("expand_sharded.py", ["--load", "{tmp}/src", "--save", "{tmp}/full", "--tp", "1"], "--save {tmp}/full is not empty"),
+    ("expand_sharded.py", ["--load", "{tmp}", "--save", "{tmp}/d", "--tp", "1", "--moe-router-topk", "2"],
+     "no --num-experts was given"),
+    ("verify_logits.py", ["--src", "{tmp}/src", "--dst", "/nonexistent/wide"], "--dst /nonexistent/wide does not exist"),
+    ("export_hf.py", ["--load", "/nonexistent/ckpt", "--save", "{tmp}/d"], "--load /nonexistent/ckpt does not exist"),
+    ("export_hf.py", ["--load", "{tmp}/src", "--save", "{tmp}/full"], "--save {tmp}/full is not empty"),
 ])
-def test_flag_and_path_refusals_come_before_torch_is_imported(tmp_path, flags, message):
+def test_flag_and_path_refusals_come_before_torch_is_imported(tmp_path, tool, flags, message):
     (tmp_path / "src").mkdir()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("a user's file")
     args = [f.format(tmp=tmp_path) for f in flags]
-    proc = run([sys.executable, "-X", "importtime", "tools/expand_sharded.py", *args])
+    proc = run([sys.executable, "-X", "importtime", f"tools/{tool}", *args])
     assert proc.returncode == 2 and message.format(tmp=tmp_path) in proc.stderr, proc.stderr[-2000:]
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert not {m for m in imported if m.split(".")[0] in ("torch", "megatron", "numpy")}, "refused after importing torch"

@@ -118,8 +118,7 @@ def refuse_early(args: argparse.Namespace) -> None:
     from megaclone.errors import MegacloneError
 
     src_flag, src = ("--load", args.load) if args.load else ("--load-hf", args.load_hf)
-    if not os.path.exists(src):
-        raise MegacloneError(f"{src_flag} {src} does not exist", "pass the directory the source was saved into")
+    cli.require_paths((src_flag, src))
     for flag in ("factor", "hidden_factor", "head_factor", "query_group_factor", "ffn_factor", "depth_factor", "tp"):
         value = getattr(args, flag)
         if value is not None and value < 1:

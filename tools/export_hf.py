@@ -26,7 +26,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
     cli.add_device_flags(p)
     cli.add_trust_flag(p)
-    return cli.parse(p, argv)
+    args = cli.parse(p, argv)
+    cli.require_paths(("--load", args.load))
+    from megaclone import destination
+
+    destination.guard(args.save, destination.Kind.HF, sources=[args.load], overwrite=args.overwrite)
+    return args
 
 
 def main() -> int:

@@ -30,7 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tol", type=float, help="relative tolerance (default from dtype: 1e-5 for fp32)")
     cli.add_device_flags(p)
     cli.add_trust_flag(p)
-    return cli.parse(p, argv)
+    args = cli.parse(p, argv)
+    cli.require_paths(("--src", args.src), ("--src-hf", args.src_hf), ("--dst", args.dst), ("--text", args.text))
+    return args
 
 
 def main() -> int:
