@@ -94,28 +94,22 @@ COMMON_FILE = "common.pt"  # the common state up to megatron-core 0.18
 COMMON_OBJECT = "common_state"  # from 0.19: ShardedObject("common_state", state, (1,), (0,))
 
 
-def _common_where(ckpt: Path) -> Path:
-    """The file that names the common state in messages: ``common.pt``, else the torch_dist metadata."""
-    return ckpt / COMMON_FILE if (ckpt / COMMON_FILE).exists() else ckpt / ".metadata"
-
-
 def read_common(ckpt: Path) -> dict[str, Any]:
     """The common state: args, iteration, checkpoint_version (everything not sharded), in either form."""
     from megatron.core import dist_checkpointing
 
-    if not (ckpt / COMMON_FILE).exists() and not has_stored(ckpt, COMMON_OBJECT):
+    in_file = (ckpt / COMMON_FILE).exists()
+    if not in_file and not has_stored(ckpt, COMMON_OBJECT):
         raise MegacloneError(f"{ckpt} holds no common state (neither {COMMON_FILE} nor a '{COMMON_OBJECT}' entry)",
                              "the checkpoint is incomplete: save it again")
     with reading(ckpt / "metadata.json"):  # megatron-core reads it first, as JSON
         json.loads((ckpt / "metadata.json").read_text())
-    with reading(_common_where(ckpt), f"the common state in {_common_where(ckpt)}"):
-        if (ckpt / COMMON_FILE).exists():
-            common = dist_checkpointing.load_common_state_dict(str(ckpt))
-        else:
-            common = _common_state_object(ckpt)
+    where = ckpt / COMMON_FILE if in_file else ckpt / ".metadata"  # the file messages name
+    with reading(where, f"the common state in {where}"):
+        common = dist_checkpointing.load_common_state_dict(str(ckpt)) if in_file else _common_state_object(ckpt)
     if "args" not in common:
         raise MegacloneError(
-            f"{_common_where(ckpt)} holds no 'args'",
+            f"{where} holds no 'args'",
             "megaclone needs a checkpoint written by Megatron-LM training (or megaclone), which stores its args",
         )
     return common

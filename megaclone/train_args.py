@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from .cli import add_trust_flag
 from .errors import MegacloneError
 from .spec import pad_vocab
 
@@ -145,8 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible")
     g.add_argument("--timeout-minutes", type=float, default=10.0, help="collective timeout: a dead or stopped peer becomes an error")
     g.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
-    g.add_argument("--trust-checkpoint-code", action="store_true",
-                   help="unpickle any object --load holds, which can run code from the file (default: refuse)")
+    add_trust_flag(g)
     return p
 
 

@@ -1,8 +1,8 @@
 """Reading a checkpoint never runs code from it.
 
 A pickle may name any importable callable, and unpickling calls it: a shared checkpoint could run a
-shell command the moment it is read. Megatron checkpoints are pickles in three places, and each is
-read here through an allowlist of what Megatron-LM and megaclone store (tensors, containers, the args
+shell command the moment it is read. Megatron checkpoints are pickles in four places (legacy files,
+``common.pt``, torch DCP's ``.metadata`` and its ``ShardedObject`` bytes), and each is read here through an allowlist of what Megatron-LM and megaclone store (tensors, containers, the args
 ``Namespace``, megatron-core's enums, RNG states with their numpy arrays and scalars):
 
 - ``torch.load`` (legacy ``model_optim_rng.pt``, ``common.pt``, and torch DCP's ``ShardedObject``
@@ -53,10 +53,6 @@ def trust_checkpoint_code(trust: bool = True) -> None:
     """Read checkpoints with full unpickling (only for a trusted file holding other pickled objects)."""
     global _trusted
     _trusted = trust
-
-
-def trusted() -> bool:
-    return _trusted
 
 
 def _allowed_globals() -> list:
@@ -132,8 +128,6 @@ def guard() -> None:
 def load(path: "str | os.PathLike", **kwargs) -> Any:
     """``torch.load`` of one checkpoint file on the CPU, weights-only unless trusted (Megatron-LM's
     args may hold megatron-core's enums: importing it registers them)."""
-    import torch
-
     guard()
     try:
         import megatron.core  # noqa: F401  (registers megatron-core's safe globals)
