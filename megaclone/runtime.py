@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -115,9 +116,15 @@ _PR_SET_PDEATHSIG = 1
 _forking_pid: Optional[int] = None
 
 
-def _record_forking_pid() -> None:
+def _before_fork() -> None:
+    """Record who forks, and freeze the cyclic garbage collector's objects: a child's collections
+    then skip the objects it shares with its parent instead of writing to each one's header, which
+    copied nearly every page of the parent's heap into every forked writer (measured: 55% of a test
+    job's page faults, most of its system time). Frozen objects are still freed by reference counting;
+    only reference cycles among them stay."""
     global _forking_pid
     _forking_pid = os.getpid()
+    gc.freeze()
 
 
 def _die_with_parent() -> None:
@@ -140,7 +147,7 @@ def bind_children_to_this_process() -> None:
     global _children_bound
     if _children_bound or not hasattr(os, "register_at_fork"):
         return
-    os.register_at_fork(before=_record_forking_pid, after_in_child=_die_with_parent)
+    os.register_at_fork(before=_before_fork, after_in_child=_die_with_parent)
     _children_bound = True
 
 
