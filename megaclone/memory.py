@@ -39,7 +39,7 @@ class PeakMemory:
                 tick += 1
                 self._stop.wait(interval_s)
 
-        self.sample_once(proc)
+        self.sample_once(proc, tree=False)  # no helpers yet; smaps is read from the first tick on
         self._thread = threading.Thread(target=sample, name="megaclone-rss", daemon=True)
         self._thread.start()
         return self
