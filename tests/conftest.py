@@ -27,3 +27,27 @@ def cli_source(tmp_path_factory):
     proc = torchrun(2, "make_source.py", "--preset", "llama", "--save", str(root), "--train-steps", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root
+
+
+# test module -> the 4-rank worker (tests/<name>_worker.py) whose results it examines
+FOUR_RANK_WORKERS = {"test_end_to_end": "e2e", "test_depth": "depth", "test_moe": "moe", "test_pipeline": "pp",
+                     "test_hf": "hf"}
+
+
+@pytest.fixture(scope="session")
+def four_rank_results(request, tmp_path_factory):
+    """One torchrun of 4 ranks (tests/workers.py) runs the workers of every selected module that
+    needs one, instead of one launch (and one round of imports on every rank) per module."""
+    import json
+
+    from util import ROOT, run
+
+    selected = {getattr(item.module, "__name__", "") for item in request.session.items}
+    names = [name for module, name in FOUR_RANK_WORKERS.items() if module in selected]
+    out = tmp_path_factory.mktemp("workers")
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
+                str(ROOT / "tests" / "workers.py"), str(out), *names], timeout=3600)
+    if proc.returncode != 0:
+        raise AssertionError(f"tests/workers.py {' '.join(names)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return {name: json.loads((out / name / "results.json").read_text()) for name in names}

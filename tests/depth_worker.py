@@ -13,7 +13,7 @@ destination TP (other ranks are data-parallel replicas) and is checked three way
 A stack clone is refused by the verifier as not comparable; requests the pipeline size cannot split
 are refused before anything is written. Writes results.json.
 
-    torchrun --nproc_per_node 4 tests/depth_worker.py OUT_DIR
+    torchrun --nproc_per_node 4 tests/workers.py OUT_DIR depth
 """
 
 import dataclasses
@@ -100,9 +100,8 @@ def source_logits_full(spec: ModelSpec, path: Path, tokens: torch.Tensor) -> tor
     return torch.cat(parts, dim=-1)
 
 
-def main() -> None:
+def main(out: Path) -> None:
     rt = init_distributed()
-    out = Path(sys.argv[1])
     results: dict = {"cases": {}}
     specs = {"llama": toy.preset_spec("llama", 2), "gpt2": toy.preset_spec("gpt2", 1)}
     for name, spec in specs.items():
@@ -136,7 +135,6 @@ def main() -> None:
     if rt.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def _args(root: Path):
@@ -157,6 +155,3 @@ def pipeline_max_rel(spec: ModelSpec, src: Path, dst: Path) -> float:
     dist.all_reduce(rel, op=dist.ReduceOp.MAX)
     return float(rel)
 
-
-if __name__ == "__main__":
-    main()

@@ -13,7 +13,7 @@ at TP 1, 2 and 4 in one process; here every variant runs at TP 4 once, and the l
 ranks, not eight: on a 2-core machine eight ranks cost twice the time and prove nothing more (a TP 4
 rank already holds a fraction of a head group, a factor-3 block and a padding-only vocabulary slice).
 
-    torchrun --nproc_per_node 4 tests/e2e_worker.py OUT_DIR
+    torchrun --nproc_per_node 4 tests/workers.py OUT_DIR e2e
 """
 
 import dataclasses
@@ -87,9 +87,8 @@ def reshard_source(src1: Path, dst: Path, spec1: ModelSpec, tp: int) -> ModelSpe
     return spec
 
 
-def main() -> None:
+def main(out: Path) -> None:
     rt = init_distributed()
-    out = Path(sys.argv[1])
     archs = ["llama", "gpt2"]
     cases, groups, notes = [], [], {}
     t_start = time.time()
@@ -154,7 +153,6 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps(
             dict(cases=cases, groups=groups, notes=notes, rerun=rerun, seconds=time.time() - t_start), indent=1))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def check_against_reference(src, dst, spec1, factor, variant, dst_tp):
@@ -184,6 +182,3 @@ def check_against_reference(src, dst, spec1, factor, variant, dst_tp):
             diff_max = max(diff_max, delta.abs().max().item())
     return diff_max, extra
 
-
-if __name__ == "__main__":
-    main()

@@ -141,9 +141,8 @@ def olmo_tied_case(out: Path, rt) -> dict:
     return r
 
 
-def main() -> None:
+def main(out: Path) -> None:
     rt = init_distributed()
-    out = Path(sys.argv[1])
     results = {}
     for i, (family, (config, shard)) in enumerate(configs().items()):
         src = out / f"{family}-hf"
@@ -201,8 +200,4 @@ def main() -> None:
     if rt.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
-    dist.destroy_process_group()
 
-
-if __name__ == "__main__":
-    main()

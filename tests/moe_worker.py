@@ -12,7 +12,7 @@ arranges them), every case expanded by the library and checked against megatron-
 - which experts each rank wrote (EP) and the args Megatron-LM reads;
 - requests that cannot be upcycled exactly are refused before anything is written.
 
-    torchrun --nproc_per_node 4 tests/moe_worker.py OUT_DIR
+    torchrun --nproc_per_node 4 tests/workers.py OUT_DIR moe
 """
 
 import dataclasses
@@ -115,9 +115,8 @@ def experts_written(path: Path) -> list[int]:
     return [e for e in range(fc2.shape[1]) if fc2[:, e].abs().sum() > 0]
 
 
-def main() -> None:
+def main(out: Path) -> None:
     rt = init_distributed()
-    out = Path(sys.argv[1])
     results: dict = {"cases": {}}
     spec = toy.preset_spec("llama", 2)
     toy.make_source(out / "llama", spec, train_steps=2)
@@ -167,12 +166,8 @@ def main() -> None:
     if rt.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def _args(root: Path):
     return ckpt_io.read_common(ckpt_io.find_checkpoint(root))["args"]
 
-
-if __name__ == "__main__":
-    main()

@@ -53,9 +53,8 @@ def pipeline_logits(spec: ModelSpec, path: Path, tokens: torch.Tensor) -> torch.
     return torch.cat(parts, dim=-1)
 
 
-def main() -> None:
+def main(out: Path) -> None:
     rt = init_distributed()
-    out = Path(sys.argv[1])
     results = {}
     spec = toy.preset_spec("llama", 2)
     src = out / "src-tp2-pp2"
@@ -94,7 +93,6 @@ def main() -> None:
     if rt.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def save_legacy(model, args, root: Path, te_names: bool) -> None:
@@ -169,6 +167,3 @@ def build_and_load(spec: ModelSpec, root: Path):
     load_model(model, ckpt_io.find_checkpoint(root))
     return model
 
-
-if __name__ == "__main__":
-    main()

@@ -6,14 +6,13 @@ stored tensor equals an independent layer-by-layer reference."""
 import pytest
 
 from depth_worker import CASES
-from util import run_worker
 
 pytestmark = pytest.mark.slow  # torchrun jobs
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_worker("depth_worker.py", 4, tmp_path_factory.mktemp("depth"), timeout=1200)
+def results(four_rank_results):
+    return four_rank_results["depth"]
 
 
 IDENTITY = [c for c in CASES if c[3].init == "identity"]

@@ -10,14 +10,13 @@ import pytest
 from megaclone import toy
 from megaclone.spec import pad_vocab
 
-from util import run_worker
 
 pytestmark = pytest.mark.slow  # torchrun jobs
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_worker("e2e_worker.py", 4, tmp_path_factory.mktemp("e2e"), timeout=1800)
+def results(four_rank_results):
+    return four_rank_results["e2e"]
 
 
 def test_matrix_is_complete(results):

@@ -7,7 +7,6 @@ pytest.importorskip("transformers")
 
 from megaclone.errors import MegacloneError  # noqa: E402
 from megaclone.source import open_hf_source  # noqa: E402
-from util import run_worker  # noqa: E402
 
 pytestmark = pytest.mark.slow  # torchrun jobs
 
@@ -15,8 +14,8 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "olmo", "gpt_ne
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_worker("hf_worker.py", 4, tmp_path_factory.mktemp("hf"), timeout=1200)
+def results(four_rank_results):
+    return four_rank_results["hf"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

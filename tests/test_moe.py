@@ -8,14 +8,13 @@ anything is written."""
 import pytest
 
 from moe_worker import CASES, has_oracle
-from util import run_worker
 
 pytestmark = pytest.mark.slow  # torchrun jobs
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_worker("moe_worker.py", 4, tmp_path_factory.mktemp("moe"), timeout=1200)
+def results(four_rank_results):
+    return four_rank_results["moe"]
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])

@@ -6,14 +6,13 @@ exactly."""
 
 import pytest
 
-from util import run_worker
 
 pytestmark = pytest.mark.slow  # torchrun jobs
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_worker("pp_worker.py", 4, tmp_path_factory.mktemp("pp"), timeout=900)
+def results(four_rank_results):
+    return four_rank_results["pp"]
 
 
 def test_pipeline_parallel_source_expands_and_verifies(results):
