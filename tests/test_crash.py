@@ -31,14 +31,15 @@ def test_killed_rank_leaves_no_complete_checkpoint_and_rerun_recovers(source, tm
     assert not (dst / "latest_checkpointed_iteration.txt").exists()
     if point == "read":
         assert not dst.exists() or not any(dst.iterdir()), "nothing is written before the save"
-    else:
-        assert list(dst.rglob("*.distcp")), "the crash should come after shards were written"
-        refused = torchrun(2, "expand_sharded.py", "--load", source, "--save", dst, "--tp", "2")
-        # torchrun exits 1 when a rank fails; the rank's own status (2: bad input) is in its report
-        assert refused.returncode == 1 and "exitcode  : 2" in refused.stderr
-        assert "is not empty" in refused.stderr and "pass --overwrite" in refused.stderr
-        # the launcher's report repeats the refusal instead of pointing at torchrun's documentation
-        assert refused.stderr.count("pass --overwrite") >= 2 and "To enable traceback" not in refused.stderr
+        assert tree_hash(source) == before
+        return  # the recovery below is the same for both points: run once, after the write crash
+    assert list(dst.rglob("*.distcp")), "the crash should come after shards were written"
+    refused = torchrun(2, "expand_sharded.py", "--load", source, "--save", dst, "--tp", "2")
+    # torchrun exits 1 when a rank fails; the rank's own status (2: bad input) is in its report
+    assert refused.returncode == 1 and "exitcode  : 2" in refused.stderr
+    assert "is not empty" in refused.stderr and "pass --overwrite" in refused.stderr
+    # the launcher's report repeats the refusal instead of pointing at torchrun's documentation
+    assert refused.stderr.count("pass --overwrite") >= 2 and "To enable traceback" not in refused.stderr
 
     rerun = torchrun(2, "expand_sharded.py", "--load", source, "--save", dst, "--tp", "2", "--overwrite")
     assert rerun.returncode == 0, rerun.stderr[-3000:]

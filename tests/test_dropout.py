@@ -38,28 +38,36 @@ def _pretrain(data, *extra):
                 *flags, *extra])
 
 
+@pytest.fixture(scope="module")
+def whole(data, tmp_path_factory):
+    """The uninterrupted run both resumes start from: 4 iterations at global batch 4, saved at 2 and 4."""
+    out = tmp_path_factory.mktemp("dropout-whole")
+    proc = _pretrain(data, "--save", out / "ckpt", "--log-json", out / "whole.json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _losses(path) -> dict[int, float]:
+    return {r["iteration"]: r["lm_loss"] for r in json.loads(path.read_text())["train"]}
+
+
 @pytest.mark.slow
-def test_a_resumed_run_with_dropout_repeats_the_uninterrupted_one(data, tmp_path):
-    whole = _pretrain(data, "--save", tmp_path / "ckpt", "--log-json", tmp_path / "whole.json")
-    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
-    resumed = _pretrain(data, "--load", tmp_path / "ckpt", "--ckpt-step", "2", "--log-json", tmp_path / "resumed.json")
+def test_a_resumed_run_with_dropout_repeats_the_uninterrupted_one(data, whole, tmp_path):
+    resumed = _pretrain(data, "--load", whole / "ckpt", "--ckpt-step", "2", "--log-json", tmp_path / "resumed.json")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    loss = {name: {r["iteration"]: r["lm_loss"] for r in json.loads((tmp_path / f"{name}.json").read_text())["train"]}
-            for name in ("whole", "resumed")}
+    loss = {"whole": _losses(whole / "whole.json"), "resumed": _losses(tmp_path / "resumed.json")}
     assert sorted(loss["resumed"]) == [3, 4]
     assert all(loss["resumed"][i] == loss["whole"][i] for i in (3, 4)), loss
-    settings = json.loads((tmp_path / "whole.json").read_text())["settings"]
+    settings = json.loads((whole / "whole.json").read_text())["settings"]
     assert settings["hidden_dropout"] == settings["attention_dropout"] == 0.1  # Megatron-LM's defaults
 
 
 @pytest.mark.slow
-def test_a_resume_with_another_global_batch_size_continues_from_the_samples_consumed(data, tmp_path):
+def test_a_resume_with_another_global_batch_size_continues_from_the_samples_consumed(data, whole, tmp_path):
     """Iteration 2 at global batch 4 consumed samples 0-7; resumed at global batch 8, iteration 3 reads
     samples 8-15 and the token counts continue from 8 samples, not from 2 x 8."""
-    whole = _pretrain(data, "--save", tmp_path / "ckpt", "--train-iters", "2", "--log-json", tmp_path / "a.json")
-    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
-    resumed = _pretrain(data, "--load", tmp_path / "ckpt", "--global-batch-size", "8", "--train-iters", "3",
-                        "--log-json", tmp_path / "b.json")
+    resumed = _pretrain(data, "--load", whole / "ckpt", "--ckpt-step", "2", "--global-batch-size", "8",
+                        "--train-iters", "3", "--log-json", tmp_path / "b.json")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     [record] = json.loads((tmp_path / "b.json").read_text())["train"]
     assert record["iteration"] == 3 and record["tokens"] == (8 + 8) * 32

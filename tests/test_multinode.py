@@ -1,5 +1,7 @@
 """Two torchrun agents on one machine act as two nodes (c10d rendezvous, shared filesystem): the
-expansion they write together is byte-for-byte the one a single agent writes."""
+expansion they write together is byte-for-byte the one a single agent writes. One rank a node keeps
+the job at two ranks (on two cores a rank more doubles its cost); node 1's rank is global rank 1 and
+local rank 0, so a rank that confused the two would write node 0's slice twice."""
 
 import pytest
 
@@ -21,15 +23,15 @@ def free_port() -> int:
 
 def test_two_agents_write_the_same_bytes_as_one(cli_source, tmp_path):
     src = cli_source
-    single = torchrun(4, "expand_sharded.py", "--load", src, "--save", tmp_path / "one", "--tp", "4")
+    single = torchrun(2, "expand_sharded.py", "--load", src, "--save", tmp_path / "one", "--tp", "2")
     assert single.returncode == 0, single.stderr[-3000:]
 
     endpoint = f"127.0.0.1:{free_port()}"
     agents = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
              "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "megaclone-test",
-             "tools/expand_sharded.py", "--load", str(src), "--save", str(tmp_path / "two"), "--tp", "4"],
+             "tools/expand_sharded.py", "--load", str(src), "--save", str(tmp_path / "two"), "--tp", "2"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
