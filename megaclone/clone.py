@@ -17,7 +17,7 @@ import torch
 
 from .errors import MegacloneError
 from .index_maps import NO_SOURCE
-from .noise import standard_normal, stream_key, zero_sum_noise
+from .noise import draw_sum_of_squares, noise_scale, paired_noise, standard_normal, stream_key
 from .partition import ParamRule, Role
 
 # Rows of noise generated at once: bounds the float64 working set of a noisy slice.
@@ -100,12 +100,12 @@ def clone_slice(
     dst_cols: Optional[np.ndarray],
     cfg: CloneConfig,
     out: Optional[torch.Tensor] = None,
-    signal_power: Optional[np.ndarray] = None,
+    scale: Optional[np.ndarray] = None,
 ) -> torch.Tensor:
     """Destination values at (dst_rows x dst_cols) of ``rule``, in the source's dtype.
 
-    ``signal_power`` (noisy variants): mean of W_S^2 over each of the rule's noise blocks in this
-    layer (``expand.signal_powers`` sums it over the whole source, across ranks).
+    ``scale`` (noisy variants): the factor on the draws of each noise block of this layer, [units,
+    c_out, pairs] (:func:`noise_scales`, which ``expand`` computes over the whole model, across ranks).
 
     With ``out`` (the destination parameter) the slice is computed in place there: the gather writes
     straight into it and the scaling is in place, so no second slice-sized buffer exists (fp32/fp64).
@@ -124,10 +124,9 @@ def clone_slice(
         keep = (in_block[None, :] == out_block[:, None])
         values.mul_(torch.from_numpy(keep).to(values.dtype))
     if cfg.variant.noisy and rule.noise_unit and rule.c_in > 1:
-        if signal_power is None:
-            raise ValueError(f"{rule.key}: the noisy variants need the source's signal power per noise block")
-        sigma = _noise_sigma(rule, src_rows, signal_power, cfg.snr_db)
-        values.add_(_noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, sigma).to(values.dtype))
+        if scale is None:
+            raise ValueError(f"{rule.key}: the noisy variants need the scale of each noise block")
+        values.add_(_noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, scale).to(values.dtype))
     if rule.gain != 1:
         values.mul_(rule.gain)
     if out is None:
@@ -206,29 +205,44 @@ def _runs(positions: np.ndarray, missing: np.ndarray) -> list[tuple[int, int, in
     return [(int(a), -1 if missing[a] else int(positions[a]), int(b - a)) for a, b in zip(starts, ends)]
 
 
-def noise_std(signal_power: np.ndarray, c_in: int, snr_db: float) -> np.ndarray:
-    """The noise's standard deviation per block: its power is the cloned block's, mean((W_S/c_in)^2),
-    over 10^(snr/10) (the authors' definition, measured against the block that is perturbed)."""
-    return np.sqrt(signal_power / c_in**2 * 10.0 ** (-snr_db / 10.0))
+def chunk_sum_of_squares(rule: ParamRule, chunk, cfg: CloneConfig) -> float:
+    """Sum of the squared draws of one :class:`plan.DrawChunk` of ``rule`` (before scaling)."""
+    return draw_sum_of_squares(stream_key(cfg.seed, rule.key, chunk.layer), np.arange(*chunk.rows), chunk.block,
+                               chunk.pair, rule.cols.src_size, rule.c_out, rule.c_in)
 
 
-def _noise_sigma(rule: ParamRule, src_rows: np.ndarray, signal_power: np.ndarray, snr_db: float) -> torch.Tensor:
-    """Standard deviation per destination row (its source row's noise block); 0 on rows with no source."""
-    std = noise_std(np.asarray(signal_power, dtype=np.float64), rule.c_in, snr_db)
-    sigma = np.where(src_rows == NO_SOURCE, 0.0, std[np.maximum(src_rows, 0) // rule.noise_unit])
-    return torch.from_numpy(sigma)[:, None]
+def noise_scales(rules: list[ParamRule], chunks: list, sums: dict[int, float], signal_powers: dict,
+                 src_layer_of: np.ndarray, cfg: CloneConfig) -> dict[tuple[str, int], np.ndarray]:
+    """The factor on each noise block's draws, per (destination key, destination layer): [units,
+    c_out, pairs], from every chunk's sum of squared draws (``sums``, by chunk index) and the source's
+    mean W_S^2 per noise block (``signal_powers``, by (source key, source layer)). Sums are added
+    exactly (math.fsum), so the scales do not depend on who computed which chunk."""
+    by_key = {r.key: r for r in rules}
+    parts: dict[tuple[str, int], dict[tuple[int, int, int], list[float]]] = {}
+    for chunk in chunks:
+        parts.setdefault((chunk.key, chunk.layer), {}).setdefault((chunk.unit, chunk.block, chunk.pair), []).append(
+            sums[chunk.index])
+    out = {}
+    for (key, layer), blocks in parts.items():
+        rule = by_key[key]
+        mean_square = np.zeros((rule.noise_blocks, rule.c_out, rule.c_in // 2))
+        for (unit, block, pair), values in blocks.items():
+            mean_square[unit, block, pair] = math.fsum(values) / (rule.noise_unit * rule.cols.src_size)
+        power = signal_powers[(rule.source_key, int(src_layer_of[layer]))]
+        out[(key, layer)] = noise_scale(power, mean_square, rule.c_in, cfg.snr_db)
+    return out
 
 
-def _noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, sigma) -> torch.Tensor:
+def _noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, scale) -> torch.Tensor:
+    """The noise of a slice: paired draws times the scale of each element's (unit, output block, pair)."""
     key = stream_key(cfg.seed, rule.key, layer)
-    rows_per_chunk = max(1, _NOISE_CHUNK_ELEMENTS // (len(src_cols) * rule.c_in))
+    unit = np.maximum(src_rows, 0) // rule.noise_unit
+    pair = np.minimum(in_block // 2, max(rule.c_in // 2 - 1, 0))
+    rows_per_chunk = max(1, _NOISE_CHUNK_ELEMENTS // len(src_cols))
     chunks = []
     for start in range(0, len(src_rows), rows_per_chunk):
         sl = slice(start, start + rows_per_chunk)
-        chunks.append(
-            zero_sum_noise(
-                key, src_rows[sl], out_block[sl], src_cols, in_block, rule.cols.src_size, rule.c_out, rule.c_in
-            )
-        )
-    noise = torch.from_numpy(np.concatenate(chunks, axis=0))
-    return noise * sigma
+        draws = paired_noise(key, src_rows[sl], out_block[sl], src_cols, in_block, rule.cols.src_size, rule.c_out,
+                             rule.c_in)
+        chunks.append(draws * scale[unit[sl, None], out_block[sl, None], pair[None, :]])
+    return torch.from_numpy(np.concatenate(chunks, axis=0))

@@ -26,13 +26,13 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from . import destination
-from .clone import CloneConfig, SourcePiece, clone_slice, router_slice
+from .clone import CloneConfig, SourcePiece, chunk_sum_of_squares, clone_slice, noise_scales, router_slice
 from .errors import MegacloneError
 from .model import RowBlock, Slots, add_te_moe_norm_keys, build_gpt, model_sharded_state_dict, parameter_slots
 from .layout import catalogue
 from .partition import Role, param_rules
 from .source import Source, open_any_source
-from .plan import SliceTask, plan_rank, power_chunks
+from .plan import SliceTask, draw_chunks, plan_rank, power_chunks
 from .memory import PeakMemory
 from .runtime import agree, cpu_seconds, return_large_frees, trim_heap
 from .spec import Depth, Experts, Factors, ModelSpec, check_divisible, grow
@@ -153,6 +153,24 @@ def signal_powers(source: Source, rules: list, num_layers: int) -> dict[tuple[st
             for (key, layer), per_block in blocks.items()}
 
 
+def noise_plan(source: Source, dst_spec: ModelSpec, depth: Depth, cfg: CloneConfig) -> dict[tuple[str, int], np.ndarray]:
+    """The scale of every noise block of the destination (clone.noise_scales), all ranks together:
+    the source's block powers (:func:`signal_powers`), then each rank's round-robin share of the
+    draws' sums of squares (plan.draw_chunks), exchanged and added exactly, so every rank and every
+    layout scales the noise identically and each block meets the requested SNR exactly."""
+    rules = param_rules(source.spec, dst_spec)
+    powers = signal_powers(source, rules, source.spec.num_layers)
+    chunks = draw_chunks(rules, dst_spec.num_layers)
+    by_key = {r.key: r for r in rules}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {c.index: chunk_sum_of_squares(by_key[c.key], c, cfg) for c in chunks[rank::world]}
+    shares: list = [None] * world
+    dist.all_gather_object(shares, mine)
+    sums = {k: v for share in shares for k, v in share.items()}
+    src_layer_of, _ = depth.layer_map(source.spec.num_layers)(np.arange(dst_spec.num_layers))
+    return noise_scales(rules, chunks, sums, powers, src_layer_of, cfg)
+
+
 def fill_rank(
     source: Source,
     dst_spec: ModelSpec,
@@ -162,7 +180,7 @@ def fill_rank(
     report: RankReport,
     on_slice: Optional[Callable[[SliceTask, int], None]] = None,
     allow_non_finite: bool = False,
-    powers: Optional[dict[tuple[str, Optional[int]], np.ndarray]] = None,
+    scales: Optional[dict[tuple[str, int], np.ndarray]] = None,
     depth: Depth = Depth(),
     only_slots: bool = False,
     ep_rank: int = 0,
@@ -202,10 +220,10 @@ def fill_rank(
                 t1 = time.perf_counter()
                 piece = assemble_piece(task, parts, source_dtype)
                 del parts
-                power = (powers or {}).get((task.rule.source_key, task.src_layer))
+                scale = (scales or {}).get((task.rule.key, task.layer))
                 for b in blocks:
                     clone_slice(task.rule, task.layer or 0, piece, task.dst_rows[b.start:b.stop], task.dst_cols, cfg,
-                                out=b.tensor, signal_power=power)
+                                out=b.tensor, scale=scale)
                 del piece
                 report.bytes_read += box_read.numel * source_dtype.itemsize
         t2 = time.perf_counter()
@@ -310,11 +328,10 @@ def expand(
         if not legacy:
             del model  # the state dict alone holds the shard; fused tensors it saves in pieces are freed
         report.seconds["build"] = time.perf_counter() - t0
-        powers = (signal_powers(source, param_rules(source.spec, dst_spec), source.spec.num_layers)
-                  if cfg.variant.noisy else None)
+        scales = noise_plan(source, dst_spec, depth, cfg) if cfg.variant.noisy else None
         # every rank learns of a refusal here (bad values in its part of the source) before the save's collectives
         agree(lambda: fill_rank(source, dst_spec, slots, parallel_state.get_tensor_model_parallel_rank(), cfg, report,
-                                on_slice, allow_non_finite, powers, depth,
+                                on_slice, allow_non_finite, scales, depth,
                                 ep_rank=parallel_state.get_expert_model_parallel_rank()))
         del slots
         claim.clear()  # an earlier output goes only now that the source has been read whole
@@ -398,9 +415,8 @@ def expand_to_hf(
         tensors = {t.key: t for t in catalogue(dst_spec)}
         slots: Slots = {(key, layer, None): [RowBlock(0, tensors[key].shape[0], torch.empty(tensors[key].shape, dtype=dtype))]
                         for (key, layer), who in zip(pieces, deal(sizes, world)) if who == rank}
-        powers = (signal_powers(source, param_rules(source.spec, dst_spec), source.spec.num_layers)
-                  if cfg.variant.noisy else None)
-        agree(lambda: fill_rank(source, dst_spec, dict(slots), 0, cfg, report, on_slice, allow_non_finite, powers,
+        scales = noise_plan(source, dst_spec, depth, cfg) if cfg.variant.noisy else None
+        agree(lambda: fill_rank(source, dst_spec, dict(slots), 0, cfg, report, on_slice, allow_non_finite, scales,
                                 depth, only_slots=True))
         layout = hf.family_of(model_type).layout(dst_spec)
 

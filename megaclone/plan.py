@@ -166,3 +166,37 @@ def power_chunks(rules: list, num_layers: int) -> list[PowerChunk]:
                     read = BoxRead(rule.source_key, layer, (Box((start, 0), (rows, cols)),))
                     chunks.append(PowerChunk(len(chunks), read, block))
     return chunks
+
+
+@dataclass(frozen=True)
+class DrawChunk:
+    """Source rows of one noise block (unit, output block, pair) of one destination matrix-layer whose
+    noise draws one rank squares and sums: the measure that scales the block to its exact SNR."""
+
+    index: int  # position in the global chunk order, the same for every world size
+    key: str  # the destination tensor (the noise stream is keyed by it and the destination layer)
+    layer: int  # destination layer
+    unit: int
+    block: int
+    pair: int
+    rows: tuple[int, int]  # [start, stop) source rows, inside the unit
+
+
+def draw_chunks(rules: list, dst_layers: int) -> list[DrawChunk]:
+    """Every noise block of every noisy destination matrix-layer cut into row chunks, in a fixed
+    order that depends on the model only: dealt round-robin to ranks, their float64 sums added
+    exactly (math.fsum), every layout gets the same scales bit for bit."""
+    chunks: list[DrawChunk] = []
+    for rule in rules:
+        if not rule.noise_unit or rule.c_in < 2:
+            continue
+        step = max(1, min(rule.noise_unit, POWER_CHUNK_ELEMENTS // rule.cols.src_size))
+        for layer in rule.tensor.layers(dst_layers):
+            for unit in range(rule.noise_blocks):
+                first = unit * rule.noise_unit
+                for block in range(rule.c_out):
+                    for pair in range(rule.c_in // 2):
+                        for start in range(first, first + rule.noise_unit, step):
+                            stop = min(start + step, first + rule.noise_unit)
+                            chunks.append(DrawChunk(len(chunks), rule.key, layer, unit, block, pair, (start, stop)))
+    return chunks
