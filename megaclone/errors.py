@@ -16,7 +16,8 @@ class MegacloneError(Exception):
 
 
 class NotComparable(MegacloneError):
-    """A clone that does not compute its source's function by design: a logit check has nothing to prove."""
+    """Nothing to prove by design: a clone that does not compute its source's function (no logit check),
+    or a checkpoint the weight check has no clone definition for."""
 
 
 def code_in_checkpoint(what: "str | os.PathLike", name: str) -> MegacloneError:

@@ -49,9 +49,14 @@ def test_verify_passes_per_rank_and_fails_past_tolerance(source, expanded):
     assert (args.num_attention_heads, args.num_query_groups) == (32, 8)  # the source's 16 heads in 8 groups
     ok = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(expanded))
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
-    assert "rank 0: vocab [0, " in ok.stdout and "rank 1: vocab [" in ok.stdout and "PASS" in ok.stdout
-    strict = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(expanded), "--tol", "1e-12")
-    assert strict.returncode == 1 and "FAIL" in strict.stdout
+    assert "rank 0: vocab [0, " in ok.stdout and "rank 1: vocab [" in ok.stdout and "PASS: 2 ranks" in ok.stdout
+    # the weights too, dealt to both ranks: 3 + 6 x 2 llama tensor-layers, every noise block at 10 dB
+    assert "weights: PASS: 15 tensor-layers on 2 ranks" in ok.stdout, ok.stdout[-2000:]
+    snr = [float(x) for x in ok.stdout.split("noise blocks at ")[1].split(" dB")[0].split(" to ")]
+    assert 9.95 < snr[0] <= snr[1] < 10.05, snr
+    strict = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(expanded), "--tol", "1e-12",
+                      "--no-weights")
+    assert strict.returncode == 1 and "FAIL" in strict.stdout and "weights" not in strict.stdout
 
 
 @pytest.mark.slow
@@ -66,6 +71,7 @@ def test_moe_upcycling_flags_reach_the_checkpoint_and_the_verifier_passes(source
     assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
     ok = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(dst))
     assert ok.returncode == 0 and "PASS: 2 ranks" in ok.stdout, ok.stdout[-3000:] + ok.stderr[-3000:]
+    assert "weights: NOT CHECKED: " in ok.stdout and "mixture of experts" in ok.stdout
     lone = run([sys.executable, "tools/expand_sharded.py", *flags[:3], str(tmp_path / "lone"), *flags[4:],
                 "--tp", "2", "--ep", "2"])
     assert lone.returncode == 2 and "--ep splits experts, but no --num-experts was given" in lone.stderr
@@ -89,7 +95,8 @@ def test_depth_flags_reach_the_checkpoint_and_the_verifier_skips_a_stack_clone(s
     checked = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(dst))
     assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
     assert "NOT COMPARED: this clone was grown in depth with --depth-init stack (x2)" in checked.stdout
-    assert "PASS" not in checked.stdout and "FAIL" not in checked.stdout
+    assert "weights: PASS: 27 tensor-layers" in checked.stdout  # the stacked copies are what --depth-init says
+    assert "FAIL" not in checked.stdout
 
 
 @pytest.mark.slow
@@ -151,6 +158,9 @@ def test_quickstart_answers_help_and_refuses_unknown_arguments():
     assert refused.returncode == 2 and "unknown argument '--tp'" in refused.stderr
 
 
+TRAIN = ["--data-path", "{tmp}/ds", "--seq-length", "8", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3"]
+
+
 @pytest.mark.parametrize("tool,flags,message", [
     ("expand_sharded.py", ["--load", "/nonexistent/ckpt", "--save", "{tmp}/d", "--tp", "1"],
      "--load /nonexistent/ckpt does not exist"),
@@ -164,6 +174,13 @@ def test_quickstart_answers_help_and_refuses_unknown_arguments():
     ("verify_logits.py", ["--src", "{tmp}/src", "--dst", "/nonexistent/wide"], "--dst /nonexistent/wide does not exist"),
     ("export_hf.py", ["--load", "/nonexistent/ckpt", "--save", "{tmp}/d"], "--load /nonexistent/ckpt does not exist"),
     ("export_hf.py", ["--load", "{tmp}/src", "--save", "{tmp}/full"], "--save {tmp}/full is not empty"),
+    ("../examples/pretrain_gpt.py", ["--load", "/nonexistent/ckpt", "--finetune", "--use-checkpoint-args", *TRAIN],
+     "--load /nonexistent/ckpt does not exist"),
+    ("../examples/pretrain_gpt.py", ["--num-layers", "2", *TRAIN],
+     "no model shape: --hidden-size, --num-attention-heads not given"),
+    ("../examples/pretrain_gpt.py", ["--num-layers", "2", "--hidden-size", "8", "--num-attention-heads", "2",
+                                     "--tensor-model-parallel-size", "2", *TRAIN],
+     "world size 1 is not a multiple of --tensor-model-parallel-size 2"),
 ])
 def test_flag_and_path_refusals_come_before_torch_is_imported(tmp_path, tool, flags, message):
     (tmp_path / "src").mkdir()

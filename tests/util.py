@@ -52,7 +52,18 @@ def run_worker(script: str, nproc: int, out: Path, *args, timeout: int = 1200) -
 
 def overwrite_stored_value(root, key: str, index: int, value: float) -> None:
     """Write ``value`` at flat ``index`` of the stored chunk of ``key`` that starts at offset 0, in
-    place in its torch_dist shard file (located through torch DCP's metadata), the rest untouched."""
+    place in its torch_dist shard file, the rest untouched."""
+
+    def put(tensor):
+        tensor.view(-1)[index] = value
+
+    edit_stored_chunk(root, key, put)
+
+
+def edit_stored_chunk(root, key: str, edit) -> None:
+    """Apply ``edit`` (in place) to the stored chunk of ``key`` that starts at offset 0 (layer 0 of a
+    stacked tensor; the whole tensor at TP 1) in its torch_dist shard file (located through torch DCP's
+    metadata) and write it back at the same size, every other byte untouched."""
     import io
 
     import torch
@@ -67,7 +78,7 @@ def overwrite_stored_value(root, key: str, index: int, value: float) -> None:
     with open(path, "rb") as f:
         f.seek(info.offset)
         tensor = torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
-    tensor.view(-1)[index] = value
+    edit(tensor)
     buffer = io.BytesIO()
     torch.save(tensor, buffer)
     assert len(buffer.getvalue()) == info.length, "a same-size rewrite"

@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Prove per rank that an expanded checkpoint computes the source model's logits.
+"""Prove per rank that an expanded checkpoint computes the source model's logits, and that its
+stored weights are the clone the checkpoint records.
 
     torchrun --nproc_per_node 8 tools/verify_logits.py --src small_ckpt --dst wide_ckpt
     torchrun --nproc_per_node 4 tools/verify_logits.py --src-hf hf_model_dir --dst wide_ckpt
 
-One process per destination TP rank; each compares its own vocab slice. Exit status 1 if any rank
-exceeds the tolerance (relative: max |D - S| / max |S| over the rank's slice of the real vocab). A
-clone that is not function-preserving by design (--depth-init stack) is not compared: NOT COMPARED
-and the reason, exit status 0.
+Logits: one process per destination TP rank; each compares its own vocab slice. A clone that is not
+function-preserving by design (--depth-init stack) is not compared: NOT COMPARED and the reason.
+Weights: every stored tensor-layer against the source by the recorded variant's definition (exact
+variants bit for bit; noisy ones cancelling in pairs at the recorded SNR), the tensor-layers dealt
+to the ranks; a checkpoint with no megaclone record, or an upcycled mixture of experts, is NOT CHECKED.
+Exit status 1 if either check fails (logits: max |D - S| / max |S| over a rank's slice of the real
+vocab above the tolerance; weights: any element off its definition).
 """
 
 import argparse
@@ -28,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-length", type=int, default=32, help="tokens per sequence (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
     p.add_argument("--tol", type=float, help="relative tolerance (default from dtype: 1e-5 for fp32)")
+    p.add_argument("--no-weights", action="store_true", help="compare logits only, not the stored weights")
+    p.add_argument("--snr-tol-db", type=float, default=0.05,
+                   help="how far a noise block's measured SNR may be from the recorded one (default 0.05 dB)")
     cli.add_device_flags(p)
     cli.add_trust_flag(p)
     args = cli.parse(p, argv)
@@ -40,22 +47,43 @@ def main() -> int:
     from megaclone.errors import NotComparable
     from megaclone.runtime import init_distributed
     from megaclone.verify import text_tokens, verify
+    from megaclone.weight_check import check_weights
 
     rt = init_distributed(args.device, args.timeout_minutes)
     tokens = text_tokens(args.text, args.batch, args.seq_length) if args.text else None
+    logits_ok = True
     try:
         results = verify(args.src, args.dst, tokens=tokens, tol=args.tol, device=rt.device, seed=args.seed,
                          batch=args.batch, seq_length=args.seq_length, src_hf=args.src_hf)
     except NotComparable as exc:  # by design, not a failure: say so and compare nothing
         cli.rank0_print(f"NOT COMPARED: {exc.problem}")
-        return 0
-    for r in results:
-        cli.rank0_print(r.line())
-    ok = all(r.ok for r in results)
-    worst = max(results, key=lambda r: r.max_rel)
-    cli.rank0_print(f"{'PASS' if ok else 'FAIL'}: {len(results)} ranks, worst max rel diff {worst.max_rel:.3e} "
-                    f"(rank {worst.rank}), tolerance {worst.tol:.0e}")
-    return 0 if ok else 1
+    else:
+        for r in results:
+            cli.rank0_print(r.line())
+        logits_ok = all(r.ok for r in results)
+        worst = max(results, key=lambda r: r.max_rel)
+        cli.rank0_print(f"{'PASS' if logits_ok else 'FAIL'}: {len(results)} ranks, worst max rel diff "
+                        f"{worst.max_rel:.3e} (rank {worst.rank}), tolerance {worst.tol:.0e}")
+    if args.no_weights:
+        return 0 if logits_ok else 1
+    try:
+        reports = check_weights(args.src or args.src_hf, args.dst, args.snr_tol_db, hf=args.src_hf is not None)
+    except NotComparable as exc:
+        cli.rank0_print(f"weights: NOT CHECKED: {exc.problem}")
+        return 0 if logits_ok else 1
+    for r in reports:
+        for m in r.mismatches:
+            cli.rank0_print(f"weights: rank {r.rank}: {m.line()}")
+    checked, failed = sum(r.checked for r in reports), sum(len(r.mismatches) for r in reports)
+    snrs = [r.snr_db for r in reports if r.snr_db]
+    noise = (f", noise blocks at {min(a for a, _ in snrs):.4f} to {max(b for _, b in snrs):.4f} dB"
+             if snrs else "")
+    if failed:
+        cli.rank0_print(f"weights: FAIL: {failed} of {checked} tensor-layers differ from the clone's definition")
+    else:
+        cli.rank0_print(f"weights: PASS: {checked} tensor-layers on {len(reports)} ranks are the clone the "
+                        f"checkpoint records{noise}")
+    return 0 if logits_ok and not failed else 1
 
 
 if __name__ == "__main__":
