@@ -20,9 +20,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def main() -> int:
-    from megaclone.train_args import build_parser
+    from megaclone.train_args import build_parser, refuse_early
 
     args = cli.parse(build_parser())  # before torch is imported: --help and flag errors come at once
+    refuse_early(args, int(os.environ.get("WORLD_SIZE", "1")))  # flag refusals, still before torch
     from megaclone.runtime import init_distributed
     from megaclone.training import pretrain
 

@@ -8,6 +8,7 @@ Megatron-LM's ``--use-checkpoint-args`` reads back.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from .cli import add_trust_flag
@@ -39,6 +40,8 @@ CHECKPOINT_ARGS_EXTRA = ("norm_epsilon", "make_vocab_size_divisible_by", "vocab_
                          "moe_router_score_function", "expert_model_parallel_size", "moe_router_init")
 # Training settings of a mixture of experts: from the checkpoint only where the command line left them unset.
 CHECKPOINT_MOE_IF_UNSET = ("moe_router_load_balancing_type", "moe_aux_loss_coeff")
+# The weights' precision (Megatron-LM's --bf16 / --fp16): from the checkpoint when the command line names neither.
+CHECKPOINT_PRECISION = ("bf16", "fp16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip (0: off)")
 
+    g = p.add_argument_group("mixed precision (Megatron-LM's)")
+    half = g.add_mutually_exclusive_group()
+    half.add_argument("--bf16", action="store_true",
+                      help="bf16 model weights, fp32 main weights and Adam state; the checkpoint holds bf16 weights")
+    half.add_argument("--fp16", action="store_true", help="fp16 model weights as --bf16, with loss scaling")
+    g.add_argument("--loss-scale", type=float, help="fp16: a constant loss scale (default: dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**32, help="fp16: the dynamic scale's start")
+    g.add_argument("--min-loss-scale", type=float, default=1.0, help="fp16: the dynamic scale's floor")
+    g.add_argument("--loss-scale-window", type=int, default=1000, help="fp16: clean steps before the scale doubles")
+    g.add_argument("--hysteresis", type=int, default=2, help="fp16: overflowing steps before the scale halves")
+
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--load", help="checkpoint root to start from (a training run, or tools/expand_sharded.py --save)")
     g.add_argument("--save", help="checkpoint root to save into (Megatron-LM torch_dist layout)")
@@ -162,6 +176,9 @@ def apply_checkpoint_args(args: argparse.Namespace, saved: argparse.Namespace) -
         forced = name not in CHECKPOINT_ARGS_IF_UNSET + CHECKPOINT_MOE_IF_UNSET
         if value is not None and (forced or getattr(args, name, None) is None):
             setattr(args, name, value)
+    if not (args.bf16 or args.fp16):
+        for name in CHECKPOINT_PRECISION:
+            setattr(args, name, bool(getattr(saved, name, False)))
 
 
 def data_source(args: argparse.Namespace) -> DataSource:
@@ -177,13 +194,37 @@ def data_source(args: argparse.Namespace) -> DataSource:
     return DataSource(paths(args.data_path), args.split, per_split if any(per_split) else None)
 
 
-def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
-    """Validate and derive Megatron-LM's computed fields (data-parallel size, batch, padded vocab)."""
+def refuse_early(args: argparse.Namespace, world_size: int) -> None:
+    """The refusals the flags alone decide, made before torch is imported (the launcher's world size is
+    in the environment): what --use-checkpoint-args would fill in is left to :func:`finalize`."""
+    if args.load and not os.path.exists(args.load) and (args.finetune or args.use_checkpoint_args):
+        raise MegacloneError(f"--load {args.load} does not exist",
+                             "pass the directory tools/expand_sharded.py --save or a training run wrote")
+    if not args.use_checkpoint_args:
+        _check_world(args, world_size)
+        _check_shape_given(args)
+
+
+def _check_world(args: argparse.Namespace, world_size: int) -> None:
     tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
     if world_size % (tp * ep):
         raise MegacloneError(f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp}"
                              + (f" x --expert-model-parallel-size {ep}" if ep > 1 else ""),
                              f"launch a multiple of {tp * ep} processes")
+
+
+def _check_shape_given(args: argparse.Namespace) -> None:
+    missing = [f"--{n.replace('_', '-')}" for n in ("num_layers", "hidden_size", "num_attention_heads")
+               if getattr(args, n) is None]
+    if missing:
+        raise MegacloneError(f"no model shape: {', '.join(missing)} not given",
+                             "pass the shape flags, or --load a checkpoint with --use-checkpoint-args")
+
+
+def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Validate and derive Megatron-LM's computed fields (data-parallel size, batch, padded vocab)."""
+    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    _check_world(args, world_size)
     if ep > 1 and not args.num_experts:
         raise MegacloneError(f"--expert-model-parallel-size {ep} without --num-experts",
                              "pass --num-experts, or load an upcycled checkpoint with --use-checkpoint-args")
@@ -208,11 +249,7 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         raise MegacloneError(
             f"--global-batch-size {args.global_batch_size} is not a multiple of micro batch x data parallel "
             f"= {per_step}", "pick a global batch size that is a multiple of that")
-    missing = [f"--{n.replace('_', '-')}" for n in ("num_layers", "hidden_size", "num_attention_heads")
-               if getattr(args, n) is None]
-    if missing:
-        raise MegacloneError(f"no model shape: {', '.join(missing)} not given",
-                             "pass the shape flags, or --load a checkpoint with --use-checkpoint-args")
+    _check_shape_given(args)
     data_source(args)  # refuses no data, and both ways of naming it
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
@@ -232,6 +269,7 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.lr_warmup_iters >= args.lr_decay_iters:
         raise MegacloneError(f"--lr-warmup-iters {args.lr_warmup_iters} is not below the decay length "
                              f"{args.lr_decay_iters}", "use fewer warm-up iterations")
-    args.params_dtype = "float32"
-    args.bf16 = args.fp16 = False
+    if args.bf16 and args.fp16:  # both from a checkpoint's args
+        raise MegacloneError("both bf16 and fp16 are set", "pass one of --bf16 and --fp16")
+    args.params_dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
     return args

@@ -2,8 +2,9 @@
 
 The state dict mirrors Megatron-LM's ``generate_state_dict``; the optimizer part is built with
 megatron-core's own sharding helpers in the layout of its ``FP32Optimizer`` (``optimizer.state.
-exp_avg.<param key>``, ``exp_avg_sq``, one ``common_step``), so optimizer state reshards across TP
-like the weights. Nothing here knows about cloning.
+exp_avg.<param key>``, ``exp_avg_sq``, one ``common_step``), or under mixed precision of its
+``Float16OptimizerWithFloat16Params`` (the same, plus ``optimizer.state.fp32_param.<param key>``), so
+optimizer state reshards across TP like the weights. Nothing here knows about cloning.
 """
 
 from __future__ import annotations
@@ -20,23 +21,35 @@ from . import checkpoint as ckpt_io
 from .model import add_te_moe_norm_keys
 
 
-def optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, model_sd: dict) -> dict:
-    """AdamW state as ShardedTensors keyed like the parameters they belong to."""
+def optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, model_sd: dict, main=None, scale=None) -> dict:
+    """AdamW state as ShardedTensors keyed like the parameters they belong to. With ``main`` (mixed
+    precision: the optimizer steps fp32 main copies) Megatron-LM's Float16OptimizerWithFloat16Params
+    layout: the AdamW state under ``optimizer``, the main weights as ``optimizer.state.fp32_param.<key>``
+    under ``fp32_from_fp16_params``, and the loss scale's state (fp16) under ``grad_scaler``."""
     from megatron.core.dist_checkpointing.optimizer import (
         get_param_id_to_sharded_param_map,
+        make_sharded_optimizer_tensor,
         optim_state_to_sharding_state,
     )
 
     state = optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    id_map = get_param_id_to_sharded_param_map(model_sd, params)
+    id_map = get_param_id_to_sharded_param_map(model_sd, params if main is None else [main.model_of(p) for p in params])
     steps = {float(s["step"]) for s in state["state"].values() if "step" in s}
     if len(steps) > 1:
         raise ValueError(f"optimizer steps differ per parameter: {sorted(steps)}")
+    fp32 = None if main is None else [
+        [make_sharded_optimizer_tensor(id_map[i], params[i], prefix="optimizer.state.fp32_param")
+         for i in group["params"]] for group in state["param_groups"]]
     optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
     if steps:
         state["state"]["common_step"] = steps.pop()
-    return state
+    if main is None:
+        return state
+    out = {"optimizer": state, "fp32_from_fp16_params": fp32}
+    if scale is not None:
+        out["grad_scaler"] = scale.state_dict()
+    return out
 
 
 def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
@@ -50,7 +63,19 @@ def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, loaded: dict) -> None:
+def restore_optimizer(optimizer: torch.optim.Optimizer, loaded: dict, main=None, scale=None) -> None:
+    """Put a loaded optimizer state (optimizer_sharded_state_dict's layout) in place: the AdamW state,
+    and under mixed precision the fp32 main weights (the model keeps its own loaded weights) and the
+    loss scale's state."""
+    if main is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        with torch.no_grad():
+            for group, saved in zip(optimizer.state_dict()["param_groups"], loaded["fp32_from_fp16_params"]):
+                for i, tensor in zip(group["params"], saved):
+                    params[i].copy_(tensor)
+        if scale is not None and "grad_scaler" in loaded:
+            scale.load_state_dict(loaded["grad_scaler"])
+        loaded = loaded["optimizer"]
     step = loaded["state"].pop("common_step", None)
     if step is not None:
         for param_state in loaded["state"].values():
@@ -83,8 +108,11 @@ def save_training_checkpoint(
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler: Optional[Any] = None,
     extra: Optional[dict] = None,
+    main=None,
+    scale=None,
 ) -> Path:
-    """Save ``iter_<iteration>`` under ``root`` and point the tracker file at it (all ranks)."""
+    """Save ``iter_<iteration>`` under ``root`` and point the tracker file at it (all ranks); under
+    mixed precision the fp32 main weights (``main``) and the loss scale (``scale``) with the optimizer."""
     state = {
         "args": args,
         "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
@@ -94,7 +122,7 @@ def save_training_checkpoint(
         "num_floating_point_operations_so_far": 0.0,
     }
     if optimizer is not None:
-        state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd)
+        state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, main, scale)
     add_te_moe_norm_keys(model_sd)  # after the optimizer's map: its entries share the norm's tensor
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
@@ -102,21 +130,21 @@ def save_training_checkpoint(
     return ckpt_io.save_checkpoint(Path(root), iteration, state)
 
 
-def load_training_checkpoint(path: Path, model, model_sd: dict,
-                             optimizer: Optional[torch.optim.Optimizer] = None, rng: bool = False) -> dict:
+def load_training_checkpoint(path: Path, model, model_sd: dict, optimizer: Optional[torch.optim.Optimizer] = None,
+                             rng: bool = False, main=None, scale=None) -> dict:
     """Load weights (resharding to the current TP) and, if given, the optimizer state; with ``rng``
     (a resume at the saved TP, as Megatron-LM restores it) this rank's RNG states too, so dropout
     draws the masks an uninterrupted run would. Returns the checkpoint's common state."""
     request: dict = {"model": model_sd}
     if optimizer is not None:
         init_adam_state(optimizer)
-        request["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd)
+        request["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, main, scale)
     if rng:
         request["rng_state"] = rng_state_object()
     loaded = ckpt_io.load(request, Path(path), validate_access_integrity=False)
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
-        restore_optimizer(optimizer, loaded["optimizer"])
+        restore_optimizer(optimizer, loaded["optimizer"], main, scale)
     if rng:
         restore_rng(loaded["rng_state"][0])
     return loaded

@@ -30,6 +30,7 @@ from . import train_args
 from . import train_state
 from .errors import MegacloneError
 from .model import build_gpt, causal_mask, model_sharded_state_dict
+from .precision import MainWeights, loss_scale_of, training_dtype
 from .runtime import Runtime, init_parallel
 from .source import Source, not_function_preserving, open_any_source
 from .spec import ModelSpec
@@ -55,18 +56,21 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
     return dataclasses.replace(ModelSpec.from_args(args), tensor_parallel=args.tensor_model_parallel_size)
 
 
-def param_groups(model: torch.nn.Module) -> list[dict]:
-    """Megatron-LM's default groups: no weight decay on biases and 1-D parameters (norms)."""
+def param_groups(model: torch.nn.Module, main: Optional[MainWeights] = None) -> list[dict]:
+    """Megatron-LM's default groups: no weight decay on biases and 1-D parameters (norms); with
+    ``main``, of the fp32 main copies the optimizer steps under mixed precision."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(param)
+        (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(
+            param if main is None else main.of(param))
     return [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace,
+                    main: Optional[MainWeights] = None) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, main), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                              eps=args.adam_eps, weight_decay=args.weight_decay)
 
 
@@ -162,10 +166,22 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group, 
     return norm
 
 
-def train_step(model, optimizer, scheduler, batches: list[dict], args, device) -> tuple[float, float, Optional[float]]:
-    """Forward/backward over this rank's micro-batches, DP-average, clip, step; (LM loss, grad norm,
-    load-balancing loss of a mixture of experts, or None). megatron-core's MoE layer adds the
-    load-balancing gradient itself (scaled as the LM loss is); the LM loss reported excludes it."""
+@dataclass
+class StepResult:
+    loss: float  # LM loss, mean over the global batch
+    grad_norm: float  # before clipping; nan on a skipped step
+    aux: Optional[float]  # load-balancing loss of a mixture of experts
+    skipped: bool = False  # fp16: the gradients overflowed, nothing was applied
+
+
+def train_step(model, optimizer, scheduler, batches: list[dict], args, device, main: Optional[MainWeights] = None,
+               scale=None) -> StepResult:
+    """Forward/backward over this rank's micro-batches, DP-average, clip, step. megatron-core's MoE
+    layer adds the load-balancing gradient itself (scaled as the LM loss is); the LM loss reported
+    excludes it. Under mixed precision (``main``) the gradients move to the fp32 main weights, which
+    the optimizer steps and which are rounded back into the model; with a loss ``scale`` (fp16) the
+    loss is multiplied by it and the gradients divided, and a step whose gradients overflow on any
+    rank is skipped (the scheduler does not advance, as in Megatron-LM)."""
     from megatron.core import parallel_state
 
     moe = bool(args.num_experts)
@@ -173,21 +189,33 @@ def train_step(model, optimizer, scheduler, batches: list[dict], args, device) -
     optimizer.zero_grad(set_to_none=True)
     if moe:
         _start_aux_losses(len(batches), device)
+    factor = scale.scale if scale is not None else 1.0
     total = 0.0
     for batch in batches:
         loss = micro_batch_loss(model, batch, device)
-        (loss / len(batches)).backward()
+        (loss * (factor / len(batches))).backward()
         total += float(loss.detach()) / len(batches)
+    if main is not None:
+        main.take_gradients(1.0 / factor)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     average_gradients(params, parallel_state.get_data_parallel_group(),
                       parallel_state.get_expert_data_parallel_group() if moe else None)
+    dp = parallel_state.get_data_parallel_group()
+    aux = _aux_loss(len(batches))
+    aux = None if aux is None else mean_over(dp, aux)
+    if scale is not None:
+        overflowed = main.overflowed()
+        scale.update(overflowed)
+        if overflowed:
+            optimizer.zero_grad(set_to_none=True)
+            return StepResult(mean_over(dp, total), float("nan"), aux, skipped=True)
     grad_norm = clip_grad_norm(params, args.clip_grad, parallel_state.get_tensor_model_parallel_group(),
                                parallel_state.get_expert_tensor_and_model_parallel_group() if moe else None)
     optimizer.step()
+    if main is not None:
+        main.to_model()
     scheduler.step(increment=args.global_batch_size)
-    dp = parallel_state.get_data_parallel_group()
-    aux = _aux_loss(len(batches))
-    return mean_over(dp, total), grad_norm, None if aux is None else mean_over(dp, aux)
+    return StepResult(mean_over(dp, total), grad_norm, aux)
 
 
 def _start_aux_losses(micro_batches: int, device) -> None:
@@ -409,18 +437,30 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
     # the same on every TP rank; the tracker's model-parallel state (attention dropout) differs per rank.
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
     spec = model_spec(args)
-    model = build_gpt(spec, device=device, initialize=True, init_method_std=args.init_method_std,
+    dtype = training_dtype(args)
+    model = build_gpt(spec, dtype=dtype, device=device, initialize=True, init_method_std=args.init_method_std,
                       hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout)
-    optimizer = build_optimizer(model, args)
+    main = None if dtype == torch.float32 else MainWeights([p for p in model.parameters() if p.requires_grad])
+    scale = loss_scale_of(args)
+    optimizer = build_optimizer(model, args, main)
     scheduler = build_scheduler(optimizer, args)
 
     if load_path is not None:
         with_optim = not (args.finetune or args.no_load_optim)
-        saved_tp = getattr(ckpt_io.read_common(load_path)["args"], "tensor_model_parallel_size", None)
-        with_rng = (not args.finetune and saved_tp == args.tensor_model_parallel_size
-                    and ckpt_io.has_stored(load_path, "rng_state"))
+        saved = ckpt_io.read_common(load_path)["args"]
+        saved_dtype = training_dtype(argparse.Namespace(bf16=getattr(saved, "bf16", False),
+                                                        fp16=getattr(saved, "fp16", False)))
+        if with_optim and saved_dtype != dtype:
+            raise MegacloneError(f"{load_path} was trained in {saved_dtype}, this run trains in {dtype}: its optimizer "
+                                 "state has no place here (mixed precision keeps fp32 main weights beside it)",
+                                 "resume at the saved precision, or pass --no-load-optim to start the optimizer afresh")
+        with_rng = (not args.finetune and getattr(saved, "tensor_model_parallel_size", None)
+                    == args.tensor_model_parallel_size and ckpt_io.has_stored(load_path, "rng_state"))
         common = train_state.load_training_checkpoint(load_path, model, model.sharded_state_dict(),
-                                                      optimizer if with_optim else None, rng=with_rng)
+                                                      optimizer if with_optim else None, rng=with_rng, main=main,
+                                                      scale=scale if with_optim else None)
+        if main is not None and not with_optim:
+            main.from_model()
         if not args.finetune:
             loaded.iteration = int(common["iteration"])
             loaded.consumed_samples = int(getattr(common["args"], "consumed_train_samples",
@@ -434,7 +474,7 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
                f"{sum(p.numel() for p in model.parameters()):,} parameters on this rank; "
                + (f"{spec.experts.num} experts (top-{spec.experts.topk}, ffn {spec.experts.ffn_hidden_size}) over "
                   f"EP {spec.expert_parallel}; " if spec.experts else "")
-               + f"TP {args.tensor_model_parallel_size} x DP {args.data_parallel_size}, device {device}")
+               + f"TP {args.tensor_model_parallel_size} x DP {args.data_parallel_size}, {dtype_name(dtype)}, device {device}")
     log = _Logger(rt, args, loaded.iteration)
     dp_rank = parallel_state.get_data_parallel_rank()
     tokens_per_iter = args.global_batch_size * args.seq_length
@@ -450,7 +490,7 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
         saved.consumed_train_samples = consumed(iteration)
         saved.iteration = iteration
         train_state.save_training_checkpoint(Path(args.save), iteration, model_sharded_state_dict(model),
-                                             saved, optimizer, scheduler)
+                                             saved, optimizer, scheduler, main=main, scale=scale)
         log.note(f"saved iteration {iteration} to {args.save}")
 
     if args.eval_iters and loaded.iteration == 0:
@@ -463,19 +503,26 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
         check = history.source_check
         check["first_loss"] = first_batch_loss(model, micro_batches(train_ds, 0, args, dp_rank), device)
         check["abs_diff"] = abs(check["first_loss"] - check["source_loss"])
+        check["tolerance"] = FIRST_LOSS_TOLERANCE[dtype] * check["source_loss"]
+        check["ok"] = check["abs_diff"] <= check["tolerance"]
         log.note(f"the clone's loss on the first batch (dropout off) {check['first_loss']:.6f}; the source "
-                 f"model's on the same batch: {check['source_loss']:.6f} (|diff| {check['abs_diff']:.2e})")
+                 f"model's on the same batch: {check['source_loss']:.6f} (|diff| {check['abs_diff']:.2e}, "
+                 f"{'within' if check['ok'] else 'BEYOND'} the {dtype_name(dtype).split()[0]} tolerance "
+                 f"{check['tolerance']:.2e})")
     while iteration < args.train_iters:
         t0 = time.perf_counter()
         batches = micro_batches(train_ds, consumed(iteration), args, dp_rank)
         lr = max(g["lr"] for g in optimizer.param_groups)
-        loss, grad_norm, aux = train_step(model, optimizer, scheduler, batches, args, device)
+        step = train_step(model, optimizer, scheduler, batches, args, device, main, scale)
         iteration += 1
         seconds = time.perf_counter() - t0
-        record = {"iteration": iteration, "tokens": consumed(iteration) * args.seq_length, "lm_loss": loss, "lr": lr,
-                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_iter / seconds}
-        if aux is not None:
-            record["load_balancing_loss"] = aux
+        record = {"iteration": iteration, "tokens": consumed(iteration) * args.seq_length, "lm_loss": step.loss,
+                  "lr": lr, "grad_norm": step.grad_norm, "tokens_per_s": tokens_per_iter / seconds}
+        if step.aux is not None:
+            record["load_balancing_loss"] = step.aux
+        if scale is not None:
+            record["loss_scale"] = scale.scale
+            record["skipped"] = step.skipped
         history.train.append(record)
         log.step(record)
         if args.eval_iters and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
@@ -490,6 +537,16 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
     if rt.is_main and args.log_json:
         write_json(Path(args.log_json), history.to_json())
     return history
+
+
+# How far the clone's first-batch loss may be from the source's, relative, by the weights' dtype:
+# the same function, computed at that precision (bf16 keeps 8 bits of mantissa).
+FIRST_LOSS_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16 (fp32 main weights)",
+            torch.float16: "fp16 (fp32 main weights, loss scaling)"}[dtype]
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megaclone import checkpoint as ckpt_io
 from util import ROOT, run, torchrun
@@ -271,3 +272,51 @@ def test_symmetry_lasts_without_dropout_and_noise_starts_below_it(out):
     assert noisy_init["ffn"] < 0.999 and noisy_init["output"] > 1 - 1e-9, noisy_init
     trained = cosines(out / "runs" / "noisy-diagonal" / ckpt_io.iteration_dirname(CLONE_ITERS))
     assert trained["output"] < 1 - 1e-6, trained  # dropout sends the copies different gradients
+
+
+def test_a_bf16_clone_trains_saves_bf16_weights_and_resumes_from_its_fp32_main_weights(out, tmp_path):
+    """--bf16 as Megatron-LM means it: the symmetric clone trained 4 iterations in bf16 starts from the
+    source's loss (within bf16's tolerance), saves bf16 model weights beside fp32 main weights and fp32
+    Adam moments (Megatron-LM's Float16Optimizer layout), and a resume from iteration 2 that takes the
+    precision from the checkpoint's args repeats iterations 3 and 4 exactly, which holds only if the
+    fp32 main weights were restored (the bf16 weights alone lose their low bits)."""
+    clone = out / "expanded" / "symmetric"
+    flags = ["--use-checkpoint-args", "--train-iters", "4", "--eval-iters", "0"]
+    whole = _train(out, "--load", clone, "--finetune", "--bf16", *flags, "--save-interval", "2",
+                   "--save", tmp_path / "bf16", "--log-json", tmp_path / "whole.json")
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    assert "bf16 (fp32 main weights)" in whole.stdout
+    check = json.loads((tmp_path / "whole.json").read_text())["source_check"]
+    assert check["ok"] and check["abs_diff"] <= 2e-2 * check["source_loss"], check
+    from megaclone.runtime import init_distributed
+
+    init_distributed("cpu")  # megatron-core's plain-tensor load is a collective
+    stored = ckpt_io.load_plain_tensors(ckpt_io.find_checkpoint(tmp_path / "bf16"))
+    weights = {k: v for k, v in stored.items() if hasattr(v, "dtype") and not k.startswith("optimizer")}
+    assert weights and all(v.dtype == torch.bfloat16 for v in weights.values()), {k: v.dtype for k, v in weights.items()}
+    for kind in ("fp32_param", "exp_avg", "exp_avg_sq"):
+        state = {k: v for k, v in stored.items() if k.startswith(f"optimizer.state.{kind}.")}
+        assert {k.split(f"{kind}.", 1)[1] for k in state} == set(weights), kind
+        assert all(v.dtype == torch.float32 for v in state.values()), kind
+    resumed = _train(out, "--load", tmp_path / "bf16", "--ckpt-step", "2", *flags,
+                     "--log-json", tmp_path / "resumed.json")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "bf16 (fp32 main weights)" in resumed.stdout  # from the checkpoint's args
+    original, again = history(tmp_path / "whole.json"), history(tmp_path / "resumed.json")
+    assert sorted(again) == [3, 4] and all(again[i] == original[i] for i in again), (original, again)
+
+
+def test_an_fp16_clone_trains_with_loss_scaling_and_saves_fp16_weights(out, tmp_path):
+    proc = _train(out, "--load", out / "expanded" / "symmetric", "--finetune", "--use-checkpoint-args", "--fp16",
+                  "--initial-loss-scale", "4096", "--train-iters", "2", "--eval-iters", "0",
+                  "--save", tmp_path / "fp16", "--log-json", tmp_path / "fp16.json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = json.loads((tmp_path / "fp16.json").read_text())
+    assert run["source_check"]["ok"], run["source_check"]
+    assert [r["loss_scale"] for r in run["train"]] == [4096.0, 4096.0] and not any(r["skipped"] for r in run["train"])
+    from megaclone.runtime import init_distributed
+
+    init_distributed("cpu")
+    stored = ckpt_io.load_plain_tensors(ckpt_io.find_checkpoint(tmp_path / "fp16"))
+    assert stored["decoder.layers.mlp.linear_fc2.weight"].dtype == torch.float16
+    assert float(ckpt_io.read_common(ckpt_io.find_checkpoint(tmp_path / "fp16"))["optimizer"]["grad_scaler"]["scale"]) == 4096.0
