@@ -3,8 +3,8 @@ contract with Megatron-LM, symmetry with and without dropout.
 
 A small pipeline of the user commands at TP 2 (the reproduction's quick shape and recipe) provides
 the checkpoints and histories the tests below examine: byte data, a source trained 30 iterations
-(checkpoints at 10, 20, 30), its symmetric and noisy-diagonal clones, each trained 20 iterations
-(dropout 0 and the source's 0.1), and a random-init model for two iterations. The reproduction's
+(checkpoints at 10, 20, 30), and its symmetric and noisy-diagonal clones, each trained 20 iterations
+(dropout 0 and the source's 0.1). The reproduction's
 report functions are tested on its stored JSON (test_scaling.py); the reproduction itself is run as
 the README says, not in the suite.
 """
@@ -60,8 +60,6 @@ def out(tmp_path_factory):
         _run_ok([*launch, "--load", out / "expanded" / variant, "--finetune", *shape, *repro.train_flags(
             QUICK, data, 1, CLONE_ITERS, out / "runs" / name, out / "runs" / f"{name}.json", 2,
             save_interval=CLONE_ITERS // 2), *extra])
-    _run_ok([*launch, *repro.shape_flags(QUICK, factor=2), *repro.train_flags(
-        QUICK, data, 1, 2, out / "runs" / "random-init", out / "runs" / "random-init.json", 2, eval_iters=0)])
     return out
 
 
@@ -78,8 +76,9 @@ def test_first_iteration_loss_equals_the_source_models(out):
         check = log(out, name)["source_check"]
         assert check["variant"] == variant
         assert abs(check["first_loss"] - check["source_loss"]) <= 1e-5 * check["source_loss"], check
-    # the same batch through a model that is not a clone is far off: the check can fail
-    random_first = log(out, "random-init")["train"][0]["lm_loss"]
+    # a model that is not a clone (the source at its random init, on a batch of the same data) is far
+    # off: the check can fail
+    random_first = json.loads((out / "source.json").read_text())["train"][0]["lm_loss"]
     assert abs(random_first - log(out, "symmetric-dropout0")["source_check"]["source_loss"]) > 0.5
 
 
@@ -119,8 +118,8 @@ def test_a_width_and_depth_clone_trains_from_the_source_loss(out, tmp_path):
 
 
 def test_an_upcycled_mixture_of_experts_trains_from_the_source_loss_the_same_at_every_ep(out, tmp_path):
-    """The source grown 2x and upcycled to 4 experts (top-2), written for EP 2 and for EP 1, each trained
-    3 iterations on 2 ranks with megatron-core's MoE layer and a load-balancing loss: the first-batch
+    """The source grown 2x and upcycled to 4 experts (top-2), written for EP 2 and trained from it at EP 2
+    and at EP 1 (megatron-core reshards the experts on load), each 3 iterations on 2 ranks with megatron-core's MoE layer and a load-balancing loss: the first-batch
     loss is the dense source's, the load-balancing loss is logged apart, and EP 2 (each rank half the
     experts) follows EP 1 (every rank all of them) step for step, which holds only if expert gradients
     are averaged as Megatron does (summed over expert replicas, divided by the data-parallel size).
@@ -128,14 +127,14 @@ def test_an_upcycled_mixture_of_experts_trains_from_the_source_loss_the_same_at_
     The dense source is the TP 2 source converted to TP 1 first (--factor 1): a TP 1 destination
     re-pads the vocabulary for TP 1 (384 rows, not 512), and Megatron's loss covers padding rows."""
     moe = ["--factor", "2", "--num-experts", "4", "--moe-router-topk", "2", "--no-progress"]
-    dense, ep2, ep1 = tmp_path / "dense-tp1", tmp_path / "ep2", tmp_path / "ep1"
+    dense, ep2 = tmp_path / "dense-tp1", tmp_path / "ep2"
     proc = torchrun(1, "expand_sharded.py", "--load", out / "source", "--save", dense, "--tp", "1", "--factor", "1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for ckpt, n, layout in ((ep2, 2, ["--tp", "1", "--ep", "2"]), (ep1, 1, ["--tp", "1"])):
-        proc = torchrun(n, "expand_sharded.py", "--load", dense, "--save", ckpt, *layout, *moe)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun(2, "expand_sharded.py", "--load", dense, "--save", ep2, "--tp", "1", "--ep", "2", *moe)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs, stdout = {}, {}
-    for name, ckpt, ep in (("ep2", ep2, "2"), ("ep1", ep1, "1")):
+    # the EP 1 run loads the same EP 2 checkpoint: megatron-core gathers each rank's experts from both files
+    for name, ckpt, ep in (("ep2", ep2, "2"), ("ep1", ep2, "1")):
         # the shape on the command line, not --use-checkpoint-args (it would force the source's dropout 0.1,
         # whose masks depend on the layout)
         proc = _train(out, "--load", ckpt, "--finetune", *repro.shape_flags(QUICK, factor=2), "--num-experts", "4",
