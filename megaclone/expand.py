@@ -46,7 +46,8 @@ FAULT_ENV = "MEGACLONE_FAULT_INJECT"
 def _fault_point(point: str) -> None:
     """SIGKILL this rank at ``point`` if asked to ("<point>:<rank>"); "stop-<point>:<rank>" SIGSTOPs it
     instead (a rank that hangs, as on a stuck filesystem); "interrupt-<point>:<rank>" sends SIGINT to
-    its whole process group, as Ctrl-C in a terminal does to the launcher and every rank."""
+    its whole process group, as Ctrl-C in a terminal does to the launcher and every rank, and
+    "terminate-<point>:<rank>" SIGTERM, as a scheduler cancelling the job does."""
     wanted = os.environ.get(FAULT_ENV, "")
     if wanted == f"{point}:{dist.get_rank()}":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -54,6 +55,8 @@ def _fault_point(point: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     if wanted == f"interrupt-{point}:{dist.get_rank()}":
         os.killpg(os.getpgid(0), signal.SIGINT)
+    if wanted == f"terminate-{point}:{dist.get_rank()}":
+        os.killpg(os.getpgid(0), signal.SIGTERM)
 
 
 def _fault_while_writing() -> None:
@@ -283,97 +286,100 @@ def expand(
     start, cpu_start = time.perf_counter(), cpu_seconds()
     return_large_frees()
     memory = PeakMemory().start()
-    world = dist.get_world_size()
-    dst_root = Path(dst_root)
-    src_root = Path(src_root)
+    try:
+        world = dist.get_world_size()
+        dst_root = Path(dst_root)
+        src_root = Path(src_root)
 
-    ep = experts.parallel if experts else 1
+        ep = experts.parallel if experts else 1
 
-    def validate():
-        if world % (tp * ep):
-            ranks = f"--tp {tp} x --ep {ep}" if ep > 1 else f"--tp {tp}"
-            raise MegacloneError(f"world size {world} is not a multiple of {ranks}",
-                                 f"launch with --nproc_per_node {tp * ep} (or a multiple of it)")
-        source = open_any_source(src_root, src_format, vocab_size)
-        dst_spec = destination_spec(source, factors, tp, depth, experts)
-        if save_format == "torch" and experts:
-            raise MegacloneError("--save-format torch does not write mixture-of-experts checkpoints",
-                                 "use the default torch_dist format (it loads into sequential and grouped-GEMM experts)")
-        if save_format == "torch" and pp != 1:
-            raise MegacloneError("--save-format torch writes pipeline size 1 only",
-                                 "use the default torch_dist format (one destination serves every --pp)")
-        if pp < 1 or dst_spec.num_layers % pp:
-            grown = f" ({source.spec.num_layers} x depth factor {depth.factor})" if depth.factor > 1 else ""
-            raise MegacloneError(f"--pp {pp} does not divide the {dst_spec.num_layers} layers{grown}",
-                                 "choose a pipeline size that divides the number of layers"
-                                 + (", or a depth factor that makes it divisible" if depth.factor > 1 else ""))
-        return source, dst_spec
+        def validate():
+            if world % (tp * ep):
+                ranks = f"--tp {tp} x --ep {ep}" if ep > 1 else f"--tp {tp}"
+                raise MegacloneError(f"world size {world} is not a multiple of {ranks}",
+                                     f"launch with --nproc_per_node {tp * ep} (or a multiple of it)")
+            source = open_any_source(src_root, src_format, vocab_size)
+            dst_spec = destination_spec(source, factors, tp, depth, experts)
+            if save_format == "torch" and experts:
+                raise MegacloneError("--save-format torch does not write mixture-of-experts checkpoints",
+                                     "use the default torch_dist format (it loads into sequential and grouped-GEMM experts)")
+            if save_format == "torch" and pp != 1:
+                raise MegacloneError("--save-format torch writes pipeline size 1 only",
+                                     "use the default torch_dist format (one destination serves every --pp)")
+            if pp < 1 or dst_spec.num_layers % pp:
+                grown = f" ({source.spec.num_layers} x depth factor {depth.factor})" if depth.factor > 1 else ""
+                raise MegacloneError(f"--pp {pp} does not divide the {dst_spec.num_layers} layers{grown}",
+                                     "choose a pipeline size that divides the number of layers"
+                                     + (", or a depth factor that makes it divisible" if depth.factor > 1 else ""))
+            return source, dst_spec
 
-    source, dst_spec = agree(validate)
-    if dist.get_rank() == 0:
-        for warning in cfg.warnings(getattr(source.args, "hidden_dropout", None),
-                                    getattr(source.args, "attention_dropout", None)):
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
-    claim = destination.Claim.take(dst_root, destination.Kind.MEGATRON, [src_root, source.path], overwrite)
-    with claim:
-        report = RankReport(rank=dist.get_rank())
-        report.seconds["validate"] = time.perf_counter() - start
-        t0 = time.perf_counter()
-        init_parallel(tp, 1, ep)
-        dtype = dtype or source.dtype
-        model = build_gpt(dst_spec, dtype=dtype, device=device)
-        model_sd = model_sharded_state_dict(model)
-        legacy = save_format == "torch"
-        slots = parameter_slots(model_sd, own_storage=not legacy)
-        if not legacy:
-            del model  # the state dict alone holds the shard; fused tensors it saves in pieces are freed
-        report.seconds["build"] = time.perf_counter() - t0
-        scales = noise_plan(source, dst_spec, depth, cfg) if cfg.variant.noisy else None
-        # every rank learns of a refusal here (bad values in its part of the source) before the save's collectives
-        agree(lambda: fill_rank(source, dst_spec, slots, parallel_state.get_tensor_model_parallel_rank(), cfg, report,
-                                on_slice, allow_non_finite, scales, depth,
-                                ep_rank=parallel_state.get_expert_model_parallel_rank()))
-        del slots
-        claim.clear()  # an earlier output goes only now that the source has been read whole
+        source, dst_spec = agree(validate)
+        if dist.get_rank() == 0:
+            for warning in cfg.warnings(getattr(source.args, "hidden_dropout", None),
+                                        getattr(source.args, "attention_dropout", None)):
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+        claim = destination.Claim.take(dst_root, destination.Kind.MEGATRON, [src_root, source.path], overwrite)
+        with claim:
+            report = RankReport(rank=dist.get_rank())
+            report.seconds["validate"] = time.perf_counter() - start
+            t0 = time.perf_counter()
+            init_parallel(tp, 1, ep)
+            dtype = dtype or source.dtype
+            model = build_gpt(dst_spec, dtype=dtype, device=device)
+            model_sd = model_sharded_state_dict(model)
+            legacy = save_format == "torch"
+            slots = parameter_slots(model_sd, own_storage=not legacy)
+            if not legacy:
+                del model  # the state dict alone holds the shard; fused tensors it saves in pieces are freed
+            report.seconds["build"] = time.perf_counter() - t0
+            scales = noise_plan(source, dst_spec, depth, cfg) if cfg.variant.noisy else None
+            # every rank learns of a refusal here (bad values in its part of the source) before the save's collectives
+            agree(lambda: fill_rank(source, dst_spec, slots, parallel_state.get_tensor_model_parallel_rank(), cfg, report,
+                                    on_slice, allow_non_finite, scales, depth,
+                                    ep_rank=parallel_state.get_expert_model_parallel_rank()))
+            del slots
+            claim.clear()  # an earlier output goes only now that the source has been read whole
 
-        trim_heap()  # dist_checkpointing forks writers: hand them a compact heap
-        _fault_while_writing()
-        t0 = time.perf_counter()
-        args = dst_spec.to_args(source.args, dtype=dtype)
-        args.pipeline_model_parallel_size = pp
-        state = {
-            "model": model_sd,
-            "args": args,
-            "iteration": 0,
-            "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
-            "megaclone": {
-                "factors": dataclasses.asdict(factors),
-                "depth": dataclasses.asdict(depth),
-                "experts": None if dst_spec.experts is None else dataclasses.asdict(dst_spec.experts),
-                "variant": cfg.variant.value,
-                "snr_db": cfg.snr_db,
-                "seed": cfg.seed,
-                "source": str(source.path.resolve()),
-                "source_format": source.kind,
-            },
-        }
-        if legacy:
-            state["model"] = model.state_dict()  # local-spec module names: --transformer-impl local
-            ckpt_io.save_legacy_checkpoint(dst_root, 0, state, parallel_state.get_tensor_model_parallel_rank(),
-                                           writer=parallel_state.get_data_parallel_rank() == 0,
-                                           before_publish=lambda: _fault_point("write"))
-        else:
-            add_te_moe_norm_keys(model_sd)
-            del model_sd  # ``state`` is now the shard's only owner
-            ckpt_io.save_checkpoint(dst_root, 0, state, before_publish=lambda: _fault_point("write"))
-    report.seconds["write"] = time.perf_counter() - t0
-    report.seconds["total"] = time.perf_counter() - start
-    report.seconds["cpu"] = cpu_seconds() - cpu_start
-    del state
-    report.peak_rss = memory.stop()
-    reports: list[Optional[RankReport]] = [None] * world
-    dist.all_gather_object(reports, report)
-    return reports  # type: ignore[return-value]
+            trim_heap()  # dist_checkpointing forks writers: hand them a compact heap
+            _fault_while_writing()
+            t0 = time.perf_counter()
+            args = dst_spec.to_args(source.args, dtype=dtype)
+            args.pipeline_model_parallel_size = pp
+            state = {
+                "model": model_sd,
+                "args": args,
+                "iteration": 0,
+                "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
+                "megaclone": {
+                    "factors": dataclasses.asdict(factors),
+                    "depth": dataclasses.asdict(depth),
+                    "experts": None if dst_spec.experts is None else dataclasses.asdict(dst_spec.experts),
+                    "variant": cfg.variant.value,
+                    "snr_db": cfg.snr_db,
+                    "seed": cfg.seed,
+                    "source": str(source.path.resolve()),
+                    "source_format": source.kind,
+                },
+            }
+            if legacy:
+                state["model"] = model.state_dict()  # local-spec module names: --transformer-impl local
+                ckpt_io.save_legacy_checkpoint(dst_root, 0, state, parallel_state.get_tensor_model_parallel_rank(),
+                                               writer=parallel_state.get_data_parallel_rank() == 0,
+                                               before_publish=lambda: _fault_point("write"))
+            else:
+                add_te_moe_norm_keys(model_sd)
+                del model_sd  # ``state`` is now the shard's only owner
+                ckpt_io.save_checkpoint(dst_root, 0, state, before_publish=lambda: _fault_point("write"))
+        report.seconds["write"] = time.perf_counter() - t0
+        report.seconds["total"] = time.perf_counter() - start
+        report.seconds["cpu"] = cpu_seconds() - cpu_start
+        del state
+        report.peak_rss = memory.stop()
+        reports: list[Optional[RankReport]] = [None] * world
+        dist.all_gather_object(reports, report)
+        return reports  # type: ignore[return-value]
+    finally:
+        memory.stop()  # a refusal or a failure must not leave the sampler running in the caller
 
 
 def expand_to_hf(
@@ -397,45 +403,48 @@ def expand_to_hf(
     start = time.perf_counter()
     return_large_frees()
     memory = PeakMemory().start()
-    out, src_root = Path(out), Path(src_root)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        out, src_root = Path(out), Path(src_root)
+        rank, world = dist.get_rank(), dist.get_world_size()
 
-    def validate():
-        source = open_any_source(src_root, "hf")
-        dst_spec = destination_spec(source, factors, 1, depth)  # whole tensors: TP 1's layout
-        model_type = source.args.hf_model_type
-        check_exportable(dst_spec, model_type, src_root)
-        return source, dst_spec, model_type
+        def validate():
+            source = open_any_source(src_root, "hf")
+            dst_spec = destination_spec(source, factors, 1, depth)  # whole tensors: TP 1's layout
+            model_type = source.args.hf_model_type
+            check_exportable(dst_spec, model_type, src_root)
+            return source, dst_spec, model_type
 
-    source, dst_spec, model_type = agree(validate)
-    with destination.Claim.take(out, destination.Kind.HF, [src_root], overwrite) as claim:
-        report = RankReport(rank=rank)
-        dtype = dtype or source.dtype
-        pieces, sizes = hf_pieces(dst_spec)
-        tensors = {t.key: t for t in catalogue(dst_spec)}
-        slots: Slots = {(key, layer, None): [RowBlock(0, tensors[key].shape[0], torch.empty(tensors[key].shape, dtype=dtype))]
-                        for (key, layer), who in zip(pieces, deal(sizes, world)) if who == rank}
-        scales = noise_plan(source, dst_spec, depth, cfg) if cfg.variant.noisy else None
-        agree(lambda: fill_rank(source, dst_spec, dict(slots), 0, cfg, report, on_slice, allow_non_finite, scales,
-                                depth, only_slots=True))
-        layout = hf.family_of(model_type).layout(dst_spec)
+        source, dst_spec, model_type = agree(validate)
+        with destination.Claim.take(out, destination.Kind.HF, [src_root], overwrite) as claim:
+            report = RankReport(rank=rank)
+            dtype = dtype or source.dtype
+            pieces, sizes = hf_pieces(dst_spec)
+            tensors = {t.key: t for t in catalogue(dst_spec)}
+            slots: Slots = {(key, layer, None): [RowBlock(0, tensors[key].shape[0], torch.empty(tensors[key].shape, dtype=dtype))]
+                            for (key, layer), who in zip(pieces, deal(sizes, world)) if who == rank}
+            scales = noise_plan(source, dst_spec, depth, cfg) if cfg.variant.noisy else None
+            agree(lambda: fill_rank(source, dst_spec, dict(slots), 0, cfg, report, on_slice, allow_non_finite, scales,
+                                    depth, only_slots=True))
+            layout = hf.family_of(model_type).layout(dst_spec)
 
-        def to_hf() -> dict[str, torch.Tensor]:
-            mine = {}
-            for key, layer, _ in list(slots):
-                [block] = slots.pop((key, layer, None))  # freed as its HF tensors are made
-                hf.check_constant(layout[key], key, layer, block.tensor, model_type)
-                mine.update(hf.hf_tensors_from(layout[key], layer, block.tensor))
-            return mine
+            def to_hf() -> dict[str, torch.Tensor]:
+                mine = {}
+                for key, layer, _ in list(slots):
+                    [block] = slots.pop((key, layer, None))  # freed as its HF tensors are made
+                    hf.check_constant(layout[key], key, layer, block.tensor, model_type)
+                    mine.update(hf.hf_tensors_from(layout[key], layer, block.tensor))
+                return mine
 
-        mine = agree(to_hf)  # every rank learns of a refusal before an earlier output is removed
-        claim.clear()
-        t0 = time.perf_counter()
-        write_hf(out, mine, dst_spec, model_type, dtype, source.path)
-    report.seconds["write"] = time.perf_counter() - t0
-    report.seconds["total"] = time.perf_counter() - start
-    del mine
-    report.peak_rss = memory.stop()
-    reports: list[Optional[RankReport]] = [None] * world
-    dist.all_gather_object(reports, report)
-    return reports  # type: ignore[return-value]
+            mine = agree(to_hf)  # every rank learns of a refusal before an earlier output is removed
+            claim.clear()
+            t0 = time.perf_counter()
+            write_hf(out, mine, dst_spec, model_type, dtype, source.path)
+        report.seconds["write"] = time.perf_counter() - t0
+        report.seconds["total"] = time.perf_counter() - start
+        del mine
+        report.peak_rss = memory.stop()
+        reports: list[Optional[RankReport]] = [None] * world
+        dist.all_gather_object(reports, report)
+        return reports  # type: ignore[return-value]
+    finally:
+        memory.stop()  # a refusal or a failure must not leave the sampler running in the caller

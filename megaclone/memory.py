@@ -63,10 +63,12 @@ class PeakMemory:
         self.samples += 1
 
     def stop(self) -> dict[str, int]:
-        self._stop.set()
+        """End sampling (idempotent: a ``finally`` may call it again) and return the peaks."""
         if self._thread is not None:
+            self._stop.set()
             self._thread.join()
-        self.sample_once()
+            self._thread = None
+            self.sample_once()
         return {"baseline": self.baseline, "self": self.self_peak, "tree": self.tree_peak}
 
 

@@ -393,3 +393,16 @@ def test_trainer_refuses_a_mixture_of_experts_at_tp_2_with_the_reason():
                                   "--micro-batch-size", "1", "--lr", "1e-4", "--train-iters", "1"])
     with pytest.raises(MegacloneError, match="refuse sequence parallelism"):
         train_args.finalize(args, 2)
+
+
+def test_a_refused_expansion_leaves_no_thread_behind(source, tmp_path):
+    """The peak-memory sampler a library call starts stops however the call ends: a caller's process
+    (a notebook, a test session) that sees refusals must not accumulate threads reading /proc."""
+    import threading
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("a user's file")
+    for _ in range(3):
+        with pytest.raises(MegacloneError, match="is not empty"):
+            expand(source, tmp_path / "full", Factors.uniform(2), 1)
+    assert not [t for t in threading.enumerate() if t.name == "megaclone-rss"]
