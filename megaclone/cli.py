@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import warnings
 from typing import Callable, Optional, Sequence
@@ -26,11 +27,10 @@ for _module in (r"megatron\..*", r"torch\.distributed\..*", r"torch\.nn\..*"):
 
 
 def launch_rank() -> int:
-    """This process's rank as the launcher (torchrun, mpirun) announces it, before any process group."""
-    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return 0
+    """This process's rank as the launcher (torchrun, srun, mpirun) announces it, before any process group."""
+    from . import launch
+
+    return launch.rank()
 
 
 def record_for_launcher(message: str) -> None:
@@ -108,16 +108,33 @@ def _lost_peer(exc: BaseException) -> bool:
         s in text for s in ("timed out", "timeout", "connection closed by peer", "connection reset by peer"))
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler cancelling the job, a launcher stopping its workers), raised where the rank
+    is so that it ends as Ctrl-C does."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _default_sigterm_in_child() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked writer just dies, as before
+
+
 def run(main: Callable[[], int]) -> None:
     """Run a tool's main; a MegacloneError prints 'error: ...' (once) and exits 2; a peer that died or
-    hangs prints one 'error: ...' line per rank that noticed and exits 3."""
+    hangs prints one 'error: ...' line per rank that noticed and exits 3; SIGINT and SIGTERM print one
+    line per rank and exit 130 and 143 (nothing is published: a checkpoint appears only whole)."""
+    signal.signal(signal.SIGTERM, _terminated)
+    os.register_at_fork(after_in_child=_default_sigterm_in_child)
     try:
         code = main()
-    except KeyboardInterrupt:  # Ctrl-C reaches every rank of the job: one line each, nothing published
-        message = f"error: rank {launch_rank()}: interrupted; nothing was published"
+    except (KeyboardInterrupt, Terminated) as stop:  # it reaches every rank of the job: one line each
+        what, code = ("interrupted", 130) if isinstance(stop, KeyboardInterrupt) else ("terminated", 143)
+        message = f"error: rank {launch_rank()}: {what}; nothing was published"
         print(message, file=sys.stderr, flush=True)
         record_for_launcher(message)
-        os._exit(130)
+        os._exit(code)
     except MegacloneError as exc:
         if exc.local:  # this process alone knows: it reports, and the launcher stops the others
             print(f"error: rank {launch_rank()}: {exc}", file=sys.stderr, flush=True)

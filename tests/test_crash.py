@@ -94,9 +94,11 @@ def test_nothing_outlives_a_rank_killed_while_its_writers_run(source, tmp_path):
     assert not (tmp_path / "wide" / "latest_checkpointed_iteration.txt").exists()
 
 
-def test_ctrl_c_ends_every_rank_in_one_line_and_publishes_nothing(source, tmp_path):
-    """SIGINT to the launcher and every rank (what Ctrl-C in a terminal does to its process group),
-    sent by rank 0 while reading: no KeyboardInterrupt traceback, nothing published, nothing left."""
+@pytest.mark.parametrize("fault,said", [("interrupt", "interrupted"), ("terminate", "terminated")])
+def test_ctrl_c_and_sigterm_end_every_rank_in_one_line_and_publish_nothing(source, tmp_path, fault, said):
+    """SIGINT to the launcher and every rank (what Ctrl-C in a terminal does to its process group), or
+    SIGTERM (what a scheduler cancelling the job sends), sent by rank 0 while reading: no traceback,
+    nothing published, nothing left."""
     import os
     import subprocess
     import sys
@@ -108,12 +110,12 @@ def test_ctrl_c_ends_every_rank_in_one_line_and_publishes_nothing(source, tmp_pa
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tools/expand_sharded.py", "--load",
          str(source), "--save", str(tmp_path / "wide"), "--tp", "2", "--no-progress"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, start_new_session=True,  # its own group
-        env={**os.environ, "MEGACLONE_FAULT_INJECT": "interrupt-read:0", "MEGACLONE_TEST_TAG": tag})
+        env={**os.environ, "MEGACLONE_FAULT_INJECT": f"{fault}-read:0", "MEGACLONE_TEST_TAG": tag})
     assert proc.returncode != 0
-    assert "error: rank 0: interrupted; nothing was published" in proc.stderr, proc.stderr[-3000:]
+    assert f"error: rank 0: {said}; nothing was published" in proc.stderr, proc.stderr[-3000:]
     ours = [line for line in proc.stderr.splitlines()
             if line.strip().startswith("File \"") and ("megaclone" in line or "tools/" in line)]
-    assert not ours and "KeyboardInterrupt" not in proc.stderr, proc.stderr[-3000:]  # no rank's traceback
+    assert not ours and "KeyboardInterrupt" not in proc.stderr and "Terminated" not in proc.stderr, proc.stderr[-3000:]
     time.sleep(1)
     assert not _processes_tagged(tag), "a process outlived the job"
     assert not (tmp_path / "wide" / "latest_checkpointed_iteration.txt").exists()
