@@ -23,7 +23,9 @@ def main() -> int:
     from megaclone.train_args import build_parser, refuse_early
 
     args = cli.parse(build_parser())  # before torch is imported: --help and flag errors come at once
-    refuse_early(args, int(os.environ.get("WORLD_SIZE", "1")))  # flag refusals, still before torch
+    from megaclone import launch
+
+    refuse_early(args, launch.world_size())  # flag refusals, still before torch
     from megaclone.runtime import init_distributed
     from megaclone.training import pretrain
 

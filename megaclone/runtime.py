@@ -17,6 +17,8 @@ from typing import Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from . import launch
+
 T = TypeVar("T")
 
 
@@ -39,8 +41,7 @@ def pick_device(requested: Optional[str] = None) -> tuple[torch.device, str]:
     """CUDA with NCCL when a GPU is visible, else CPU with gloo; ``requested`` ('cpu'/'cuda') overrides."""
     kind = requested or ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", "0")))
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(launch.local_rank() % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device()), "nccl"
     global _cpu
     _cpu = True
@@ -98,7 +99,7 @@ def _cpu_tracker_fork(self, name: str = "model-parallel-rng"):
 
 def _mpi_world() -> Optional[tuple[int, int]]:
     """(rank, world) from mpi4py when launched by mpirun/mpiexec, else None."""
-    if not any(v in os.environ for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")):
+    if not launch.mpi():
         return None
     from mpi4py import MPI
 
@@ -154,18 +155,22 @@ def bind_children_to_this_process() -> None:
 def init_distributed(device: Optional[str] = None, timeout_minutes: float = 10.0) -> Runtime:
     """Join (or create) the default process group.
 
-    torchrun supplies RANK/WORLD_SIZE/MASTER_ADDR; under mpirun mpi4py supplies rank and world and
-    rank 0 broadcasts a rendezvous address; a plain ``python`` start is a world of one. Collectives
-    time out after ``timeout_minutes`` so a dead peer turns into an error rather than a hang.
+    torchrun supplies RANK/WORLD_SIZE/MASTER_ADDR; srun supplies rank and world, and every task
+    computes the same rendezvous from the step (megaclone.launch); under mpirun mpi4py supplies rank
+    and world and rank 0 broadcasts a rendezvous address; a plain ``python`` start is a world of one.
+    Collectives time out after ``timeout_minutes`` so a dead peer turns into an error rather than a hang.
     """
     bind_children_to_this_process()
     dev, backend = pick_device(device)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if dist.is_initialized():
         return Runtime(dist.get_rank(), dist.get_world_size(), dev, backend, "existing")
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    launcher = launch.name()
+    if launcher == "torchrun":
         dist.init_process_group(backend, timeout=timeout)
-        launcher = "torchrun"
+    elif launcher == "srun":
+        dist.init_process_group(backend, init_method=launch.slurm_rendezvous(), rank=launch.rank(),
+                                world_size=launch.world_size(), timeout=timeout)
     else:
         mpi = _mpi_world()
         if mpi is not None:
@@ -176,7 +181,6 @@ def init_distributed(device: Optional[str] = None, timeout_minutes: float = 10.0
                 f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{_free_port()}" if rank == 0 else None,
                 root=0,
             )
-            launcher = "mpirun"
         else:
             rank, world, addr, launcher = 0, 1, f"tcp://127.0.0.1:{_free_port()}", "single"
         dist.init_process_group(backend, init_method=addr, rank=rank, world_size=world, timeout=timeout)

@@ -194,14 +194,16 @@ def data_source(args: argparse.Namespace) -> DataSource:
     return DataSource(paths(args.data_path), args.split, per_split if any(per_split) else None)
 
 
-def refuse_early(args: argparse.Namespace, world_size: int) -> None:
-    """The refusals the flags alone decide, made before torch is imported (the launcher's world size is
-    in the environment): what --use-checkpoint-args would fill in is left to :func:`finalize`."""
+def refuse_early(args: argparse.Namespace, world_size: Optional[int]) -> None:
+    """The refusals the flags alone decide, made before torch is imported (the launcher's world size,
+    where its environment says it: megaclone.launch): what --use-checkpoint-args would fill in is left
+    to :func:`finalize`."""
     if args.load and not os.path.exists(args.load) and (args.finetune or args.use_checkpoint_args):
         raise MegacloneError(f"--load {args.load} does not exist",
                              "pass the directory tools/expand_sharded.py --save or a training run wrote")
     if not args.use_checkpoint_args:
-        _check_world(args, world_size)
+        if world_size is not None:
+            _check_world(args, world_size)
         _check_shape_given(args)
 
 
