@@ -158,7 +158,8 @@ def test_every_tool_refuses_a_payload(evil, tmp_path, tool, kind, file):
         proc = run([sys.executable, "tools/inspect_checkpoint.py", src])
     else:
         proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-                    "examples/pretrain_gpt.py", "--load", src, "--data-path", tmp_path / "none", "--train-iters", "1",
+                    "examples/pretrain_gpt.py", "--load", src, "--use-checkpoint-args", "--data-path", tmp_path / "none",
+                    "--train-iters", "1",
                     "--seq-length", "8", "--micro-batch-size", "1", "--lr", "1e-4"])
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "posix.system" in out and file in out, out[-3000:]
