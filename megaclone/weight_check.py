@@ -15,7 +15,12 @@ planner, reader plan or clone rules:
   noise block (head, SwiGLU half or matrix; output copy; input copy) measures the recorded SNR against
   the cloned block W_S/c_in within ``snr_tol_db``;
 - depth: each destination layer is the source layer the recorded ``--depth-placement`` maps it to;
-  under ``--depth-init identity`` the residual outputs of added copies are zero.
+  under ``--depth-init identity`` the residual outputs of added copies are zero;
+- experts: the first G experts are the G slices of the grown dense MLP (the second projection times
+  G), every further expert is bit for bit the one holding its slice, and the router's rows tie
+  within each virtual group of G experts (or are zero). Under noise, a granular expert's second
+  projection holds one copy of a pair (its partner lies in another expert): its noise is checked
+  by power, the cancellation by the logit check.
 
 Tensor-layers are dealt to the ranks (largest first); each reads its share in row chunks.
 """
@@ -49,6 +54,7 @@ class Mismatch:
 
     key: str
     layer: Optional[int]
+    expert: Optional[int]
     index: tuple[int, ...]
     out_copy: int
     in_copy: Optional[int]
@@ -57,7 +63,8 @@ class Mismatch:
     why: str
 
     def line(self) -> str:
-        where = f"{self.key}" + ("" if self.layer is None else f" layer {self.layer}")
+        where = (self.key + ("" if self.layer is None else f" layer {self.layer}")
+                 + ("" if self.expert is None else f" expert {self.expert}"))
         copy = f"output copy {self.out_copy}" + ("" if self.in_copy is None else f", input copy {self.in_copy}")
         return (f"{where} [{', '.join(map(str, self.index))}] ({copy}): {self.why}: expected {self.expected!r}, "
                 f"found {self.found!r}")
@@ -85,6 +92,7 @@ class CloneDefinition:
     variant: Variant
     snr_db: float
     depth: Depth
+    router_init: str = "random"
 
 
 def definition_of(destination: Source) -> CloneDefinition:
@@ -93,11 +101,8 @@ def definition_of(destination: Source) -> CloneDefinition:
         raise NotComparable(f"{destination.path} holds no megaclone record: it was not written by megaclone (or was "
                              "trained since), so there is no clone definition to check its weights against",
                              "check the checkpoint megaclone wrote, or compare logits only (--no-weights)")
-    if record.get("experts"):
-        raise NotComparable(f"{destination.path} is an upcycled mixture of experts, which the weight check does not "
-                             "cover yet", "compare logits only (--no-weights); tests/test_moe.py checks upcycling "
-                             "against megatron-core's own")
-    return CloneDefinition(Variant(record["variant"]), float(record["snr_db"]), Depth(**record.get("depth", {})))
+    return CloneDefinition(Variant(record["variant"]), float(record["snr_db"]), Depth(**record.get("depth", {})),
+                           (record.get("experts") or {}).get("router_init", "random"))
 
 
 def _rows_cols(rule: ParamRule, rows: np.ndarray):
@@ -139,20 +144,48 @@ def _first(mask: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(int(torch.nonzero(mask.flatten())[0]), tuple(mask.shape)))
 
 
-def _mismatch(rule: ParamRule, layer: Optional[int], rows: np.ndarray, at: tuple[int, ...], found: torch.Tensor,
-              expected: torch.Tensor, why: str) -> Mismatch:
+def _mismatch(rule: ParamRule, layer: Optional[int], expert: Optional[int], rows: np.ndarray, at: tuple[int, ...],
+              found: torch.Tensor, expected: torch.Tensor, why: str) -> Mismatch:
     """A mismatch at chunk position ``at`` (row within ``rows``, column), in destination coordinates."""
     row = int(rows[at[0]])
-    in_copy = None if len(at) < 2 else int(rule.cols(np.array([at[1]]))[1][0])
-    return Mismatch(rule.key, layer, (row,) + at[1:], int(rule.rows(np.array([row]))[1][0]), in_copy,
-                    float(expected[at]), float(found[at]), why)
+    in_copy = None if len(at) < 2 or rule.cols is None else int(rule.cols(np.array([at[1]]))[1][0])
+    out_copy = 0 if rule.role is Role.ROUTER else int(rule.rows(np.array([row]))[1][0])
+    return Mismatch(rule.key, layer, expert, (row,) + at[1:], out_copy, in_copy, float(expected[at]),
+                    float(found[at]), why)
+
+
+def _read_rows(destination: Source, rule: ParamRule, layer: Optional[int], expert: Optional[int],
+               start: int, n: int) -> torch.Tensor:
+    """Destination rows [start, start + n) of one tensor-layer (of one expert), every column."""
+    shape = rule.dst_shape
+    lead = () if expert is None else (expert,)
+    box = Box(lead + (start,) + (0,) * (len(shape) - 1), (1,) * len(lead) + (n,) + tuple(shape[1:]))
+    [found] = destination.read(BoxRead(rule.key, layer, (box,)))
+    return found.reshape((n,) + tuple(shape[1:]))
+
+
+def check_router(rule: ParamRule, layer: Optional[int], destination: Source,
+                 definition: CloneDefinition) -> Optional[Mismatch]:
+    """A router has no source: its rows are drawn, one per virtual group of ``rule.slices`` experts
+    (so the experts of a group tie), or all zero with --moe-router-init zero."""
+    rows = np.arange(rule.dst_shape[0])
+    found = _read_rows(destination, rule, layer, None, 0, len(rows))
+    expected = torch.zeros_like(found) if definition.router_init == "zero" else found[rows - rows % rule.slices]
+    differs = found != expected
+    if differs.any():
+        why = ("not zero (--moe-router-init zero)" if definition.router_init == "zero"
+               else f"differs from the first row of its group of {rule.slices} experts, which tie")
+        return _mismatch(rule, layer, None, rows, _first(differs), found, expected, why)
+    return None
 
 
 def check_tensor_layer(rule: ParamRule, layer: Optional[int], source: Source, destination: Source,
                        src_layer: Optional[int], zero: bool, definition: CloneDefinition,
                        snr_tol_db: float) -> tuple[Optional[Mismatch], list[float]]:
-    """Compare one destination tensor-layer with its definition; (first mismatch or None, the SNR of
-    every noise block in dB)."""
+    """Compare one destination tensor-layer (every expert of a per-expert tensor) with its definition;
+    (first mismatch or None, the SNR of every noise block in dB)."""
+    if rule.role is Role.ROUTER:
+        return check_router(rule, layer, destination, definition), []
     src_shape = source.tensors[rule.source_key].shape
     src_shape = src_shape[1:] if rule.per_layer else src_shape
     [src] = source.read(BoxRead(rule.source_key, src_layer, (Box((0,) * len(src_shape), tuple(src_shape)),)))
@@ -163,45 +196,51 @@ def check_tensor_layer(rule: ParamRule, layer: Optional[int], source: Source, de
     if noisy:  # per (unit, output copy, input copy): sums of the cloned block's and of the noise's squares
         units = rule.noise_blocks
         noise = np.zeros((units, rule.c_out, rule.c_in))
-        present = np.zeros((units, rule.c_out), dtype=np.int64)  # rows seen (a grouped QKV lacks some copies)
-        unit_power = (src.double() / rule.c_in).square().reshape(units, -1).mean(dim=1).numpy()
-    for start in range(0, shape[0], step):
-        rows = np.arange(start, min(start + step, shape[0]))
-        box = Box((start,) + (0,) * (len(shape) - 1), (len(rows),) + tuple(shape[1:]))
-        [found] = destination.read(BoxRead(rule.key, layer, (box,)))
-        if zero:
-            expected = torch.zeros_like(found)
-        else:
-            expected = expected_exact(rule, src, rows, definition, found.dtype)
-        if not noisy:
-            differs = ~((found == expected) | (found.isnan() & expected.isnan()))
-            if differs.any():
-                why = "not zero (an added layer's residual output)" if zero else "differs from the clone's value"
-                return _mismatch(rule, layer, rows, _first(differs), found, expected, why), []
-            continue
-        mismatch = _check_noise_chunk(rule, layer, rows, found, expected, noise, present)
-        if mismatch is not None:
-            return mismatch, []
+        # elements seen per block (a grouped QKV lacks some copies; an expert holds part of a block)
+        present = np.zeros((units, rule.c_out, rule.c_in), dtype=np.int64)
+        # the cloned block's power, times a granular expert's gain (its clone and noise both carry it)
+        unit_power = (src.double() * rule.gain / rule.c_in).square().reshape(units, -1).mean(dim=1).numpy()
+    for expert in range(rule.tensor.experts) if rule.tensor.experts else [None]:
+        one = rule.for_expert(expert)
+        for start in range(0, shape[0], step):
+            rows = np.arange(start, min(start + step, shape[0]))
+            found = _read_rows(destination, rule, layer, expert, start, len(rows))
+            if expert is not None and expert >= rule.slices:  # a copy of the expert holding the same slice
+                original = _read_rows(destination, rule, layer, expert % rule.slices, start, len(rows))
+                differs = ~((found == original) | (found.isnan() & original.isnan()))
+                if differs.any():
+                    return _mismatch(one, layer, expert, rows, _first(differs), found, original,
+                                     f"differs from expert {expert % rule.slices}, which holds the same slice"), []
+                continue
+            expected = torch.zeros_like(found) if zero else expected_exact(one, src, rows, definition, found.dtype)
+            if not noisy:
+                differs = ~((found == expected) | (found.isnan() & expected.isnan()))
+                if differs.any():
+                    why = "not zero (an added layer's residual output)" if zero else "differs from the clone's value"
+                    return _mismatch(one, layer, expert, rows, _first(differs), found, expected, why), []
+                continue
+            mismatch = _check_noise_chunk(one, layer, expert, rows, found, expected, noise, present)
+            if mismatch is not None:
+                return mismatch, []
     if not noisy:
         return None, []
     noised = 2 * (rule.c_in // 2)  # input copies that carry noise
-    exists = present > 0
+    exists = present[:, :, :noised] > 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        mean_noise = noise[:, :, :noised] / (present * src.shape[1])[:, :, None]
-        snr = 10 * np.log10(unit_power[:, None, None] / mean_noise)
-    off = (np.abs(snr - definition.snr_db) > snr_tol_db) & exists[:, :, None]
+        snr = 10 * np.log10(unit_power[:, None, None] / (noise[:, :, :noised] / present[:, :, :noised]))
+    off = (np.abs(snr - definition.snr_db) > snr_tol_db) & exists
     if off.any():
         unit, out_copy, in_copy = (int(i[0]) for i in np.nonzero(off))
-        return Mismatch(rule.key, layer, (unit * rule.noise_unit,), out_copy, in_copy, definition.snr_db,
+        return Mismatch(rule.key, layer, None, (unit * rule.noise_unit,), out_copy, in_copy, definition.snr_db,
                         float(snr[unit, out_copy, in_copy]),
                         f"noise block {unit} (rows of {rule.noise_unit}) measures another SNR in dB than recorded"), []
     return None, snr[exists].ravel().tolist()
 
 
-def _check_noise_chunk(rule, layer, rows, found, expected, noise, present) -> Optional[Mismatch]:
+def _check_noise_chunk(rule, layer, expert, rows, found, expected, noise, present) -> Optional[Mismatch]:
     """Paired noise on rows ``rows``: copies 2p and 2p+1 perturbed by opposite amounts (to the rounding
     of the stored and the exact values), an odd last copy exact; adds each block's sum of squared
-    noise to ``noise`` [unit, output copy, input copy] and its rows to ``present``."""
+    noise to ``noise`` [unit, output copy, input copy] and its rows to ``present`` (unless None)."""
     found64, expected64 = found.double(), expected.double()
     delta = found64 - expected64
     _, in_copy = rule.cols(np.arange(rule.cols.dst_size))
@@ -209,6 +248,8 @@ def _check_noise_chunk(rule, layer, rows, found, expected, noise, present) -> Op
     eps = torch.finfo(found.dtype).eps
     for p in range(rule.c_in // 2):
         plus, minus = torch.from_numpy(in_copy == 2 * p), torch.from_numpy(in_copy == 2 * p + 1)
+        if not plus.any() or not minus.any():  # a granular expert holds one copy of the pair: its power is checked
+            continue
         total = (delta[:, plus] + delta[:, minus]).abs()
         bound = eps * (found64[:, plus].abs() + found64[:, minus].abs()
                        + expected64[:, plus].abs() + expected64[:, minus].abs())
@@ -216,7 +257,7 @@ def _check_noise_chunk(rule, layer, rows, found, expected, noise, present) -> Op
         if broken.any():
             r, c = _first(broken)
             at = (r, int(np.flatnonzero(in_copy == 2 * p)[c]))
-            return _mismatch(rule, layer, rows, at, found64, expected64,
+            return _mismatch(rule, layer, expert, rows, at, found64, expected64,
                              f"the noise of input copies {2 * p} and {2 * p + 1} does not cancel (their sum is "
                              f"{float(total[r, c]):.3e}); the value shown is copy {2 * p}'s")
     if rule.c_in % 2:
@@ -224,14 +265,16 @@ def _check_noise_chunk(rule, layer, rows, found, expected, noise, present) -> Op
         differs = delta[:, torch.from_numpy(last)] != 0
         if differs.any():
             r, c = _first(differs)
-            return _mismatch(rule, layer, rows, (r, int(np.flatnonzero(last)[c])), found64, expected64,
+            return _mismatch(rule, layer, expert, rows, (r, int(np.flatnonzero(last)[c])), found64, expected64,
                              "the odd last input copy carries noise")
+    if noise is None:
+        return None
     squares = delta.square()
     unit = src_rows // rule.noise_unit
-    np.add.at(present, (unit, out_copy), 1)
     for j in range(rule.c_in):
-        per_row = squares[:, torch.from_numpy(in_copy == j)].sum(dim=1).numpy()
-        np.add.at(noise[:, :, j], (unit, out_copy), per_row)
+        cols = torch.from_numpy(in_copy == j)
+        np.add.at(noise[:, :, j], (unit, out_copy), squares[:, cols].sum(dim=1).numpy())
+        np.add.at(present[:, :, j], (unit, out_copy), int(cols.sum()))
     return None
 
 
@@ -239,7 +282,7 @@ def check_weights(src_root, dst_root, snr_tol_db: float = 0.05, hf: bool = False
     """Every rank checks its share of the destination's tensor-layers against the source (a Megatron
     checkpoint, or with ``hf`` a Hugging Face directory, read through the same Source interface);
     returns every rank's report on every rank. Raises NotComparable (before reading any tensor) for a
-    checkpoint megaclone did not write and for a mixture of experts."""
+    checkpoint megaclone did not write."""
 
     def validate():
         source = open_hf_source(src_root) if hf else open_megatron_source(src_root)

@@ -71,7 +71,7 @@ def test_moe_upcycling_flags_reach_the_checkpoint_and_the_verifier_passes(source
     assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
     ok = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(dst))
     assert ok.returncode == 0 and "PASS: 2 ranks" in ok.stdout, ok.stdout[-3000:] + ok.stderr[-3000:]
-    assert "weights: NOT CHECKED: " in ok.stdout and "mixture of experts" in ok.stdout
+    assert "weights: PASS" in ok.stdout, ok.stdout[-2000:]  # each expert its slice, the router's groups tied
     lone = run([sys.executable, "tools/expand_sharded.py", *flags[:3], str(tmp_path / "lone"), *flags[4:],
                 "--tp", "2", "--ep", "2"])
     assert lone.returncode == 2 and "--ep splits experts, but no --num-experts was given" in lone.stderr

@@ -10,7 +10,7 @@ import torch
 from megaclone import toy
 from megaclone.clone import CloneConfig, Variant
 from megaclone.expand import expand
-from megaclone.spec import Depth, Factors
+from megaclone.spec import Depth, Experts, Factors
 from megaclone.verify import verify
 from megaclone.weight_check import check_weights
 from util import edit_stored_chunk
@@ -37,20 +37,24 @@ def clone(source):
     return dst
 
 
-CASES = [(variant, 2, Depth()) for variant in Variant] + [
-    (Variant.NOISY_DIAGONAL, 3, Depth()),
-    (Variant.NOISY_SYMMETRIC, 2, Depth(2, "identity", "interleave")),
-    (Variant.SYMMETRIC, 1, Depth(2, "stack", "top")),
+CASES = [(variant, 2, Depth(), None) for variant in Variant] + [
+    (Variant.NOISY_DIAGONAL, 3, Depth(), None),
+    (Variant.NOISY_SYMMETRIC, 2, Depth(2, "identity", "interleave"), None),
+    (Variant.SYMMETRIC, 1, Depth(2, "stack", "top"), None),
+    # 8 experts of a quarter of the grown FFN each (G = 4), noisy; 4 whole-MLP experts under identity depth
+    (Variant.NOISY_SYMMETRIC, 2, Depth(), Experts(8, 4, ffn_hidden_size=48)),
+    (Variant.DIAGONAL, 2, Depth(2), Experts(4, 2, router_init="zero")),
 ]
 
 
-@pytest.mark.parametrize("variant,factor,depth", CASES, ids=lambda c: getattr(c, "value", str(c)))
-def test_every_clean_clone_passes(source, tmp_path, variant, factor, depth):
+@pytest.mark.parametrize("variant,factor,depth,experts", CASES, ids=lambda c: getattr(c, "value", str(c)))
+def test_every_clean_clone_passes(source, tmp_path, variant, factor, depth, experts):
     dst = tmp_path / "wide"
-    expand(source, dst, Factors.uniform(factor), 1, CloneConfig(variant, seed=4), depth=depth)
+    expand(source, dst, Factors.uniform(factor), 1, CloneConfig(variant, seed=4), depth=depth, experts=experts)
     [report] = check_weights(source, dst)
     assert report.ok, [m.line() for m in report.mismatches]
-    assert report.checked == 3 + 6 * 2 * depth.factor  # embedding, output layer, final norm; 6 a layer
+    # embedding, output layer, final norm; 6 a layer (a mixture: 2 norms, qkv, proj, router, 2 expert tensors)
+    assert report.checked == 3 + (6 if experts is None else 7) * 2 * depth.factor
     if variant.noisy:
         low, high = report.snr_db
         assert 10 - 0.05 < low <= high < 10 + 0.05, report.snr_db
@@ -121,3 +125,17 @@ def test_a_checkpoint_megaclone_did_not_write_is_refused(source):
 
     with pytest.raises(NotComparable, match="holds no megaclone record"):
         check_weights(source, source)
+
+
+def test_an_expert_off_its_slice_fails_with_its_number(source, tmp_path):
+    dst = tmp_path / "moe"
+    expand(source, dst, Factors.uniform(2), 1, experts=Experts(4, 2, ffn_hidden_size=96))  # G = 2
+
+    def scale(t):  # layer 0, expert 0 of the stored [layer, expert, rows, cols] tensor
+        t[0, 0, 2, 3] *= 1.01
+
+    edit_stored_chunk(dst, "decoder.layers.mlp.experts.experts.linear_fc1.weight", scale)
+    [report] = check_weights(source, dst)
+    [mismatch] = report.mismatches
+    assert (mismatch.layer, mismatch.expert, mismatch.index) == (0, 0, (2, 3)), mismatch.line()
+    assert "expert 0" in mismatch.line()

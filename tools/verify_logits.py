@@ -8,8 +8,8 @@ stored weights are the clone the checkpoint records.
 Logits: one process per destination TP rank; each compares its own vocab slice. A clone that is not
 function-preserving by design (--depth-init stack) is not compared: NOT COMPARED and the reason.
 Weights: every stored tensor-layer against the source by the recorded variant's definition (exact
-variants bit for bit; noisy ones cancelling in pairs at the recorded SNR), the tensor-layers dealt
-to the ranks; a checkpoint with no megaclone record, or an upcycled mixture of experts, is NOT CHECKED.
+variants bit for bit; noisy ones cancelling in pairs at the recorded SNR; experts their slices), the
+tensor-layers dealt to the ranks; a checkpoint with no megaclone record is NOT CHECKED.
 Exit status 1 if either check fails (logits: max |D - S| / max |S| over a rank's slice of the real
 vocab above the tolerance; weights: any element off its definition).
 """
