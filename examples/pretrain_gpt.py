@@ -18,6 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megaclone import cli  # noqa: E402  (torch-free: flags parse before any heavy import)
+
 
 def main() -> int:
     from megaclone.train_args import build_parser, refuse_early
@@ -35,6 +37,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from megaclone import cli
-
     cli.run(main)

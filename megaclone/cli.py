@@ -52,6 +52,7 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
     usage_error = parser.error
 
     def error(message: str):
+        message += _closest_flags(parser, message)
         record_for_launcher(f"{parser.prog}: error: {message}")
         _let_rank0_speak()
         usage_error(message)
@@ -67,6 +68,21 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
 
         trust_checkpoint_code()
     return args
+
+
+def _closest_flags(parser: argparse.ArgumentParser, message: str) -> str:
+    """' (did you mean --factor?)' for each unrecognized flag of ``message`` that is close to a real one."""
+    import difflib
+
+    if not message.startswith("unrecognized arguments:"):
+        return ""
+    known = [flag for flag in parser._option_string_actions if flag.startswith("--")]
+    hints = []
+    for word in message.split(":", 1)[1].split():
+        flag = word.split("=", 1)[0]
+        if flag.startswith("--") and (close := difflib.get_close_matches(flag, known, n=1, cutoff=0.6)):
+            hints.append(f"{flag} -> {close[0]}")
+    return f" (did you mean: {', '.join(hints)}?)" if hints else ""
 
 
 def require_paths(*flags_and_paths: tuple[str, Optional[str]]) -> None:

@@ -192,3 +192,23 @@ def test_flag_and_path_refusals_come_before_torch_is_imported(tmp_path, tool, fl
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert not {m for m in imported if m.split(".")[0] in ("torch", "megatron", "numpy")}, "refused after importing torch"
     assert not (tmp_path / "d").exists() and (tmp_path / "full" / "notes.txt").exists()
+
+
+def test_a_mistyped_flag_names_the_closest_one():
+    proc = run([sys.executable, "tools/expand_sharded.py", "--load", "x", "--save", "y", "--tp", "1", "--facter", "2"])
+    assert proc.returncode == 2 and "did you mean: --facter -> --factor?" in proc.stderr, proc.stderr[-1000:]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_tools_parse_args_runs_from_python(tool):
+    """The flag parser of each tool is callable from Python (--help exits 0), importing no torch."""
+    import importlib.util
+    import subprocess
+
+    code = (f"import importlib.util, sys\nspec = importlib.util.spec_from_file_location('t', 'tools/{tool}')\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "try:\n    m.parse_args(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "assert 'torch' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -16,6 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megaclone import cli  # noqa: E402  (torch-free: flags parse before any heavy import)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +55,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from megaclone import cli
-
     cli.run(main)
