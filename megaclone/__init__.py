@@ -1,0 +1,39 @@
+"""megaclone: grow a trained Megatron GPT (or a Hugging Face model) in width, depth and experts so the
+grown model computes the same function (HyperCloning), one process per destination rank.
+
+The public API, imported on first use (``import megaclone`` stays torch-free, so flag parsing and
+--help are instant)::
+
+    import megaclone
+    rt = megaclone.init_distributed()                 # torchrun, srun, mpirun or a world of one
+    megaclone.grow("small", "wide", megaclone.Factors.uniform(2), tp=8)
+    megaclone.verify_logits("small", "wide")          # per-rank logits against the source's
+    megaclone.verify_weights("small", "wide")         # stored weights against the clone's definition
+    megaclone.grow_hf("hf_small", "hf_wide", megaclone.Factors.uniform(2))
+    megaclone.export_hf("wide", "wide_hf")
+
+The names are the tools' (tools/expand_sharded.py grows, verify_logits.py, export_hf.py), not the
+modules' that implement them (expand, verify, weight_check, export).
+
+Requests: ``Factors`` (widths), ``Depth`` (layers), ``Experts`` (upcycling), ``CloneConfig`` with a
+``Variant`` (symmetric, diagonal, their noisy forms). Errors a user can fix are ``MegacloneError``.
+"""
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {  # public name: (module, name there)
+    "grow": ("expand", "expand"), "grow_hf": ("expand", "expand_to_hf"), "verify_logits": ("verify", "verify"),
+    "verify_weights": ("weight_check", "check_weights"), "export_hf": ("export", "export_hf"),
+    "init_distributed": ("runtime", "init_distributed"),
+    **{name: ("spec", name) for name in ("Factors", "Depth", "Experts")},
+    **{name: ("clone", name) for name in ("CloneConfig", "Variant")}, "MegacloneError": ("errors", "MegacloneError"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'megaclone' has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    return getattr(import_module(f".{module}", __name__), attribute)

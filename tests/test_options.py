@@ -171,3 +171,14 @@ def megatron_and_hf_logits(checkpoint, hf_dir) -> tuple[torch.Tensor, torch.Tens
     with torch.no_grad():
         hf = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()(tokens).logits
     return megatron, hf
+
+
+def test_the_public_api_grows_and_checks_a_clone(source, tmp_path):
+    """megaclone's top-level names, as its docstring shows them, with no deep import."""
+    import megaclone
+
+    megaclone.grow(source, tmp_path / "wide", megaclone.Factors.uniform(2), 1,
+                   megaclone.CloneConfig(megaclone.Variant.DIAGONAL))
+    [logits] = megaclone.verify_logits(source, tmp_path / "wide")
+    [weights] = megaclone.verify_weights(source, tmp_path / "wide")
+    assert logits.ok and weights.ok and set(megaclone.__all__) >= {"grow", "grow_hf", "export_hf", "Experts"}
