@@ -374,12 +374,17 @@ def expand(
         report.seconds["total"] = time.perf_counter() - start
         report.seconds["cpu"] = cpu_seconds() - cpu_start
         del state
-        report.peak_rss = memory.stop()
-        reports: list[Optional[RankReport]] = [None] * world
-        dist.all_gather_object(reports, report)
-        return reports  # type: ignore[return-value]
+        return _gather_reports(report, memory)
     finally:
         memory.stop()  # a refusal or a failure must not leave the sampler running in the caller
+
+
+def _gather_reports(report: RankReport, memory: PeakMemory) -> list[RankReport]:
+    """Every rank's report on every rank, this rank's peak memory (sampling ends here) in its own."""
+    report.peak_rss = memory.stop()
+    reports: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, report)
+    return reports
 
 
 def expand_to_hf(
@@ -442,9 +447,6 @@ def expand_to_hf(
         report.seconds["write"] = time.perf_counter() - t0
         report.seconds["total"] = time.perf_counter() - start
         del mine
-        report.peak_rss = memory.stop()
-        reports: list[Optional[RankReport]] = [None] * world
-        dist.all_gather_object(reports, report)
-        return reports  # type: ignore[return-value]
+        return _gather_reports(report, memory)
     finally:
         memory.stop()  # a refusal or a failure must not leave the sampler running in the caller
