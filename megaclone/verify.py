@@ -229,6 +229,49 @@ def verify(
     return results
 
 
+def verify_hf(
+    src_hf: Path,
+    dst_hf: Path,
+    tokens: Optional[torch.Tensor] = None,
+    tol: Optional[float] = None,
+    device: torch.device = torch.device("cpu"),
+    seed: int = 0,
+    batch: int = 2,
+    seq_length: int = 32,
+) -> list[RankResult]:
+    """A Hugging Face destination against a Hugging Face source, transformers running both whole: the
+    same tokens as :func:`verify` (random, and sequences that hold every vocabulary id), the batches
+    dealt to the ranks; every rank's result on every rank, each over the whole vocabulary."""
+
+    def validate():
+        return open_hf_source(Path(src_hf)), open_hf_source(Path(dst_hf))
+
+    src, dst = agree(validate)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(src.spec.vocab_size, dst.spec.vocab_size)
+    length = min(seq_length, src.spec.max_position_embeddings)
+    if tokens is None:
+        tokens = torch.randint(0, vocab, (batch, length), generator=gen)
+    if int(tokens.max()) >= vocab or tokens.shape[1] > src.spec.max_position_embeddings:
+        raise MegacloneError(f"tokens exceed the models (vocab {vocab}, positions {src.spec.max_position_embeddings})",
+                             "use a shorter --seq-length, or text whose byte values fit the vocabulary")
+    batches = [tokens, *coverage_tokens(vocab, length, gen).split(max(1, batch * 4))]
+    mine = batches[dist.get_rank()::dist.get_world_size()]
+    max_abs, scale, compared = 0.0, 0.0, 0
+    if mine:
+        expected = _hf_reference(src.path, [b.to(device) for b in mine], device)
+        found = _hf_reference(dst.path, [b.to(device) for b in mine], device)
+        for b, e, f in zip(mine, expected, found):
+            max_abs = max(max_abs, float((f[..., :vocab] - e[..., :vocab]).abs().max()))
+            scale = max(scale, float(e[..., :vocab].abs().max()))
+            compared += b.numel()
+    result = RankResult(dist.get_rank(), 0, vocab, vocab, max_abs, max_abs / max(scale, 1e-30),
+                        tol if tol is not None else default_tolerance(dst.dtype), compared)
+    results: list = [None] * dist.get_world_size()
+    dist.all_gather_object(results, result)
+    return results
+
+
 def _destination_model(destination: Source, spec: ModelSpec, dtype: torch.dtype, device) -> torch.nn.Module:
     """The destination as megatron-core loads it at its own TP and EP (switches the parallel state to it)."""
     init_parallel(spec.tensor_parallel, 1, spec.expert_parallel)

@@ -118,6 +118,13 @@ def test_hf_to_hf_in_one_command_loads_in_transformers(tmp_path):
     with torch.no_grad():
         a, b = small(tokens).logits, wide(tokens).logits
     assert float((a - b).abs().max() / a.abs().max()) <= 1e-5
+    # the verifier with transformers on both sides: the clone passes, a model that is not one fails
+    checked = run([sys.executable, "tools/verify_logits.py", "--src-hf", tmp_path / "small", "--dst-hf", tmp_path / "wide"])
+    assert checked.returncode == 0 and "PASS: 1 ranks" in checked.stdout, checked.stdout[-2000:] + checked.stderr[-2000:]
+    torch.manual_seed(1)
+    small.__class__(small.config).save_pretrained(str(tmp_path / "other"))
+    other = run([sys.executable, "tools/verify_logits.py", "--src-hf", tmp_path / "other", "--dst-hf", tmp_path / "wide"])
+    assert other.returncode == 1 and "FAIL" in other.stdout, other.stdout[-2000:] + other.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ stored weights are the clone the checkpoint records.
 
     torchrun --nproc_per_node 8 tools/verify_logits.py --src small_ckpt --dst wide_ckpt
     torchrun --nproc_per_node 4 tools/verify_logits.py --src-hf hf_model_dir --dst wide_ckpt
+    python tools/verify_logits.py --src-hf hf_small --dst-hf hf_wide     # transformers on both sides
 
 Logits: one process per destination TP rank; each compares its own vocab slice. A clone that is not
 function-preserving by design (--depth-init stack) is not compared: NOT COMPARED and the reason.
@@ -28,7 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--src", help="source (small) checkpoint root")
     src.add_argument("--src-hf", help="source Hugging Face directory, run by transformers itself")
-    p.add_argument("--dst", required=True, help="destination (expanded) checkpoint root")
+    dst = p.add_mutually_exclusive_group(required=True)
+    dst.add_argument("--dst", help="destination (expanded) checkpoint root")
+    dst.add_argument("--dst-hf", help="destination Hugging Face directory (with --src-hf: transformers runs both)")
     p.add_argument("--text", help="UTF-8 text file to feed as byte tokens (default: random tokens)")
     p.add_argument("--batch", type=int, default=2, help="sequences of random or --text tokens (default 2)")
     p.add_argument("--seq-length", type=int, default=32, help="tokens per sequence (default 32)")
@@ -40,7 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_device_flags(p)
     cli.add_trust_flag(p)
     args = cli.parse(p, argv)
-    cli.require_paths(("--src", args.src), ("--src-hf", args.src_hf), ("--dst", args.dst), ("--text", args.text))
+    cli.require_paths(("--src", args.src), ("--src-hf", args.src_hf), ("--dst", args.dst), ("--dst-hf", args.dst_hf),
+                      ("--text", args.text))
+    if args.dst_hf and not args.src_hf:
+        p.error("--dst-hf is compared with a Hugging Face source: pass --src-hf (a Megatron destination takes --dst)")
     return args
 
 
@@ -48,15 +54,19 @@ def main() -> int:
     args = parse_args()
     from megaclone.errors import NotComparable
     from megaclone.runtime import init_distributed
-    from megaclone.verify import text_tokens, verify
+    from megaclone.verify import text_tokens, verify, verify_hf
     from megaclone.weight_check import check_weights
 
     rt = init_distributed(args.device, args.timeout_minutes)
     tokens = text_tokens(args.text, args.batch, args.seq_length) if args.text else None
     logits_ok = True
     try:
-        results = verify(args.src, args.dst, tokens=tokens, tol=args.tol, device=rt.device, seed=args.seed,
-                         batch=args.batch, seq_length=args.seq_length, src_hf=args.src_hf)
+        if args.dst_hf:
+            results = verify_hf(args.src_hf, args.dst_hf, tokens=tokens, tol=args.tol, device=rt.device, seed=args.seed,
+                                batch=args.batch, seq_length=args.seq_length)
+        else:
+            results = verify(args.src, args.dst, tokens=tokens, tol=args.tol, device=rt.device, seed=args.seed,
+                             batch=args.batch, seq_length=args.seq_length, src_hf=args.src_hf)
     except NotComparable as exc:  # by design, not a failure: say so and compare nothing
         cli.rank0_print(f"NOT COMPARED: {exc.problem}")
     else:
@@ -66,7 +76,7 @@ def main() -> int:
         worst = max(results, key=lambda r: r.max_rel)
         cli.rank0_print(f"{'PASS' if logits_ok else 'FAIL'}: {len(results)} ranks, worst max rel diff "
                         f"{worst.max_rel:.3e} (rank {worst.rank}), tolerance {worst.tol:.0e}")
-    if args.no_weights:
+    if args.no_weights or args.dst_hf:  # the weight check reads a Megatron destination's clone record
         return 0 if logits_ok else 1
     try:
         reports = check_weights(args.src or args.src_hf, args.dst, args.snr_tol_db, hf=args.src_hf is not None)
