@@ -135,6 +135,20 @@ def coverage_tokens(vocab_size: int, seq_length: int, generator: torch.Generator
     return torch.cat([ids, torch.randint(0, vocab_size, (extra,), generator=generator)]).view(-1, seq_length)
 
 
+def _batches(vocab: int, positions: int, tokens: Optional[torch.Tensor], seed: int, batch: int,
+             seq_length: int) -> list[torch.Tensor]:
+    """What both models are fed: ``tokens`` (random ids below ``vocab`` when None), then sequences
+    that hold every id below ``vocab`` (coverage_tokens), in groups of 4 x ``batch``."""
+    gen = torch.Generator().manual_seed(seed)
+    length = min(seq_length, positions)
+    if tokens is None:
+        tokens = torch.randint(0, vocab, (batch, length), generator=gen)
+    if int(tokens.max()) >= vocab or tokens.shape[1] > positions:
+        raise MegacloneError(f"tokens exceed the models (vocab {vocab}, positions {positions})",
+                             "use a shorter --seq-length, or text whose byte values fit the vocabulary")
+    return [tokens, *coverage_tokens(vocab, length, gen).split(max(1, batch * 4))]
+
+
 def _rounds(batches: list[torch.Tensor], width: int, budget: int) -> list[list[torch.Tensor]]:
     """Batches grouped so that one group's reference slices ([tokens, width] fp32) fit ``budget``
     bytes; both models are loaded once per group."""
@@ -187,18 +201,9 @@ def verify(
         return src, dst
 
     (src_path, src_spec, src_dtype, source), (dst_path, dst_spec, dst_dtype, destination) = agree(validate)
-    gen = torch.Generator().manual_seed(seed)
     vocab = min(src_spec.vocab_size, dst_spec.vocab_size)  # ids both models embed as real tokens
-    if tokens is None:
-        shape = (batch, min(seq_length, src_spec.max_position_embeddings))
-        tokens = torch.randint(0, vocab, shape, generator=gen)
-    if int(tokens.max()) >= vocab or tokens.shape[1] > src_spec.max_position_embeddings:
-        raise MegacloneError(
-            f"tokens exceed the models (vocab {vocab}, positions {src_spec.max_position_embeddings})",
-            "use a shorter --seq-length, or text whose byte values fit the vocabulary",
-        )
-    coverage = coverage_tokens(vocab, min(seq_length, src_spec.max_position_embeddings), gen)
-    batches = [t.to(device) for t in [tokens, *coverage.split(max(1, batch * 4))]]
+    batches = [t.to(device) for t in
+               _batches(vocab, src_spec.max_position_embeddings, tokens, seed, batch, seq_length)]
 
     dst_tp = dst_spec.tensor_parallel
     width = dst_spec.padded_vocab_size // dst_tp
@@ -247,15 +252,8 @@ def verify_hf(
         return open_hf_source(Path(src_hf)), open_hf_source(Path(dst_hf))
 
     src, dst = agree(validate)
-    gen = torch.Generator().manual_seed(seed)
     vocab = min(src.spec.vocab_size, dst.spec.vocab_size)
-    length = min(seq_length, src.spec.max_position_embeddings)
-    if tokens is None:
-        tokens = torch.randint(0, vocab, (batch, length), generator=gen)
-    if int(tokens.max()) >= vocab or tokens.shape[1] > src.spec.max_position_embeddings:
-        raise MegacloneError(f"tokens exceed the models (vocab {vocab}, positions {src.spec.max_position_embeddings})",
-                             "use a shorter --seq-length, or text whose byte values fit the vocabulary")
-    batches = [tokens, *coverage_tokens(vocab, length, gen).split(max(1, batch * 4))]
+    batches = _batches(vocab, src.spec.max_position_embeddings, tokens, seed, batch, seq_length)
     mine = batches[dist.get_rank()::dist.get_world_size()]
     max_abs, scale, compared = 0.0, 0.0, 0
     if mine:
