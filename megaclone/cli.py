@@ -16,6 +16,7 @@ import warnings
 from typing import Callable, Optional, Sequence
 
 from .errors import MegacloneError
+from .launch import rank as launch_rank  # before any process group: from the launcher's environment
 
 EXIT_BAD_INPUT = 2
 EXIT_PEER_LOST = 3
@@ -24,13 +25,6 @@ EXIT_PEER_LOST = 3
 # entry points megatron-core calls; none of it is actionable for a user of these tools.
 for _module in (r"megatron\..*", r"torch\.distributed\..*", r"torch\.nn\..*"):
     warnings.filterwarnings("ignore", module=_module)
-
-
-def launch_rank() -> int:
-    """This process's rank as the launcher (torchrun, srun, mpirun) announces it, before any process group."""
-    from . import launch
-
-    return launch.rank()
 
 
 def record_for_launcher(message: str) -> None:

@@ -132,19 +132,28 @@ def _check_finite(task: SliceTask, parts: list[torch.Tensor]) -> None:
                              "--allow-non-finite to copy the values as they are")
 
 
+def _dealt_sums(chunks: list, sum_of: Callable) -> dict[int, float]:
+    """Every chunk's float64 sum by chunk index, on every rank: each rank computes its round-robin
+    share (chunks are numbered in an order that depends on the model only) and the shares are
+    exchanged, so callers add them exactly and every layout gets the same totals."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {chunk.index: sum_of(chunk) for chunk in chunks[rank::world]}
+    shares: list = [None] * world
+    dist.all_gather_object(shares, mine)
+    return {index: value for share in shares for index, value in share.items()}
+
+
 def signal_powers(source: Source, rules: list, num_layers: int) -> dict[tuple[str, Optional[int]], np.ndarray]:
     """Mean of W_S^2 per noise block of every noisy source matrix-layer (all ranks together): each
     rank reads and sums its round-robin share of :func:`plan.power_chunks`, the sums are exchanged and
     added exactly, so every rank and every layout gets identical powers."""
     chunks = power_chunks(rules, num_layers)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {}
-    for chunk in chunks[rank::world]:
+
+    def sum_of_squares(chunk) -> float:
         [part] = source.read(chunk.read)
-        mine[chunk.index] = float(part.double().square().sum())
-    shares: list = [None] * world
-    dist.all_gather_object(shares, mine)
-    sums = {k: v for share in shares for k, v in share.items()}
+        return float(part.double().square().sum())
+
+    sums = _dealt_sums(chunks, sum_of_squares)
     rules_by_key = {r.source_key: r for r in rules}
     blocks: dict[tuple[str, Optional[int]], list[list[float]]] = {}
     for chunk in chunks:
@@ -165,11 +174,7 @@ def noise_plan(source: Source, dst_spec: ModelSpec, depth: Depth, cfg: CloneConf
     powers = signal_powers(source, rules, source.spec.num_layers)
     chunks = draw_chunks(rules, dst_spec.num_layers)
     by_key = {r.key: r for r in rules}
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {c.index: chunk_sum_of_squares(by_key[c.key], c, cfg) for c in chunks[rank::world]}
-    shares: list = [None] * world
-    dist.all_gather_object(shares, mine)
-    sums = {k: v for share in shares for k, v in share.items()}
+    sums = _dealt_sums(chunks, lambda c: chunk_sum_of_squares(by_key[c.key], c, cfg))
     src_layer_of, _ = depth.layer_map(source.spec.num_layers)(np.arange(dst_spec.num_layers))
     return noise_scales(rules, chunks, sums, powers, src_layer_of, cfg)
 
