@@ -6,7 +6,6 @@ in this environment, must plan to install megaclone and nothing else.
 """
 
 import ast
-import json
 import sys
 
 import pytest
@@ -34,11 +33,10 @@ def test_requirements_admit_what_megatron_environments_hold(name, versions):
 
 
 @pytest.mark.slow
-def test_pip_plans_to_install_nothing_but_megaclone(tmp_path):
-    """pip's dry run against what this environment has installed (no index: nothing could be fetched)."""
-    report = tmp_path / "report.json"
-    proc = run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation",
-                "--report", report, "-e", ROOT])
+def test_pip_plans_to_install_nothing_but_megaclone():
+    """tools/check_install.py against this environment, from installed packages only (no network):
+    pip's own resolver plans megaclone and nothing else. The same script, pointed at another venv's
+    interpreter, is how the README's torch 2.14.1 / megatron-core 0.15.3 check was run."""
+    proc = run([sys.executable, ROOT / "tools" / "check_install.py", "--no-index"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    planned = {item["metadata"]["name"] for item in json.loads(report.read_text())["install"]}
-    assert planned == {"megaclone"}, planned
+    assert "pip would install: megaclone 0.1.0\n" in proc.stdout, proc.stdout
