@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,20 +26,16 @@ from .clone import CloneConfig, SourcePiece, clone_slice
 from .expand import RankReport, destination_spec
 from .source import open_source
 from .memory import PeakMemory
-from .model import build_gpt, model_sharded_state_dict, parameter_slots
+from .model import build_gpt, model_sharded_state_dict, parameter_slots, save_megatron
 from .partition import dst_slice, param_rules
 from .runtime import cpu_seconds, init_parallel
-from .spec import Factors
+from .spec import Depth, Experts, Factors
 
 
-def _save(dst_root: Path, model_sd: dict, args) -> None:
-    state = {"model": model_sd, "args": args, "iteration": 0, "checkpoint_version": ckpt_io.CHECKPOINT_VERSION}
-    ckpt_io.save_checkpoint(dst_root, 0, state)
-
-
-def _prepare(src_root: Path, dst_root: Path, factors: Factors, tp: int):
+def _prepare(src_root: Path, dst_root: Path, factors: Factors, tp: int, depth: Depth = Depth(),
+             experts: Optional[Experts] = None):
     source = open_source(src_root)
-    dst_spec = destination_spec(source, factors, tp)
+    dst_spec = destination_spec(source, factors, tp, depth, experts)
     if dist.get_rank() == 0:
         destination.clear(destination.guard(dst_root, destination.Kind.MEGATRON, [src_root], overwrite=True))
     dist.barrier()
@@ -84,7 +81,7 @@ def naive_expand(src_root: Path, dst_root: Path, factors: Factors, tp: int,
     report.bytes_computed = sum(t.numel() * t.element_size() for t in full_dst.values())
     del full_dst
     t2 = time.perf_counter()
-    _save(Path(dst_root), model_sd, dst_spec.to_args(source.args))
+    save_megatron(Path(dst_root), 0, model_sd, dst_spec.to_args(source.args))
     t3 = time.perf_counter()
     report.seconds = {"validate": t0 - start, "read": t1 - t0, "compute": t2 - t1, "write": t3 - t2,
                       "total": t3 - start, "cpu": cpu_seconds() - cpu_start}
@@ -92,8 +89,10 @@ def naive_expand(src_root: Path, dst_root: Path, factors: Factors, tp: int,
     return report
 
 
-def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int, raw: bool = False) -> RankReport:
-    """Save shards of the destination's size and layout with nothing read and no math.
+def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int, raw: bool = False,
+                depth: Depth = Depth(), experts: Optional[Experts] = None) -> RankReport:
+    """Save shards of the destination's size and layout (width, depth and experts as ``expand`` would
+    grow them) with nothing read and no math.
 
     With ``raw`` the same tensors go to one plain file per rank instead (written whole, fsync'd, as
     dist_checkpointing's writers do): what the disk itself allows, with no format at all.
@@ -101,9 +100,9 @@ def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int, raw: 
     memory = PeakMemory().start()
     report = RankReport(rank=dist.get_rank())
     start, cpu_start = time.perf_counter(), cpu_seconds()
-    source, dst_spec = _prepare(Path(src_root), Path(dst_root), factors, tp)
+    source, dst_spec = _prepare(Path(src_root), Path(dst_root), factors, tp, depth, experts)
     t0 = time.perf_counter()
-    init_parallel(tp)
+    init_parallel(tp, 1, experts.parallel if experts else 1)
     model_sd = model_sharded_state_dict(build_gpt(dst_spec, dtype=source.dtype))
     # the expander's own layout of the shard in memory (see model.parameter_slots)
     blocks = [b.tensor for slot in parameter_slots(model_sd, own_storage=True).values() for b in slot]
@@ -117,7 +116,7 @@ def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int, raw: 
         _write_raw(Path(dst_root) / f"rank{dist.get_rank()}.bin", blocks)
     else:
         del blocks
-        _save(Path(dst_root), model_sd, dst_spec.to_args(source.args))
+        save_megatron(Path(dst_root), 0, model_sd, dst_spec.to_args(source.args))
     t2 = time.perf_counter()
     report.seconds = {"validate": t0 - start, "build": tb - t0, "compute": t1 - tb, "write": t2 - t1,
                       "total": t2 - start, "cpu": cpu_seconds() - cpu_start}

@@ -28,7 +28,7 @@ from . import checkpoint as ckpt_io
 from . import destination
 from .clone import CloneConfig, SourcePiece, chunk_sum_of_squares, clone_slice, noise_scales, router_slice
 from .errors import MegacloneError
-from .model import RowBlock, Slots, add_te_moe_norm_keys, build_gpt, model_sharded_state_dict, parameter_slots
+from .model import RowBlock, Slots, build_gpt, model_sharded_state_dict, parameter_slots, save_megatron
 from .layout import catalogue
 from .partition import Role, param_rules
 from .source import Source, open_any_source
@@ -350,35 +350,26 @@ def expand(
             t0 = time.perf_counter()
             args = dst_spec.to_args(source.args, dtype=dtype)
             args.pipeline_model_parallel_size = pp
-            state = {
-                "model": model_sd,
-                "args": args,
-                "iteration": 0,
-                "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
-                "megaclone": {
-                    "factors": dataclasses.asdict(factors),
-                    "depth": dataclasses.asdict(depth),
-                    "experts": None if dst_spec.experts is None else dataclasses.asdict(dst_spec.experts),
-                    "variant": cfg.variant.value,
-                    "snr_db": cfg.snr_db,
-                    "seed": cfg.seed,
-                    "source": str(source.path.resolve()),
-                    "source_format": source.kind,
-                },
+            provenance = {
+                "factors": dataclasses.asdict(factors),
+                "depth": dataclasses.asdict(depth),
+                "experts": None if dst_spec.experts is None else dataclasses.asdict(dst_spec.experts),
+                "variant": cfg.variant.value,
+                "snr_db": cfg.snr_db,
+                "seed": cfg.seed,
+                "source": str(source.path.resolve()),
+                "source_format": source.kind,
             }
-            if legacy:
-                state["model"] = model.state_dict()  # local-spec module names: --transformer-impl local
-                ckpt_io.save_legacy_checkpoint(dst_root, 0, state, parallel_state.get_tensor_model_parallel_rank(),
-                                               writer=parallel_state.get_data_parallel_rank() == 0,
-                                               before_publish=lambda: _fault_point("write"))
-            else:
-                add_te_moe_norm_keys(model_sd)
-                del model_sd  # ``state`` is now the shard's only owner
-                ckpt_io.save_checkpoint(dst_root, 0, state, before_publish=lambda: _fault_point("write"))
+            if legacy:  # local-spec module names: --transformer-impl local
+                model_sd = model.state_dict()
+            save_megatron(dst_root, 0, model_sd, args, {"megaclone": provenance},
+                          before_publish=lambda: _fault_point("write"),
+                          legacy=(parallel_state.get_tensor_model_parallel_rank(),
+                                  parallel_state.get_data_parallel_rank() == 0) if legacy else None)
+            del model_sd
         report.seconds["write"] = time.perf_counter() - t0
         report.seconds["total"] = time.perf_counter() - start
         report.seconds["cpu"] = cpu_seconds() - cpu_start
-        del state
         return _gather_reports(report, memory)
     finally:
         memory.stop()  # a refusal or a failure must not leave the sampler running in the caller

@@ -9,10 +9,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
+from . import checkpoint as ckpt_io
 from .layout import EXPERTS, LAYERS
 from .spec import ModelSpec
 
@@ -194,6 +195,30 @@ def add_te_moe_norm_keys(sd: dict[str, Any]) -> None:
         layer, layers = item.global_offset[0], item.global_shape[0]
         extra = PRE_MLP_NORM + "_extra_state"
         sd.setdefault(f"{extra}.{layer}", ShardedObject(extra, None, (layers,), (layer,), replica_id=item.replica_id))
+
+
+def save_megatron(root: Path, iteration: int, model_sd: dict[str, Any], args: Any,
+                  extra: Optional[dict[str, Any]] = None,
+                  before_publish: Optional[Callable[[], None]] = None,
+                  legacy: Optional[tuple[int, bool]] = None) -> Path:
+    """Save a Megatron checkpoint, ``<root>/iter_NNNNNNN`` in torch_dist, all ranks together: the
+    model's sharded state dict (with the Transformer Engine MoE norm keys), ``args``, the iteration
+    and the checkpoint version Megatron-LM checks, plus ``extra`` (optimizer, RNG, scheduler,
+    provenance); published by the tracker file once every rank has finished. Every saver of a model
+    goes through here, so no saver can drop a key the others write. ``extra`` is built before the
+    call: the added norm keys share the norm's tensor, after anything that maps parameters to keys.
+
+    With ``legacy=(tp_rank, writer)``, Megatron-LM's ``--ckpt-format torch`` instead: ``model_sd`` is
+    then the model's plain state dict, written to that TP rank's file by the writer rank.
+    """
+    state = {"model": model_sd, "args": args, "iteration": iteration,
+             "checkpoint_version": ckpt_io.CHECKPOINT_VERSION, **(extra or {})}
+    if legacy is not None:
+        tp_rank, writer = legacy
+        return ckpt_io.save_legacy_checkpoint(Path(root), iteration, state, tp_rank, writer=writer,
+                                              before_publish=before_publish)
+    add_te_moe_norm_keys(model_sd)
+    return ckpt_io.save_checkpoint(Path(root), iteration, state, before_publish)
 
 
 @dataclass(frozen=True)

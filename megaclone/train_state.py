@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
-from .model import add_te_moe_norm_keys
+from .model import save_megatron
 
 
 def optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, model_sd: dict, main=None, scale=None) -> dict:
@@ -113,21 +113,13 @@ def save_training_checkpoint(
 ) -> Path:
     """Save ``iter_<iteration>`` under ``root`` and point the tracker file at it (all ranks); under
     mixed precision the fp32 main weights (``main``) and the loss scale (``scale``) with the optimizer."""
-    state = {
-        "args": args,
-        "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
-        "iteration": iteration,
-        "model": model_sd,
-        "rng_state": rng_state_object(),
-        "num_floating_point_operations_so_far": 0.0,
-    }
+    state = {"rng_state": rng_state_object(), "num_floating_point_operations_so_far": 0.0}
     if optimizer is not None:
         state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, main, scale)
-    add_te_moe_norm_keys(model_sd)  # after the optimizer's map: its entries share the norm's tensor
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     state.update(extra or {})
-    return ckpt_io.save_checkpoint(Path(root), iteration, state)
+    return save_megatron(Path(root), iteration, model_sd, args, state)
 
 
 def load_training_checkpoint(path: Path, model, model_sd: dict, optimizer: Optional[torch.optim.Optimizer] = None,

@@ -36,13 +36,18 @@ def parse_args(argv=None):
     w.add_argument("--tp", type=int, required=True)
     w.add_argument("--factor", type=int, default=2)
     w.add_argument("--report", required=True)
+    w.add_argument("--depth-factor", type=int, default=1)
+    w.add_argument("--num-experts", type=int)
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--preset", default="bench")
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--src-tp", type=int, default=2)
     p.add_argument("--num-layers", type=int, help="override the preset's layers (to check time vs size)")
     p.add_argument("--tps", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--factor", type=int, default=2)
+    p.add_argument("--factor", type=int, default=2, help="width factor (hidden, heads, FFN)")
+    p.add_argument("--depth-factor", type=int, default=1, help="also stack this many layers per source layer")
+    p.add_argument("--num-experts", type=int, help="also upcycle every MLP to this many experts (top-2, EP 1)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the source's dtype")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--repeat", type=int, default=1, help="runs per mode and TP; the table shows the median")
     p.add_argument("--json", help="results file (default OUT/bench.json)")
@@ -57,17 +62,21 @@ def worker(args) -> int:
     from megaclone import bench
     from megaclone.expand import expand
     from megaclone.runtime import init_distributed
-    from megaclone.spec import Factors
+    from megaclone.spec import Depth, Experts, Factors
 
     init_distributed("cpu")
     ready = time.time()
     factors = Factors.uniform(args.factor)
+    depth = Depth(args.depth_factor)
+    experts = Experts(args.num_experts, 2) if args.num_experts else None
     if args.mode == "megaclone":
-        report = expand(args.load, args.save, factors, args.tp, overwrite=True)[dist.get_rank()]
+        report = expand(args.load, args.save, factors, args.tp, overwrite=True, depth=depth,
+                        experts=experts)[dist.get_rank()]
     elif args.mode == "naive":
         report = bench.naive_expand(Path(args.load), Path(args.save), factors, args.tp)
     else:
-        report = bench.write_floor(Path(args.load), Path(args.save), factors, args.tp, raw=args.mode == "disk")
+        report = bench.write_floor(Path(args.load), Path(args.save), factors, args.tp, raw=args.mode == "disk",
+                                   depth=depth, experts=experts)
     report.seconds["start-up"] = ready - T_PROCESS
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, dataclasses.asdict(report))
@@ -96,7 +105,8 @@ def measure(args, src: Path, out: Path, tp: int, mode: str) -> dict:
     dst, report = out / f"{mode}-tp{tp}", out / f"{mode}-tp{tp}.json"
     t0 = time.time()
     torchrun(tp, "tools/bench_expand.py", "worker", "--mode", mode, "--load", src, "--save", dst,
-             "--tp", tp, "--factor", args.factor, "--report", report)
+             "--tp", tp, "--factor", args.factor, "--report", report, "--depth-factor", args.depth_factor,
+             *(["--num-experts", args.num_experts] if args.num_experts else []))
     wall = time.time() - t0
     ranks = json.loads(report.read_text())
     written = directory_bytes(dst)
@@ -126,9 +136,11 @@ def main() -> int:
     if not (src / LATEST).exists():
         print(f"building the {args.preset} source at TP {args.src_tp} ...", flush=True)
         torchrun(args.src_tp, "tools/make_source.py", "--preset", args.preset, "--save", src, "--tp", args.src_tp,
-                 "--train-steps", 0, "--vocab-size", args.vocab_size, "--overwrite",
+                 "--train-steps", 0, "--vocab-size", args.vocab_size, "--overwrite", "--dtype", args.dtype,
                  *(["--num-layers", args.num_layers] if args.num_layers else []))
     src_bytes = directory_bytes(src)
+    if (args.depth_factor > 1 or args.num_experts) and "naive" in args.modes:
+        sys.exit("the naive path grows width only: drop naive from --modes with --depth-factor or --num-experts")
     rows = []
     for tp in args.tps:
         runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}

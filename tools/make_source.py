@@ -14,12 +14,14 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megaclone import cli  # noqa: E402  (torch-free: flags parse before any heavy import)
+from megaclone.presets import PRESETS  # noqa: E402  (torch-free too)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--save", required=True, help="checkpoint root to write (Megatron-LM torch_dist layout)")
-    p.add_argument("--preset", default="default", help="default | llama | gpt2 (see megaclone/toy.py)")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                   help="source shape (megaclone/presets.py; default: default)")
     p.add_argument("--tp", type=int, help="tensor-parallel size of the source (default: world size)")
     p.add_argument("--train-steps", type=int, default=20, help="AdamW steps on random tokens (default 20)")
     p.add_argument("--vocab-size", type=int, default=300, help="true vocabulary size (default 300)")
