@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -25,6 +26,17 @@ EXIT_PEER_LOST = 3
 # entry points megatron-core calls; none of it is actionable for a user of these tools.
 for _module in (r"megatron\..*", r"torch\.distributed\..*", r"torch\.nn\..*"):
     warnings.filterwarnings("ignore", module=_module)
+
+# ... and logs, by logger and message: megatron-core 0.19's GPTModel deprecation (megaclone builds the
+# GPTModel that Megatron-LM trains), its async-save deprecation (printed for every synchronous save),
+# and a CUDA build of torch on a machine without a GPU.
+_NOT_ACTIONABLE = {
+    "megatron.core.models.gpt.gpt_model": "GPTModel IS DEPRECATED",
+    "megatron.core.dist_checkpointing.strategies.torch": "MCore's async save is deprecated",
+    "torch.utils.cpp_extension": "No CUDA runtime is found",
+}
+for _name, _prefix in _NOT_ACTIONABLE.items():
+    logging.getLogger(_name).addFilter(lambda record, prefix=_prefix: not str(record.msg).startswith(prefix))
 
 
 def record_for_launcher(message: str) -> None:

@@ -54,15 +54,29 @@ def reading(path: "str | os.PathLike", what: str = "") -> Iterator[None]:
     try:
         with refusing_code(path, what):
             yield
-    except MegacloneError:
+    except (KeyboardInterrupt, SystemExit, MegacloneError):
         raise
-    except FileNotFoundError as exc:
-        raise MegacloneError(f"{what or path} is missing ({exc.filename or path})",
-                             "copy the complete directory again") from exc
-    except Exception as exc:  # torch.load, json, pickle and safetensors each raise their own kinds
+    except BaseException as raised:
+        exc = _dcp_failure(raised) or raised
+        if not isinstance(exc, Exception):
+            raise
+        if isinstance(exc, FileNotFoundError):
+            raise MegacloneError(f"{what or path} is missing ({exc.filename or path})",
+                                 "copy the complete directory again") from raised
+        # torch.load, json, pickle and safetensors each raise their own kinds
         detail = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise MegacloneError(f"cannot read {what or path}: {type(exc).__name__}: {detail}",
-                             "the file is damaged or incomplete: copy or save it again") from exc
+                             "the file is damaged or incomplete: copy or save it again") from raised
+
+
+def _dcp_failure(exc: BaseException) -> "BaseException | None":
+    """The error under torch DCP's CheckpointException (a BaseException that wraps each failed rank's
+    error): what went wrong reading, e.g. the FileNotFoundError of a missing shard file."""
+    failures = getattr(exc, "failures", None)
+    if type(exc).__name__ != "CheckpointException" or not isinstance(failures, dict) or not failures:
+        return None
+    first = next(iter(failures.values()))  # (exception, stack summary), or a _WrappedException before torch 2.6
+    return first[0] if isinstance(first, tuple) else getattr(first, "exc", first)
 
 
 def _disk_full(exc: BaseException, where: "str | os.PathLike") -> bool:

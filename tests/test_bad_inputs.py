@@ -15,7 +15,7 @@ from megaclone.errors import MegacloneError
 from megaclone.expand import destination_spec, expand
 from megaclone.source import open_source
 from megaclone.spec import Depth, Experts, Factors
-from util import overwrite_stored_value, tmpfs, tree_hash
+from util import overwrite_stored_value, rewrite_common, tmpfs, tree_hash
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +126,7 @@ def test_truncated_shard_file_is_named(source, tmp_path):
 
 
 def _rewrite_args(src: Path, **changes):
-    path = ckpt_io.find_checkpoint(src) / "common.pt"
-    common = torch.load(path, weights_only=False)
-    for k, v in changes.items():
-        setattr(common["args"], k, v)
-    torch.save(common, path)
+    rewrite_common(ckpt_io.find_checkpoint(src), lambda common: vars(common["args"]).update(changes))
 
 
 def test_args_that_contradict_the_weights(source, tmp_path):
@@ -200,7 +196,7 @@ def test_overwrite_refuses_a_symlinked_iteration_directory_before_removing_anyth
     (dst / "iter_0000000").rename(elsewhere)
     (dst / "iter_0000000").symlink_to(elsewhere)
     refused(source, dst, "iter_0000000", overwrite=True)  # the tracker file is still there (tree unchanged)
-    assert (elsewhere / "common.pt").exists()
+    assert (elsewhere / "metadata.json").exists()
 
 
 def test_a_second_job_on_the_same_destination_is_refused(source, tmp_path):
@@ -333,6 +329,8 @@ def _garbage(path: Path, keep: float = 0.0) -> None:
                                         (".metadata", 0.0), (".metadata", 0.5)])
 def test_a_damaged_checkpoint_file_is_named(source, tmp_path, name, keep):
     src = copy_of(source, tmp_path)
+    if not (ckpt_io.find_checkpoint(src) / name).exists():
+        pytest.skip(f"this megatron-core writes no {name} (its common state is inside the shards)")
     _garbage(ckpt_io.find_checkpoint(src) / name, keep)
     err = refused(src, tmp_path / "d", "cannot read|damaged|is missing")
     assert name in str(err)

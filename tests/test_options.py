@@ -14,6 +14,7 @@ from megaclone.errors import MegacloneError
 from megaclone.expand import expand
 from megaclone.spec import Factors
 from megaclone.verify import text_tokens, verify
+from util import rewrite_common
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +140,7 @@ def test_export_of_a_megatron_native_checkpoint_computes_its_logits_in_transform
     tokenizer = tmp_path / "tok"
     tokenizer.mkdir()
     (tokenizer / "tokenizer.json").write_text(json.dumps({"version": "1.0"}))
-    path = ckpt_io.find_checkpoint(src) / "common.pt"
-    common = torch.load(path, weights_only=False)
-    common["args"].tokenizer_model = str(tokenizer)
-    torch.save(common, path)
+    rewrite_common(ckpt_io.find_checkpoint(src), lambda common: setattr(common["args"], "tokenizer_model", str(tokenizer)))
 
     info = export_hf(src, tmp_path / "hf")
     assert info["model_type"] == "llama"

@@ -1,6 +1,7 @@
 """checkpoint.BoxReader (each rank reading its own boxes through torch DCP) against megatron-core's
 own loader, in this process as a world of one (gloo), on a real source checkpoint."""
 
+import shutil
 import numpy as np
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_box_outside_the_stored_tensor_is_refused(stored):
 def test_the_common_state_as_megatron_core_0_19_stores_it_is_read(stored, tmp_path):
     """megatron-core 0.19 keeps the common state as one ShardedObject ('common_state', data packed by
     its torch strategy) instead of common.pt. The same source saved that way, through megatron-core's
-    own ShardedObject path with common.pt removed, gives the same args, loads as the same model
+    own ShardedObject path with common.pt removed (or by 0.19 itself), gives the same args, loads as the same model
     (verify: the logits equal the common.pt form's) and grows into a clone of it."""
     from megatron.core.dist_checkpointing import ShardedObject
 
@@ -79,13 +80,37 @@ def test_the_common_state_as_megatron_core_0_19_stores_it_is_read(stored, tmp_pa
     model.load_state_dict(common.pop("model"), strict=True)
     new_root = tmp_path / "mcore-0.19"
     new = new_root / ckpt.name
-    state = {"model": model.sharded_state_dict(),
-             ckpt_io.COMMON_OBJECT: ShardedObject(ckpt_io.COMMON_OBJECT, common, (1,), (0,), replica_id=0)}
-    ckpt_io.save_sharded(new, state)
-    (new / ckpt_io.COMMON_FILE).unlink()  # what 0.16 writes beside the object: the (empty) rest
+    ckpt_io.save_sharded(new, {"model": model.sharded_state_dict(), **common})
+    if (new / ckpt_io.COMMON_FILE).exists():  # this megatron-core writes common.pt: store the object by hand
+        shutil.rmtree(new)
+        state = {"model": model.sharded_state_dict(),
+                 ckpt_io.COMMON_OBJECT: ShardedObject(ckpt_io.COMMON_OBJECT, common, (1,), (0,), replica_id=0)}
+        ckpt_io.save_sharded(new, state)
+        (new / ckpt_io.COMMON_FILE).unlink()  # what it writes beside the object: the (empty) rest
+    assert not (new / ckpt_io.COMMON_FILE).exists()
     ckpt_io.mark_latest(new_root, ckpt_io.read_tracker(ckpt.parent))
 
     assert vars(ckpt_io.read_common(new)["args"]) == vars(ckpt_io.read_common(ckpt)["args"])
     assert all(r.ok and r.max_abs == 0.0 for r in verify(ckpt.parent, new_root))
     expand(new_root, tmp_path / "wide", Factors.uniform(2), 1)
     assert all(r.ok for r in verify(new_root, tmp_path / "wide"))
+
+
+@pytest.mark.parametrize("made_by", ["mcore-0.16.1", "mcore-0.19.2"])
+def test_a_source_saved_by_either_megatron_core_grows(made_by, tmp_path):
+    """Stored sources (tests/data, tools/make_source.py --preset llama --num-layers 1 --dtype
+    bfloat16) saved by megatron-core 0.16.1 (common state in common.pt) and by 0.19.2 (inside the
+    shards, no common.pt), read by whichever megatron-core is installed: each grows 2x into a clone
+    whose logits equal the source's, and the stored source is left as it was."""
+    from megaclone.expand import expand
+    from megaclone.spec import Factors
+    from megaclone.verify import verify
+    from util import ROOT, tree_hash
+
+    src = ROOT / "tests" / "data" / made_by
+    assert (ckpt_io.find_checkpoint(src) / ckpt_io.COMMON_FILE).exists() == (made_by == "mcore-0.16.1")
+    before = tree_hash(src)
+    expand(src, tmp_path / "wide", Factors.uniform(2), 1)
+    reports = verify(src, tmp_path / "wide")
+    assert reports and all(r.ok for r in reports), reports
+    assert tree_hash(src) == before

@@ -23,7 +23,7 @@ from megaclone import checkpoint as ckpt_io
 from megaclone import toy, unpickling
 from megaclone.errors import MegacloneError, refusing_code
 from megaclone.source import open_megatron_source
-from util import run, torchrun, tree_hash
+from util import rewrite_common, run, torchrun, tree_hash
 
 
 class Payload:
@@ -61,9 +61,7 @@ def evil(genuine, tmp_path_factory) -> dict:
 
     common = base / "common"
     shutil.copytree(genuine, common)
-    state = torch.load(common / it / "common.pt")
-    state["args"].hidden_size = Payload(marker)
-    torch.save(state, common / it / "common.pt")
+    rewrite_common(common / it, lambda state: setattr(state["args"], "hidden_size", Payload(marker)))
 
     metadata = base / "metadata"
     shutil.copytree(genuine, metadata)

@@ -100,3 +100,19 @@ def tmpfs(mount: Path, options: str) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def rewrite_common(ckpt: Path, edit) -> Path:
+    """Apply ``edit`` to a torch_dist checkpoint's common state (args, iteration, ...) and store it as
+    ``common.pt``, the form every megatron-core reads and megaclone reads first; a checkpoint whose
+    megatron-core (0.19 on) keeps the state in a ``common_state`` object gets the file beside it.
+    Returns the file's path."""
+    import torch
+
+    from megaclone import checkpoint as ckpt_io
+
+    path = Path(ckpt) / ckpt_io.COMMON_FILE
+    state = torch.load(path, weights_only=False) if path.exists() else ckpt_io.read_common(Path(ckpt))
+    edit(state)
+    torch.save(state, path)
+    return path
