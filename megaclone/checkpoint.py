@@ -95,9 +95,9 @@ COMMON_OBJECT = "common_state"  # from 0.19: ShardedObject("common_state", state
 
 
 def read_common(ckpt: Path) -> dict[str, Any]:
-    """The common state: args, iteration, checkpoint_version (everything not sharded), in either form."""
-    from megatron.core import dist_checkpointing
-
+    """The common state: args, iteration, checkpoint_version (everything not sharded), in either form.
+    Read with torch alone (megatron-core's ``load_common_state_dict`` is a ``torch.load`` of the same
+    file), so inspecting a checkpoint needs no megatron-core."""
     in_file = (ckpt / COMMON_FILE).exists()
     if not in_file and not has_stored(ckpt, COMMON_OBJECT):
         raise MegacloneError(f"{ckpt} holds no common state (neither {COMMON_FILE} nor a '{COMMON_OBJECT}' entry)",
@@ -106,7 +106,7 @@ def read_common(ckpt: Path) -> dict[str, Any]:
         json.loads((ckpt / "metadata.json").read_text())
     where = ckpt / COMMON_FILE if in_file else ckpt / ".metadata"  # the file messages name
     with reading(where, f"the common state in {where}"):
-        common = dist_checkpointing.load_common_state_dict(str(ckpt)) if in_file else _common_state_object(ckpt)
+        common = unpickling.load(ckpt / COMMON_FILE) if in_file else _common_state_object(ckpt)
     if "args" not in common:
         raise MegacloneError(
             f"{where} holds no 'args'",
@@ -172,12 +172,16 @@ def load_plain_tensors(ckpt: Path) -> dict[str, Any]:
 
 
 def read_tensor_metadata(ckpt: Path) -> dict[str, TensorMeta]:
-    """Global shape and dtype of every stored tensor, keyed by its torch_dist key."""
-    from megatron.core import dist_checkpointing
+    """Global shape and dtype of every stored tensor, keyed by its torch_dist key: torch DCP's own
+    metadata (what megatron-core's ``load_tensors_metadata`` reads), without megatron-core."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     with reading(ckpt / ".metadata", f"the torch_dist metadata {ckpt / '.metadata'} (or metadata.json)"):
-        meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    return {key: TensorMeta(tuple(t.global_shape), t.dtype) for key, t in meta.items()}
+        json.loads((ckpt / "metadata.json").read_text())
+        meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    return {key: TensorMeta(tuple(t.size), t.properties.dtype) for key, t in meta.items()
+            if isinstance(t, TensorStorageMetadata)}
 
 
 def has_stored(ckpt: Path, prefix: str) -> bool:
@@ -216,11 +220,18 @@ class BoxReader:
     megatron-core's ``dist_checkpointing.load`` is collective: every call plans the load on all ranks
     together (two collectives), which costs more than the bytes once each rank wants only its own
     boxes (65 ms per call at 8 ranks here, 6 ms alone). This reads through the same torch DCP
-    ``FileSystemReader`` megatron-core's torch_dist strategy uses, with the read items that torch
-    DCP's own resharding helper (``create_read_items_for_chunk_list``) computes for each box: any
-    offset and extent, touching only the stored chunks it overlaps. The metadata is read once. A
+    ``FileSystemReader`` megatron-core's torch_dist strategy uses. The metadata is read once. A
     stacked tensor is addressed as plain N-D with a layer extent of 1.
+
+    torch DCP deserializes a stored chunk whole for every read item that touches it (``torch.load``,
+    then a narrow), so each overlapped chunk is read once, whole, and every box of the read is cut
+    from it; the chunks of the last read are kept for the next (the experts of one layer, or the
+    copies of one source layer, read the same chunks one after another). At most one read's chunks
+    are held at a time.
     """
+
+    # A stored chunk larger than this (elements) is read box by box instead, as torch DCP would.
+    WHOLE_CHUNK_LIMIT = 1 << 28
 
     def __init__(self, ckpt: Path):
         from torch.distributed.checkpoint import FileSystemReader
@@ -229,32 +240,70 @@ class BoxReader:
         self._reader = FileSystemReader(str(ckpt))
         self._metadata = self._reader.read_metadata()
         self._reader.set_up_storage_reader(self._metadata, is_coordinator=True)
+        self._held: dict[tuple[str, int], torch.Tensor] = {}  # (key, chunk index) -> the chunk, whole
 
     def read(self, read: BoxRead) -> list[torch.Tensor]:
-        """The read's boxes, one tensor each (shaped as the box), in one pass over the files."""
+        """The read's boxes, one tensor each (shaped as the box)."""
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
         stored = self._metadata.state_dict_metadata[read.key]
         lead = () if read.layer is None else (read.layer,)
-        targets: dict[tuple[str, torch.Size], torch.Tensor] = {}
-        items = []
-        out: list[torch.Tensor] = []
-        for box in read.boxes:
-            chunk = ChunkStorageMetadata(offsets=torch.Size(lead + box.offsets),
-                                         sizes=torch.Size((1,) * len(lead) + box.lengths))
-            buffer = torch.empty(chunk.sizes, dtype=stored.properties.dtype)
-            box_items = create_read_items_for_chunk_list(read.key, stored, [chunk])
-            if sum(math.prod(i.lengths) for i in box_items) != buffer.numel():
+        wanted = [ChunkStorageMetadata(offsets=torch.Size(lead + box.offsets),
+                                       sizes=torch.Size((1,) * len(lead) + box.lengths)) for box in read.boxes]
+        overlaps = [[i for i, c in enumerate(stored.chunks) if _overlap(w, c) is not None] for w in wanted]
+        needed = sorted({i for found in overlaps for i in found})
+        if any(math.prod(stored.chunks[i].sizes) > self.WHOLE_CHUNK_LIMIT for i in needed):
+            self._held = {}
+            return self._read_items(read.key, stored, wanted, read.boxes)
+        self._held = {k: v for k, v in self._held.items() if k[0] == read.key and k[1] in needed}
+        missing = [i for i in needed if (read.key, i) not in self._held]
+        for i, buffer in zip(missing, self._read_items(read.key, stored, [stored.chunks[i] for i in missing])):
+            self._held[(read.key, i)] = buffer
+        out = []
+        for want, found, box in zip(wanted, overlaps, read.boxes):
+            buffer = torch.empty(want.sizes, dtype=stored.properties.dtype)
+            covered = 0
+            for i in found:
+                inside_box, inside_chunk = _overlap(want, stored.chunks[i])
+                buffer[inside_box] = self._held[(read.key, i)][inside_chunk]
+                covered += math.prod(s.stop - s.start for s in inside_box)
+            if covered != buffer.numel():
                 raise MegacloneError(f"{self.path}: the stored chunks of {read.key} do not cover "
-                                     f"{tuple(chunk.offsets)} + {tuple(chunk.sizes)}", "the checkpoint is damaged")
-            targets[(read.key, chunk.offsets)] = buffer
-            items += box_items
+                                     f"{tuple(want.offsets)} + {tuple(want.sizes)}", "the checkpoint is damaged")
             out.append(buffer.view(box.lengths))
-        with reading(self.path, f"{read.key} from {self.path}"):  # shard bytes torch.load cannot parse
-            self._reader.read_data(LoadPlan(items), _IntoBuffers(targets)).wait()
         return out
+
+    def _read_items(self, key: str, stored, chunks: list, boxes=None) -> list[torch.Tensor]:
+        """``chunks`` (global extents) of ``key`` into fresh tensors, in one pass over the files, with
+        the read items torch DCP's own resharding helper computes; shaped as ``boxes`` if given."""
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        targets: dict[tuple[str, torch.Size], torch.Tensor] = {}
+        items, out = [], []
+        for n, chunk in enumerate(chunks):
+            buffer = torch.empty(chunk.sizes, dtype=stored.properties.dtype)
+            chunk_items = create_read_items_for_chunk_list(key, stored, [chunk])
+            if sum(math.prod(i.lengths) for i in chunk_items) != buffer.numel():
+                raise MegacloneError(f"{self.path}: the stored chunks of {key} do not cover "
+                                     f"{tuple(chunk.offsets)} + {tuple(chunk.sizes)}", "the checkpoint is damaged")
+            targets[(key, chunk.offsets)] = buffer
+            items += chunk_items
+            out.append(buffer if boxes is None else buffer.view(boxes[n].lengths))
+        if items:
+            with reading(self.path, f"{key} from {self.path}"):  # shard bytes torch.load cannot parse
+                self._reader.read_data(LoadPlan(items), _IntoBuffers(targets)).wait()
+        return out
+
+
+def _overlap(box, chunk) -> Optional[tuple[tuple[slice, ...], tuple[slice, ...]]]:
+    """Where two global extents meet: (slices into the box, slices into the chunk), or None."""
+    lo = [max(b, c) for b, c in zip(box.offsets, chunk.offsets)]
+    hi = [min(b + bn, c + cn) for b, bn, c, cn in zip(box.offsets, box.sizes, chunk.offsets, chunk.sizes)]
+    if any(h <= l for l, h in zip(lo, hi)):
+        return None
+    return (tuple(slice(l - b, h - b) for l, h, b in zip(lo, hi, box.offsets)),
+            tuple(slice(l - c, h - c) for l, h, c in zip(lo, hi, chunk.offsets)))
 
 
 class _IntoBuffers:

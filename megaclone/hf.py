@@ -14,10 +14,12 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from .errors import MegacloneError, reading
 from .layout import ATTENTION, LAYERS, MLP
@@ -26,7 +28,8 @@ from .spec import ModelSpec, pad_vocab
 
 RowMap = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # Megatron rows -> (part, HF row)
 
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}  # safetensors -> torch
+# (names, not torch dtypes: this module imports without torch, so the tools' --help lists its families)
 
 
 @dataclass(frozen=True)
@@ -367,6 +370,11 @@ FAMILIES = (
 )
 
 
+def model_types() -> list[str]:
+    """Every HF model_type the registry reads and writes, in registry order."""
+    return [t for f in FAMILIES for t in f.model_types]
+
+
 # Families whose function megatron-core's GPTModel cannot compute, with the reason.
 CANNOT_EXPRESS = {
     "gemma": "Gemma multiplies the input embedding by sqrt(hidden_size) while its tied output layer uses the "
@@ -449,11 +457,15 @@ class SafetensorsDir:
 
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         s = self.handle(name).get_slice(name)
-        return tuple(s.get_shape()), DTYPES[s.get_dtype()]
+        import torch
+
+        return tuple(s.get_shape()), getattr(torch, DTYPES[s.get_dtype()])
 
 
 def read_box(files: SafetensorsDir, t: HFTensor, layer: Optional[int], box: Box, dtype: torch.dtype) -> torch.Tensor:
     """One box of a Megatron tensor from the HF files, reading only the rows and columns it covers."""
+    import torch
+
     if t.constant is not None:
         return torch.full(box.lengths, t.constant, dtype=dtype)
     rows = np.arange(box.offsets[0], box.offsets[0] + box.lengths[0])
@@ -509,6 +521,8 @@ def megatron_args(root: Path, make_vocab_size_divisible_by: int = 128) -> argpar
 
 def check_constant(t: HFTensor, key: str, layer: Optional[int], full: torch.Tensor, model_type: str) -> None:
     """Refuse to export a tensor the HF model keeps constant (has no parameter for) once it differs."""
+    import torch
+
     if t.constant is not None and not bool((full == t.constant).all()):
         where = key + ("" if layer is None else f" (layer {layer})")
         raise MegacloneError(
@@ -521,6 +535,8 @@ def check_constant(t: HFTensor, key: str, layer: Optional[int], full: torch.Tens
 def hf_tensors_from(t: HFTensor, layer: Optional[int], full: torch.Tensor) -> dict[str, torch.Tensor]:
     """The HF tensors one full Megatron tensor (one layer of it) holds: the row maps run backwards.
     A constant holds none (``check_constant`` first)."""
+    import torch
+
     part, hrow = t.row_map(np.arange(full.shape[0]))
     out = {}
     for p, name in enumerate(t.names):

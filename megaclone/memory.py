@@ -75,3 +75,56 @@ class PeakMemory:
 def _pss(proc: psutil.Process) -> int:
     info = proc.memory_full_info()
     return getattr(info, "pss", info.rss)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One command run by :func:`run_measured`."""
+
+    wall_s: float
+    peak_tree_rss: int  # the largest summed RSS of the command's process tree, sampled
+    returncode: int
+    output: str  # stdout and stderr, interleaved
+    out_of_memory: bool  # stopped because the machine was about to run out of memory
+
+
+def run_measured(cmd: list, cwd=None, env=None, reserve_bytes: int = 3 << 30, interval_s: float = 0.05) -> Measured:
+    """Run ``cmd`` to its end, sampling its process tree's memory; if the machine's available memory
+    falls below ``reserve_bytes``, kill the whole tree first (a benchmark of a path that does not fit
+    reports that, rather than waking the kernel's OOM killer, which may pick any process)."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    for _ in range(600):  # memory a previous command freed can take a moment to come back
+        if psutil.virtual_memory().available >= 2 * reserve_bytes:
+            break
+        time.sleep(0.1)
+    with tempfile.TemporaryFile() as log:
+        t0 = time.time()
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        root, peak, oom = psutil.Process(proc.pid), 0, False
+        while proc.poll() is None:
+            try:
+                tree = [root] + root.children(recursive=True)
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            if psutil.virtual_memory().available < reserve_bytes:
+                oom = True
+                tree = [root] + root.children(recursive=True)
+                os.killpg(proc.pid, signal.SIGKILL)
+                for p in tree:  # forked writers may have left the session: every process of the tree goes
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+                psutil.wait_procs(tree, timeout=60)
+                proc.wait()
+                break
+            time.sleep(interval_s)
+        wall = time.time() - t0
+        log.seek(0)
+        return Measured(wall, peak, proc.returncode, log.read().decode(errors="replace"), oom)

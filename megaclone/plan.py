@@ -119,15 +119,20 @@ def plan_rank(rules: list[ParamRule], layers: DimMap, tp: int, rank: int,
     none = np.empty(0, dtype=np.int64)
     for shared in rules:
         rows, cols = dst_slice(shared, tp, rank)
+        mine = []  # (expert, its rule, the source rows and columns it reads)
         for expert in shared.tensor.expert_ids(ep, ep_rank):
             rule = shared.for_expert(expert)
             reads = rule.role is not Role.ROUTER
             src_rows = _needed(rule.rows, rows) if reads else none
             src_cols = None if cols is None else _needed(rule.cols, cols) if reads else none
-            if not rule.per_layer:
+            mine.append((expert, rule, src_rows, src_cols))
+        if not shared.per_layer:
+            for expert, rule, src_rows, src_cols in mine:
                 yield SliceTask(rule, None, None, rows, cols, src_rows, src_cols)
-                continue
-            for layer in range(layers.dst_size):
+            continue
+        # layer-major: the experts of a layer (slices of one dense layer) read the same source one after another
+        for layer in range(layers.dst_size):
+            for expert, rule, src_rows, src_cols in mine:
                 if zero_added_outputs and rule.residual_output and copy[layer] > 0:
                     yield SliceTask(rule, layer, int(src_layer[layer]), rows, cols, none,
                                     None if cols is None else none, zero=True, expert=expert)

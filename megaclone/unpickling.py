@@ -25,6 +25,7 @@ import io
 import os
 import pickle
 import re
+import sys
 import types
 from typing import Any, Optional
 
@@ -126,9 +127,15 @@ def guard() -> None:
 
 
 def load(path: "str | os.PathLike", **kwargs) -> Any:
-    """``torch.load`` of one checkpoint file on the CPU, weights-only unless trusted (Megatron-LM's
-    args may hold megatron-core's enums: importing it registers them)."""
+    """``torch.load`` of one checkpoint file on the CPU, weights-only unless trusted. Megatron-LM's
+    args may hold megatron-core's enums, which importing megatron-core registers as safe: it is
+    imported (seconds) only when the file names one of its globals."""
     guard()
+    try:
+        return _torch_load(path, map_location="cpu", weights_only=not _trusted, **kwargs)
+    except pickle.UnpicklingError as exc:
+        if "megatron" not in str(exc) or "megatron.core" in sys.modules:
+            raise
     try:
         import megatron.core  # noqa: F401  (registers megatron-core's safe globals)
     except ImportError:

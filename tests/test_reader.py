@@ -32,9 +32,14 @@ def random_box(rng, shape):
     return Box(offsets, lengths)
 
 
-def test_boxes_equal_megatron_core_load(stored):
+@pytest.mark.parametrize("whole_chunks", [True, False])
+def test_boxes_equal_megatron_core_load(stored, whole_chunks):
+    """Random boxes of every tensor, each read twice in a row (the second from the chunks the reader
+    holds), equal megatron-core's own load; also with every chunk read item by item."""
     ckpt, full = stored
     reader = ckpt_io.BoxReader(ckpt)
+    if not whole_chunks:
+        reader.WHOLE_CHUNK_LIMIT = 0
     rng = np.random.default_rng(0)
     reads, expected = [], []
     for key, tensor in sorted(full.items()):
@@ -44,7 +49,7 @@ def test_boxes_equal_megatron_core_load(stored):
         boxes = tuple(random_box(rng, whole.shape) for _ in range(3))
         reads.append(BoxRead(key, layer, boxes))
         expected.append([whole[tuple(slice(o, o + n) for o, n in zip(b.offsets, b.lengths))] for b in boxes])
-    for read, refs in zip(reads, expected):
+    for read, refs in [pair for pair in zip(reads, expected) for _ in range(2)]:
         boxes = reader.read(read)
         assert len(boxes) == len(refs)
         for box, value, ref in zip(read.boxes, boxes, refs):
@@ -114,3 +119,25 @@ def test_a_source_saved_by_either_megatron_core_grows(made_by, tmp_path):
     reports = verify(src, tmp_path / "wide")
     assert reports and all(r.ok for r in reports), reports
     assert tree_hash(src) == before
+
+
+@pytest.mark.parametrize("made_by", ["mcore-0.16.1", "mcore-0.19.2"])
+def test_a_checkpoint_is_described_without_megatron_core(made_by):
+    """tools/inspect_checkpoint.py's summary (args and every tensor's shape and dtype) reads the
+    common state and torch DCP's metadata with torch alone: megatron-core (seconds of imports) is not
+    loaded. The tensors listed are the ones the layout catalogue expects of that shape."""
+    import subprocess
+    import sys
+
+    from megaclone.layout import catalogue
+    from megaclone.source import open_source
+    from util import ROOT
+
+    src = ROOT / "tests" / "data" / made_by
+    code = ("import sys; from megaclone.inspect import describe; print(describe(sys.argv[1])); "
+            "print('megatron loaded:', any(m.split('.')[0] == 'megatron' for m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, str(src)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.rstrip().endswith("megatron loaded: False"), proc.stdout
+    listed = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ") and "=" not in line}
+    assert listed == {entry.key for entry in catalogue(open_source(src).spec)}

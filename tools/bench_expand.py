@@ -14,7 +14,6 @@ Prints a markdown table and writes JSON.
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -87,11 +86,19 @@ def worker(args) -> int:
     return 0
 
 
-def torchrun(n, *args):
+def torchrun(n, *args) -> bool:
+    """Run a torchrun job; False if it was stopped before the machine ran out of memory."""
+    from megaclone.memory import run_measured
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    done = run_measured(cmd, cwd=ROOT)
+    if done.out_of_memory:
+        print(f"stopped before the machine ran out of memory (peak {gib(done.peak_tree_rss):.1f} GiB of the job)",
+              flush=True)
+        return False
+    if done.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{done.output[-8000:]}")
+    return True
 
 
 def gib(n):
@@ -104,10 +111,13 @@ def measure(args, src: Path, out: Path, tp: int, mode: str) -> dict:
 
     dst, report = out / f"{mode}-tp{tp}", out / f"{mode}-tp{tp}.json"
     t0 = time.time()
-    torchrun(tp, "tools/bench_expand.py", "worker", "--mode", mode, "--load", src, "--save", dst,
+    finished = torchrun(tp, "tools/bench_expand.py", "worker", "--mode", mode, "--load", src, "--save", dst,
              "--tp", tp, "--factor", args.factor, "--report", report, "--depth-factor", args.depth_factor,
              *(["--num-experts", args.num_experts] if args.num_experts else []))
     wall = time.time() - t0
+    if not finished:
+        shutil.rmtree(dst, ignore_errors=True)
+        return dict(tp=tp, mode=mode, wall_s=wall, out_of_memory=True, total_s=float("nan"))
     ranks = json.loads(report.read_text())
     written = directory_bytes(dst)
     shutil.rmtree(dst)
@@ -151,6 +161,10 @@ def main() -> int:
             row = sorted(measured, key=lambda r: r["total_s"])[len(measured) // 2]  # the median run
             row["totals_s"] = [r["total_s"] for r in measured]
             rows.append(row)
+            if row.get("out_of_memory"):
+                print(f"tp {tp} {mode:9s} stopped after {row['wall_s']:.0f} s: the machine was about to run out of memory",
+                      flush=True)
+                continue
             print(f"tp {tp} {mode:9s} wall {row['wall_s']:6.1f}s  total {row['total_s']:6.1f}s "
                   f"(runs {', '.join(f'{t:.1f}' for t in row['totals_s'])})  peak {gib(row['peak_rss']):.2f} GiB",
                   flush=True)
@@ -161,6 +175,9 @@ def main() -> int:
           "| (peak-start)/shard |")
     print("|---:|---|" + "---:|" * 17)
     for r in rows:
+        if r.get("out_of_memory"):
+            print(f"| {r['tp']} | {r['mode']} | stopped after {r['wall_s']:.0f} s: out of memory |" + " |" * 17)
+            continue
         x = r["total_s"] / floor[r["tp"]] if r["tp"] in floor else float("nan")
         print(f"| {r['tp']} | {r['mode']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['validate_s']:.1f} | "
               f"{r['build_s']:.1f} | {r['read_s']:.1f} | "

@@ -5,7 +5,8 @@
         --reference-python /path/to/venv-with-transformers-4.47/bin/python --repeat 3
 
 Builds a ~134M-parameter Llama (hidden 768, 12 layers, 12 heads, FFN 2048, vocab 32000, untied,
-random weights, fp32, saved by transformers) and grows it 2x (hidden, heads, FFN: ~438M) into an HF
+random weights, fp32, saved by transformers; ``--size llama-1b --dtype bfloat16``: Llama-3.2-1B's
+shape, 1.24B -> 4.4B) and grows it 2x (hidden, heads, FFN: ~438M) into an HF
 directory, each way in its own process(es), interleaved:
 
 - reference: the authors' ``clone_llama`` on the model loaded by ``from_pretrained``, then
@@ -25,24 +26,30 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
-              intermediate_size=2048, vocab_size=32000, max_position_embeddings=512, tie_word_embeddings=False)
+sys.path.insert(0, str(ROOT))
+SOURCES = {
+    "134m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                 intermediate_size=2048, vocab_size=32000, max_position_embeddings=512, tie_word_embeddings=False),
+    # Llama-3.2-1B's shape (random weights): 1.24B parameters, grown 2x to 4.4B
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=8192, vocab_size=128256, max_position_embeddings=2048,
+                     tie_word_embeddings=True),
+}
 
 REFERENCE = """
 import sys, types, torch
-repo, src, dst = sys.argv[1:4]
+repo, src, dst, dtype = sys.argv[1:5]
 package = types.ModuleType("hypercloning")  # their __init__ imports every family (OLMo's needs ai2-olmo)
 package.__path__ = [repo + "/hypercloning"]
 sys.modules["hypercloning"] = package
 from hypercloning.llama_cloning import clone_llama
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=getattr(torch, dtype))
 clone_llama(model, embedding_dim_multiplier=2, up_project_multiplier=2).save_pretrained(dst)
 """
 
@@ -54,28 +61,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-python", default=sys.executable,
                    help="an interpreter with transformers < 4.48 for the reference (default: this one)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--size", choices=sorted(SOURCES), default="134m", help="the source's shape")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the source's dtype")
+    p.add_argument("--modes", nargs="+", help="run only the modes whose names contain one of these words")
     return p.parse_args(argv)
 
 
 def run_measured(cmd: list, env: dict | None = None) -> tuple[float, int]:
     """(wall seconds, peak summed RSS of the process tree) of one command; exits on failure."""
-    import psutil
+    from megaclone.memory import run_measured as run
 
-    t0 = time.time()
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
-    root, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            tree = [root] + root.children(recursive=True)
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
-    output = proc.stdout.read().decode(errors="replace")
-    if proc.returncode:
-        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{output[-4000:]}")
-    return time.time() - t0, peak
+    done = run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, interval_s=0.02)
+    if done.out_of_memory:
+        print(f"stopped before the machine ran out of memory (peak {done.peak_tree_rss / 2**30:.1f} GiB): "
+              f"{' '.join(map(str, cmd))}", flush=True)
+        return float("nan"), done.peak_tree_rss
+    if done.returncode:
+        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{done.output[-4000:]}")
+    return done.wall_s, done.peak_tree_rss
 
 
 def torchrun(n: int, *args) -> list:
@@ -96,7 +99,9 @@ def modes(args, src: Path, out: Path) -> dict[str, list[list]]:
     }
     if args.reference_repo:
         found["reference (authors' clone_llama)"] = [
-            [args.reference_python, "-c", REFERENCE, args.reference_repo, src, out / "reference"]]
+            [args.reference_python, "-c", REFERENCE, args.reference_repo, src, out / "reference", args.dtype]]
+    if args.modes:
+        found = {name: cmds for name, cmds in found.items() if any(word in name for word in args.modes)}
     return found
 
 
@@ -105,15 +110,18 @@ OUTPUT = {"megaclone --save-hf, python (a world of one, no launcher)": "hf2hf-py
           "megaclone import + export, 1 process": "two-step", "reference (authors' clone_llama)": "reference"}
 
 
-def logits_rel(src: Path, grown: Path) -> float:
-    """max |grown - source| / max |source| of transformers' logits on fixed random tokens."""
+def logits_rel(src: Path, grown: Path, vocab_size: int) -> float:
+    """max |grown - source| / max |source| of transformers' logits on fixed random tokens (nan: no output)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokens = torch.randint(0, SOURCE["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+    if not (grown / "config.json").exists():
+        return float("nan")
+    tokens = torch.randint(0, vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a = AutoModelForCausalLM.from_pretrained(str(src)).eval()(tokens).logits
-        b = AutoModelForCausalLM.from_pretrained(str(grown)).eval()(tokens).logits
+        # in the stored dtype, one model at a time: a 4.4B model in fp32 and its source do not fit in 24 GiB
+        a = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto").eval()(tokens).logits.float()
+        b = AutoModelForCausalLM.from_pretrained(str(grown), dtype="auto").eval()(tokens).logits.float()
     return float((a - b).abs().max() / a.abs().max())
 
 
@@ -126,7 +134,9 @@ def main() -> int:
     src = out / "src"
     if not (src / "config.json").exists():
         torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(LlamaConfig(**SOURCE)).save_pretrained(str(src))
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SOURCES[args.size]))
+        model.to(getattr(torch, args.dtype)).save_pretrained(str(src))
+        del model
     runs: dict[str, list[tuple[float, int]]] = {}
     for _ in range(args.repeat):
         for name, commands in modes(args, src, out).items():
@@ -137,7 +147,7 @@ def main() -> int:
         walls = [w for w, _ in measured]
         rows.append(dict(mode=name, wall_s=walls, median_wall_s=statistics.median(walls),
                          peak_gib=statistics.median(m for _, m in measured) / 2**30,
-                         logits_rel=logits_rel(src, out / OUTPUT[name])))
+                         logits_rel=logits_rel(src, out / OUTPUT[name], SOURCES[args.size]["vocab_size"])))
     (out / "bench_hf.json").write_text(json.dumps(rows, indent=1))
     print(f"| mode | wall s (runs) | median wall s | peak RSS of the process tree, GiB | logits vs source |")
     print("|---|---|---:|---:|---:|")

@@ -18,14 +18,16 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megaclone import cli  # noqa: E402  (torch-free: flags parse before any heavy import)
+from megaclone import hf  # noqa: E402  (torch-free too: the family registry)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--load", help="source checkpoint root (Megatron-LM torch_dist layout)")
-    src.add_argument("--load-hf", help="source Hugging Face directory (config.json + safetensors): Llama, Mistral, "
-                                       "Qwen2, GPT-2, GPT-NeoX; --factor 1 converts without growing")
+    src.add_argument("--load", help="source checkpoint root as Megatron-LM writes it (torch_dist, or legacy "
+                                    "--ckpt-format torch files), or one of its iteration directories")
+    src.add_argument("--load-hf", help="source Hugging Face directory (config.json + safetensors), model_type "
+                                       f"{', '.join(hf.model_types())}; --factor 1 converts without growing")
     dst = p.add_mutually_exclusive_group(required=True)
     dst.add_argument("--save", help="destination checkpoint root (created; must be empty)")
     dst.add_argument("--save-hf", help="instead of --save, with --load-hf: write the grown model as a Hugging Face "

@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megaclone import cli  # noqa: E402  (torch-free: flags parse before any heavy import)
+from megaclone import hf  # noqa: E402  (torch-free too: the family registry)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,8 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load", required=True, help="Megatron checkpoint root (torch_dist)")
     p.add_argument("--save", required=True, help="Hugging Face output directory")
     p.add_argument("--model-type",
-                   help="Hugging Face model_type, one the family registry (megaclone/hf.py) holds: llama, mistral, "
-                        "qwen2, qwen3, gpt2, gpt_neox (default: recorded at import, else inferred)")
+                   help=f"Hugging Face model_type: {', '.join(hf.model_types())} (default: recorded at import, "
+                        "else inferred from the shape)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
     cli.add_device_flags(p)
     cli.add_trust_flag(p)

@@ -22,7 +22,8 @@ def main() -> int:
     from megaclone.inspect import describe
     from megaclone.runtime import init_distributed
 
-    init_distributed("cpu")
+    if args.digest:  # reading every tensor is megatron-core's collective load; the summary needs neither
+        init_distributed("cpu")
     cli.rank0_print(describe(args.checkpoint, args.digest))
     return 0
 
