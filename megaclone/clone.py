@@ -108,14 +108,20 @@ def clone_slice(
     c_out, pairs] (:func:`noise_scales`, which ``expand`` computes over the whole model, across ranks).
 
     With ``out`` (the destination parameter) the slice is computed in place there: the gather writes
-    straight into it and the scaling is in place, so no second slice-sized buffer exists (fp32/fp64).
+    straight into it and the scaling is in place, so no second slice-sized buffer exists (fp32/fp64,
+    and bf16/fp16 from a source of that dtype when no noise or gain adds a second rounding).
 
     Invariant: for the exact variants, the result equals the corresponding slice of the fully
     materialized clone; for every variant it depends only on (cfg, rule.key, layer, indices).
     """
     src_rows, out_block = rule.rows(dst_rows)
     src_cols, in_block = rule.cols(dst_cols) if rule.cols is not None else (None, None)
+    noisy = cfg.variant.noisy and rule.noise_unit and rule.c_in > 1
     work = torch.float64 if piece.data.dtype == torch.float64 else torch.float32
+    if out is not None and out.dtype == piece.data.dtype and not noisy and rule.gain == 1:
+        # one rounding either way: torch divides a bf16/fp16 element in fp32 and rounds it once, as the
+        # widened path would, and the diagonal mask (0 or 1) is exact, so the slice is computed in place
+        work = out.dtype
     in_place = out is not None and out.dtype == work
     values = _gather(piece, src_rows, src_cols, work, _uniform_divisor(rule, cfg), out if in_place else None)
 
@@ -123,7 +129,7 @@ def clone_slice(
         # output block b reads exactly input block b, unscaled
         keep = (in_block[None, :] == out_block[:, None])
         values.mul_(torch.from_numpy(keep).to(values.dtype))
-    if cfg.variant.noisy and rule.noise_unit and rule.c_in > 1:
+    if noisy:
         if scale is None:
             raise ValueError(f"{rule.key}: the noisy variants need the scale of each noise block")
         values.add_(_noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, scale).to(values.dtype))

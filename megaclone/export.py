@@ -52,7 +52,8 @@ def _hf_config(spec: ModelSpec, model_type: str, dtype: torch.dtype):
     fields = hf.family_of(model_type).config_from_spec(spec, model_type)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     config.architectures = [hf.family_of(model_type).model_types[model_type]]
-    config.torch_dtype = dtype
+    # transformers 4.56 renamed torch_dtype to dtype (and warns on the old name); older ones know torch_dtype only
+    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", dtype)
     return config
 
 

@@ -34,8 +34,9 @@ class ExpandProgress:
             self.bar.close()
 
 
-def summary_table(reports, save: Optional[str | Path] = None) -> str:
-    """Markdown table: per rank slices, bytes read and computed, phase seconds, peak RSS."""
+def summary_table(reports, save: Optional[str | Path] = None, forked_writers: bool = True) -> str:
+    """Markdown table: per rank slices, bytes read and computed, phase seconds, peak RSS (and the
+    PSS of the writer processes dist_checkpointing forks, for a Megatron destination)."""
     from .checkpoint import directory_bytes
 
     lines = [
@@ -51,8 +52,12 @@ def summary_table(reports, save: Optional[str | Path] = None) -> str:
             f"{s.get('total', 0):.2f} | {human_bytes(r.peak_rss.get('baseline', 0))} | "
             f"{human_bytes(r.peak_rss.get('self', 0))} | {human_bytes(r.peak_rss.get('tree', 0))} |"
         )
-    lines.append("\nRSS: the rank's resident memory. PSS with helpers: the rank and the writer processes "
-                 "dist_checkpointing forks, shared pages split between them (what the job costs the node).")
+    if forked_writers:
+        lines.append("\nRSS: the rank's resident memory. PSS with helpers: the rank and the writer processes "
+                     "dist_checkpointing forks, shared pages split between them (what the job costs the node).")
+    else:  # a Hugging Face destination: each rank writes its shard itself
+        lines = [line.rsplit("|", 2)[0] + "|" for line in lines]
+        lines.append("\nRSS: the rank's resident memory.")
     if save is not None:
         lines.append(f"wrote {human_bytes(directory_bytes(Path(save)))} to {save} "
                      f"in {max(r.seconds.get('total', 0) for r in reports):.1f} s")

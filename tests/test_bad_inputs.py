@@ -238,7 +238,7 @@ def test_an_exact_symmetric_clone_without_dropout_warns_with_the_fix():
     assert CloneConfig(Variant.NOISY_SYMMETRIC).warnings(0.0, 0.0) == []
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_source_values_are_refused_by_name(source, tmp_path, value):
     src = copy_of(source, tmp_path)
     overwrite_stored_value(src, "decoder.layers.mlp.linear_fc2.weight", 0, value)

@@ -225,6 +225,20 @@ def test_bf16_symmetric_power_of_two_is_bit_exact():
         assert torch.equal(got[key].float(), ref[key]), key
 
 
+@pytest.mark.parametrize("variant", ["symmetric", "diagonal"])
+def test_bf16_any_factor_is_the_fp32_clone_rounded_once(variant):
+    """Factor 3 (and unequal factors) in bf16: every slice, computed in place in bf16 (odd ranks) or
+    widened to fp32 (even ranks), equals the fp32 reference clone rounded once to bf16."""
+    s = toy.preset_spec("llama", 1)
+    for factors in (Factors.uniform(3), Factors(2, 1, 3)):
+        d = grow(s, factors, 3 if factors.hidden == 3 else 2)
+        src = {k: v.to(torch.bfloat16) for k, v in random_source(s).items()}
+        got = clone_all(src, s, d, CloneConfig(variant=Variant(variant)), d.tensor_parallel)
+        ref = expand_reference({k: v.float() for k, v in src.items()}, s, d, variant)
+        for key in ref:
+            assert torch.equal(got[key].float(), ref[key].bfloat16().float()), (factors, key)  # -0.0 == 0.0
+
+
 def test_runs_cover_indices_exactly():
     rng = np.random.default_rng(0)
     for _ in range(200):

@@ -178,7 +178,7 @@ def main() -> int:
         )
     progress.close()
     if rt.is_main:
-        print(summary_table(reports, args.save or args.save_hf), flush=True)
+        print(summary_table(reports, args.save or args.save_hf, forked_writers=args.save is not None), flush=True)
     dist.barrier()
     return 0
 
