@@ -202,7 +202,8 @@ def fill_rank(
     ep_rank: int = 0,
 ) -> None:
     """Compute every destination slice this rank owns into its row blocks (model.parameter_slots),
-    one task at a time: read its source boxes (locally, no collective), clone, release. Source values
+    one task at a time: read its source boxes (locally, no collective; once for consecutive tasks
+    that read the same boxes, as a layer's experts do), clone, release. Source values
     that are not finite are refused (naming the tensor) unless ``allow_non_finite``. With
     ``only_slots`` the rank computes only the (tensor, layer, expert) pieces ``slots`` holds (a share
     dealt to it), else every piece its TP and EP rank own must have a slot."""
@@ -210,6 +211,7 @@ def fill_rank(
     slots = dict(slots)
     layers = depth.layer_map(source.spec.num_layers)
     router_std = 0.0 if dst_spec.experts is None or dst_spec.experts.router_init == "zero" else _init_std(source)
+    last: tuple = (None, None)  # (BoxRead, SourcePiece) of the last task that read the source
     for task in plan_rank(rules, layers, dst_spec.tensor_parallel, tp_rank, depth.zeroes_added_outputs,
                           dst_spec.expert_parallel, ep_rank):
         place = (task.rule.key, task.layer, task.expert)
@@ -229,19 +231,20 @@ def fill_rank(
                     router_slice(task.rule, task.layer or 0, task.dst_rows[b.start:b.stop], task.dst_cols, cfg,
                                  router_std, out=b.tensor)
             else:
-                source_dtype = source.tensors[task.rule.source_key].dtype
-                parts = source.read(box_read)
-                if not allow_non_finite:
-                    _check_finite(task, parts)
+                if box_read != last[0]:  # the experts of a layer, or the copies of a source layer, read alike
+                    last = (None, None)
+                    source_dtype = source.tensors[task.rule.source_key].dtype
+                    parts = source.read(box_read)
+                    if not allow_non_finite:
+                        _check_finite(task, parts)
+                    last = (box_read, assemble_piece(task, parts, source_dtype))
+                    del parts
+                    report.bytes_read += box_read.numel * source_dtype.itemsize
                 t1 = time.perf_counter()
-                piece = assemble_piece(task, parts, source_dtype)
-                del parts
                 scale = (scales or {}).get((task.rule.key, task.layer))
                 for b in blocks:
-                    clone_slice(task.rule, task.layer or 0, piece, task.dst_rows[b.start:b.stop], task.dst_cols, cfg,
-                                out=b.tensor, scale=scale)
-                del piece
-                report.bytes_read += box_read.numel * source_dtype.itemsize
+                    clone_slice(task.rule, task.layer or 0, last[1], task.dst_rows[b.start:b.stop], task.dst_cols,
+                                cfg, out=b.tensor, scale=scale)
         t2 = time.perf_counter()
         report.slices += 1
         if report.slices == 1:

@@ -8,6 +8,7 @@ that verifies must print PASS.
 """
 
 import re
+import time
 
 import pytest
 
@@ -42,7 +43,10 @@ def test_every_readme_command_runs_as_written(tmp_path):
     runs = str(tmp_path / "runs")
     for block in readme_blocks():
         script = runnable(block, runs)
+        t0 = time.time()
         proc = run(["bash", "-c", script], env={"OUT_DIR": runs}, timeout=900)
+        lines = script.splitlines()[1:] or ["(nothing to run)"]
+        print(f"{time.time() - t0:6.1f} s  {lines[0][:100]}")
         shown = f"{script}\n--- exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         assert proc.returncode == 0, shown
         if "verify_logits.py" in block or "quickstart.sh" in block:

@@ -192,9 +192,9 @@ def test_resume_at_another_layout_reshards_weights_and_optimizer(resumed_elsewhe
 
 
 def _readme_command_flags() -> set[str]:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "training.md").read_text()
     block = re.search(r"```bash\n(# Megatron-LM.*?)```", text, re.S)
-    assert block, "README lacks the Megatron-LM continuation command block"
+    assert block, "docs/training.md lacks the Megatron-LM continuation command block"
     return {f[2:].replace("-", "_") for f in re.findall(r"--[a-z0-9-]+", block.group(1))}
 
 
