@@ -151,6 +151,9 @@ def run(main: Callable[[], int]) -> None:
     os.register_at_fork(after_in_child=_default_sigterm_in_child)
     try:
         code = main()
+    except BrokenPipeError:  # the reader of our output went away (`... | head`): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os._exit(141)  # 128 + SIGPIPE, what a shell tool killed by it reports
     except (KeyboardInterrupt, Terminated) as stop:  # it reaches every rank of the job: one line each
         what, code = ("interrupted", 130) if isinstance(stop, KeyboardInterrupt) else ("terminated", 143)
         message = f"error: rank {launch_rank()}: {what}; nothing was published"

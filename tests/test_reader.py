@@ -134,7 +134,7 @@ def test_a_checkpoint_is_described_without_megatron_core(made_by):
     from util import ROOT
 
     src = ROOT / "tests" / "data" / made_by
-    code = ("import sys; from megaclone.inspect import describe; print(describe(sys.argv[1])); "
+    code = ("import sys; from megaclone.describe import describe; print(describe(sys.argv[1])); "
             "print('megatron loaded:', any(m.split('.')[0] == 'megatron' for m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code, str(src)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
