@@ -44,7 +44,7 @@ class ByteTokenizer:
     def tokenize(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
-    def megatron_args(self) -> dict:
+    def training_flags(self) -> dict:
         """The Megatron-LM flags (as args fields) that read this data the same way."""
         return {"tokenizer_type": self.tokenizer_type, "vocab_size": BYTE_VOCAB}
 

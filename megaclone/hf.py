@@ -496,7 +496,7 @@ def read_config(root: Path) -> dict:
         return json.loads(path.read_text())
 
 
-def megatron_args(root: Path, make_vocab_size_divisible_by: int = 128) -> argparse.Namespace:
+def read_args(root: Path, make_vocab_size_divisible_by: int = 128) -> argparse.Namespace:
     """Megatron-LM args for an HF model (TP 1), with the tokenizer it came with."""
     config = read_config(root)
     family = family_of(config.get("model_type"))

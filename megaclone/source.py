@@ -94,7 +94,7 @@ def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source
     root = Path(root)
     if not root.is_dir():
         raise MegacloneError(f"--load-hf {root} is not a directory", "pass a save_pretrained directory")
-    args = hf.megatron_args(root)
+    args = hf.read_args(root)
     spec = ModelSpec.from_args(args, vocab_size=vocab_size)
     family = hf.family_of(args.hf_model_type)
     layout = family.layout(spec)

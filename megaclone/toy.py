@@ -16,7 +16,8 @@ import torch
 from .presets import GPT2, LLAMA, PRESETS, preset_spec  # noqa: F401  (re-exported for examples and tests)
 from .spec import ModelSpec
 
-def megatron_args(spec: ModelSpec, **extra) -> argparse.Namespace:
+
+def checkpoint_args(spec: ModelSpec, **extra) -> argparse.Namespace:
     """A Megatron-LM-style args Namespace, with Megatron-LM's own conventions for MHA and kv_channels."""
     args = spec.to_args()
     args.group_query_attention = spec.num_query_groups != spec.num_attention_heads
@@ -65,7 +66,7 @@ def train_steps_(model, spec: ModelSpec, steps: int, generator: torch.Generator,
     return losses
 
 
-def save_training_checkpoint(model, args: argparse.Namespace, root: Path, iteration: int) -> Path:
+def save_like_megatron_lm(model, args: argparse.Namespace, root: Path, iteration: int) -> Path:
     """Save as Megatron-LM's training loop does, not as megaclone's expander does: the model's own
     sharded state dict (no Transformer Engine extras), RNG state, a scheduler state, and args holding
     non-plain values (``params_dtype``). Sources made this way test megaclone on checkpoints it did
@@ -96,10 +97,10 @@ def make_source(root: Path, spec: ModelSpec, seed: int = 1234, train_steps: int 
         train_steps_(model, spec, train_steps, gen)
     if dtype != torch.float32:
         model = model.to(dtype)
-    args = megatron_args(spec, pipeline_model_parallel_size=pipeline_parallel, **(args_overrides or {}))
+    args = checkpoint_args(spec, pipeline_model_parallel_size=pipeline_parallel, **(args_overrides or {}))
     args.bf16, args.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     args.params_dtype = dtype  # Megatron-LM stores a torch.dtype here
-    save_training_checkpoint(model, args, Path(root), iteration=train_steps or 1)
+    save_like_megatron_lm(model, args, Path(root), iteration=train_steps or 1)
     return Path(root)
 
 

@@ -83,7 +83,7 @@ def reshard_source(src1: Path, dst: Path, spec1: ModelSpec, tp: int) -> ModelSpe
     init_parallel(tp)
     model = build_gpt(spec)
     load_model(model, src1 / "iter_0000002")
-    toy.save_training_checkpoint(model, toy.megatron_args(spec), dst, iteration=2)
+    toy.save_like_megatron_lm(model, toy.checkpoint_args(spec), dst, iteration=2)
     return spec
 
 

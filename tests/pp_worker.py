@@ -142,10 +142,10 @@ def legacy_cases(out: Path, spec: ModelSpec) -> dict:
             if not getattr(param, "tensor_model_parallel", False):
                 dist.broadcast(param.data, ps.get_tensor_model_parallel_src_rank(),
                                group=ps.get_tensor_model_parallel_group())
-        args = toy.megatron_args(dataclasses.replace(spec, tensor_parallel=tp), pipeline_model_parallel_size=pp)
+        args = toy.checkpoint_args(dataclasses.replace(spec, tensor_parallel=tp), pipeline_model_parallel_size=pp)
         name = f"legacy-tp{tp}-pp{pp}" + ("-te" if te else "")
         save_legacy(model, args, out / name, te)
-        toy.save_training_checkpoint(model, args, out / f"{name}-twin", iteration=1)
+        toy.save_like_megatron_lm(model, args, out / f"{name}-twin", iteration=1)
         dst = out / f"{name}-wide"
         expand(out / name, dst, Factors.uniform(2), 4, overwrite=True)
         results[f"{name}-vs-twin"] = max(r.max_rel for r in verify(out / f"{name}-twin", dst))

@@ -48,7 +48,7 @@ def main() -> int:
         print(f"skipped {path}: {why}")
     if len(stats.skipped) > 10:
         print(f"skipped {len(stats.skipped) - 10} more files")
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in tokenizer.megatron_args().items())
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in tokenizer.training_flags().items())
     print(f"{stats.documents} documents, {stats.tokens:,} tokens from {source} "
           f"({len(stats.skipped)} skipped) -> {stats.prefix}.bin/.idx\ntrain with: --data-path {stats.prefix} {flags}")
     return 0
