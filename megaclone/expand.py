@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt_io
 from . import destination
 from .clone import CloneConfig, SourcePiece, chunk_sum_of_squares, clone_slice, noise_scales, router_slice
 from .errors import MegacloneError
@@ -34,7 +33,7 @@ from .partition import Role, param_rules
 from .source import Source, open_any_source
 from .plan import SliceTask, draw_chunks, plan_rank, power_chunks
 from .memory import PeakMemory
-from .runtime import agree, cpu_seconds, return_large_frees, trim_heap
+from .runtime import agree, cpu_seconds, gathered, return_large_frees, trim_heap
 from .spec import Depth, Experts, Factors, ModelSpec, check_divisible, grow
 
 # Fault injection for crash-safety tests: MEGACLONE_FAULT_INJECT="<point>:<rank>" makes that rank
@@ -144,11 +143,8 @@ def _dealt_sums(chunks: list, sum_of: Callable) -> dict[int, float]:
     """Every chunk's float64 sum by chunk index, on every rank: each rank computes its round-robin
     share (chunks are numbered in an order that depends on the model only) and the shares are
     exchanged, so callers add them exactly and every layout gets the same totals."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {chunk.index: sum_of(chunk) for chunk in chunks[rank::world]}
-    shares: list = [None] * world
-    dist.all_gather_object(shares, mine)
-    return {index: value for share in shares for index, value in share.items()}
+    mine = {chunk.index: sum_of(chunk) for chunk in chunks[dist.get_rank()::dist.get_world_size()]}
+    return {index: value for share in gathered(mine) for index, value in share.items()}
 
 
 def signal_powers(source: Source, rules: list, num_layers: int) -> dict[tuple[str, Optional[int]], np.ndarray]:
@@ -389,9 +385,7 @@ def expand(
 def _gather_reports(report: RankReport, memory: PeakMemory) -> list[RankReport]:
     """Every rank's report on every rank, this rank's peak memory (sampling ends here) in its own."""
     report.peak_rss = memory.stop()
-    reports: list = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, report)
-    return reports
+    return gathered(report)
 
 
 def expand_to_hf(

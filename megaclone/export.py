@@ -22,7 +22,7 @@ from . import destination, hf
 from .errors import MegacloneError, writing
 from .layout import catalogue
 from .plan import Box, BoxRead
-from .runtime import agree
+from .runtime import agree, gathered
 from .spec import ModelSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -92,8 +92,7 @@ def write_hf(out: Path, mine: dict[str, torch.Tensor], spec: ModelSpec, model_ty
     nbytes = sum(v.numel() * v.element_size() for v in mine.values())
     with writing(out, out / name, nbytes):
         save_file(mine, str(out / name), metadata={"format": "pt"})
-    shares: list = [None] * world
-    dist.all_gather_object(shares, (sorted(mine), nbytes))
+    shares = gathered((sorted(mine), nbytes))
     names = [n for n, _ in shares]
     if rank == 0:
         weight_map = {t: shard_name(r, world) for r, ts in enumerate(names) for t in ts}

@@ -521,8 +521,6 @@ def read_args(root: Path, make_vocab_size_divisible_by: int = 128) -> argparse.N
 
 def check_constant(t: HFTensor, key: str, layer: Optional[int], full: torch.Tensor, model_type: str) -> None:
     """Refuse to export a tensor the HF model keeps constant (has no parameter for) once it differs."""
-    import torch
-
     if t.constant is not None and not bool((full == t.constant).all()):
         where = key + ("" if layer is None else f" (layer {layer})")
         raise MegacloneError(

@@ -237,6 +237,13 @@ def _destroy_groups(module) -> None:
             dist.destroy_process_group(group)
 
 
+def gathered(value: T) -> list[T]:
+    """``value`` from every rank, in rank order, on every rank (a collective)."""
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def agree(check: Callable[[], T]) -> T:
     """Run a validation on every rank; if any rank refuses, every rank raises the same error.
 
@@ -250,9 +257,7 @@ def agree(check: Callable[[], T]) -> T:
         result = check()
     except MegacloneError as exc:
         error = exc
-    errors: list = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, None if error is None else (type(error), error.problem, error.fix))
-    for found in errors:
+    for found in gathered(None if error is None else (type(error), error.problem, error.fix)):
         if found is not None:
             kind, problem, fix = found
             raise kind(problem, fix)

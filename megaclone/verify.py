@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .errors import MegacloneError, NotComparable
 from .model import build_gpt, causal_logits, load_model
-from .runtime import agree, init_parallel
+from .runtime import agree, gathered, init_parallel
 from . import checkpoint as ckpt_io
 from .source import Source, open_hf_source, open_megatron_source
 from .spec import ModelSpec, feasible_tp
@@ -227,11 +227,9 @@ def verify(
             compared += tokens_b.numel()
         del model, expected
     scale = slice_scale if slice_scale > 0 else global_scale
-    result = RankResult(dist.get_rank(), start, real_stop, start + width, max_abs, max_abs / max(scale, 1e-30),
-                        tol if tol is not None else default_tolerance(dst_dtype), compared)
-    results: list = [None] * dist.get_world_size()
-    dist.all_gather_object(results, result)
-    return results
+    return gathered(RankResult(dist.get_rank(), start, real_stop, start + width, max_abs,
+                               max_abs / max(scale, 1e-30), tol if tol is not None else default_tolerance(dst_dtype),
+                               compared))
 
 
 def verify_hf(
@@ -263,11 +261,8 @@ def verify_hf(
             max_abs = max(max_abs, float((f[..., :vocab] - e[..., :vocab]).abs().max()))
             scale = max(scale, float(e[..., :vocab].abs().max()))
             compared += b.numel()
-    result = RankResult(dist.get_rank(), 0, vocab, vocab, max_abs, max_abs / max(scale, 1e-30),
-                        tol if tol is not None else default_tolerance(dst.dtype), compared)
-    results: list = [None] * dist.get_world_size()
-    dist.all_gather_object(results, result)
-    return results
+    return gathered(RankResult(dist.get_rank(), 0, vocab, vocab, max_abs, max_abs / max(scale, 1e-30),
+                               tol if tol is not None else default_tolerance(dst.dtype), compared))
 
 
 def _destination_model(destination: Source, spec: ModelSpec, dtype: torch.dtype, device) -> torch.nn.Module:

@@ -42,7 +42,7 @@ from .partition import ParamRule, Role, param_rules
 from .plan import Box, BoxRead
 from .source import Source, open_hf_source, open_megatron_source
 from .spec import Depth
-from .runtime import agree
+from .runtime import agree, gathered
 
 # Destination elements per read: bounds the float64 working set of one chunk.
 CHUNK_ELEMENTS = 1 << 22
@@ -317,6 +317,4 @@ def check_weights(src_root, dst_root, snr_tol_db: float = 0.05, hf: bool = False
             report.mismatches.append(mismatch)
     if snrs:
         report.snr_db = (min(snrs), max(snrs))
-    reports: list = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, report)
-    return reports
+    return gathered(report)

@@ -210,7 +210,6 @@ def test_a_mistyped_flag_names_the_closest_one():
 @pytest.mark.parametrize("tool", TOOLS)
 def test_a_tools_parse_args_runs_from_python(tool):
     """The flag parser of each tool is callable from Python (--help exits 0), importing no torch."""
-    import importlib.util
     import subprocess
 
     code = (f"import importlib.util, sys\nspec = importlib.util.spec_from_file_location('t', 'tools/{tool}')\n"

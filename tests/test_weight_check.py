@@ -5,7 +5,6 @@ unchanged), noise that does not cancel. In this process, a world of one."""
 import shutil
 
 import pytest
-import torch
 
 from megaclone import toy
 from megaclone.clone import CloneConfig, Variant

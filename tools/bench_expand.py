@@ -107,7 +107,7 @@ def gib(n):
 
 def measure(args, src: Path, out: Path, tp: int, mode: str) -> dict:
     """One run of one mode at one TP, in its own torchrun: the row of the table."""
-    from megaclone.checkpoint import LATEST, directory_bytes
+    from megaclone.checkpoint import directory_bytes
 
     dst, report = out / f"{mode}-tp{tp}", out / f"{mode}-tp{tp}.json"
     t0 = time.time()

@@ -27,7 +27,6 @@ import os
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +148,7 @@ def main() -> int:
                          peak_gib=statistics.median(m for _, m in measured) / 2**30,
                          logits_rel=logits_rel(src, out / OUTPUT[name], SOURCES[args.size]["vocab_size"])))
     (out / "bench_hf.json").write_text(json.dumps(rows, indent=1))
-    print(f"| mode | wall s (runs) | median wall s | peak RSS of the process tree, GiB | logits vs source |")
+    print("| mode | wall s (runs) | median wall s | peak RSS of the process tree, GiB | logits vs source |")
     print("|---|---|---:|---:|---:|")
     for r in rows:
         runs_s = ", ".join(f"{w:.1f}" for w in r["wall_s"])
