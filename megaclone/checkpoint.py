@@ -250,8 +250,10 @@ class BoxReader:
         lead = () if read.layer is None else (read.layer,)
         wanted = [ChunkStorageMetadata(offsets=torch.Size(lead + box.offsets),
                                        sizes=torch.Size((1,) * len(lead) + box.lengths)) for box in read.boxes]
-        overlaps = [[i for i, c in enumerate(stored.chunks) if _overlap(w, c) is not None] for w in wanted]
-        needed = sorted({i for found in overlaps for i in found})
+        # per box: (chunk index, slices into the box, slices into the chunk) of every chunk it meets
+        overlaps = [[(i, *where) for i, c in enumerate(stored.chunks) if (where := _overlap(w, c)) is not None]
+                    for w in wanted]
+        needed = sorted({i for found in overlaps for i, _, _ in found})
         if any(math.prod(stored.chunks[i].sizes) > self.WHOLE_CHUNK_LIMIT for i in needed):
             self._held = {}
             return self._read_items(read.key, stored, wanted, read.boxes)
@@ -263,13 +265,11 @@ class BoxReader:
         for want, found, box in zip(wanted, overlaps, read.boxes):
             buffer = torch.empty(want.sizes, dtype=stored.properties.dtype)
             covered = 0
-            for i in found:
-                inside_box, inside_chunk = _overlap(want, stored.chunks[i])
+            for i, inside_box, inside_chunk in found:
                 buffer[inside_box] = self._held[(read.key, i)][inside_chunk]
                 covered += math.prod(s.stop - s.start for s in inside_box)
             if covered != buffer.numel():
-                raise MegacloneError(f"{self.path}: the stored chunks of {read.key} do not cover "
-                                     f"{tuple(want.offsets)} + {tuple(want.sizes)}", "the checkpoint is damaged")
+                raise self._uncovered(read.key, want)
             out.append(buffer.view(box.lengths))
         return out
 
@@ -285,8 +285,7 @@ class BoxReader:
             buffer = torch.empty(chunk.sizes, dtype=stored.properties.dtype)
             chunk_items = create_read_items_for_chunk_list(key, stored, [chunk])
             if sum(math.prod(i.lengths) for i in chunk_items) != buffer.numel():
-                raise MegacloneError(f"{self.path}: the stored chunks of {key} do not cover "
-                                     f"{tuple(chunk.offsets)} + {tuple(chunk.sizes)}", "the checkpoint is damaged")
+                raise self._uncovered(key, chunk)
             targets[(key, chunk.offsets)] = buffer
             items += chunk_items
             out.append(buffer if boxes is None else buffer.view(boxes[n].lengths))
@@ -294,6 +293,10 @@ class BoxReader:
             with reading(self.path, f"{key} from {self.path}"):  # shard bytes torch.load cannot parse
                 self._reader.read_data(LoadPlan(items), _IntoBuffers(targets)).wait()
         return out
+
+    def _uncovered(self, key: str, extent) -> MegacloneError:
+        return MegacloneError(f"{self.path}: the stored chunks of {key} do not cover "
+                              f"{tuple(extent.offsets)} + {tuple(extent.sizes)}", "the checkpoint is damaged")
 
 
 def _overlap(box, chunk) -> Optional[tuple[tuple[slice, ...], tuple[slice, ...]]]:

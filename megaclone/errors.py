@@ -69,11 +69,18 @@ def reading(path: "str | os.PathLike", what: str = "") -> Iterator[None]:
                              "the file is damaged or incomplete: copy or save it again") from raised
 
 
-def _dcp_failure(exc: BaseException) -> "BaseException | None":
-    """The error under torch DCP's CheckpointException (a BaseException that wraps each failed rank's
-    error): what went wrong reading, e.g. the FileNotFoundError of a missing shard file."""
+def _dcp_failures(exc: BaseException) -> "dict | None":
+    """The per-rank failures torch DCP's CheckpointException (a BaseException) carries; None for any
+    other exception."""
     failures = getattr(exc, "failures", None)
-    if type(exc).__name__ != "CheckpointException" or not isinstance(failures, dict) or not failures:
+    return failures if type(exc).__name__ == "CheckpointException" and isinstance(failures, dict) else None
+
+
+def _dcp_failure(exc: BaseException) -> "BaseException | None":
+    """The error under torch DCP's CheckpointException: what went wrong reading, e.g. the
+    FileNotFoundError of a missing shard file."""
+    failures = _dcp_failures(exc)
+    if not failures:
         return None
     first = next(iter(failures.values()))  # (exception, stack summary), or a _WrappedException before torch 2.6
     return first[0] if isinstance(first, tuple) else getattr(first, "exc", first)
@@ -99,8 +106,8 @@ def _disk_full(exc: BaseException, where: "str | os.PathLike") -> bool:
 def _failed_on_another_rank(exc: BaseException) -> bool:
     """torch DCP's save failed on other ranks only: it raises a CheckpointException on every rank,
     with the failures of the ranks they happened on (none of this one's)."""
-    failures = getattr(exc, "failures", None)
-    return type(exc).__name__ == "CheckpointException" and isinstance(failures, dict) and not failures
+    failures = _dcp_failures(exc)
+    return failures is not None and not failures
 
 
 @contextlib.contextmanager

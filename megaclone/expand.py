@@ -131,12 +131,11 @@ def _all_finite(t: torch.Tensor) -> bool:
 def _check_finite(task: SliceTask, parts: list[torch.Tensor]) -> None:
     if all(_all_finite(p) for p in parts if p.is_floating_point()):
         return
-    bad = sum(int((~torch.isfinite(p)).sum()) for p in parts if p.is_floating_point())
-    if bad:
-        where = task.rule.key + ("" if task.layer is None else f" (layer {task.layer})")
-        raise MegacloneError(f"the source's {where} holds {bad} NaN or infinite values in the part this rank reads",
-                             "the source is damaged or diverged: use an earlier checkpoint, or pass "
-                             "--allow-non-finite to copy the values as they are")
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in parts if p.is_floating_point())  # for the message
+    where = task.rule.key + ("" if task.layer is None else f" (layer {task.layer})")
+    raise MegacloneError(f"the source's {where} holds {bad} NaN or infinite values in the part this rank reads",
+                         "the source is damaged or diverged: use an earlier checkpoint, or pass "
+                         "--allow-non-finite to copy the values as they are")
 
 
 def _dealt_sums(chunks: list, sum_of: Callable) -> dict[int, float]:
@@ -228,7 +227,7 @@ def fill_rank(
                                  router_std, out=b.tensor)
             else:
                 if box_read != last[0]:  # the experts of a layer, or the copies of a source layer, read alike
-                    last = (None, None)
+                    last = (None, None)  # the previous piece goes before the next is read
                     source_dtype = source.tensors[task.rule.source_key].dtype
                     parts = source.read(box_read)
                     if not allow_non_finite:

@@ -39,25 +39,24 @@ def summary_table(reports, save: Optional[str | Path] = None, forked_writers: bo
     PSS of the writer processes dist_checkpointing forks, for a Megatron destination)."""
     from .checkpoint import directory_bytes
 
-    lines = [
-        "| rank | slices | read | shard | read s | compute s | write s | total s | RSS at start | peak RSS "
-        "| peak PSS with helpers |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in reports:
-        s = r.seconds
-        lines.append(
-            f"| {r.rank} | {r.slices} | {human_bytes(r.bytes_read)} | {human_bytes(r.bytes_computed)} | "
-            f"{s.get('read', 0):.2f} | {s.get('compute', 0):.2f} | {s.get('write', 0):.2f} | "
-            f"{s.get('total', 0):.2f} | {human_bytes(r.peak_rss.get('baseline', 0))} | "
-            f"{human_bytes(r.peak_rss.get('self', 0))} | {human_bytes(r.peak_rss.get('tree', 0))} |"
-        )
-    if forked_writers:
-        lines.append("\nRSS: the rank's resident memory. PSS with helpers: the rank and the writer processes "
-                     "dist_checkpointing forks, shared pages split between them (what the job costs the node).")
-    else:  # a Hugging Face destination: each rank writes its shard itself
-        lines = [line.rsplit("|", 2)[0] + "|" for line in lines]
-        lines.append("\nRSS: the rank's resident memory.")
+    columns = {  # header: the cell of one rank's report
+        "rank": lambda r: str(r.rank),
+        "slices": lambda r: str(r.slices),
+        "read": lambda r: human_bytes(r.bytes_read),
+        "shard": lambda r: human_bytes(r.bytes_computed),
+        **{f"{phase} s": lambda r, phase=phase: f"{r.seconds.get(phase, 0):.2f}"
+           for phase in ("read", "compute", "write", "total")},
+        "RSS at start": lambda r: human_bytes(r.peak_rss.get("baseline", 0)),
+        "peak RSS": lambda r: human_bytes(r.peak_rss.get("self", 0)),
+    }
+    note = "\nRSS: the rank's resident memory."
+    if forked_writers:  # a Megatron destination: dist_checkpointing forks writer processes
+        columns["peak PSS with helpers"] = lambda r: human_bytes(r.peak_rss.get("tree", 0))
+        note += (" PSS with helpers: the rank and the writer processes dist_checkpointing forks, shared pages "
+                 "split between them (what the job costs the node).")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r) for cell in columns.values()) + " |" for r in reports]
+    lines.append(note)
     if save is not None:
         lines.append(f"wrote {human_bytes(directory_bytes(Path(save)))} to {save} "
                      f"in {max(r.seconds.get('total', 0) for r in reports):.1f} s")

@@ -154,6 +154,11 @@ def _mismatch(rule: ParamRule, layer: Optional[int], expert: Optional[int], rows
                     float(found[at]), why)
 
 
+def _unequal(found: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Where two tensors differ, element by element, a NaN equal to a NaN (--allow-non-finite copies them)."""
+    return ~((found == expected) | (found.isnan() & expected.isnan()))
+
+
 def _read_rows(destination: Source, rule: ParamRule, layer: Optional[int], expert: Optional[int],
                start: int, n: int) -> torch.Tensor:
     """Destination rows [start, start + n) of one tensor-layer (of one expert), every column."""
@@ -207,14 +212,14 @@ def check_tensor_layer(rule: ParamRule, layer: Optional[int], source: Source, de
             found = _read_rows(destination, rule, layer, expert, start, len(rows))
             if expert is not None and expert >= rule.slices:  # a copy of the expert holding the same slice
                 original = _read_rows(destination, rule, layer, expert % rule.slices, start, len(rows))
-                differs = ~((found == original) | (found.isnan() & original.isnan()))
+                differs = _unequal(found, original)
                 if differs.any():
                     return _mismatch(one, layer, expert, rows, _first(differs), found, original,
                                      f"differs from expert {expert % rule.slices}, which holds the same slice"), []
                 continue
             expected = torch.zeros_like(found) if zero else expected_exact(one, src, rows, definition, found.dtype)
             if not noisy:
-                differs = ~((found == expected) | (found.isnan() & expected.isnan()))
+                differs = _unequal(found, expected)
                 if differs.any():
                     why = "not zero (an added layer's residual output)" if zero else "differs from the clone's value"
                     return _mismatch(one, layer, expert, rows, _first(differs), found, expected, why), []
