@@ -11,7 +11,7 @@ setup(
     install_requires=[
         # What works, not what this machine has: a Megatron environment's own torch and megatron-core
         # satisfy these, so pip leaves them alone. torch 2.6 made weights-only loading the default and
-        # has add_safe_globals (megaclone.unpickling); megatron-core 0.14 is the oldest run here (README,
+        # has add_safe_globals (megaclone.formats.unpickling); megatron-core 0.14 is the oldest run here (README,
         # "Versions"). A CPU machine keeps the CPU wheel through the README's install line, not a bound here.
         "torch>=2.6",
         "megatron-core>=0.14",

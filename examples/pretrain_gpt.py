@@ -22,14 +22,14 @@ from megaclone import cli  # noqa: E402  (torch-free: flags parse before any hea
 
 
 def main() -> int:
-    from megaclone.train_args import build_parser, refuse_early
+    from megaclone.train.args import build_parser, refuse_early
 
     args = cli.parse(build_parser())  # before torch is imported: --help and flag errors come at once
     from megaclone import launch
 
     refuse_early(args, launch.world_size())  # flag refusals, still before torch
     from megaclone.runtime import init_distributed
-    from megaclone.training import pretrain
+    from megaclone.train.loop import pretrain
 
     rt = init_distributed(args.device, args.timeout_minutes)
     pretrain(args, rt)

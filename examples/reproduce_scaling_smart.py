@@ -289,12 +289,13 @@ def analyse(args, size: dict, runs: list[Run], stages: Stages) -> dict:
     import numpy as np
     import torch
 
-    from megaclone import checkpoint as ckpt_io
-    from megaclone import plots, scaling
-    from megaclone.layout import MLP
-    from megaclone.partition import param_rules
+    from megaclone.formats import torch_dist
+    from megaclone.study import plots
+    from megaclone.study import paper
+    from megaclone.shape.layout import MLP
+    from megaclone.pipeline.rules import param_rules
     from megaclone.runtime import init_distributed
-    from megaclone.spec import ModelSpec
+    from megaclone.shape.spec import ModelSpec
 
     init_distributed("cpu")
     out, res = args.out, args.results
@@ -305,48 +306,48 @@ def analyse(args, size: dict, runs: list[Run], stages: Stages) -> dict:
     for r in runs:
         base = f"{BASELINE}-s{r.seed}"
         results[r.name] = {"variant": r.variant, "seed": r.seed, "start": r.start, "overrides": dict(r.overrides),
-                           **scaling.speedup(curves[base], curves[r.name], FINAL_EVALS, SMOOTHING),
+                           **paper.speedup(curves[base], curves[r.name], FINAL_EVALS, SMOOTHING),
                            "initial_loss": curves[r.name][0][1],
-                           "final_loss": scaling.final_loss(curves[r.name], FINAL_EVALS),
-                           "early_bump": scaling.early_bump(curves[r.name]),
+                           "final_loss": paper.final_loss(curves[r.name], FINAL_EVALS),
+                           "early_bump": paper.early_bump(curves[r.name]),
                            "first_train_loss": histories[r.name]["train"][0]["lm_loss"],
                            "source_check": histories[r.name].get("source_check")}
     groups: dict[str, list[str]] = {}
     for r in runs:
         groups.setdefault(r.variant if r.name == f"{r.variant}-s{r.seed}" else r.name.rsplit("-s", 1)[0], []).append(r.name)
-    summary = {g: {"runs": names, "speedup": scaling.spread([results[n]["speedup"] for n in names],
+    summary = {g: {"runs": names, "speedup": paper.spread([results[n]["speedup"] for n in names],
                                                             sum(results[n]["from_start"] for n in names)),
-                   "final_loss": scaling.spread([results[n]["final_loss"] for n in names])}
+                   "final_loss": paper.spread([results[n]["final_loss"] for n in names])}
                for g, names in groups.items()}
 
-    src_path = ckpt_io.find_checkpoint(out / "source")
-    src_spec = ModelSpec.from_args(ckpt_io.read_common(src_path)["args"])
-    wide_path = ckpt_io.find_checkpoint(out / "expanded" / "symmetric")
-    rules = param_rules(src_spec, ModelSpec.from_args(ckpt_io.read_common(wide_path)["args"]))
+    src_path = torch_dist.find_checkpoint(out / "source")
+    src_spec = ModelSpec.from_args(torch_dist.read_common(src_path)["args"])
+    wide_path = torch_dist.find_checkpoint(out / "expanded" / "symmetric")
+    rules = param_rules(src_spec, ModelSpec.from_args(torch_dist.read_common(wide_path)["args"]))
 
     def tensors(path: Path) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in ckpt_io.load_plain_tensors(path).items()
+        return {k: v for k, v in torch_dist.load_plain_tensors(path).items()
                 if isinstance(v, torch.Tensor) and not k.startswith("optimizer")}
 
     tokens_per_iter = size["global_batch_size"] * size["seq_length"]
     symmetry: dict[str, list[dict]] = {}
     for r in runs:
-        points = [] if r.start is None else [(0, scaling.group_row_cosines(rules, tensors(ckpt_io.find_checkpoint(expanded(out, r)))))]
+        points = [] if r.start is None else [(0, paper.group_row_cosines(rules, tensors(torch_dist.find_checkpoint(expanded(out, r)))))]
         for it_dir in sorted((out / "runs" / r.name).glob("iter_*")):
-            points.append((int(it_dir.name[5:]) * tokens_per_iter, scaling.group_row_cosines(rules, tensors(it_dir))))
+            points.append((int(it_dir.name[5:]) * tokens_per_iter, paper.group_row_cosines(rules, tensors(it_dir))))
         symmetry[r.name] = [{"tokens": t, **c} for t, c in points]
 
     key = MLP + "linear_fc2.weight"  # cloned on both axes: the paper's Figure 6 case
     init_std = 0.02 / (2 * size["num_layers"]) ** 0.5  # megatron-core's scaled init of output projections
     shape = tensors(wide_path)[key][0].shape
     spectra = {
-        "source": scaling.singular_values(tensors(src_path)[key][0]),
-        "symmetric clone at init": scaling.singular_values(tensors(wide_path)[key][0]),
-        "symmetric clone trained": scaling.singular_values(tensors(ckpt_io.find_checkpoint(out / "runs" / "symmetric-s1"))[key][0]),
-        "random-init at init": scaling.singular_values(torch.randn(shape, generator=torch.Generator().manual_seed(1)) * init_std),
-        "random-init trained": scaling.singular_values(tensors(ckpt_io.find_checkpoint(out / "runs" / "random-init-s1"))[key][0]),
+        "source": paper.singular_values(tensors(src_path)[key][0]),
+        "symmetric clone at init": paper.singular_values(tensors(wide_path)[key][0]),
+        "symmetric clone trained": paper.singular_values(tensors(torch_dist.find_checkpoint(out / "runs" / "symmetric-s1"))[key][0]),
+        "random-init at init": paper.singular_values(torch.randn(shape, generator=torch.Generator().manual_seed(1)) * init_std),
+        "random-init trained": paper.singular_values(tensors(torch_dist.find_checkpoint(out / "runs" / "random-init-s1"))[key][0]),
     }
-    ranks = {name: scaling.rank_above(sv) for name, sv in spectra.items()}
+    ranks = {name: paper.rank_above(sv) for name, sv in spectra.items()}
 
     main_bands = {v: _bands([curves[n] for n in summary[v]["runs"]]) for v in MAIN}
     target = float(np.mean([results[n]["target_loss"] for n in summary[BASELINE]["runs"]]))
@@ -358,7 +359,7 @@ def analyse(args, size: dict, runs: list[Run], stages: Stages) -> dict:
                                                                      "symmetric-source-lr-s1")}},
                                  target, res / "scaling_smart_loss.png", f"{size['seeds']} paired seeds"),
         "symmetry": plots.symmetry_groups(
-            {g: {n: [(p["tokens"], p[g]) for p in symmetry[n] if g in p] for n in fig_runs} for g in scaling.SYMMETRY_GROUPS},
+            {g: {n: [(p["tokens"], p[g]) for p in symmetry[n] if g in p] for n in fig_runs} for g in paper.SYMMETRY_GROUPS},
             res / "scaling_smart_symmetry.png"),
         "spectrum": plots.spectra(spectra, "layer 0 linear_fc2: before and after training",
                                   res / "scaling_smart_spectrum.png"),
@@ -497,7 +498,7 @@ def claims(report: dict, runs: dict) -> list[dict]:
 
 def scaling_groups(point: dict) -> list[str]:
     """The Figure 5 groups a symmetry point holds."""
-    from megaclone.scaling import SYMMETRY_GROUPS
+    from megaclone.study.paper import SYMMETRY_GROUPS
 
     return [g for g in SYMMETRY_GROUPS if g in point]
 

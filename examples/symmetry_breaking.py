@@ -39,11 +39,13 @@ def symmetry(root: Path, iteration: int | None, rules) -> dict[str, float]:
     """Mean per-row cosine between the clone's copies, per kind of matrix, at one checkpoint."""
     import numpy as np
 
-    from megaclone import checkpoint as ckpt_io
-    from megaclone import scaling
+    from megaclone.formats import iterations
 
-    path = ckpt_io.find_checkpoint(root) if iteration is None else root / ckpt_io.iteration_dirname(iteration)
-    tensors = ckpt_io.load_plain_tensors(path)
+    from megaclone.formats import torch_dist
+    from megaclone.study import paper
+
+    path = torch_dist.find_checkpoint(root) if iteration is None else root / iterations.iteration_dirname(iteration)
+    tensors = torch_dist.load_plain_tensors(path)
     out = {}
     for kind, suffix in KINDS.items():
         values = []
@@ -51,15 +53,15 @@ def symmetry(root: Path, iteration: int | None, rules) -> dict[str, float]:
             if rule.key.endswith(suffix):
                 stored = tensors[rule.key]
                 for w in (stored if rule.per_layer else [stored]):
-                    values += scaling.row_cosines(rule, w)
+                    values += paper.row_cosines(rule, w)
         out[kind] = float(np.mean(values))
     return out
 
 
 def main() -> int:
     args = parse_args()
-    from megaclone.partition import param_rules
-    from megaclone.source import open_source
+    from megaclone.pipeline.rules import param_rules
+    from megaclone.formats.torch_dist import open_torch_dist_source
 
     size = dict(repro.SIZES["quick"], snapshots=max(1, args.iters // args.every))
     out = args.out.resolve()
@@ -90,8 +92,8 @@ def main() -> int:
     from megaclone.runtime import init_distributed
 
     init_distributed("cpu")  # a world of one reads the checkpoints through megatron-core
-    src_spec = open_source(out / "source").spec
-    rules = param_rules(src_spec, open_source(wide).spec)
+    src_spec = open_torch_dist_source(out / "source").spec
+    rules = param_rules(src_spec, open_torch_dist_source(wide).spec)
     for dropout in ("0.0", "0.1"):
         name = f"dropout-{dropout}"
         points = [(0, symmetry(wide, None, rules))]

@@ -23,11 +23,13 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {  # public name: (module, name there)
-    "grow": ("expand", "expand"), "grow_hf": ("expand", "expand_to_hf"), "verify_logits": ("verify", "verify"),
-    "verify_weights": ("weight_check", "check_weights"), "export_hf": ("export", "export_hf"),
+    "grow": ("pipeline.expand", "expand"), "grow_hf": ("pipeline.to_hf", "expand_to_hf"),
+    "verify_logits": ("check.logits", "verify"), "verify_weights": ("check.weights", "check_weights"),
+    "export_hf": ("export", "export_hf"), "open_source": ("formats.source", "open_source"),
     "init_distributed": ("runtime", "init_distributed"),
-    **{name: ("spec", name) for name in ("Factors", "Depth", "Experts")},
-    **{name: ("clone", name) for name in ("CloneConfig", "Variant")}, "MegacloneError": ("errors", "MegacloneError"),
+    **{name: ("shape.request", name) for name in ("Factors", "Depth")}, "Experts": ("shape.spec", "Experts"),
+    **{name: ("pipeline.clone", name) for name in ("CloneConfig", "Variant")}, "Format": ("formats", "Format"),
+    "MegacloneError": ("errors", "MegacloneError"),
 }
 __all__ = sorted(_EXPORTS)
 

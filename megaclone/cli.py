@@ -16,8 +16,10 @@ import sys
 import warnings
 from typing import Callable, Optional, Sequence
 
-from .errors import MegacloneError
-from .launch import rank as launch_rank  # before any process group: from the launcher's environment
+from megaclone.errors import MegacloneError
+from megaclone.launch import (
+    rank as launch_rank,  # before any process group: from the launcher's environment
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_PEER_LOST = 3
@@ -70,7 +72,7 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             args = parser.parse_args(argv)
     if getattr(args, "trust_checkpoint_code", False):
-        from .unpickling import trust_checkpoint_code
+        from megaclone.formats.unpickling import trust_checkpoint_code
 
         trust_checkpoint_code()
     return args
@@ -100,7 +102,7 @@ def require_paths(*flags_and_paths: tuple[str, Optional[str]]) -> None:
 
 
 def add_trust_flag(parser: argparse.ArgumentParser) -> None:
-    """``--trust-checkpoint-code`` for a tool that reads checkpoints (megaclone.unpickling)."""
+    """``--trust-checkpoint-code`` for a tool that reads checkpoints (megaclone.formats.unpickling)."""
     parser.add_argument("--trust-checkpoint-code", action="store_true",
                         help="unpickle any object a checkpoint holds, which can run code from the file; only for a "
                              "trusted checkpoint that holds more than tensors, args and RNG states (default: refuse)")

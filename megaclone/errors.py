@@ -21,7 +21,7 @@ class NotComparable(MegacloneError):
 
 
 def code_in_checkpoint(what: "str | os.PathLike", name: str) -> MegacloneError:
-    """The refusal of a pickled object outside the allowlist (megaclone.unpickling)."""
+    """The refusal of a pickled object outside the allowlist (megaclone.formats.unpickling)."""
     return MegacloneError(
         f"{what} holds a pickled {name}, which megaclone does not unpickle: a checkpoint holds tensors, args and "
         "RNG states, and unpickling anything else can run code from the file",
@@ -33,7 +33,7 @@ def code_in_checkpoint(what: "str | os.PathLike", name: str) -> MegacloneError:
 def refusing_code(path: "str | os.PathLike", what: str = "") -> Iterator[None]:
     """Turn the refusal of a pickled global while reading ``path`` into a MegacloneError naming both
     (torch DCP reports it wrapped in its CheckpointException, a BaseException)."""
-    from .unpickling import refused_global
+    from megaclone.formats.unpickling import refused_global
 
     try:
         yield

@@ -13,9 +13,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import checkpoint as ckpt_io
-from .layout import EXPERTS, LAYERS
-from .spec import ModelSpec
+from megaclone.formats import torch_dist
+from megaclone.formats.iterations import CHECKPOINT_VERSION
+from megaclone.formats.legacy import save_legacy_checkpoint
+from megaclone.shape.layout import EXPERTS, LAYERS
+from megaclone.shape.spec import ModelSpec
 
 # Transformer Engine norms (TE >= 1.13) request an _extra_state the local spec does not write; a
 # destination carries it so Megatron-LM's default TE-spec model loads the checkpoint.
@@ -212,13 +214,13 @@ def save_megatron(root: Path, iteration: int, model_sd: dict[str, Any], args: An
     then the model's plain state dict, written to that TP rank's file by the writer rank.
     """
     state = {"model": model_sd, "args": args, "iteration": iteration,
-             "checkpoint_version": ckpt_io.CHECKPOINT_VERSION, **(extra or {})}
+             "checkpoint_version": CHECKPOINT_VERSION, **(extra or {})}
     if legacy is not None:
         tp_rank, writer = legacy
-        return ckpt_io.save_legacy_checkpoint(Path(root), iteration, state, tp_rank, writer=writer,
-                                              before_publish=before_publish)
+        return save_legacy_checkpoint(Path(root), iteration, state, tp_rank, writer=writer,
+                                      before_publish=before_publish)
     add_te_moe_norm_keys(model_sd)
-    return ckpt_io.save_checkpoint(Path(root), iteration, state, before_publish)
+    return torch_dist.save_checkpoint(Path(root), iteration, state, before_publish)
 
 
 @dataclass(frozen=True)
@@ -293,9 +295,8 @@ def owns_storage(tensor: torch.Tensor) -> bool:
 
 def load_model(model, ckpt: Path) -> dict[str, Any]:
     """Load a checkpoint's model weights into ``model`` (resharding as needed); returns common state."""
-    from . import checkpoint as ckpt_io
 
-    state = ckpt_io.load({"model": model.sharded_state_dict()}, Path(ckpt))
+    state = torch_dist.load({"model": model.sharded_state_dict()}, Path(ckpt))
     model.load_state_dict(state["model"], strict=True)
     return state
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .cli import human_bytes
-from .plan import SliceTask
+from megaclone.cli import human_bytes
+from megaclone.pipeline.plan import SliceTask
 
 
 class ExpandProgress:
@@ -37,7 +37,7 @@ class ExpandProgress:
 def summary_table(reports, save: Optional[str | Path] = None, forked_writers: bool = True) -> str:
     """Markdown table: per rank slices, bytes read and computed, phase seconds, peak RSS (and the
     PSS of the writer processes dist_checkpointing forks, for a Megatron destination)."""
-    from .checkpoint import directory_bytes
+    from megaclone.formats.iterations import directory_bytes
 
     columns = {  # header: the cell of one rank's report
         "rank": lambda r: str(r.rank),

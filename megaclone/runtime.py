@@ -17,7 +17,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from . import launch
+from megaclone import launch
 
 T = TypeVar("T")
 
@@ -249,7 +249,7 @@ def agree(check: Callable[[], T]) -> T:
 
     Keeps ranks from diverging (one raising while the others wait in a collective) on bad input.
     """
-    from .errors import MegacloneError
+    from megaclone.errors import MegacloneError
 
     error: Optional[MegacloneError] = None
     result = None

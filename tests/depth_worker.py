@@ -29,15 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megaclone import checkpoint as ckpt_io  # noqa: E402
-from megaclone import toy  # noqa: E402
-from megaclone.clone import CloneConfig, Variant  # noqa: E402
+from megaclone.formats import torch_dist  # noqa: E402
+from megaclone import sample  # noqa: E402
+from megaclone.shape import presets  # noqa: E402
+from megaclone.pipeline.clone import CloneConfig, Variant  # noqa: E402
+from megaclone.pipeline.index_maps import layer_map  # noqa: E402
 from megaclone.errors import MegacloneError, NotComparable  # noqa: E402
-from megaclone.expand import expand  # noqa: E402
+from megaclone.pipeline.expand import expand  # noqa: E402
 from megaclone.model import build_gpt, causal_logits, load_model  # noqa: E402
 from megaclone.runtime import init_distributed, init_parallel  # noqa: E402
-from megaclone.spec import Depth, Factors, ModelSpec, grow  # noqa: E402
-from megaclone.verify import verify  # noqa: E402
+from megaclone.shape.request import Depth, Factors, grow  # noqa: E402
+from megaclone.shape.spec import ModelSpec  # noqa: E402
+from megaclone.check.logits import verify  # noqa: E402
 from e2e_worker import plain_tensors  # noqa: E402
 from pp_worker import pipeline_logits  # noqa: E402
 from reference import deepen_reference, expand_reference  # noqa: E402
@@ -82,7 +85,7 @@ def structure_error(src_path: Path, dst_path: Path, s: ModelSpec, factor: int, d
 def added_layers_are_identity(dst_path: Path, depth: Depth, layers: int) -> bool:
     """Every added layer's attention output and second MLP projection (and biases) are zero."""
     dst = plain_tensors(dst_path)
-    src_layer, copy = depth.layer_map(layers)(torch.arange(layers * depth.factor).numpy())
+    src_layer, copy = layer_map(depth, layers)(torch.arange(layers * depth.factor).numpy())
     added = [i for i in range(layers * depth.factor) if copy[i] > 0]
     residual = [k for k in dst if ".linear_proj." in k or ".linear_fc2." in k]
     return bool(added) and all(not dst[k][i].any() for k in residual for i in added)
@@ -93,7 +96,7 @@ def source_logits_full(spec: ModelSpec, path: Path, tokens: torch.Tensor) -> tor
 
     init_parallel(spec.tensor_parallel)
     model = build_gpt(spec)
-    load_model(model, ckpt_io.find_checkpoint(path))
+    load_model(model, torch_dist.find_checkpoint(path))
     local = causal_logits(model, tokens).float()
     parts = [torch.empty_like(local) for _ in range(spec.tensor_parallel)]
     dist.all_gather(parts, local, group=ps.get_tensor_model_parallel_group())
@@ -103,9 +106,9 @@ def source_logits_full(spec: ModelSpec, path: Path, tokens: torch.Tensor) -> tor
 def main(out: Path) -> None:
     rt = init_distributed()
     results: dict = {"cases": {}}
-    specs = {"llama": toy.preset_spec("llama", 2), "gpt2": toy.preset_spec("gpt2", 1)}
+    specs = {"llama": presets.preset_spec("llama", 2), "gpt2": presets.preset_spec("gpt2", 1)}
     for name, spec in specs.items():
-        toy.make_source(out / name, spec, train_steps=2)
+        sample.make_source(out / name, spec, train_steps=2)
 
     for case, arch, factor, depth, tp, variant, save_format, pp in CASES:
         src, dst = out / arch, out / case
@@ -140,7 +143,7 @@ def main(out: Path) -> None:
 def _args(root: Path):
     for f in sorted(Path(root).rglob("model_optim_rng.pt")):  # a legacy destination
         return torch.load(f, map_location="cpu", weights_only=False)["args"]
-    return ckpt_io.read_common(ckpt_io.find_checkpoint(root))["args"]
+    return torch_dist.read_common(torch_dist.find_checkpoint(root))["args"]
 
 
 def pipeline_max_rel(spec: ModelSpec, src: Path, dst: Path) -> float:
@@ -148,7 +151,7 @@ def pipeline_max_rel(spec: ModelSpec, src: Path, dst: Path) -> float:
     tokens = torch.randint(0, spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
     reference = source_logits_full(dataclasses.replace(spec, tensor_parallel=2), src, tokens)[..., : spec.vocab_size]
     wide = ModelSpec.from_args(_args(dst))
-    logits = pipeline_logits(wide, ckpt_io.find_checkpoint(dst), tokens)
+    logits = pipeline_logits(wide, torch_dist.find_checkpoint(dst), tokens)
     rel = torch.tensor([0.0])
     if logits is not None:
         rel[0] = ((logits[..., : spec.vocab_size] - reference).abs().max() / reference.abs().max()).item()

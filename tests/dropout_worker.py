@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megaclone import toy  # noqa: E402
+from megaclone.shape import presets  # noqa: E402
 from megaclone.model import build_gpt, causal_logits, causal_mask  # noqa: E402
 from megaclone.runtime import init_distributed, init_parallel  # noqa: E402
 
@@ -37,7 +37,7 @@ def main(out: Path) -> None:
 
     draws = {"outside": gathered(outside), "inside": gathered(inside), "after": gathered(after)}
 
-    spec = toy.preset_spec("llama", dist.get_world_size())
+    spec = presets.preset_spec("llama", dist.get_world_size())
     model = build_gpt(spec, initialize=True, hidden_dropout=0.3, attention_dropout=0.3)
     tokens = torch.arange(16).view(1, 16)
     positions = torch.arange(16).view(1, 16)

@@ -30,13 +30,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megaclone import toy  # noqa: E402
-from megaclone.clone import CloneConfig, Variant  # noqa: E402
-from megaclone.expand import expand  # noqa: E402
+from megaclone import sample  # noqa: E402
+
+from megaclone.shape import presets  # noqa: E402
+from megaclone.pipeline.clone import CloneConfig, Variant  # noqa: E402
+from megaclone.pipeline.expand import expand  # noqa: E402
 from megaclone.model import build_gpt, load_model  # noqa: E402
 from megaclone.runtime import init_distributed, init_parallel  # noqa: E402
-from megaclone.spec import Factors, ModelSpec, pad_vocab  # noqa: E402
-from megaclone.verify import verify  # noqa: E402
+from megaclone.shape.request import Factors  # noqa: E402
+from megaclone.shape.spec import ModelSpec, pad_vocab
+from megaclone.check.logits import verify  # noqa: E402
 from reference import expand_reference, zero_sum_violation  # noqa: E402
 
 VARIANTS = [v.value for v in Variant]
@@ -56,9 +59,9 @@ def layouts(factor: int, variant: str) -> list[tuple[int, int]]:
 def plain_tensors(path: Path) -> dict[str, torch.Tensor]:
     from megatron.core import dist_checkpointing
 
-    from megaclone import checkpoint as ckpt_io
+    from megaclone.formats import torch_dist
 
-    loaded = dist_checkpointing.load_plain_tensors(str(ckpt_io.find_checkpoint(path)))
+    loaded = dist_checkpointing.load_plain_tensors(str(torch_dist.find_checkpoint(path)))
     return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
 
 
@@ -83,7 +86,7 @@ def reshard_source(src1: Path, dst: Path, spec1: ModelSpec, tp: int) -> ModelSpe
     init_parallel(tp)
     model = build_gpt(spec)
     load_model(model, src1 / "iter_0000002")
-    toy.save_like_megatron_lm(model, toy.checkpoint_args(spec), dst, iteration=2)
+    sample.save_like_megatron_lm(model, sample.checkpoint_args(spec), dst, iteration=2)
     return spec
 
 
@@ -93,9 +96,9 @@ def main(out: Path) -> None:
     cases, groups, notes = [], [], {}
     t_start = time.time()
     for arch in archs:
-        spec1 = toy.preset_spec(arch, 1)
+        spec1 = presets.preset_spec(arch, 1)
         sources = {1: out / f"{arch}-src-tp1"}
-        toy.make_source(sources[1], spec1, train_steps=2)
+        sample.make_source(sources[1], spec1, train_steps=2)
         sources[2] = out / f"{arch}-src-tp2"
         reshard_source(sources[1], sources[2], spec1, 2)
         # the resharded source computes the same function as the original
@@ -144,7 +147,7 @@ def main(out: Path) -> None:
         rerun.setdefault(str(seed), []).append(digest(plain_tensors(dst), 300))
     # the verifier must fail on a checkpoint that is not a clone of the source
     other = out / "llama-other-src"
-    toy.make_source(other, toy.preset_spec("llama", 2), seed=99, train_steps=1)
+    sample.make_source(other, presets.preset_spec("llama", 2), seed=99, train_steps=1)
     expand(other, out / "llama-other-wide", Factors.uniform(2), 4, overwrite=True)
     res = verify(out / "llama-src-tp2", out / "llama-other-wide")
     notes["non-clone-max-rel"] = max(r.max_rel for r in res)
@@ -157,7 +160,7 @@ def main(out: Path) -> None:
 
 def check_against_reference(src, dst, spec1, factor, variant, dst_tp):
     """Max |megaclone - reference| over all tensors (exact variants) or noise checks (noisy ones)."""
-    from megaclone.spec import grow
+    from megaclone.shape.request import grow
 
     s = spec1
     d = grow(s, Factors.uniform(factor), dst_tp)

@@ -13,12 +13,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megaclone.clone import CloneConfig, Variant  # noqa: E402
-from megaclone.expand import expand, expand_to_hf  # noqa: E402
+from megaclone.pipeline.clone import CloneConfig, Variant  # noqa: E402
+from megaclone.pipeline.expand import expand  # noqa: E402
+from megaclone.pipeline.to_hf import expand_to_hf  # noqa: E402
 from megaclone.export import export_hf  # noqa: E402
 from megaclone.runtime import init_distributed  # noqa: E402
-from megaclone.spec import Depth, Factors  # noqa: E402
-from megaclone.verify import verify  # noqa: E402
+from megaclone.shape.request import Depth, Factors  # noqa: E402
+from megaclone.check.logits import verify  # noqa: E402
 
 
 def configs():
@@ -97,7 +98,7 @@ def bf16_case(out: Path, rt) -> dict:
     for dtype in (None, torch.float32):
         name = "bf16" if dtype is None else "as-fp32"
         dst, hf_out = out / f"llama-{name}-wide", out / f"llama-{name}-wide-hf"
-        expand(src, dst, Factors.uniform(2), 2, overwrite=True, src_format="hf", dtype=dtype)
+        expand(src, dst, Factors.uniform(2), 2, overwrite=True, load_format="hf", dtype=dtype)
         if dtype is None:
             r["verify_rel"] = max(x.max_rel for x in verify(None, dst, src_hf=src))
             r["verify_tol"] = verify(None, dst, src_hf=src)[0].tol
@@ -136,7 +137,7 @@ def olmo_tied_case(out: Path, rt) -> dict:
     except MegacloneError as exc:
         r["error"] = str(exc)
     r["wrote"] = (out / "olmo-tied-wide-hf" / "config.json").exists()
-    expand(src, out / "olmo-tied-wide", Factors.uniform(2), 2, overwrite=True, src_format="hf")
+    expand(src, out / "olmo-tied-wide", Factors.uniform(2), 2, overwrite=True, load_format="hf")
     r["verify_rel"] = max(x.max_rel for x in verify(None, out / "olmo-tied-wide", src_hf=src))
     return r
 
@@ -158,7 +159,7 @@ def main(out: Path) -> None:
         for factor, tp, variant in cases:
             dst = out / f"{family}-f{factor}-tp{tp}-{variant}"
             expand(src, dst, Factors.uniform(factor), tp, CloneConfig(Variant(variant), seed=3), overwrite=True,
-                   src_format="hf")
+                   load_format="hf")
             res = verify(None, dst, src_hf=src)
             r[f"f{factor}-tp{tp}-{variant}"] = max(x.max_rel for x in res)
         # back to HF: the plain conversion gives the input tensors exactly; the grown model loads in

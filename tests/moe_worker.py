@@ -28,15 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megaclone import checkpoint as ckpt_io  # noqa: E402
-from megaclone import toy  # noqa: E402
-from megaclone.clone import CloneConfig, Variant  # noqa: E402
+from megaclone.formats import torch_dist  # noqa: E402
+from megaclone import sample  # noqa: E402
+from megaclone.shape import presets  # noqa: E402
+from megaclone.pipeline.clone import CloneConfig, Variant  # noqa: E402
 from megaclone.errors import MegacloneError  # noqa: E402
-from megaclone.expand import expand  # noqa: E402
+from megaclone.pipeline.expand import expand  # noqa: E402
 from megaclone.model import build_gpt, load_model  # noqa: E402
 from megaclone.runtime import init_distributed, init_parallel  # noqa: E402
-from megaclone.spec import Depth, Experts, Factors, ModelSpec  # noqa: E402
-from megaclone.verify import verify  # noqa: E402
+from megaclone.shape.request import Depth, Factors  # noqa: E402
+from megaclone.shape.spec import Experts, ModelSpec  # noqa: E402
+from megaclone.check.logits import verify  # noqa: E402
 from e2e_worker import plain_tensors  # noqa: E402
 
 # (name, width factor, experts, TP, depth, variant)
@@ -72,9 +74,9 @@ def oracle_error(dense_spec: ModelSpec, dense_path: Path, moe_spec: ModelSpec, m
     # (megatron-core's loader reshards the checkpoint to TP 1 here)
     init_parallel(1, 1, moe_spec.expert_parallel)
     dense = build_gpt(dataclasses.replace(dense_spec, tensor_parallel=1))
-    load_model(dense, ckpt_io.find_checkpoint(dense_path))
+    load_model(dense, torch_dist.find_checkpoint(dense_path))
     moe = build_gpt(dataclasses.replace(moe_spec, tensor_parallel=1))
-    load_model(moe, ckpt_io.find_checkpoint(moe_path))
+    load_model(moe, torch_dist.find_checkpoint(moe_path))
     ours = moe.state_dict()
     theirs = upcycle_state_dict([moe], [dense])["model"]
     theirs_scale, ours_fc2_scale = g ** (1 / 3), g  # SwiGLU: megatron-core's (G^(1/3) on each of fc1, fc2)
@@ -118,8 +120,8 @@ def experts_written(path: Path) -> list[int]:
 def main(out: Path) -> None:
     rt = init_distributed()
     results: dict = {"cases": {}}
-    spec = toy.preset_spec("llama", 2)
-    toy.make_source(out / "llama", spec, train_steps=2)
+    spec = presets.preset_spec("llama", 2)
+    sample.make_source(out / "llama", spec, train_steps=2)
     expand(out / "llama", out / "dense-w2", Factors.uniform(2), 2)  # the oracle's dense model at factor 2
     dense = {1: (spec, out / "llama"), 2: (ModelSpec.from_args(_args(out / "dense-w2")), out / "dense-w2")}
 
@@ -152,7 +154,7 @@ def main(out: Path) -> None:
         "moe-source": dict(factors=Factors.uniform(1), tp=2, experts=Experts(4, 2, parallel=2),
                            src="w2-e4-k2-tp2-ep2"),
     }
-    toy.make_source(out / "gpt2", toy.preset_spec("gpt2", 1), train_steps=1)
+    sample.make_source(out / "gpt2", presets.preset_spec("gpt2", 1), train_steps=1)
     results["refused"] = {}
     for name, flags in refusals.items():
         src = out / flags.pop("src", "llama")
@@ -169,5 +171,5 @@ def main(out: Path) -> None:
 
 
 def _args(root: Path):
-    return ckpt_io.read_common(ckpt_io.find_checkpoint(root))["args"]
+    return torch_dist.read_common(torch_dist.find_checkpoint(root))["args"]
 

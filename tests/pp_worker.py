@@ -19,13 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megaclone import checkpoint as ckpt_io  # noqa: E402
-from megaclone import toy  # noqa: E402
-from megaclone.expand import expand  # noqa: E402
+from megaclone.formats import torch_dist  # noqa: E402
+from megaclone import sample  # noqa: E402
+from megaclone.shape import presets  # noqa: E402
+from megaclone.pipeline.expand import expand  # noqa: E402
 from megaclone.model import build_gpt, causal_logits, causal_mask, load_model  # noqa: E402
 from megaclone.runtime import init_distributed, init_parallel  # noqa: E402
-from megaclone.spec import Depth, Factors, ModelSpec  # noqa: E402
-from megaclone.verify import verify  # noqa: E402
+from megaclone.shape.request import Depth, Factors  # noqa: E402
+from megaclone.shape.spec import ModelSpec  # noqa: E402
+from megaclone.check.logits import verify  # noqa: E402
 
 
 def pipeline_logits(spec: ModelSpec, path: Path, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -56,15 +58,15 @@ def pipeline_logits(spec: ModelSpec, path: Path, tokens: torch.Tensor) -> torch.
 def main(out: Path) -> None:
     rt = init_distributed()
     results = {}
-    spec = toy.preset_spec("llama", 2)
+    spec = presets.preset_spec("llama", 2)
     src = out / "src-tp2-pp2"
-    toy.make_source(src, spec, train_steps=0, pipeline_parallel=2)
-    results["source_pp"] = ckpt_io.read_common(ckpt_io.find_checkpoint(src))["args"].pipeline_model_parallel_size
+    sample.make_source(src, spec, train_steps=0, pipeline_parallel=2)
+    results["source_pp"] = torch_dist.read_common(torch_dist.find_checkpoint(src))["args"].pipeline_model_parallel_size
 
     dst = out / "wide-pp2"
     expand(src, dst, Factors.uniform(2), 4, overwrite=True, pp=2)
     results["verify_max_rel"] = max(r.max_rel for r in verify(src, dst))
-    dst_args = ckpt_io.read_common(ckpt_io.find_checkpoint(dst))["args"]
+    dst_args = torch_dist.read_common(torch_dist.find_checkpoint(dst))["args"]
     results["dst_args_pp"] = dst_args.pipeline_model_parallel_size
     from megaclone.errors import MegacloneError
 
@@ -83,7 +85,7 @@ def main(out: Path) -> None:
     dist.all_gather(parts, reference, group=ps.get_tensor_model_parallel_group())
     reference = torch.cat(parts, dim=-1)[..., : spec.vocab_size]
     wide = ModelSpec.from_args(dst_args)
-    logits = pipeline_logits(wide, ckpt_io.find_checkpoint(dst), tokens)
+    logits = pipeline_logits(wide, torch_dist.find_checkpoint(dst), tokens)
     rel = torch.tensor([0.0])
     if logits is not None:
         rel[0] = ((logits[..., : spec.vocab_size] - reference).abs().max() / reference.abs().max()).item()
@@ -100,7 +102,7 @@ def save_legacy(model, args, root: Path, te_names: bool) -> None:
     the model's state dict (local-spec names, or Transformer Engine names for the fused norms)."""
     from megatron.core import parallel_state as ps
 
-    from megaclone.layout import LOCAL_SPEC_NAMES
+    from megaclone.shape.layout import LOCAL_SPEC_NAMES
 
     tp_rank, stage = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     name = f"mp_rank_{tp_rank:02d}" + (f"_{stage:03d}" if ps.get_pipeline_model_parallel_world_size() > 1 else "")
@@ -135,17 +137,17 @@ def legacy_cases(out: Path, spec: ModelSpec) -> dict:
         torch.manual_seed(21 + ps.get_tensor_model_parallel_rank())
         model = build_gpt(dataclasses.replace(spec, tensor_parallel=tp), initialize=True)
         # identical on data-parallel replicas, different per (TP rank, stage)
-        toy.perturb_(model, torch.Generator().manual_seed(5 + 10 * ps.get_pipeline_model_parallel_rank()
+        sample.perturb_(model, torch.Generator().manual_seed(5 + 10 * ps.get_pipeline_model_parallel_rank()
                                                           + ps.get_tensor_model_parallel_rank()))
         # as in training, parameters Megatron replicates over TP (norms) are equal on every TP rank
         for param in model.parameters():
             if not getattr(param, "tensor_model_parallel", False):
                 dist.broadcast(param.data, ps.get_tensor_model_parallel_src_rank(),
                                group=ps.get_tensor_model_parallel_group())
-        args = toy.checkpoint_args(dataclasses.replace(spec, tensor_parallel=tp), pipeline_model_parallel_size=pp)
+        args = sample.checkpoint_args(dataclasses.replace(spec, tensor_parallel=tp), pipeline_model_parallel_size=pp)
         name = f"legacy-tp{tp}-pp{pp}" + ("-te" if te else "")
         save_legacy(model, args, out / name, te)
-        toy.save_like_megatron_lm(model, args, out / f"{name}-twin", iteration=1)
+        sample.save_like_megatron_lm(model, args, out / f"{name}-twin", iteration=1)
         dst = out / f"{name}-wide"
         expand(out / name, dst, Factors.uniform(2), 4, overwrite=True)
         results[f"{name}-vs-twin"] = max(r.max_rel for r in verify(out / f"{name}-twin", dst))
@@ -164,6 +166,6 @@ def legacy_cases(out: Path, spec: ModelSpec) -> dict:
 
 def build_and_load(spec: ModelSpec, root: Path):
     model = build_gpt(dataclasses.replace(spec, tensor_parallel=2))
-    load_model(model, ckpt_io.find_checkpoint(root))
+    load_model(model, torch_dist.find_checkpoint(root))
     return model
 

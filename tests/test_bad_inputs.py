@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from megaclone import checkpoint as ckpt_io
-from megaclone import toy
-from megaclone.errors import MegacloneError
-from megaclone.expand import destination_spec, expand
-from megaclone.source import open_source
-from megaclone.spec import Depth, Experts, Factors
 from util import overwrite_stored_value, rewrite_common, tmpfs, tree_hash
+
+from megaclone import sample
+from megaclone.errors import MegacloneError
+from megaclone.formats import iterations, torch_dist
+from megaclone.formats.torch_dist import open_torch_dist_source
+from megaclone.pipeline.expand import destination_spec, expand
+from megaclone.shape import presets
+from megaclone.shape.request import Depth, Factors
+from megaclone.shape.spec import Experts
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def source(tmp_path_factory):
 
     init_distributed("cpu")
     root = tmp_path_factory.mktemp("bad") / "src"
-    toy.make_source(root, toy.preset_spec("llama", 1), train_steps=1)
+    sample.make_source(root, presets.preset_spec("llama", 1), train_steps=1)
     before = tree_hash(root)
     yield root
     assert tree_hash(root) == before, "the source checkpoint was modified"
@@ -38,7 +40,7 @@ def refused(src, dst, match, **kwargs):
         expand(src, dst, **kwargs)
     assert info.value.fix, "every refusal says how to fix it"
     if before is None:  # nothing that looks like a checkpoint appeared
-        assert not (Path(dst) / ckpt_io.LATEST).exists()
+        assert not (Path(dst) / iterations.LATEST).exists()
     else:  # an existing destination is left exactly as it was
         assert tree_hash(Path(dst)) == before
     return info.value
@@ -93,7 +95,7 @@ def test_world_must_hold_whole_tp_groups(source, tmp_path):
 
 
 def test_widths_must_divide_by_destination_tp(source):
-    src = open_source(source)
+    src = open_torch_dist_source(source)
     with pytest.raises(MegacloneError, match="16 attention heads, which does not divide by --tp 3"):
         destination_spec(src, Factors(2, 1, 2), 3)
     with pytest.raises(MegacloneError, match="16 query groups, which does not divide by --tp 32"):
@@ -104,7 +106,7 @@ def test_widths_must_divide_by_destination_tp(source):
 
 def test_missing_tracker_file(source, tmp_path):
     src = copy_of(source, tmp_path)
-    (src / ckpt_io.LATEST).unlink()
+    (src / iterations.LATEST).unlink()
     refused(src, tmp_path / "d", "latest_checkpointed_iteration.txt")
 
 
@@ -126,7 +128,7 @@ def test_truncated_shard_file_is_named(source, tmp_path):
 
 
 def _rewrite_args(src: Path, **changes):
-    rewrite_common(ckpt_io.find_checkpoint(src), lambda common: vars(common["args"]).update(changes))
+    rewrite_common(torch_dist.find_checkpoint(src), lambda common: vars(common["args"]).update(changes))
 
 
 def test_args_that_contradict_the_weights(source, tmp_path):
@@ -150,7 +152,7 @@ def test_args_that_claim_experts_the_weights_lack(source, tmp_path):
 def test_non_empty_destination_needs_overwrite(source, tmp_path):
     dst = tmp_path / "d"
     dst.mkdir()
-    (dst / ckpt_io.LATEST).write_text("5")
+    (dst / iterations.LATEST).write_text("5")
     refused(source, dst, "not empty")
     (dst / "notes.txt").write_text("mine")
     refused(source, dst, "not part of a Megatron checkpoint", overwrite=True)
@@ -172,7 +174,7 @@ def test_overwrite_replaces_an_old_checkpoint(source, tmp_path):
     expand(source, dst, Factors.uniform(2), 1)
     (dst / "iter_0000007").mkdir()
     expand(source, dst, Factors.uniform(2), 1, overwrite=True)
-    assert sorted(p.name for p in dst.iterdir()) == ["iter_0000000", ckpt_io.LATEST]
+    assert sorted(p.name for p in dst.iterdir()) == ["iter_0000000", iterations.LATEST]
 
 
 def test_overwrite_never_removes_a_users_files(source, tmp_path):
@@ -200,7 +202,7 @@ def test_overwrite_refuses_a_symlinked_iteration_directory_before_removing_anyth
 
 
 def test_a_second_job_on_the_same_destination_is_refused(source, tmp_path):
-    from megaclone.destination import DestinationLock
+    from megaclone.formats.destination import DestinationLock
 
     dst = tmp_path / "d"
     held = DestinationLock(dst)  # another job's rank 0 holds the destination
@@ -213,14 +215,14 @@ def test_a_second_job_on_the_same_destination_is_refused(source, tmp_path):
 
 @pytest.mark.parametrize("snr", ["nan", "inf", "-inf"])
 def test_snr_must_be_finite(snr):
-    from megaclone.clone import CloneConfig, Variant
+    from megaclone.pipeline.clone import CloneConfig, Variant
 
     with pytest.raises(MegacloneError, match="not a finite number"):
         CloneConfig(Variant.NOISY_SYMMETRIC, float(snr))
 
 
 def test_noise_stronger_than_the_weights_warns():
-    from megaclone.clone import CloneConfig, Variant
+    from megaclone.pipeline.clone import CloneConfig, Variant
 
     assert CloneConfig(Variant.NOISY_DIAGONAL, 10.0).warnings() == []
     assert CloneConfig(Variant.SYMMETRIC, -20.0).warnings() == []  # no noise is added
@@ -229,7 +231,7 @@ def test_noise_stronger_than_the_weights_warns():
 
 
 def test_an_exact_symmetric_clone_without_dropout_warns_with_the_fix():
-    from megaclone.clone import CloneConfig, Variant
+    from megaclone.pipeline.clone import CloneConfig, Variant
 
     [warning] = CloneConfig(Variant.SYMMETRIC).warnings(hidden_dropout=0.0, attention_dropout=0.0)
     assert "never separates" in warning and "noisy-symmetric" in warning and "--hidden-dropout" in warning
@@ -257,7 +259,7 @@ def test_corrupted_shard_bytes_are_refused(source, tmp_path):
 @pytest.mark.parametrize("text", ["", "garbage\n", "12abc"])
 def test_empty_or_garbage_tracker_file(source, tmp_path, text):
     src = copy_of(source, tmp_path)
-    (src / ckpt_io.LATEST).write_text(text)
+    (src / iterations.LATEST).write_text(text)
     refused(src, tmp_path / "d", "not an iteration number")
 
 
@@ -282,7 +284,7 @@ def test_export_never_deletes_its_source_or_a_users_files(source, tmp_path):
     tree = tmp_path / "runs"
     shutil.copytree(source, tree / "x")
     _export_refused(tree / "x", tree, "contains the source")  # the old one-way check deleted runs/x here
-    _export_refused(ckpt_io.find_checkpoint(tree / "x"), tree / "x", "contains the source")
+    _export_refused(torch_dist.find_checkpoint(tree / "x"), tree / "x", "contains the source")
     _export_refused(tree / "x", tree / "x" / "hf", "is inside the source")
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -329,9 +331,9 @@ def _garbage(path: Path, keep: float = 0.0) -> None:
                                         (".metadata", 0.0), (".metadata", 0.5)])
 def test_a_damaged_checkpoint_file_is_named(source, tmp_path, name, keep):
     src = copy_of(source, tmp_path)
-    if not (ckpt_io.find_checkpoint(src) / name).exists():
+    if not (torch_dist.find_checkpoint(src) / name).exists():
         pytest.skip(f"this megatron-core writes no {name} (its common state is inside the shards)")
-    _garbage(ckpt_io.find_checkpoint(src) / name, keep)
+    _garbage(torch_dist.find_checkpoint(src) / name, keep)
     err = refused(src, tmp_path / "d", "cannot read|damaged|is missing")
     assert name in str(err)
 
@@ -342,7 +344,7 @@ def test_a_truncated_legacy_file_is_named(tmp_path):
     victim.parent.mkdir(parents=True)
     torch.save({"model": {}, "args": None, "padding": torch.zeros(1000)}, victim)
     _garbage(victim, 0.5)
-    (src / ckpt_io.LATEST).write_text("1")
+    (src / iterations.LATEST).write_text("1")
     err = refused(src, tmp_path / "d", "cannot read")
     assert "model_optim_rng.pt" in str(err)
 
@@ -356,10 +358,10 @@ def test_a_damaged_or_missing_hf_shard_is_named(tmp_path):
     shards = sorted(hf_dir.glob("model-*.safetensors"))
     assert len(shards) >= 2
     _garbage(shards[-1], 0.5)
-    err = refused(hf_dir, tmp_path / "d", "cannot read", src_format="hf")
+    err = refused(hf_dir, tmp_path / "d", "cannot read", load_format="hf")
     assert shards[-1].name in str(err)
     shards[-1].unlink()
-    err = refused(hf_dir, tmp_path / "d", "is missing", src_format="hf")
+    err = refused(hf_dir, tmp_path / "d", "is missing", load_format="hf")
     assert shards[-1].name in str(err)
 
 
@@ -373,18 +375,19 @@ def test_vocab_size_outside_the_embedding_is_refused(source, tmp_path, vocab):
 def test_trainer_refuses_a_load_without_a_checkpoint_when_it_needs_one(tmp_path, flag):
     """Megatron-LM starts from random weights when --load holds no checkpoint; with a flag that reads
     the checkpoint the trainer refuses instead of training something else."""
-    from megaclone import train_args, training
+    from megaclone.train import args as train_args
+    from megaclone.train import loop
 
     (tmp_path / "README").write_text("not a checkpoint")
     args = train_args.parse_args(["--load", str(tmp_path), flag, "--seq-length", "8", "--micro-batch-size", "1",
                                   "--lr", "1e-4", "--train-iters", "1", "--data-path", str(tmp_path / "data")])
     with pytest.raises(MegacloneError, match=f"{flag} but --load .* holds no checkpoint"):
-        training.prepare_args(args, 1)
+        loop.prepare_args(args, 1)
 
 
 def test_trainer_refuses_a_mixture_of_experts_at_tp_2_with_the_reason():
     """megatron-core's MoE layer needs sequence parallelism at TP > 1, which its local-spec norms refuse."""
-    from megaclone import train_args
+    from megaclone.train import args as train_args
 
     args = train_args.parse_args(["--num-experts", "4", "--tensor-model-parallel-size", "2", "--num-layers", "2",
                                   "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",

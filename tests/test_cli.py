@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from util import run, tensor_digests, torchrun, tree_hash
 
 
@@ -43,9 +42,9 @@ def test_mpirun_writes_the_same_bytes_as_torchrun(source, expanded):
 
 @pytest.mark.slow
 def test_verify_passes_per_rank_and_fails_past_tolerance(source, expanded):
-    from megaclone import checkpoint as ckpt_io
+    from megaclone.formats import torch_dist
 
-    args = ckpt_io.read_common(ckpt_io.find_checkpoint(expanded))["args"]
+    args = torch_dist.read_common(torch_dist.find_checkpoint(expanded))["args"]
     assert (args.num_attention_heads, args.num_query_groups) == (32, 8)  # the source's 16 heads in 8 groups
     ok = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(expanded))
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
@@ -83,13 +82,13 @@ def test_moe_upcycling_flags_reach_the_checkpoint_and_the_verifier_passes(source
 
 @pytest.mark.slow
 def test_depth_flags_reach_the_checkpoint_and_the_verifier_skips_a_stack_clone(source, tmp_path):
-    from megaclone import checkpoint as ckpt_io
+    from megaclone.formats import torch_dist
 
     dst = tmp_path / "stacked"
     grown = torchrun(2, "expand_sharded.py", "--load", str(source), "--save", str(dst), "--tp", "2", "--factor", "1",
                      "--depth-factor", "2", "--depth-init", "stack", "--depth-placement", "top")
     assert grown.returncode == 0, grown.stderr[-3000:]
-    common = ckpt_io.read_common(ckpt_io.find_checkpoint(dst))
+    common = torch_dist.read_common(torch_dist.find_checkpoint(dst))
     assert common["megaclone"]["depth"] == {"factor": 2, "init": "stack", "placement": "top"}
     assert common["args"].num_layers == 4
     checked = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(dst))

@@ -9,13 +9,21 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
-from megaclone import toy
-from megaclone.clone import CloneConfig, SourcePiece, Variant, chunk_sum_of_squares, clone_slice, noise_scales
-from megaclone.partition import param_rules
-from megaclone.plan import contiguous_runs, draw_chunks, plan_rank
-from megaclone.spec import Depth, Factors, grow
 from reference import deepen_reference, expand_reference, zero_sum_violation
+
+from megaclone.pipeline.clone import (
+    CloneConfig,
+    SourcePiece,
+    Variant,
+    chunk_sum_of_squares,
+    clone_slice,
+    noise_scales,
+)
+from megaclone.pipeline.index_maps import layer_map
+from megaclone.pipeline.plan import contiguous_runs, draw_chunks, plan_rank
+from megaclone.pipeline.rules import param_rules
+from megaclone.shape import presets
+from megaclone.shape.request import Depth, Factors, grow
 
 
 def random_source(spec, seed=0):
@@ -58,7 +66,7 @@ def scales_of(src, s, d, cfg, depth=Depth()):
     by_key = {r.key: r for r in rules}
     chunks = draw_chunks(rules, d.num_layers)
     sums = {c.index: chunk_sum_of_squares(by_key[c.key], c, cfg) for c in chunks}
-    src_layer_of, _ = depth.layer_map(s.num_layers)(np.arange(d.num_layers))
+    src_layer_of, _ = layer_map(depth, s.num_layers)(np.arange(d.num_layers))
     return noise_scales(rules, chunks, sums, block_powers(src, s), src_layer_of, cfg)
 
 
@@ -70,7 +78,7 @@ def clone_all(src, s, d, cfg, tp, depth=Depth()):
     dst = {r.key: torch.full(((d.num_layers,) if r.per_layer else ()) + r.dst_shape, float("nan"), dtype=dtype)
            for r in rules}
     for rank in range(tp):
-        for task in plan_rank(rules, depth.layer_map(s.num_layers), tp, rank, depth.zeroes_added_outputs):
+        for task in plan_rank(rules, layer_map(depth, s.num_layers), tp, rank, depth.zeroes_added_outputs):
             target = dst[task.rule.key] if task.layer is None else dst[task.rule.key][task.layer]
             if task.zero:
                 assert len(task.src_rows) == 0 and task.box_read.numel == 0
@@ -103,7 +111,7 @@ CASES = [("llama", Factors(2, 2, 2), 4), ("gpt2", Factors(2, 2, 2), 2), ("llama"
 @pytest.mark.parametrize("preset,factors,tp", CASES)
 @pytest.mark.parametrize("variant", ["symmetric", "diagonal"])
 def test_exact_variants_match_block_reference(preset, factors, tp, variant):
-    s = toy.preset_spec(preset, 1)
+    s = presets.preset_spec(preset, 1)
     d = grow(s, factors, tp)
     src = random_source(s)
     got = clone_all(src, s, d, CloneConfig(Variant(variant)), tp)
@@ -122,7 +130,7 @@ def test_exact_variants_match_block_reference(preset, factors, tp, variant):
 ])
 @pytest.mark.parametrize("variant", ["symmetric", "diagonal"])
 def test_depth_growth_matches_the_layer_by_layer_reference(preset, factors, depth, tp, variant):
-    s = toy.preset_spec(preset, 1)
+    s = presets.preset_spec(preset, 1)
     d = grow(s, factors, tp, depth)
     assert d.num_layers == s.num_layers * depth.factor
     src = random_source(s)
@@ -137,7 +145,7 @@ def test_depth_growth_matches_the_layer_by_layer_reference(preset, factors, dept
 def test_noisy_depth_copies_read_their_source_layers_power_and_draw_their_own_noise():
     """Noise is keyed by the destination layer (copies of one source layer get different, still
     zero-sum, noise) at the power of the source layer they copy."""
-    s = toy.preset_spec("llama", 1)
+    s = presets.preset_spec("llama", 1)
     src = random_source(s, seed=4)
     depth = Depth(2, "stack")
     d = grow(s, Factors.uniform(2), 2, depth)
@@ -160,7 +168,7 @@ def test_noise_is_the_authors_paired_layout_free_and_exactly_of_the_requested_sn
     (head or matrix, output copy, input copy) block at the requested SNR against the cloned block
     W_S/c to within 1e-3 dB (fp32 rounding of the stored sum; the authors' code renormalizes each block
     the same way), identical at TP 1 and 2, and another seed draws other noise."""
-    s = toy.preset_spec("llama", 1, **WIDE)
+    s = presets.preset_spec("llama", 1, **WIDE)
     factors = Factors.uniform(factor)
     src = random_source(s, seed=3)
     cfg = CloneConfig(Variant(variant), snr_db=10.0, seed=11)
@@ -200,7 +208,7 @@ def test_noise_is_the_authors_paired_layout_free_and_exactly_of_the_requested_sn
 def test_diagonal_applies_only_where_both_axes_grow_by_one_factor():
     """Paper section 3.4: the output layer (vocabulary rows do not grow) and matrices whose two axes
     grow by different factors are cloned symmetrically under the diagonal variants."""
-    s = toy.preset_spec("llama", 1)
+    s = presets.preset_spec("llama", 1)
     src = random_source(s)
     d = grow(s, Factors(2, 2, 2), 2)
     diag = clone_all(src, s, d, CloneConfig(Variant.DIAGONAL), 2)
@@ -215,7 +223,7 @@ def test_diagonal_applies_only_where_both_axes_grow_by_one_factor():
 
 
 def test_bf16_symmetric_power_of_two_is_bit_exact():
-    s = toy.preset_spec("llama", 1)
+    s = presets.preset_spec("llama", 1)
     d = grow(s, Factors.uniform(2), 2)
     src = {k: v.to(torch.bfloat16) for k, v in random_source(s).items()}
     got = clone_all(src, s, d, CloneConfig(), 2)
@@ -229,7 +237,7 @@ def test_bf16_symmetric_power_of_two_is_bit_exact():
 def test_bf16_any_factor_is_the_fp32_clone_rounded_once(variant):
     """Factor 3 (and unequal factors) in bf16: every slice, computed in place in bf16 (odd ranks) or
     widened to fp32 (even ranks), equals the fp32 reference clone rounded once to bf16."""
-    s = toy.preset_spec("llama", 1)
+    s = presets.preset_spec("llama", 1)
     for factors in (Factors.uniform(3), Factors(2, 1, 3)):
         d = grow(s, factors, 3 if factors.hidden == 3 else 2)
         src = {k: v.to(torch.bfloat16) for k, v in random_source(s).items()}

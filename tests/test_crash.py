@@ -7,7 +7,6 @@ import uuid
 
 import psutil
 import pytest
-
 from util import tmpfs, torchrun, tree_hash
 
 pytestmark = pytest.mark.slow  # torchrun jobs

@@ -4,9 +4,9 @@ import sys
 
 import numpy as np
 import pytest
-
-from megaclone import data
 from util import run
+
+from megaclone.train import data
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ exact variant and a noisy one; the identity clones' per-rank logits equal the so
 stored tensor equals an independent layer-by-layer reference."""
 
 import pytest
-
 from depth_worker import CASES
 
 pytestmark = pytest.mark.slow  # torchrun jobs

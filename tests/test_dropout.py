@@ -5,7 +5,6 @@ import json
 import sys
 
 import pytest
-
 from util import run, run_worker
 
 

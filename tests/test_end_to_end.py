@@ -7,9 +7,8 @@ variants also at destination TP 2 and (symmetric, factor 2) from source TP 1 as 
 
 import pytest
 
-from megaclone import toy
-from megaclone.spec import pad_vocab
-
+from megaclone.shape import presets
+from megaclone.shape.spec import pad_vocab
 
 pytestmark = pytest.mark.slow  # torchrun jobs
 
@@ -82,7 +81,7 @@ def _needed_bytes(arch: str, factor: int, src_tp: int, tp: int, rank: int) -> in
     of S source indices grown to f*S and cut into TP chunks of c needs min(c, S) distinct source
     indices (the clone tiles the axis); vocabulary rows need their overlap with the source's rows;
     replicated tensors are read whole. fp32, so 4 bytes an element."""
-    s = toy.preset_spec(arch, src_tp)  # the source's vocabulary was padded for its own TP
+    s = presets.preset_spec(arch, src_tp)  # the source's vocabulary was padded for its own TP
     h, f, L = s.hidden_size, s.ffn_hidden_size, s.num_layers
     qkv = s.num_query_groups * (s.num_attention_heads // s.num_query_groups + 2) * s.kv_channels
     att = s.num_attention_heads * s.kv_channels

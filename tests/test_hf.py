@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from megaclone.errors import MegacloneError  # noqa: E402
-from megaclone.source import open_hf_source  # noqa: E402
+from megaclone.formats.hf.reader import open_hf_source  # noqa: E402
 
 pytestmark = pytest.mark.slow  # torchrun jobs
 
@@ -122,7 +122,6 @@ def test_an_imported_opt_trains_with_relu_from_the_source_loss(tmp_path):
 
     import torch
     import transformers as T
-
     from util import run
 
     torch.manual_seed(2)

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 from packaging.requirements import Requirement
-
 from util import ROOT, run
 
 

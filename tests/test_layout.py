@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from megaclone import toy
-from megaclone.layout import EXPERTS, LAYERS, LOCAL_SPEC_NAMES, Split, catalogue
-from megaclone.spec import Experts
+from megaclone.shape import presets
+from megaclone.shape.layout import EXPERTS, LAYERS, LOCAL_SPEC_NAMES, Split, catalogue
+from megaclone.shape.spec import Experts
 
 SHAPES = {
     "llama": {},
@@ -64,7 +64,7 @@ def megatron_layout(spec):
 @pytest.mark.parametrize("name", SHAPES)
 def test_the_catalogue_is_megatron_cores_layout(world, name):
     base = "llama" if name.startswith("llama") else "gpt2"
-    spec = dataclasses.replace(toy.preset_spec(base, 1), **SHAPES[name])
+    spec = dataclasses.replace(presets.preset_spec(base, 1), **SHAPES[name])
     shapes, splits = megatron_layout(spec)
     entries = {t.key: t for t in catalogue(spec)}
     assert set(entries) == set(shapes)

@@ -6,7 +6,6 @@ equal megatron-core's own run-time upcycling of the same dense model; bad reques
 anything is written."""
 
 import pytest
-
 from moe_worker import CASES, has_oracle
 
 pytestmark = pytest.mark.slow  # torchrun jobs
@@ -69,23 +68,23 @@ def test_a_trained_mixture_is_saved_with_both_norm_keys_and_resumes(tmp_path):
 
     import torch
 
-    from megaclone import checkpoint as ckpt_io
-    from megaclone import toy
+    from megaclone.formats import torch_dist
     from megaclone.model import build_gpt, model_sharded_state_dict
     from megaclone.runtime import init_distributed, init_parallel
-    from megaclone.spec import Experts
-    from megaclone.train_state import load_training_checkpoint, save_training_checkpoint
+    from megaclone.shape import presets
+    from megaclone.shape.spec import Experts
+    from megaclone.train.state import load_training_checkpoint, save_training_checkpoint
 
     init_distributed("cpu")
     init_parallel(1)
-    spec = dataclasses.replace(toy.preset_spec("llama", 1), experts=Experts(4, 2, ffn_hidden_size=96))
+    spec = dataclasses.replace(presets.preset_spec("llama", 1), experts=Experts(4, 2, ffn_hidden_size=96))
     model = build_gpt(spec, initialize=True)
     optimizer = torch.optim.AdamW(model.parameters())
     for p in model.parameters():  # a step, so the optimizer has state to save
         p.grad = torch.full_like(p, 0.1)
     optimizer.step()
     path = save_training_checkpoint(tmp_path, 1, model_sharded_state_dict(model), spec.to_args(), optimizer)
-    stored = ckpt_io.read_tensor_metadata(path)
+    stored = torch_dist.read_tensor_metadata(path)
     local, te = "decoder.layers.mlp.linear_fc1.layer_norm_weight", "decoder.layers.pre_mlp_layernorm.weight"
     assert local in stored and te in stored
     assert f"optimizer.state.exp_avg.{local}" in stored and f"optimizer.state.exp_avg.{te}" not in stored

@@ -3,13 +3,11 @@ expansion they write together is byte-for-byte the one a single agent writes. On
 the job at two ranks (on two cores a rank more doubles its cost); node 1's rank is global rank 1 and
 local rank 0, so a rank that confused the two would write node 0's slice twice."""
 
-import pytest
-
 import socket
 import subprocess
 import sys
 
-
+import pytest
 from util import ROOT, tensor_digests, torchrun
 
 pytestmark = pytest.mark.slow  # torchrun jobs

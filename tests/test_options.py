@@ -7,14 +7,15 @@ import shutil
 
 import pytest
 import torch
-
-from megaclone import checkpoint as ckpt_io
-from megaclone import toy
-from megaclone.errors import MegacloneError
-from megaclone.expand import expand
-from megaclone.spec import Factors
-from megaclone.verify import text_tokens, verify
 from util import rewrite_common
+
+from megaclone import sample
+from megaclone.check.logits import text_tokens, verify
+from megaclone.errors import MegacloneError
+from megaclone.formats import torch_dist
+from megaclone.pipeline.expand import expand
+from megaclone.shape import presets
+from megaclone.shape.request import Factors
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def source(tmp_path_factory):
 
     init_distributed("cpu")
     root = tmp_path_factory.mktemp("options") / "src"
-    toy.make_source(root, toy.preset_spec("llama", 1), train_steps=2)
+    sample.make_source(root, presets.preset_spec("llama", 1), train_steps=2)
     return root
 
 
@@ -40,15 +41,15 @@ def test_query_groups_may_grow_less_than_the_heads(source, tmp_path, variant):
     """--query-group-factor: the new heads join the existing groups (the authors' code keeps a
     multi-query model's single KV head); megatron-core's GQA forward of the wide model gives the
     source's logits, and the args record the groups."""
-    from megaclone.clone import CloneConfig, Variant
+    from megaclone.pipeline.clone import CloneConfig, Variant
 
     mqa = tmp_path / "mqa"
-    toy.make_source(mqa, toy.preset_spec("llama", 1, num_query_groups=1), train_steps=1)
+    sample.make_source(mqa, presets.preset_spec("llama", 1, num_query_groups=1), train_steps=1)
     for src, factors, groups in ((source, Factors(2, 2, 2, 1), 8), (source, Factors(3, 4, 2, 2), 16),
                                  (mqa, Factors(2, 2, 2, 1), 1)):
         dst = tmp_path / f"{src.name}-{factors.heads}-{factors.groups}"
         expand(src, dst, factors, 1, CloneConfig(Variant(variant), seed=3))
-        args = ckpt_io.read_common(ckpt_io.find_checkpoint(dst))["args"]
+        args = torch_dist.read_common(torch_dist.find_checkpoint(dst))["args"]
         assert (args.num_attention_heads, args.num_query_groups) == (16 * factors.heads, groups)
         [r] = verify(src, dst)
         assert r.ok and r.max_rel < 1e-5, (factors, r)
@@ -67,12 +68,27 @@ def test_a_gpt2_with_fewer_query_groups_than_heads_is_not_exported(source, tmp_p
     from megaclone.export import export_hf
 
     src = tmp_path / "gpt2"
-    toy.make_source(src, toy.preset_spec("gpt2", 1), train_steps=1)
+    sample.make_source(src, presets.preset_spec("gpt2", 1), train_steps=1)
     wide = tmp_path / "wide"
     expand(src, wide, Factors(1, 2, 1, 1), 1)
     with pytest.raises(MegacloneError, match="has no grouped-query attention"):
         export_hf(wide, tmp_path / "hf", "gpt2")
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_legacy_checkpoint_exports_through_the_same_reader(source, tmp_path):
+    """export reads any Megatron format through formats.Source: a clone saved in Megatron-LM's legacy
+    files exports to an HF model whose logits (transformers) are megatron-core's own load of the same
+    clone saved in torch_dist."""
+    pytest.importorskip("transformers")
+    from megaclone.export import export_hf
+
+    twin, legacy = tmp_path / "twin", tmp_path / "legacy"
+    expand(source, twin, Factors.uniform(2), 1)
+    expand(source, legacy, Factors.uniform(2), 1, save_format="torch")
+    assert list(legacy.glob("iter_*/mp_rank_00/model_optim_rng.pt"))
+    export_hf(legacy, tmp_path / "hf", "llama")
+    torch.testing.assert_close(*megatron_and_hf_logits(twin, tmp_path / "hf"), rtol=1e-5, atol=1e-5)
 
 
 def test_a_query_group_factor_must_divide_the_head_factor(source, tmp_path):
@@ -84,7 +100,7 @@ def test_a_query_group_factor_must_divide_the_head_factor(source, tmp_path):
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
 def test_a_half_precision_destination_from_an_fp32_source(source, tmp_path, dtype, tol):
     expand(source, tmp_path / "d", Factors.uniform(2), 1, dtype=dtype)
-    args = ckpt_io.read_common(ckpt_io.find_checkpoint(tmp_path / "d"))["args"]
+    args = torch_dist.read_common(torch_dist.find_checkpoint(tmp_path / "d"))["args"]
     assert (args.fp16, args.bf16) == (dtype == torch.float16, dtype == torch.bfloat16)
     [r] = verify(source, tmp_path / "d")
     assert r.tol == tol and r.ok, r
@@ -93,7 +109,7 @@ def test_a_half_precision_destination_from_an_fp32_source(source, tmp_path, dtyp
 def test_vocab_size_limits_what_is_compared_and_recorded(source, tmp_path):
     expand(source, tmp_path / "d", Factors.uniform(2), 1, vocab_size=250)
     # NullTokenizer's --vocab-size counts the ids before its end-of-document id: 250 real ids -> 249
-    assert ckpt_io.read_common(ckpt_io.find_checkpoint(tmp_path / "d"))["args"].vocab_size == 249
+    assert torch_dist.read_common(torch_dist.find_checkpoint(tmp_path / "d"))["args"].vocab_size == 249
     [r] = verify(source, tmp_path / "d")
     assert r.ok and r.vocab_stop == 250  # ids past 250 are padding to the destination: compared as such
 
@@ -112,7 +128,7 @@ def test_text_tokens_feed_the_verifier(source, tmp_path):
 
 def test_hf_models_megatron_core_cannot_compute_are_refused_with_the_reason(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from megaclone.source import open_hf_source
+    from megaclone.formats.hf.reader import open_hf_source
 
     small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                  num_hidden_layers=1, vocab_size=64)
@@ -140,7 +156,7 @@ def test_export_of_a_megatron_native_checkpoint_computes_its_logits_in_transform
     tokenizer = tmp_path / "tok"
     tokenizer.mkdir()
     (tokenizer / "tokenizer.json").write_text(json.dumps({"version": "1.0"}))
-    rewrite_common(ckpt_io.find_checkpoint(src), lambda common: setattr(common["args"], "tokenizer_model", str(tokenizer)))
+    rewrite_common(torch_dist.find_checkpoint(src), lambda common: setattr(common["args"], "tokenizer_model", str(tokenizer)))
 
     info = export_hf(src, tmp_path / "hf")
     assert info["model_type"] == "llama"
@@ -156,14 +172,14 @@ def megatron_and_hf_logits(checkpoint, hf_dir) -> tuple[torch.Tensor, torch.Tens
     has none; verify_logits also compares padding rows, so it cannot judge an export)."""
     from transformers import AutoModelForCausalLM
 
+    from megaclone.formats.torch_dist import open_torch_dist_source
     from megaclone.model import build_gpt, causal_logits, load_model
     from megaclone.runtime import init_parallel
-    from megaclone.source import open_source
 
-    spec = open_source(checkpoint).spec
+    spec = open_torch_dist_source(checkpoint).spec
     init_parallel(1)
     model = build_gpt(spec)
-    load_model(model, ckpt_io.find_checkpoint(checkpoint))
+    load_model(model, torch_dist.find_checkpoint(checkpoint))
     tokens = torch.randint(0, spec.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     megatron = causal_logits(model, tokens)[..., :spec.vocab_size]
     with torch.no_grad():

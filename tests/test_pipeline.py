@@ -6,7 +6,6 @@ exactly."""
 
 import pytest
 
-
 pytestmark = pytest.mark.slow  # torchrun jobs
 
 

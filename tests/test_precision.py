@@ -2,7 +2,7 @@
 its rules: back off after `hysteresis` overflows, grow after `window` clean steps, reset hysteresis on
 growth, never below the floor)."""
 
-from megaclone.precision import DynamicLossScale
+from megaclone.train.precision import DynamicLossScale
 
 
 def test_the_loss_scale_backs_off_after_hysteresis_and_grows_after_a_clean_window():

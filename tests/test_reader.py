@@ -2,14 +2,16 @@
 own loader, in this process as a world of one (gloo), on a real source checkpoint."""
 
 import shutil
+
 import numpy as np
 import pytest
 import torch
 
-from megaclone import checkpoint as ckpt_io
-from megaclone import toy
+from megaclone import sample
 from megaclone.errors import MegacloneError
-from megaclone.plan import Box, BoxRead
+from megaclone.formats import iterations, torch_dist
+from megaclone.formats.base import Box, BoxRead
+from megaclone.shape import presets
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +22,8 @@ def stored(tmp_path_factory):
 
     init_distributed("cpu")
     root = tmp_path_factory.mktemp("reader") / "src"
-    toy.make_source(root, toy.preset_spec("llama", 1), train_steps=1)
-    ckpt = ckpt_io.find_checkpoint(root)
+    sample.make_source(root, presets.preset_spec("llama", 1), train_steps=1)
+    ckpt = torch_dist.find_checkpoint(root)
     full = {k: v for k, v in dist_checkpointing.load_plain_tensors(str(ckpt)).items() if isinstance(v, torch.Tensor)}
     return ckpt, full
 
@@ -37,7 +39,7 @@ def test_boxes_equal_megatron_core_load(stored, whole_chunks):
     """Random boxes of every tensor, each read twice in a row (the second from the chunks the reader
     holds), equal megatron-core's own load; also with every chunk read item by item."""
     ckpt, full = stored
-    reader = ckpt_io.BoxReader(ckpt)
+    reader = torch_dist.BoxReader(ckpt)
     if not whole_chunks:
         reader.WHOLE_CHUNK_LIMIT = 0
     rng = np.random.default_rng(0)
@@ -62,7 +64,7 @@ def test_box_outside_the_stored_tensor_is_refused(stored):
     key = "embedding.word_embeddings.weight"
     rows, cols = full[key].shape
     with pytest.raises(MegacloneError, match="do not cover"):
-        ckpt_io.BoxReader(ckpt).read(BoxRead(key, None, (Box((rows - 1, 0), (2, cols)),)))
+        torch_dist.BoxReader(ckpt).read(BoxRead(key, None, (Box((rows - 1, 0), (2, cols)),)))
 
 
 def test_the_common_state_as_megatron_core_0_19_stores_it_is_read(stored, tmp_path):
@@ -72,30 +74,30 @@ def test_the_common_state_as_megatron_core_0_19_stores_it_is_read(stored, tmp_pa
     (verify: the logits equal the common.pt form's) and grows into a clone of it."""
     from megatron.core.dist_checkpointing import ShardedObject
 
-    from megaclone.expand import expand
+    from megaclone.check.logits import verify
+    from megaclone.formats.torch_dist import open_torch_dist_source
     from megaclone.model import build_gpt
-    from megaclone.source import open_source
-    from megaclone.spec import Factors
-    from megaclone.verify import verify
+    from megaclone.pipeline.expand import expand
+    from megaclone.shape.request import Factors
 
     ckpt, _ = stored
-    source = open_source(ckpt.parent)
+    source = open_torch_dist_source(ckpt.parent)
     model = build_gpt(source.spec)
-    common = ckpt_io.load({"model": model.sharded_state_dict()}, ckpt)
+    common = torch_dist.load({"model": model.sharded_state_dict()}, ckpt)
     model.load_state_dict(common.pop("model"), strict=True)
     new_root = tmp_path / "mcore-0.19"
     new = new_root / ckpt.name
-    ckpt_io.save_sharded(new, {"model": model.sharded_state_dict(), **common})
-    if (new / ckpt_io.COMMON_FILE).exists():  # this megatron-core writes common.pt: store the object by hand
+    torch_dist.save_sharded(new, {"model": model.sharded_state_dict(), **common})
+    if (new / torch_dist.COMMON_FILE).exists():  # this megatron-core writes common.pt: store the object by hand
         shutil.rmtree(new)
         state = {"model": model.sharded_state_dict(),
-                 ckpt_io.COMMON_OBJECT: ShardedObject(ckpt_io.COMMON_OBJECT, common, (1,), (0,), replica_id=0)}
-        ckpt_io.save_sharded(new, state)
-        (new / ckpt_io.COMMON_FILE).unlink()  # what it writes beside the object: the (empty) rest
-    assert not (new / ckpt_io.COMMON_FILE).exists()
-    ckpt_io.mark_latest(new_root, ckpt_io.read_tracker(ckpt.parent))
+                 torch_dist.COMMON_OBJECT: ShardedObject(torch_dist.COMMON_OBJECT, common, (1,), (0,), replica_id=0)}
+        torch_dist.save_sharded(new, state)
+        (new / torch_dist.COMMON_FILE).unlink()  # what it writes beside the object: the (empty) rest
+    assert not (new / torch_dist.COMMON_FILE).exists()
+    iterations.mark_latest(new_root, iterations.read_tracker(ckpt.parent))
 
-    assert vars(ckpt_io.read_common(new)["args"]) == vars(ckpt_io.read_common(ckpt)["args"])
+    assert vars(torch_dist.read_common(new)["args"]) == vars(torch_dist.read_common(ckpt)["args"])
     assert all(r.ok and r.max_abs == 0.0 for r in verify(ckpt.parent, new_root))
     expand(new_root, tmp_path / "wide", Factors.uniform(2), 1)
     assert all(r.ok for r in verify(new_root, tmp_path / "wide"))
@@ -107,13 +109,14 @@ def test_a_source_saved_by_either_megatron_core_grows(made_by, tmp_path):
     bfloat16) saved by megatron-core 0.16.1 (common state in common.pt) and by 0.19.2 (inside the
     shards, no common.pt), read by whichever megatron-core is installed: each grows 2x into a clone
     whose logits equal the source's, and the stored source is left as it was."""
-    from megaclone.expand import expand
-    from megaclone.spec import Factors
-    from megaclone.verify import verify
     from util import ROOT, tree_hash
 
+    from megaclone.check.logits import verify
+    from megaclone.pipeline.expand import expand
+    from megaclone.shape.request import Factors
+
     src = ROOT / "tests" / "data" / made_by
-    assert (ckpt_io.find_checkpoint(src) / ckpt_io.COMMON_FILE).exists() == (made_by == "mcore-0.16.1")
+    assert (torch_dist.find_checkpoint(src) / torch_dist.COMMON_FILE).exists() == (made_by == "mcore-0.16.1")
     before = tree_hash(src)
     expand(src, tmp_path / "wide", Factors.uniform(2), 1)
     reports = verify(src, tmp_path / "wide")
@@ -129,15 +132,16 @@ def test_a_checkpoint_is_described_without_megatron_core(made_by):
     import subprocess
     import sys
 
-    from megaclone.layout import catalogue
-    from megaclone.source import open_source
     from util import ROOT
 
+    from megaclone.formats.torch_dist import open_torch_dist_source
+    from megaclone.shape.layout import catalogue
+
     src = ROOT / "tests" / "data" / made_by
-    code = ("import sys; from megaclone.describe import describe; print(describe(sys.argv[1])); "
+    code = ("import sys; from megaclone.formats.describe import describe; print(describe(sys.argv[1])); "
             "print('megatron loaded:', any(m.split('.')[0] == 'megatron' for m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code, str(src)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.rstrip().endswith("megatron loaded: False"), proc.stdout
     listed = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ") and "=" not in line}
-    assert listed == {entry.key for entry in catalogue(open_source(src).spec)}
+    assert listed == {entry.key for entry in catalogue(open_torch_dist_source(src).spec)}

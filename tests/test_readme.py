@@ -11,7 +11,6 @@ import re
 import time
 
 import pytest
-
 from util import ROOT, run
 
 pytestmark = pytest.mark.slow

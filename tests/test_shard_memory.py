@@ -5,8 +5,13 @@ storage of its own). Runs the library in this process as a world of one (gloo)."
 import gc
 import weakref
 
-from megaclone import toy
-from megaclone.model import build_gpt, model_sharded_state_dict, owns_storage, parameter_slots
+from megaclone.model import (
+    build_gpt,
+    model_sharded_state_dict,
+    owns_storage,
+    parameter_slots,
+)
+from megaclone.shape import presets
 
 FC1 = "decoder.layers.mlp.linear_fc1.weight"
 
@@ -27,7 +32,7 @@ def build(spec):
 
 
 def test_saved_pieces_own_their_storage_and_the_fused_tensor_is_freed():
-    spec = toy.preset_spec("llama", 1)
+    spec = presets.preset_spec("llama", 1)
     assert spec.swiglu
     model = build(spec)
     fused = weakref.ref(model.decoder.layers[0].mlp.linear_fc1.weight)
@@ -48,7 +53,7 @@ def test_saved_pieces_own_their_storage_and_the_fused_tensor_is_freed():
 
 
 def test_default_slots_are_the_model_parameters():
-    spec = toy.preset_spec("llama", 1)
+    spec = presets.preset_spec("llama", 1)
     model = build(spec)
     slots = parameter_slots(model_sharded_state_dict(model))
     [block] = slots[(FC1, 0, None)]

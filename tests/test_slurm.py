@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from util import ROOT
 
 pytestmark = pytest.mark.slow  # a cluster and three 4-rank jobs

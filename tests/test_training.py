@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from megaclone import checkpoint as ckpt_io
 from util import ROOT, run, torchrun
+
+from megaclone.formats import iterations, torch_dist
 
 sys.path.insert(0, str(ROOT / "examples"))
 import reproduce_scaling_smart as repro  # noqa: E402  (its command builders: the recipe the tests train with)
@@ -228,19 +228,19 @@ def test_written_args_hold_everything_the_megatron_lm_command_takes_from_them(ou
                     apply_layernorm_1p=False, normalization="RMSNorm", apply_query_key_layer_scaling=False,
                     num_experts=None, padded_vocab_size=512, tensor_model_parallel_size=2,
                     pipeline_model_parallel_size=1)
-    source = vars(ckpt_io.read_common(ckpt_io.find_checkpoint(out / "source"))["args"])
+    source = vars(torch_dist.read_common(torch_dist.find_checkpoint(out / "source"))["args"])
     expected.update(hidden_dropout=source["hidden_dropout"], attention_dropout=source["attention_dropout"])
     needed = [f for f in MEGATRON_LM_IF_UNSET if f not in given] + list(MEGATRON_LM_FORCED)
     assert set(needed) <= set(expected), sorted(set(needed) - set(expected))  # every field checked, none skipped
     for root in (out / "expanded" / "symmetric", out / "runs" / "noisy-diagonal"):
-        path = ckpt_io.find_checkpoint(root)
-        common = ckpt_io.read_common(path)
+        path = torch_dist.find_checkpoint(root)
+        common = torch_dist.read_common(path)
         args = vars(common["args"])
         assert common["checkpoint_version"] == 3.0
         for field in needed:
             assert args.get(field) == expected[field], (root, field, args.get(field))
         assert all(isinstance(v, (type(None), bool, int, float, str, list, tuple, dict)) for v in args.values())
-    assert ckpt_io.read_common(ckpt_io.find_checkpoint(out / "expanded" / "symmetric"))["iteration"] == 0
+    assert torch_dist.read_common(torch_dist.find_checkpoint(out / "expanded" / "symmetric"))["iteration"] == 0
 
 
 def test_symmetry_lasts_without_dropout_and_noise_starts_below_it(out):
@@ -248,28 +248,28 @@ def test_symmetry_lasts_without_dropout_and_noise_starts_below_it(out):
     the symmetric clone trained without dropout stays at cosine 1 in every group; the noisy-diagonal
     clone starts below 1 where noise went in, its output layer (no noise, cloned symmetrically under
     the diagonal variant) at 1, and training with dropout 0.1 moves it further."""
-    from megaclone.partition import param_rules
-    from megaclone.scaling import group_row_cosines
-    from megaclone.spec import ModelSpec
+    from megaclone.pipeline.rules import param_rules
+    from megaclone.shape.spec import ModelSpec
+    from megaclone.study.paper import group_row_cosines
 
     def spec(path):
-        return ModelSpec.from_args(ckpt_io.read_common(path)["args"])
+        return ModelSpec.from_args(torch_dist.read_common(path)["args"])
 
     def cosines(path):
-        tensors = {k: v for k, v in ckpt_io.load_plain_tensors(path).items()
+        tensors = {k: v for k, v in torch_dist.load_plain_tensors(path).items()
                    if hasattr(v, "shape") and not k.startswith("optimizer")}
         return group_row_cosines(rules, tensors)
 
     from megaclone.runtime import init_distributed
 
     init_distributed("cpu")
-    source = ckpt_io.find_checkpoint(out / "source")
-    rules = param_rules(spec(source), spec(ckpt_io.find_checkpoint(out / "expanded" / "symmetric")))
-    kept = [cosines(out / "runs" / "symmetric-dropout0" / ckpt_io.iteration_dirname(i)) for i in (10, 20)]
+    source = torch_dist.find_checkpoint(out / "source")
+    rules = param_rules(spec(source), spec(torch_dist.find_checkpoint(out / "expanded" / "symmetric")))
+    kept = [cosines(out / "runs" / "symmetric-dropout0" / iterations.iteration_dirname(i)) for i in (10, 20)]
     assert all(c > 1 - 1e-9 for point in kept for c in point.values()), kept
-    noisy_init = cosines(ckpt_io.find_checkpoint(out / "expanded" / "noisy-diagonal"))
+    noisy_init = cosines(torch_dist.find_checkpoint(out / "expanded" / "noisy-diagonal"))
     assert noisy_init["ffn"] < 0.999 and noisy_init["output"] > 1 - 1e-9, noisy_init
-    trained = cosines(out / "runs" / "noisy-diagonal" / ckpt_io.iteration_dirname(CLONE_ITERS))
+    trained = cosines(out / "runs" / "noisy-diagonal" / iterations.iteration_dirname(CLONE_ITERS))
     assert trained["output"] < 1 - 1e-6, trained  # dropout sends the copies different gradients
 
 
@@ -290,7 +290,7 @@ def test_a_bf16_clone_trains_saves_bf16_weights_and_resumes_from_its_fp32_main_w
     from megaclone.runtime import init_distributed
 
     init_distributed("cpu")  # megatron-core's plain-tensor load is a collective
-    stored = ckpt_io.load_plain_tensors(ckpt_io.find_checkpoint(tmp_path / "bf16"))
+    stored = torch_dist.load_plain_tensors(torch_dist.find_checkpoint(tmp_path / "bf16"))
     weights = {k: v for k, v in stored.items() if hasattr(v, "dtype") and not k.startswith("optimizer")}
     assert weights and all(v.dtype == torch.bfloat16 for v in weights.values()), {k: v.dtype for k, v in weights.items()}
     for kind in ("fp32_param", "exp_avg", "exp_avg_sq"):
@@ -316,6 +316,6 @@ def test_an_fp16_clone_trains_with_loss_scaling_and_saves_fp16_weights(out, tmp_
     from megaclone.runtime import init_distributed
 
     init_distributed("cpu")
-    stored = ckpt_io.load_plain_tensors(ckpt_io.find_checkpoint(tmp_path / "fp16"))
+    stored = torch_dist.load_plain_tensors(torch_dist.find_checkpoint(tmp_path / "fp16"))
     assert stored["decoder.layers.mlp.linear_fc2.weight"].dtype == torch.float16
-    assert float(ckpt_io.read_common(ckpt_io.find_checkpoint(tmp_path / "fp16"))["optimizer"]["grad_scaler"]["scale"]) == 4096.0
+    assert float(torch_dist.read_common(torch_dist.find_checkpoint(tmp_path / "fp16"))["optimizer"]["grad_scaler"]["scale"]) == 4096.0

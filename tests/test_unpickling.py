@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from megaclone import checkpoint as ckpt_io
-from megaclone import toy, unpickling
-from megaclone.errors import MegacloneError, refusing_code
-from megaclone.source import open_megatron_source
 from util import rewrite_common, run, torchrun, tree_hash
+
+from megaclone import sample
+from megaclone.errors import MegacloneError, refusing_code
+from megaclone.formats import iterations, legacy, torch_dist, unpickling
+from megaclone.formats.source import open_megatron_source
+from megaclone.shape import presets
 
 
 class Payload:
@@ -42,7 +43,7 @@ def genuine(tmp_path_factory):
 
     init_distributed("cpu")
     root = tmp_path_factory.mktemp("unpickling") / "src"
-    toy.make_source(root, toy.preset_spec("llama", 1, num_layers=1), train_steps=1)
+    sample.make_source(root, presets.preset_spec("llama", 1, num_layers=1), train_steps=1)
     return root
 
 
@@ -51,11 +52,11 @@ def evil(genuine, tmp_path_factory) -> dict:
     """Checkpoints with a payload in each pickle, and the marker file each payload would create."""
     base = tmp_path_factory.mktemp("evil")
     marker = base / "PAYLOAD_RAN"
-    it = ckpt_io.iteration_dirname(ckpt_io.read_tracker(genuine))
+    it = iterations.iteration_dirname(iterations.read_tracker(genuine))
 
     legacy = base / "legacy"
     (legacy / it / "mp_rank_00").mkdir(parents=True)
-    (legacy / ckpt_io.LATEST).write_text(str(ckpt_io.read_tracker(genuine)))
+    (legacy / iterations.LATEST).write_text(str(iterations.read_tracker(genuine)))
     torch.save({"args": argparse.Namespace(tensor_model_parallel_size=Payload(marker)), "model": {}},
                legacy / it / "mp_rank_00" / "model_optim_rng.pt")
 
@@ -88,8 +89,8 @@ def test_every_pickle_of_a_source_is_refused(evil, kind, file):
 
 
 def test_legacy_model_state_is_refused(evil):
-    ckpt = evil["legacy"] / ckpt_io.iteration_dirname(ckpt_io.read_tracker(evil["legacy"]))
-    refused(evil, lambda: ckpt_io.legacy_model_state(ckpt, 0, 1, 1), "model_optim_rng.pt")
+    ckpt = evil["legacy"] / iterations.iteration_dirname(iterations.read_tracker(evil["legacy"]))
+    refused(evil, lambda: legacy.legacy_model_state(ckpt, 0, 1, 1), "model_optim_rng.pt")
 
 
 def test_a_sharded_object_payload_is_refused(genuine, evil, tmp_path):
@@ -114,11 +115,11 @@ def _load_refusing(ckpt, request):
 
 def test_genuine_rng_state_loads(genuine):
     """The RNG state megaclone and Megatron-LM save (numpy arrays, tuples, tensors) is on the allowlist."""
-    from megaclone.train_state import rng_state_object
-
     from megatron.core import dist_checkpointing
 
-    path = ckpt_io.find_checkpoint(genuine)
+    from megaclone.train.state import rng_state_object
+
+    path = torch_dist.find_checkpoint(genuine)
     loaded = dist_checkpointing.load({"rng_state": rng_state_object()}, str(path))
     assert loaded["rng_state"][0]["np_rng_state"][0] == "MT19937"
 
@@ -163,4 +164,4 @@ def test_every_tool_refuses_a_payload(evil, tmp_path, tool, kind, file):
     assert proc.returncode != 0 and "posix.system" in out and file in out, out[-3000:]
     assert "error: " in proc.stderr, out[-3000:]
     assert not evil["marker"].exists(), "the payload ran"
-    assert not (tmp_path / "out" / ckpt_io.LATEST).exists()
+    assert not (tmp_path / "out" / iterations.LATEST).exists()

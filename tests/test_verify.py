@@ -4,12 +4,13 @@ loss covers the padded vocabulary), is caught. Runs in this process as a world o
 import shutil
 
 import pytest
-
-from megaclone import toy
-from megaclone.expand import expand
-from megaclone.spec import Factors
-from megaclone.verify import verify
 from util import overwrite_stored_value
+
+from megaclone import sample
+from megaclone.check.logits import verify
+from megaclone.pipeline.expand import expand
+from megaclone.shape import presets
+from megaclone.shape.request import Factors
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +19,8 @@ def pair(tmp_path_factory):
 
     init_distributed("cpu")
     root = tmp_path_factory.mktemp("verify")
-    spec = toy.preset_spec("llama", 1)  # vocab 300, padded 304 at TP 1
-    toy.make_source(root / "src", spec, train_steps=1)
+    spec = presets.preset_spec("llama", 1)  # vocab 300, padded 304 at TP 1
+    sample.make_source(root / "src", spec, train_steps=1)
     expand(root / "src", root / "dst", Factors.uniform(2), 1)
     return root / "src", root / "dst", spec
 

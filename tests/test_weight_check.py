@@ -1,18 +1,20 @@
-"""The weight check (megaclone.weight_check) passes every variant's clean clone and fails what the
+"""The weight check (megaclone.check.weights) passes every variant's clean clone and fails what the
 logit check cannot see: one weight scaled by 1.01, two heads swapped consistently (the function is
 unchanged), noise that does not cancel. In this process, a world of one."""
 
 import shutil
 
 import pytest
-
-from megaclone import toy
-from megaclone.clone import CloneConfig, Variant
-from megaclone.expand import expand
-from megaclone.spec import Depth, Experts, Factors
-from megaclone.verify import verify
-from megaclone.weight_check import check_weights
 from util import edit_stored_chunk
+
+from megaclone import sample
+from megaclone.check.logits import verify
+from megaclone.check.weights import check_weights
+from megaclone.pipeline.clone import CloneConfig, Variant
+from megaclone.pipeline.expand import expand
+from megaclone.shape import presets
+from megaclone.shape.request import Depth, Factors
+from megaclone.shape.spec import Experts
 
 FC2 = "decoder.layers.mlp.linear_fc2.weight"
 QKV = "decoder.layers.self_attention.linear_qkv.weight"
@@ -25,7 +27,7 @@ def source(tmp_path_factory):
 
     init_distributed("cpu")
     root = tmp_path_factory.mktemp("weights") / "src"
-    toy.make_source(root, toy.preset_spec("llama", 1), train_steps=1)  # 16 heads in 8 groups
+    sample.make_source(root, presets.preset_spec("llama", 1), train_steps=1)  # 16 heads in 8 groups
     return root
 
 
@@ -87,9 +89,9 @@ def test_two_heads_swapped_keep_the_logits_and_fail_the_weights(source, clone, t
     """Query heads 0 and 1 share group 0's key and value: swapping their q rows and their columns of
     the output projection computes the same function, so the logit check passes; the heads are no
     longer the copies the clone defines."""
-    from megaclone import checkpoint as ckpt_io
+    from megaclone.formats import torch_dist
 
-    head = ckpt_io.read_common(ckpt_io.find_checkpoint(clone))["args"].kv_channels  # rows per head
+    head = torch_dist.read_common(torch_dist.find_checkpoint(clone))["args"].kv_channels  # rows per head
 
     def swap_rows(t):
         t[:head], t[head:2 * head] = t[head:2 * head].clone(), t[:head].clone()

@@ -69,7 +69,7 @@ def edit_stored_chunk(root, key: str, edit) -> None:
     import torch
     from torch.distributed.checkpoint import FileSystemReader
 
-    from megaclone.checkpoint import find_checkpoint
+    from megaclone.formats.torch_dist import find_checkpoint
 
     ckpt = find_checkpoint(root)
     meta = FileSystemReader(str(ckpt)).read_metadata()
@@ -109,10 +109,10 @@ def rewrite_common(ckpt: Path, edit) -> Path:
     Returns the file's path."""
     import torch
 
-    from megaclone import checkpoint as ckpt_io
+    from megaclone.formats import torch_dist
 
-    path = Path(ckpt) / ckpt_io.COMMON_FILE
-    state = torch.load(path, weights_only=False) if path.exists() else ckpt_io.read_common(Path(ckpt))
+    path = Path(ckpt) / torch_dist.COMMON_FILE
+    state = torch.load(path, weights_only=False) if path.exists() else torch_dist.read_common(Path(ckpt))
     edit(state)
     torch.save(state, path)
     return path

@@ -4,7 +4,7 @@
     python tools/bench_expand.py --out runs/bench --tps 1 2 4 8 --repeat 3
 
 Builds a source (default: the ~94M-parameter 'bench' preset, random weights), then for each
-destination TP runs each mode (megaclone, naive, floor, disk; see megaclone/bench.py) in its own
+destination TP runs each mode (megaclone, naive, floor, disk; see megaclone/study/bench.py) in its own
 torchrun and reports wall time (start-up, validate, build, read, compute, write), CPU seconds,
 bytes, throughput and peak RSS per rank, sampled with psutil, with and without the writer processes
 dist_checkpointing forks. With --repeat the modes are interleaved and the median run is shown.
@@ -58,10 +58,11 @@ def worker(args) -> int:
 
     import torch.distributed as dist
 
-    from megaclone import bench
-    from megaclone.expand import expand
+    from megaclone.study import bench
+    from megaclone.pipeline.expand import expand
     from megaclone.runtime import init_distributed
-    from megaclone.spec import Depth, Experts, Factors
+    from megaclone.shape.request import Depth, Factors
+    from megaclone.shape.spec import Experts
 
     init_distributed("cpu")
     ready = time.time()
@@ -107,7 +108,7 @@ def gib(n):
 
 def measure(args, src: Path, out: Path, tp: int, mode: str) -> dict:
     """One run of one mode at one TP, in its own torchrun: the row of the table."""
-    from megaclone.checkpoint import directory_bytes
+    from megaclone.formats.iterations import directory_bytes
 
     dst, report = out / f"{mode}-tp{tp}", out / f"{mode}-tp{tp}.json"
     t0 = time.time()
@@ -139,7 +140,7 @@ def main() -> int:
     args = parse_args()
     if args.cmd == "worker":
         return worker(args)
-    from megaclone.checkpoint import LATEST, directory_bytes
+    from megaclone.formats.iterations import LATEST, directory_bytes
 
     out = Path(args.out)
     src = out / "src"

@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", nargs="?", default="all", choices=["all", "megaclone", "megatron-core"])
     p.add_argument("--work", default="runs/bench-moe", help="where the source and outputs go")
-    p.add_argument("--preset", default="bench", help="source shape (megaclone/toy.py)")
+    p.add_argument("--preset", default="bench", help="source shape (megaclone/shape/presets.py)")
     p.add_argument("--num-experts", type=int, default=8)
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--tp", type=int, default=1)
@@ -42,13 +42,14 @@ def parse_args(argv=None):
 def worker(args) -> int:
     import torch.distributed as dist
 
-    from megaclone import checkpoint as ckpt_io
-    from megaclone.expand import expand
+    from megaclone.formats import torch_dist
+    from megaclone.pipeline.expand import expand
     from megaclone.memory import PeakMemory
     from megaclone.model import build_gpt, load_model
     from megaclone.runtime import init_distributed, init_parallel
-    from megaclone.source import open_megatron_source
-    from megaclone.spec import Experts, Factors, grow
+    from megaclone.formats.source import open_megatron_source
+    from megaclone.shape.request import Factors, grow
+    from megaclone.shape.spec import Experts
 
     init_distributed("cpu")
     src, dst = Path(args.work) / "source", Path(args.work) / "moe"
@@ -64,7 +65,7 @@ def worker(args) -> int:
         dense_spec = dataclasses.replace(open_megatron_source(src).spec, tensor_parallel=args.tp)
         init_parallel(args.tp, 1, args.ep)
         dense = build_gpt(dense_spec)
-        load_model(dense, ckpt_io.find_checkpoint(src))
+        load_model(dense, torch_dist.find_checkpoint(src))
         moe = build_gpt(grow(dense_spec, Factors.uniform(1), args.tp, experts=experts))
         moe.load_state_dict(upcycle_state_dict([moe], [dense])["model"], strict=True)
         peak = memory.stop()

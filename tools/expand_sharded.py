@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megaclone import cli  # noqa: E402  (torch-free: flags parse before any heavy import)
-from megaclone import hf  # noqa: E402  (torch-free too: the family registry)
+from megaclone.formats import Format, hf  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pp", type=int, default=1,
                    help="pipeline size the destination's args declare for Megatron-LM (default 1; the "
                         "torch_dist bytes are the same for any pipeline size)")
-    p.add_argument("--save-format", choices=["torch_dist", "torch"], default="torch_dist",
+    p.add_argument("--save-format", choices=[f.value for f in Format if f is not Format.HF], default="torch_dist",
                    help="torch_dist (default), or Megatron-LM's legacy torch format (mp_rank_TT/"
                         "model_optim_rng.pt, local-spec module names, pipeline size 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -118,7 +118,7 @@ def refuse_early(args: argparse.Namespace) -> None:
     with the rest, once the source is open)."""
     import math
 
-    from megaclone import destination
+    from megaclone.formats import destination
     from megaclone.errors import MegacloneError
 
     src_flag, src = ("--load", args.load) if args.load else ("--load-hf", args.load_hf)
@@ -140,12 +140,14 @@ def main() -> int:
     import torch
     import torch.distributed as dist
 
-    from megaclone.clone import CloneConfig, Variant
+    from megaclone.pipeline.clone import CloneConfig, Variant
     from megaclone.errors import MegacloneError
-    from megaclone.expand import expand, expand_to_hf
+    from megaclone.pipeline.expand import expand
+    from megaclone.pipeline.to_hf import expand_to_hf
     from megaclone.progress import ExpandProgress, summary_table
     from megaclone.runtime import init_distributed
-    from megaclone.spec import Depth, Experts, Factors
+    from megaclone.shape.request import Depth, Factors
+    from megaclone.shape.spec import Experts
 
     rt = init_distributed(args.device, args.timeout_minutes)
     experts = None
@@ -173,7 +175,7 @@ def main() -> int:
         reports = expand(
             args.load or args.load_hf, args.save, factors, args.tp, cfg,
             overwrite=args.overwrite, vocab_size=args.vocab_size, device=rt.device, on_slice=progress.update,
-            src_format="hf" if args.load_hf else "torch_dist", dtype=dtype, pp=args.pp,
+            load_format=Format.HF if args.load_hf else None, dtype=dtype, pp=args.pp,
             save_format=args.save_format, allow_non_finite=args.allow_non_finite, depth=depth, experts=experts,
         )
     progress.close()

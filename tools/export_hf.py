@@ -16,12 +16,12 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megaclone import cli  # noqa: E402  (torch-free: flags parse before any heavy import)
-from megaclone import hf  # noqa: E402  (torch-free too: the family registry)
+from megaclone.formats import hf
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="Megatron checkpoint root (torch_dist)")
+    p.add_argument("--load", required=True, help="Megatron checkpoint root (torch_dist or legacy torch)")
     p.add_argument("--save", required=True, help="Hugging Face output directory")
     p.add_argument("--model-type",
                    help=f"Hugging Face model_type: {', '.join(hf.model_types())} (default: recorded at import, "
@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_trust_flag(p)
     args = cli.parse(p, argv)
     cli.require_paths(("--load", args.load))
-    from megaclone import destination
+    from megaclone.formats import destination
 
     destination.guard(args.save, destination.Kind.HF, sources=[args.load], overwrite=args.overwrite)
     return args

@@ -19,7 +19,7 @@ def main() -> int:
     p.add_argument("--digest", action="store_true", help="sha256 of every tensor (reads the whole checkpoint)")
     cli.add_trust_flag(p)
     args = cli.parse(p)
-    from megaclone.describe import describe
+    from megaclone.formats.describe import describe
     from megaclone.runtime import init_distributed
 
     if args.digest:  # reading every tensor is megatron-core's collective load; the summary needs neither

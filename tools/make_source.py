@@ -14,14 +14,14 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megaclone import cli  # noqa: E402  (torch-free: flags parse before any heavy import)
-from megaclone.presets import PRESETS  # noqa: E402  (torch-free too)
+from megaclone.shape.presets import PRESETS  # noqa: E402  (torch-free too)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--save", required=True, help="checkpoint root to write (Megatron-LM torch_dist layout)")
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                   help="source shape (megaclone/presets.py; default: default)")
+                   help="source shape (megaclone/shape/presets.py; default: default)")
     p.add_argument("--tp", type=int, help="tensor-parallel size of the source (default: world size)")
     p.add_argument("--train-steps", type=int, default=20, help="AdamW steps on random tokens (default 20)")
     p.add_argument("--vocab-size", type=int, default=300, help="true vocabulary size (default 300)")
@@ -40,18 +40,19 @@ def main() -> int:
 
     import torch
 
-    from megaclone import destination
-    from megaclone import toy
+    from megaclone.formats import destination
+    from megaclone import sample
+    from megaclone.shape import presets
     from megaclone.runtime import init_distributed
 
     rt = init_distributed(args.device, args.timeout_minutes)
     tp = args.tp or rt.world_size
     save = Path(args.save)
     overrides = {"num_layers": args.num_layers} if args.num_layers else {}
-    spec = toy.preset_spec(args.preset, tp, vocab_size=args.vocab_size, **overrides)
+    spec = presets.preset_spec(args.preset, tp, vocab_size=args.vocab_size, **overrides)
     with destination.Claim.take(save, destination.Kind.MEGATRON, overwrite=args.overwrite) as claim:
         claim.clear()
-        toy.make_source(save, spec, seed=args.seed, train_steps=args.train_steps, dtype=getattr(torch, args.dtype))
+        sample.make_source(save, spec, seed=args.seed, train_steps=args.train_steps, dtype=getattr(torch, args.dtype))
     cli.rank0_print(f"saved a {args.preset} source ({spec.num_layers} layers, hidden {spec.hidden_size}, "
                     f"{spec.num_attention_heads} heads / {spec.num_query_groups} groups, ffn {spec.ffn_hidden_size}, "
                     f"vocab {spec.vocab_size}) at TP {tp} to {save}")

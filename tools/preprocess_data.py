@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    from megaclone import data
+    from megaclone.train import data
 
     tokenizer = data.get_tokenizer(args.tokenizer)
     files = data.collect_files(args.input) if args.input else data.stdlib_corpus()

@@ -54,8 +54,8 @@ def main() -> int:
     args = parse_args()
     from megaclone.errors import NotComparable
     from megaclone.runtime import init_distributed
-    from megaclone.verify import text_tokens, verify, verify_hf
-    from megaclone.weight_check import check_weights
+    from megaclone.check.logits import text_tokens, verify, verify_hf
+    from megaclone.check.weights import check_weights
 
     rt = init_distributed(args.device, args.timeout_minutes)
     tokens = text_tokens(args.text, args.batch, args.seq_length) if args.text else None

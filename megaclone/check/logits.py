@@ -1,0 +1,278 @@
+"""Per-rank function-preservation check: the wide model's logits against the small model's.
+
+Every rank builds the destination GPTModel at its TP and computes its own vocab slice of the logits;
+the source model runs at the largest TP its shape allows within the same world, and its logits are
+gathered so each rank compares the matching slice over the real vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megaclone.errors import MegacloneError, NotComparable
+from megaclone.formats import Format
+from megaclone.formats.base import Source
+from megaclone.formats.hf.reader import open_hf_source
+from megaclone.formats.legacy import load_legacy_model
+from megaclone.formats.source import open_megatron_source
+from megaclone.model import build_gpt, causal_logits, load_model
+from megaclone.runtime import agree, gathered, init_parallel
+from megaclone.shape.spec import ModelSpec, feasible_tp
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """One rank's comparison over vocab ids [vocab_start, vocab_stop) of the real vocabulary and
+    [vocab_stop, padded_stop) of its padding rows (which Megatron's loss also covers)."""
+
+    rank: int
+    vocab_start: int
+    vocab_stop: int
+    padded_stop: int
+    max_abs: float
+    max_rel: float  # max |D - S| / max |S| over the compared slice (the whole real vocab's if the slice's is 0)
+    tol: float
+    tokens: int  # positions compared (every vocabulary id appears among the inputs)
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel <= self.tol
+
+    def line(self) -> str:
+        verdict = ("ok" if self.ok else "FAIL") + ("" if self.vocab_stop > self.vocab_start else " (padding rows only)")
+        padding = f" + padding [{self.vocab_stop}, {self.padded_stop})" if self.padded_stop > self.vocab_stop else ""
+        return (
+            f"rank {self.rank}: vocab [{self.vocab_start}, {self.vocab_stop}){padding} "
+            f"max abs diff {self.max_abs:.3e}  max rel diff {self.max_rel:.3e}  (tol {self.tol:.0e}) {verdict}"
+        )
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    return {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+
+
+def _open(root: Path) -> tuple[Path, ModelSpec, torch.dtype, Source]:
+    source = open_megatron_source(root)
+    return source.path, source.spec, source.dtype, source
+
+
+def load_source_model(source: Source, device) -> torch.nn.Module:
+    """The source as megatron-core loads it, without megaclone's reader: a torch_dist checkpoint through
+    ``dist_checkpointing`` at the largest TP its shape allows in this world (it reshards), a legacy
+    one with ``load_state_dict(strict=True)`` at its own TP. Switches the parallel state to that TP."""
+    if source.format is Format.TORCH_DIST:
+        tp = feasible_tp(source.spec, dist.get_world_size())
+    elif source.format is Format.LEGACY:
+        tp = getattr(source.args, "tensor_model_parallel_size", 1)
+        if dist.get_world_size() % tp:
+            raise MegacloneError(f"the legacy source {source.path} has TP {tp}, which does not divide the "
+                                 f"{dist.get_world_size()} processes of this job",
+                                 f"launch a multiple of {tp} processes (the trainer: or pass --no-source-check)")
+    else:
+        raise ValueError(f"{source.format.value} sources are checked through transformers, not megatron-core")
+    init_parallel(tp)
+    spec = dataclasses.replace(source.spec, tensor_parallel=tp)
+    model = build_gpt(spec, dtype=source.dtype, device=device)
+    if source.format is Format.TORCH_DIST:
+        load_model(model, source.path)
+    else:
+        load_legacy_model(model, source.path, spec, getattr(source.args, "pipeline_model_parallel_size", 1))
+    return model
+
+
+def _megatron_reference(source: Source, batches: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """The source's logits over its whole padded vocabulary for each batch: the model at the largest
+    TP its shape allows in this world, each rank's slice gathered."""
+    from megatron.core import parallel_state
+
+    model = load_source_model(source, device)
+    group = parallel_state.get_tensor_model_parallel_group()
+    out = []
+    for tokens in batches:
+        local = causal_logits(model, tokens).float()
+        parts = [torch.empty_like(local) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
+        dist.all_gather(parts, local, group=group)
+        out.append(torch.cat(parts, dim=-1))
+    return out
+
+
+def hf_model(root: Path, device) -> torch.nn.Module:
+    """transformers' own model of an HF directory, in eval mode (the whole model: a check tool)."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as exc:
+        raise MegacloneError("checking against a Hugging Face model needs transformers",
+                             "pip install transformers") from exc
+    return AutoModelForCausalLM.from_pretrained(str(root)).to(device).eval()
+
+
+def _hf_reference(root: Path, batches: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """transformers' own logits for an HF directory."""
+    model = hf_model(root, device)
+    with torch.no_grad():
+        return [model(tokens).logits.float() for tokens in batches]
+
+
+def coverage_tokens(vocab_size: int, seq_length: int, generator: torch.Generator) -> torch.Tensor:
+    """Sequences [n, seq_length] in which every id below ``vocab_size`` appears (a random order; the
+    last sequence topped up with random ids), so every embedding row takes part in the comparison."""
+    ids = torch.randperm(vocab_size, generator=generator)
+    extra = (-vocab_size) % seq_length
+    return torch.cat([ids, torch.randint(0, vocab_size, (extra,), generator=generator)]).view(-1, seq_length)
+
+
+def _batches(vocab: int, positions: int, tokens: Optional[torch.Tensor], seed: int, batch: int,
+             seq_length: int) -> list[torch.Tensor]:
+    """What both models are fed: ``tokens`` (random ids below ``vocab`` when None), then sequences
+    that hold every id below ``vocab`` (coverage_tokens), in groups of 4 x ``batch``."""
+    gen = torch.Generator().manual_seed(seed)
+    length = min(seq_length, positions)
+    if tokens is None:
+        tokens = torch.randint(0, vocab, (batch, length), generator=gen)
+    if int(tokens.max()) >= vocab or tokens.shape[1] > positions:
+        raise MegacloneError(f"tokens exceed the models (vocab {vocab}, positions {positions})",
+                             "use a shorter --seq-length, or text whose byte values fit the vocabulary")
+    return [tokens, *coverage_tokens(vocab, length, gen).split(max(1, batch * 4))]
+
+
+def _rounds(batches: list[torch.Tensor], width: int, budget: int) -> list[list[torch.Tensor]]:
+    """Batches grouped so that one group's reference slices ([tokens, width] fp32) fit ``budget``
+    bytes; both models are loaded once per group."""
+    rounds: list[list[torch.Tensor]] = [[]]
+    used = 0
+    for b in batches:
+        size = b.numel() * width * 4
+        if rounds[-1] and used + size > budget:
+            rounds.append([])
+            used = 0
+        rounds[-1].append(b)
+        used += size
+    return rounds
+
+
+def _open_hf(root: Path) -> tuple[Path, ModelSpec, torch.dtype, Source]:
+    source = open_hf_source(root)
+    return source.path, source.spec, source.dtype, source
+
+
+def verify(
+    src_root: Optional[Path],
+    dst_root: Path,
+    tokens: Optional[torch.Tensor] = None,
+    tol: Optional[float] = None,
+    device: torch.device = torch.device("cpu"),
+    seed: int = 0,
+    batch: int = 2,
+    seq_length: int = 32,
+    src_hf: Optional[Path] = None,
+    reference_budget: int = 256 << 20,
+) -> list[RankResult]:
+    """Compare per-rank logits with the source's (a Megatron checkpoint, or with ``src_hf`` a Hugging
+    Face directory run by transformers itself) over ``tokens`` (random by default) and over sequences
+    that hold every vocabulary id, on every column of the rank's slice, padding rows included;
+    returns every rank's result on every rank. The reference logits are held for this rank's slice
+    only, at most ``reference_budget`` bytes at a time (both models are reloaded per such round)."""
+
+    def validate():
+        src = _open_hf(Path(src_hf)) if src_hf is not None else _open(Path(src_root))
+        dst = _open(Path(dst_root))
+        if (reason := dst[3].not_function_preserving) is not None:
+            raise NotComparable(reason, "train it and compare losses instead; grow with --depth-init identity "
+                                        "for a clone whose logits equal the source's")
+        ranks = dst[1].tensor_parallel * dst[1].expert_parallel
+        if dist.get_world_size() % ranks:
+            layout = f"TP {dst[1].tensor_parallel}" + (f" x EP {dst[1].expert_parallel}" if ranks > dst[1].tensor_parallel else "")
+            raise MegacloneError(f"the destination has {layout}, but the world size is {dist.get_world_size()}",
+                                 f"launch with --nproc_per_node {ranks}")
+        return src, dst
+
+    (src_path, src_spec, src_dtype, source), (dst_path, dst_spec, dst_dtype, destination) = agree(validate)
+    vocab = min(src_spec.vocab_size, dst_spec.vocab_size)  # ids both models embed as real tokens
+    batches = [t.to(device) for t in
+               _batches(vocab, src_spec.max_position_embeddings, tokens, seed, batch, seq_length)]
+
+    dst_tp = dst_spec.tensor_parallel
+    width = dst_spec.padded_vocab_size // dst_tp
+    start = (dist.get_rank() % dst_tp) * width  # megatron-core's TP rank with PP 1: the fastest-varying index
+    real = vocab
+    real_stop = min(max(start, real), start + width)
+    max_abs, slice_scale, global_scale, compared = 0.0, 0.0, 0.0, 0
+    for group in _rounds(batches, width, reference_budget):
+        full = (_hf_reference(src_path, group, device) if src_hf is not None
+                else _megatron_reference(source, group, device))
+        # the clone's padding rows past the source's are zero rows: logit 0
+        expected = [torch.nn.functional.pad(f, (0, max(0, start + width - f.shape[-1])))[..., start:start + width]
+                    for f in full]
+        global_scale = max([global_scale] + [float(f[..., :real].abs().max()) for f in full])
+        del full
+        model = _destination_model(destination, dst_spec, dst_dtype, device)
+        for tokens_b, exp in zip(group, expected):
+            diff = (causal_logits(model, tokens_b).float() - exp).abs()
+            max_abs = max(max_abs, float(diff.max()))
+            slice_scale = max(slice_scale, float(exp.abs().max()))
+            compared += tokens_b.numel()
+        del model, expected
+    scale = slice_scale if slice_scale > 0 else global_scale
+    return gathered(RankResult(dist.get_rank(), start, real_stop, start + width, max_abs,
+                               max_abs / max(scale, 1e-30), tol if tol is not None else default_tolerance(dst_dtype),
+                               compared))
+
+
+def verify_hf(
+    src_hf: Path,
+    dst_hf: Path,
+    tokens: Optional[torch.Tensor] = None,
+    tol: Optional[float] = None,
+    device: torch.device = torch.device("cpu"),
+    seed: int = 0,
+    batch: int = 2,
+    seq_length: int = 32,
+) -> list[RankResult]:
+    """A Hugging Face destination against a Hugging Face source, transformers running both whole: the
+    same tokens as :func:`verify` (random, and sequences that hold every vocabulary id), the batches
+    dealt to the ranks; every rank's result on every rank, each over the whole vocabulary."""
+
+    def validate():
+        return open_hf_source(Path(src_hf)), open_hf_source(Path(dst_hf))
+
+    src, dst = agree(validate)
+    vocab = min(src.spec.vocab_size, dst.spec.vocab_size)
+    batches = _batches(vocab, src.spec.max_position_embeddings, tokens, seed, batch, seq_length)
+    mine = batches[dist.get_rank()::dist.get_world_size()]
+    max_abs, scale, compared = 0.0, 0.0, 0
+    if mine:
+        expected = _hf_reference(src.path, [b.to(device) for b in mine], device)
+        found = _hf_reference(dst.path, [b.to(device) for b in mine], device)
+        for b, e, f in zip(mine, expected, found):
+            max_abs = max(max_abs, float((f[..., :vocab] - e[..., :vocab]).abs().max()))
+            scale = max(scale, float(e[..., :vocab].abs().max()))
+            compared += b.numel()
+    return gathered(RankResult(dist.get_rank(), 0, vocab, vocab, max_abs, max_abs / max(scale, 1e-30),
+                               tol if tol is not None else default_tolerance(dst.dtype), compared))
+
+
+def _destination_model(destination: Source, spec: ModelSpec, dtype: torch.dtype, device) -> torch.nn.Module:
+    """The destination as megatron-core loads it at its own TP and EP (switches the parallel state to it)."""
+    init_parallel(spec.tensor_parallel, 1, spec.expert_parallel)
+    model = build_gpt(spec, dtype=dtype, device=device)
+    if destination.format is Format.LEGACY:
+        load_legacy_model(model, destination.path, spec)
+    else:
+        load_model(model, destination.path)
+    return model
+
+
+def text_tokens(path: str | Path, batch: int, seq_length: int) -> torch.Tensor:
+    """Byte-level tokens of a UTF-8 file: ``batch`` consecutive windows of ``seq_length`` bytes."""
+    data = Path(path).read_bytes()
+    need = batch * seq_length
+    if len(data) < need:
+        raise MegacloneError(f"{path} has {len(data)} bytes, fewer than batch x seq-length = {need}",
+                             "pass a longer file or a smaller --batch / --seq-length")
+    return torch.tensor(list(data[:need]), dtype=torch.long).view(batch, seq_length)

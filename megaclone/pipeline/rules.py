@@ -1,0 +1,206 @@
+"""Clone rules per tensor, and which indices of a tensor a TP rank owns.
+
+``param_rules(src, dst)`` attaches to every tensor of the destination's layout catalogue
+(``layout.catalogue``) the index maps of its axes and its clone role, from one declarative table.
+Pure data: shapes and maps only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional
+
+import numpy as np
+
+from megaclone.pipeline.index_maps import (
+    Concat,
+    DimMap,
+    ExpertSlice,
+    GroupedHeads,
+    GroupedQKV,
+    Pad,
+    Tile,
+)
+from megaclone.shape.layout import (
+    ATTENTION,
+    EXPERTS,
+    MLP,
+    ROUTER,
+    Split,
+    Tensor,
+    catalogue,
+    norm_names,
+)
+from megaclone.shape.spec import ModelSpec
+
+
+class Role(Enum):
+    """How values are cloned (docs/design.md, "Clone rules")."""
+
+    MATRIX = "matrix"  # W_D[i, j] = W_S[i', j'] / c_in (+ noise), or the diagonal variant
+    EMBEDDING = "embedding"  # a lookup table: tiled along hidden, never scaled
+    VECTOR = "vector"  # bias / norm: tiled, divided only by ``divisor``
+    ROUTER = "router"  # a MoE router: no source; seeded rows shared by each virtual group of experts, or zero
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    """How one destination tensor (its catalogue entry) is cloned: the index maps of its axes and its
+    clone role."""
+
+    tensor: Tensor  # the destination's catalogue entry
+    rows: DimMap
+    cols: Optional[DimMap]  # None for vectors
+    role: Role
+    divisor: int = 1  # vectors only (the tied final norm is divided by n)
+    # Noisy variants: source rows per noise block (one head of q, k or v; one SwiGLU half; a whole
+    # matrix otherwise), the unit whose signal power sets the noise scale; 0 = never perturbed.
+    noise_unit: int = 0
+    source: Optional[str] = None  # the source tensor it reads, when not its own key (experts read the dense MLP)
+    gain: int = 1  # matrices: the clone is multiplied by it last (a granular expert's second projection: G)
+    slices: int = 1  # per-expert tensors: G, the dense FFN slices; expert e holds slice e mod G
+
+    def __post_init__(self):
+        if self.dst_shape != self.tensor.shape:
+            raise ValueError(f"{self.key}: the maps give {self.dst_shape}, the catalogue {self.tensor.shape}")
+        if self.noise_unit and (self.role is not Role.MATRIX or self.rows.src_size % self.noise_unit):
+            raise ValueError(f"{self.key}: noise blocks of {self.noise_unit} rows do not tile {self.rows.src_size}")
+
+    @property
+    def key(self) -> str:
+        return self.tensor.key
+
+    @property
+    def source_key(self) -> str:
+        return self.source or self.tensor.key
+
+    def for_expert(self, expert: Optional[int]) -> "ParamRule":
+        """The rule of one expert of a per-expert tensor (its slice of the dense FFN); itself otherwise."""
+        if expert is None or self.slices == 1:
+            return self
+        s = expert % self.slices
+        pick = lambda m: dataclasses.replace(m, slice=s) if isinstance(m, ExpertSlice) else m  # noqa: E731
+        return dataclasses.replace(self, rows=pick(self.rows), cols=None if self.cols is None else pick(self.cols))
+
+    @property
+    def split(self) -> Split:
+        return self.tensor.split
+
+    @property
+    def per_layer(self) -> bool:
+        return self.tensor.per_layer
+
+    @property
+    def residual_output(self) -> bool:
+        return self.tensor.residual_output
+
+    @property
+    def src_shape(self) -> tuple[int, ...]:
+        return (self.rows.src_size,) if self.cols is None else (self.rows.src_size, self.cols.src_size)
+
+    @property
+    def dst_shape(self) -> tuple[int, ...]:
+        return (self.rows.dst_size,) if self.cols is None else (self.rows.dst_size, self.cols.dst_size)
+
+    @property
+    def c_in(self) -> int:
+        """Clone factor of the input dimension: the number of input blocks each output reads."""
+        return 1 if self.cols is None or self.role is not Role.MATRIX else self.cols.factor
+
+    @property
+    def c_out(self) -> int:
+        return self.rows.factor
+
+    @property
+    def diagonal_applies(self) -> bool:
+        """The paper's diagonal variants are defined for matrices cloned on both axes by one factor;
+        every other matrix (the output layer, unequal hidden and head/FFN factors, a fused QKV whose
+        key/value rows grow less than its query rows) stays symmetric."""
+        return self.role is Role.MATRIX and self.c_out == self.c_in > 1 and not isinstance(self.rows, GroupedQKV)
+
+    @property
+    def noise_blocks(self) -> int:
+        return self.rows.src_size // self.noise_unit if self.noise_unit else 0
+
+    @property
+    def parts(self) -> int:
+        return self.tensor.parts
+
+
+def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
+    """Every tensor of ``dst`` (a grown ``src``; layout.catalogue) with the maps that clone it."""
+    n = dst.hidden_size // src.hidden_size
+    k = dst.num_attention_heads // src.num_attention_heads
+    m = dst.ffn_hidden_size // src.ffn_hidden_size
+    g = dst.num_query_groups // src.num_query_groups
+    hidden = Tile(src.hidden_size, n)
+    if g == k:  # whole query groups (their q, k and v rows) repeat
+        qkv = Tile(src.num_query_groups * src.qkv_rows_per_group, k, unit=src.qkv_rows_per_group)
+        heads = Tile(src.num_attention_heads * src.kv_channels, k, unit=src.kv_channels)
+    else:  # the new heads join the groups
+        heads = GroupedHeads(src.num_query_groups, src.heads_per_group, src.kv_channels, k, g)
+        qkv = GroupedQKV(heads)
+    ffn = Tile(src.ffn_hidden_size, m)
+    fc1 = Concat(ffn, 2) if src.swiglu else ffn
+    vocab = Pad(src.padded_vocab_size, dst.padded_vocab_size)
+    positions = Pad(src.max_position_embeddings, dst.max_position_embeddings)
+    # key -> (rows, cols, role, noise unit): noise per head of q/k/v, per SwiGLU half, else the whole
+    # matrix, as the authors' code clones q/k/v per head and every other linear whole
+    rules = {
+        "embedding.word_embeddings.weight": (vocab, hidden, Role.EMBEDDING, 0),
+        "embedding.position_embeddings.weight": (positions, hidden, Role.EMBEDDING, 0),
+        f"{ATTENTION}linear_qkv.weight": (qkv, hidden, Role.MATRIX, src.kv_channels),
+        f"{ATTENTION}linear_qkv.bias": (qkv, None, Role.VECTOR, 0),
+        f"{ATTENTION}linear_proj.weight": (hidden, heads, Role.MATRIX, src.hidden_size),
+        f"{ATTENTION}linear_proj.bias": (hidden, None, Role.VECTOR, 0),
+        f"{MLP}linear_fc1.weight": (fc1, hidden, Role.MATRIX, src.ffn_hidden_size),
+        f"{MLP}linear_fc1.bias": (fc1, None, Role.VECTOR, 0),
+        f"{MLP}linear_fc2.weight": (hidden, ffn, Role.MATRIX, src.hidden_size),
+        f"{MLP}linear_fc2.bias": (hidden, None, Role.VECTOR, 0),
+        "output_layer.weight": (vocab, hidden, Role.MATRIX, 0),
+    }
+    extra: dict[str, dict] = {}
+    if dst.experts:  # upcycling: every expert holds a slice of the grown dense MLP (slice 0 here, see for_expert)
+        f, parts = dst.experts.ffn_hidden_size, 2 if src.swiglu else 1
+        g = dst.experts.granularity(dst.ffn_hidden_size)
+        rules[ROUTER] = (Tile(dst.experts.num, 1), hidden, Role.ROUTER, 0)
+        rules[f"{EXPERTS}linear_fc1.weight"] = (ExpertSlice(fc1, parts, f), hidden, Role.MATRIX, src.ffn_hidden_size)
+        rules[f"{EXPERTS}linear_fc2.weight"] = (hidden, ExpertSlice(ffn, 1, f), Role.MATRIX, src.hidden_size)
+        extra[f"{EXPERTS}linear_fc1.weight"] = dict(source=f"{MLP}linear_fc1.weight", slices=g)
+        extra[f"{EXPERTS}linear_fc2.weight"] = dict(source=f"{MLP}linear_fc2.weight", slices=g, gain=g)
+        extra[ROUTER] = dict(slices=g)
+    for name in norm_names(src):
+        for which in "qk":  # per-head norms: a head's channels do not grow
+            rules[f"{ATTENTION}{which}_layernorm.{name}"] = (Tile(src.kv_channels, 1), None, Role.VECTOR, 0)
+        for key in (f"{ATTENTION}linear_qkv.layer_norm_{name}", f"{MLP}linear_fc1.layer_norm_{name}",
+                    f"decoder.final_layernorm.{name}"):
+            rules[key] = (hidden, None, Role.VECTOR, 0)
+    out = []
+    for tensor in catalogue(dst):
+        rows, cols, role, noise_unit = rules[tensor.key]
+        # tied: the output layer reuses the unscaled embedding, so the final norm carries the 1/n
+        divisor = n if src.tied and tensor.key.startswith("decoder.final_layernorm.") else 1
+        out.append(ParamRule(tensor, rows, cols, role, divisor, noise_unit, **extra.get(tensor.key, {})))
+    return out
+
+
+def owned_indices(size: int, parts: int, tp: int, rank: int) -> np.ndarray:
+    """Indices along a split axis that TP rank ``rank`` holds: its 1/tp of each of ``parts`` parts."""
+    part = size // parts
+    chunk = part // tp
+    return np.concatenate([np.arange(p * part + rank * chunk, p * part + (rank + 1) * chunk) for p in range(parts)])
+
+
+def dst_slice(rule: ParamRule, tp: int, rank: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Destination (row, column) indices rank ``rank`` owns, in the order of its local tensor."""
+    rows = np.arange(rule.rows.dst_size)
+    cols = None if rule.cols is None else np.arange(rule.cols.dst_size)
+    if rule.split.axis == 0:
+        rows = owned_indices(rule.rows.dst_size, rule.parts, tp, rank)
+    elif rule.split.axis == 1:
+        cols = owned_indices(rule.cols.dst_size, rule.parts, tp, rank)
+    return rows, cols
+
+

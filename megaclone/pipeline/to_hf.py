@@ -1,0 +1,100 @@
+"""Growing a Hugging Face model into a Hugging Face directory (``--load-hf --save-hf``): the same rank
+plan and clone rules as a Megatron destination, written through the HF writer with no megatron-core
+model built.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megaclone.formats import Format, destination, hf
+from megaclone.formats.hf.writer import (
+    check_constant,
+    check_exportable,
+    deal,
+    hf_pieces,
+    hf_tensors_from,
+    write_hf,
+)
+from megaclone.formats.source import open_source
+from megaclone.memory import PeakMemory
+from megaclone.model import RowBlock, Slots
+from megaclone.pipeline.clone import CloneConfig
+from megaclone.pipeline.expand import (
+    RankReport,
+    destination_spec,
+    fill_rank,
+    gather_reports,
+    noise_plan,
+)
+from megaclone.pipeline.plan import SliceTask
+from megaclone.runtime import agree, return_large_frees
+from megaclone.shape.layout import catalogue
+from megaclone.shape.request import Depth, Factors
+
+
+def expand_to_hf(
+    src_root: str | Path,
+    out: str | Path,
+    factors: Factors,
+    cfg: CloneConfig = CloneConfig(),
+    depth: Depth = Depth(),
+    overwrite: bool = False,
+    dtype: Optional[torch.dtype] = None,
+    on_slice: Optional[Callable[[SliceTask, int], None]] = None,
+    allow_non_finite: bool = False,
+) -> list[RankReport]:
+    """Grow a Hugging Face model straight into a Hugging Face directory, any number of ranks, no
+    Megatron checkpoint in between: the destination's (tensor, layer) pieces are dealt to ranks by
+    size; each rank computes its whole pieces (reading only the source rows and columns they need),
+    turns them into the family's HF tensors and writes one safetensors shard (export.write_hf)."""
+    start = time.perf_counter()
+    return_large_frees()
+    memory = PeakMemory().start()
+    try:
+        out, src_root = Path(out), Path(src_root)
+        rank, world = dist.get_rank(), dist.get_world_size()
+
+        def validate():
+            source = open_source(src_root, Format.HF)
+            dst_spec = destination_spec(source, factors, 1, depth)  # whole tensors: TP 1's layout
+            model_type = source.args.hf_model_type
+            check_exportable(dst_spec, model_type, src_root)
+            return source, dst_spec, model_type
+
+        source, dst_spec, model_type = agree(validate)
+        with destination.Claim.take(out, destination.Kind.HF, [src_root], overwrite) as claim:
+            report = RankReport(rank=rank)
+            dtype = dtype or source.dtype
+            pieces, sizes = hf_pieces(dst_spec)
+            tensors = {t.key: t for t in catalogue(dst_spec)}
+            slots: Slots = {(key, layer, None): [RowBlock(0, tensors[key].shape[0], torch.empty(tensors[key].shape, dtype=dtype))]
+                            for (key, layer), who in zip(pieces, deal(sizes, world)) if who == rank}
+            scales = noise_plan(source, dst_spec, depth, cfg) if cfg.variant.noisy else None
+            agree(lambda: fill_rank(source, dst_spec, dict(slots), 0, cfg, report, on_slice, allow_non_finite, scales,
+                                    depth, only_slots=True))
+            layout = hf.family_of(model_type).layout(dst_spec)
+
+            def to_hf() -> dict[str, torch.Tensor]:
+                mine = {}
+                for key, layer, _ in list(slots):
+                    [block] = slots.pop((key, layer, None))  # freed as its HF tensors are made
+                    check_constant(layout[key], key, layer, block.tensor, model_type)
+                    mine.update(hf_tensors_from(layout[key], layer, block.tensor))
+                return mine
+
+            mine = agree(to_hf)  # every rank learns of a refusal before an earlier output is removed
+            claim.clear()
+            t0 = time.perf_counter()
+            write_hf(out, mine, dst_spec, model_type, dtype, source.path)
+        report.seconds["write"] = time.perf_counter() - t0
+        report.seconds["total"] = time.perf_counter() - start
+        del mine
+        return gather_reports(report, memory)
+    finally:
+        memory.stop()  # a refusal or a failure must not leave the sampler running in the caller
