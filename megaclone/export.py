@@ -21,6 +21,7 @@ from megaclone.formats.hf.writer import (
     check_constant,
     check_exportable,
     deal,
+    hf_config,
     hf_pieces,
     hf_tensors_from,
     write_hf,
@@ -60,5 +61,5 @@ def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = Non
         mine = agree(read_mine)  # a refusal on any rank stops every rank before an earlier output is removed
         claim.clear()
         tokenizer = getattr(source.args, "tokenizer_model", None)
-        count = write_hf(out, mine, spec, mtype, source.dtype, Path(tokenizer) if tokenizer else None)
+        count = write_hf(out, mine, hf_config(spec, mtype, source.dtype), Path(tokenizer) if tokenizer else None)
     return {"model_type": mtype, "tensors": count, "files": world}

@@ -9,14 +9,17 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from megaclone.formats import Format, destination, hf
+from megaclone.formats.hf.reader import read_config
 from megaclone.formats.hf.writer import (
     check_constant,
     check_exportable,
     deal,
+    hf_config,
     hf_pieces,
     hf_tensors_from,
     write_hf,
@@ -32,6 +35,7 @@ from megaclone.pipeline.expand import (
     gather_reports,
     noise_plan,
 )
+from megaclone.pipeline.index_maps import layer_map
 from megaclone.pipeline.plan import SliceTask
 from megaclone.runtime import agree, return_large_frees
 from megaclone.shape.layout import catalogue
@@ -52,7 +56,7 @@ def expand_to_hf(
     """Grow a Hugging Face model straight into a Hugging Face directory, any number of ranks, no
     Megatron checkpoint in between: the destination's (tensor, layer) pieces are dealt to ranks by
     size; each rank computes its whole pieces (reading only the source rows and columns they need),
-    turns them into the family's HF tensors and writes one safetensors shard (export.write_hf)."""
+    turns them into the family's HF tensors and writes one safetensors shard (formats.hf.writer.write_hf)."""
     start = time.perf_counter()
     return_large_frees()
     memory = PeakMemory().start()
@@ -91,7 +95,9 @@ def expand_to_hf(
             mine = agree(to_hf)  # every rank learns of a refusal before an earlier output is removed
             claim.clear()
             t0 = time.perf_counter()
-            write_hf(out, mine, dst_spec, model_type, dtype, source.path)
+            src_layer_of, _ = layer_map(depth, source.spec.num_layers)(np.arange(dst_spec.num_layers))
+            config = hf_config(dst_spec, model_type, dtype, read_config(source.path), src_layer_of)
+            write_hf(out, mine, config, source.path)
         report.seconds["write"] = time.perf_counter() - t0
         report.seconds["total"] = time.perf_counter() - start
         del mine

@@ -8,7 +8,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -68,14 +68,28 @@ def shard_name(rank: int, world: int) -> str:
     return "model.safetensors" if world == 1 else f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
 
 
-def _hf_config(spec: ModelSpec, model_type: str, dtype: torch.dtype):
+# config.json fields that describe the file or the run that wrote it, not the model: never carried over
+NOT_CARRIED = ("architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path")
+
+
+def hf_config(spec: ModelSpec, model_type: str, dtype: torch.dtype, base: Optional[dict] = None,
+              src_layer_of: Optional[Sequence[int]] = None):
+    """transformers' config for ``spec``: the family's shape fields over ``base`` (the source's config.json,
+    growing HF to HF), whose other fields (token ids, soft-capping, windows...) pass through unchanged; a
+    per-layer list (``layer_types``) follows each destination layer's source layer (``src_layer_of``)."""
     try:
         from transformers import AutoConfig
     except ImportError as exc:
         raise MegacloneError("export needs transformers for config.json", "pip install transformers") from exc
-    fields = hf.family_of(model_type).config_from_spec(spec, model_type)
+    family = hf.family_of(model_type)
+    fields = family.config_from_spec(spec, model_type)
+    if base is not None:
+        carried = {k: v for k, v in base.items() if k not in NOT_CARRIED}
+        if src_layer_of is not None and isinstance(carried.get("layer_types"), list):
+            carried["layer_types"] = [carried["layer_types"][int(i)] for i in src_layer_of]
+        fields = {**carried, **fields}
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    config.architectures = [hf.family_of(model_type).model_types[model_type]]
+    config.architectures = [family.model_types[model_type]]
     # transformers 4.56 renamed torch_dtype to dtype (and warns on the old name); older ones know torch_dtype only
     setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", dtype)
     return config
@@ -92,6 +106,10 @@ def check_exportable(spec: ModelSpec, model_type: str, what: Path) -> None:
             f"{what} has {spec.num_attention_heads} heads in {spec.num_query_groups} query groups, but "
             f"transformers' {model_type} has no grouped-query attention",
             "keep this model in Megatron, or grow it without --query-group-factor")
+    cannot = family.cannot_hold(spec)
+    if cannot:
+        raise MegacloneError(f"transformers' {model_type} cannot hold {what}: {cannot}",
+                             "export as the model_type it came from (--model-type), or keep the model in Megatron")
     unplaced = [t.key for t in catalogue(spec) if t.key not in family.layout(spec)]
     if unplaced:
         raise MegacloneError(f"transformers' {model_type} has no place for {', '.join(unplaced)} of {what}",
@@ -104,10 +122,10 @@ def hf_pieces(spec: ModelSpec) -> tuple[list[tuple[str, Optional[int]]], list[in
     return [(t.key, layer) for t, layer in tensors], [math.prod(t.shape) for t, _ in tensors]
 
 
-def write_hf(out: Path, mine: dict[str, torch.Tensor], spec: ModelSpec, model_type: str, dtype: torch.dtype,
-             tokenizer: Optional[Path]) -> int:
+def write_hf(out: Path, mine: dict[str, torch.Tensor], config, tokenizer: Optional[Path]) -> int:
     """Every rank writes its HF tensors as one safetensors shard; rank 0 then writes the index, the
-    tokenizer files and ``config.json`` last (a directory without it is not a loadable model).
+    tokenizer files and ``config.json`` (``config``, from :func:`hf_config`) last: a directory without it
+    is not a loadable model.
     Returns the number of HF tensors written by all ranks."""
     from safetensors.torch import save_file
 
@@ -126,6 +144,6 @@ def write_hf(out: Path, mine: dict[str, torch.Tensor], spec: ModelSpec, model_ty
         for f in TOKENIZER_FILES:
             if tokenizer is not None and tokenizer.is_dir() and (tokenizer / f).exists():
                 shutil.copy2(tokenizer / f, out / f)
-        _hf_config(spec, model_type, dtype).save_pretrained(str(out))  # last: marks it complete
+        config.save_pretrained(str(out))  # last: marks it complete
     dist.barrier()
     return sum(len(n) for n in names)
