@@ -133,6 +133,8 @@ def build_gpt(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    spec.require_megatron("this model")
+
     device = device or torch.device("cpu")
     model = GPTModel(
         config=transformer_config(spec, dtype, device, initialize, init_method_std, hidden_dropout, attention_dropout),

@@ -129,8 +129,8 @@ def expected_exact(rule: ParamRule, source: torch.Tensor, rows: np.ndarray, defi
         values = values * torch.from_numpy(src_cols != NO_SOURCE)[None, :]
     values = values * (have_row[:, None] if values.dim() == 2 else have_row)
     diagonal = definition.variant.diagonal and rule.diagonal_applies
-    if rule.role is Role.VECTOR and rule.divisor != 1:
-        values = values / rule.divisor
+    if rule.role in (Role.VECTOR, Role.EMBEDDING) and rule.divisor != 1:
+        values = (values + rule.offset) / rule.divisor - rule.offset if rule.offset else values / rule.divisor
     elif rule.role is Role.MATRIX and not diagonal and rule.c_in != 1:
         values = values / rule.c_in
     if diagonal:

@@ -124,12 +124,16 @@ def clone_slice(
     src_cols, in_block = rule.cols(dst_cols) if rule.cols is not None else (None, None)
     noisy = cfg.variant.noisy and rule.noise_unit and rule.c_in > 1
     work = torch.float64 if piece.data.dtype == torch.float64 else torch.float32
-    if out is not None and out.dtype == piece.data.dtype and not noisy and rule.gain == 1:
+    divisor = _uniform_divisor(rule, cfg)
+    shifted = bool(rule.offset) and divisor != 1  # a (offset + w) norm: ((offset + w) / divisor) - offset
+    if out is not None and out.dtype == piece.data.dtype and not noisy and rule.gain == 1 and not shifted:
         # one rounding either way: torch divides a bf16/fp16 element in fp32 and rounds it once, as the
         # widened path would, and the diagonal mask (0 or 1) is exact, so the slice is computed in place
         work = out.dtype
     in_place = out is not None and out.dtype == work
-    values = _gather(piece, src_rows, src_cols, work, _uniform_divisor(rule, cfg), out if in_place else None)
+    values = _gather(piece, src_rows, src_cols, work, 1 if shifted else divisor, out if in_place else None)
+    if shifted:
+        values.add_(rule.offset).div_(divisor).sub_(rule.offset)
 
     if cfg.variant.diagonal and rule.diagonal_applies:
         # output block b reads exactly input block b, unscaled
@@ -162,10 +166,10 @@ def router_slice(rule: ParamRule, layer: int, dst_rows: np.ndarray, dst_cols: np
     return out.copy_(torch.from_numpy(values))
 
 
-def _uniform_divisor(rule: ParamRule, cfg: CloneConfig) -> int:
+def _uniform_divisor(rule: ParamRule, cfg: CloneConfig) -> float:
     """What every value of the slice is divided by: a vector's divisor, or the fan-in copies of a
     matrix under the symmetric variants (the diagonal ones keep one block unscaled instead)."""
-    if rule.role is Role.VECTOR:
+    if rule.role in (Role.VECTOR, Role.EMBEDDING):
         return rule.divisor
     if rule.role is Role.MATRIX and not (cfg.variant.diagonal and rule.diagonal_applies):
         return rule.c_in
@@ -173,7 +177,7 @@ def _uniform_divisor(rule: ParamRule, cfg: CloneConfig) -> int:
 
 
 def _gather(piece: SourcePiece, src_rows: np.ndarray, src_cols: Optional[np.ndarray], work: torch.dtype,
-            divisor: int = 1, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+            divisor: float = 1, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """values[r, c] = S[src_rows[r], src_cols[c]] / divisor in ``work`` dtype (into ``out`` if given);
     rows with NO_SOURCE are zero.
 

@@ -333,6 +333,7 @@ def expand(
                 raise MegacloneError(f"world size {world} is not a multiple of {ranks}",
                                      f"launch with --nproc_per_node {tp * ep} (or a multiple of it)")
             source = open_source(src_root, load_format, vocab_size)
+            source.spec.require_megatron(str(source.path))
             dst_spec = destination_spec(source, factors, tp, depth, experts)
             if save_format is Format.LEGACY and experts:
                 raise MegacloneError("--save-format torch does not write mixture-of-experts checkpoints",

@@ -8,6 +8,7 @@ Pure data: shapes and maps only.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Optional
@@ -54,7 +55,8 @@ class ParamRule:
     rows: DimMap
     cols: Optional[DimMap]  # None for vectors
     role: Role
-    divisor: int = 1  # vectors only (the tied final norm is divided by n)
+    divisor: float = 1  # vectors and embeddings: the tied final norm by n, a scaled embedding by sqrt(n)
+    offset: float = 0  # a norm that scales by (offset + w) (Gemma's 1 + w): the divisor applies to offset + w
     # Noisy variants: source rows per noise block (one head of q, k or v; one SwiGLU half; a whole
     # matrix otherwise), the unit whose signal power sets the noise scale; 0 = never perturbed.
     noise_unit: int = 0
@@ -171,18 +173,33 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
         extra[f"{EXPERTS}linear_fc1.weight"] = dict(source=f"{MLP}linear_fc1.weight", slices=g)
         extra[f"{EXPERTS}linear_fc2.weight"] = dict(source=f"{MLP}linear_fc2.weight", slices=g, gain=g)
         extra[ROUTER] = dict(slices=g)
+    if src.qk_norm_over_projection:  # over all heads (groups for k): the heads repeat, so their statistics stay
+        keys = Tile(src.num_query_groups * src.kv_channels, g, unit=src.kv_channels)
+        qk_norms = {"q": heads, "k": keys}
+    else:  # per-head norms: a head's channels do not grow
+        qk_norms = {"q": Tile(src.kv_channels, 1), "k": Tile(src.kv_channels, 1)}
     for name in norm_names(src):
-        for which in "qk":  # per-head norms: a head's channels do not grow
-            rules[f"{ATTENTION}{which}_layernorm.{name}"] = (Tile(src.kv_channels, 1), None, Role.VECTOR, 0)
+        for which, rows in qk_norms.items():
+            rules[f"{ATTENTION}{which}_layernorm.{name}"] = (rows, None, Role.VECTOR, 0)
         for key in (f"{ATTENTION}linear_qkv.layer_norm_{name}", f"{MLP}linear_fc1.layer_norm_{name}",
+                    f"{ATTENTION}linear_proj.post_layernorm_{name}", f"{MLP}linear_fc2.post_layernorm_{name}",
                     f"decoder.final_layernorm.{name}"):
             rules[key] = (hidden, None, Role.VECTOR, 0)
+    # A scaled embedding (Gemma: x sqrt(hidden)) would grow by sqrt(n) with the hidden size: the clone divides
+    # the table by sqrt(n), as the authors' code does. Tied, the output layer reads that table, so the final
+    # norm carries what is left of the 1/n (1/sqrt(n)); a (1 + w) norm carries it on 1 + w.
+    embedding_divisor = math.sqrt(n) if src.scaled_embedding else 1
+    offset = 1.0 if src.zero_centered_norms else 0.0
     out = []
     for tensor in catalogue(dst):
         rows, cols, role, noise_unit = rules[tensor.key]
-        # tied: the output layer reuses the unscaled embedding, so the final norm carries the 1/n
-        divisor = n if src.tied and tensor.key.startswith("decoder.final_layernorm.") else 1
-        out.append(ParamRule(tensor, rows, cols, role, divisor, noise_unit, **extra.get(tensor.key, {})))
+        divisor, shift = 1, 0.0
+        if tensor.key.startswith("embedding.word_embeddings."):
+            divisor = embedding_divisor
+        elif src.tied and tensor.key.startswith("decoder.final_layernorm."):
+            divisor = n / embedding_divisor  # the output layer reuses the embedding: the final norm carries the rest
+            shift = offset if tensor.key.endswith(".weight") else 0.0
+        out.append(ParamRule(tensor, rows, cols, role, divisor, shift, noise_unit, **extra.get(tensor.key, {})))
     return out
 
 

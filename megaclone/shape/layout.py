@@ -121,7 +121,8 @@ def catalogue(spec: ModelSpec) -> list[Tensor]:
          spec.ffn_hidden_size, spec.add_bias_linear),
     ):
         # a pre-norm fused into a column-parallel linear (hidden -> rows), then a row-parallel one (cols -> hidden)
-        out += [Tensor(f"{prefix}{first}.layer_norm_{n}", (h,), Split.REPLICATED, True) for n in norms]
+        if spec.pre_norms:
+            out += [Tensor(f"{prefix}{first}.layer_norm_{n}", (h,), Split.REPLICATED, True) for n in norms]
         if prefix == MLP and experts:  # the MoE layer: a router, then each expert's two projections
             f, e = experts.ffn_hidden_size, experts.num
             out += [Tensor(ROUTER, (e, h), Split.REPLICATED, True),
@@ -131,12 +132,18 @@ def catalogue(spec: ModelSpec) -> list[Tensor]:
         out.append(Tensor(f"{prefix}{first}.weight", (rows, h), Split.COLUMN, True, parts))
         if first_bias:
             out.append(Tensor(f"{prefix}{first}.bias", (rows,), Split.COLUMN, True, parts))
-        if prefix == ATTENTION and spec.qk_layernorm:  # one norm over a head's channels, shared by all heads
-            out += [Tensor(f"{ATTENTION}{which}_layernorm.{n}", (spec.kv_channels,), Split.REPLICATED, True)
-                    for which in "qk" for n in norms]
+        if prefix == ATTENTION and spec.qk_layernorm:
+            # one norm over a head's channels, shared by all heads; or (OLMo-2) over the whole projection
+            widths = ((heads, spec.num_query_groups * spec.kv_channels) if spec.qk_norm_over_projection
+                      else (spec.kv_channels, spec.kv_channels))
+            split = Split.COLUMN if spec.qk_norm_over_projection else Split.REPLICATED
+            out += [Tensor(f"{ATTENTION}{which}_layernorm.{n}", (width,), split, True)
+                    for which, width in zip("qk", widths) for n in norms]
         out.append(Tensor(f"{prefix}{second}.weight", (h, cols), Split.ROW, True, residual_output=True))
         if second_bias:
             out.append(Tensor(f"{prefix}{second}.bias", (h,), Split.REPLICATED, True, residual_output=True))
+        if spec.post_norms:  # a norm on the branch's output, before the residual add (Hugging Face only)
+            out += [Tensor(f"{prefix}{second}.post_layernorm_{n}", (h,), Split.REPLICATED, True) for n in norms]
     out += [Tensor(f"decoder.final_layernorm.{n}", (h,), Split.REPLICATED, False) for n in norms]
     if not spec.tied:
         out.append(Tensor("output_layer.weight", (v, h), Split.COLUMN, False))

@@ -46,6 +46,30 @@ class ModelSpec:
     qk_layernorm: bool = False  # a norm over each query and key head (Qwen3; Megatron-LM --qk-layernorm)
     relu: bool = False  # plain ReLU MLP (OPT): megaclone's own field, Megatron-LM has no such flag
     experts: Optional["Experts"] = None  # mixture-of-experts MLPs; None: dense
+    # Features of Hugging Face families that megatron-core's GPTModel does not compute: such a model grows
+    # Hugging Face to Hugging Face only (``megatron_cannot`` says why). Read from ``hf_*`` args fields.
+    parallel_residual: bool = False  # attention and MLP both read the layer's input (GPT-NeoX/Pythia)
+    scaled_embedding: bool = False  # input embeddings multiplied by sqrt(hidden_size) (Gemma)
+    zero_centered_norms: bool = False  # a norm's weight w scales by (1 + w) (Gemma)
+    pre_norms: bool = True  # a norm before attention and before the MLP (every family but OLMo-2)
+    post_norms: bool = False  # a norm on the attention and MLP outputs before the residual add (Gemma 2, OLMo-2)
+    qk_norm_over_projection: bool = False  # q and k normalized over the whole projection, not per head (OLMo-2)
+
+    @property
+    def hf_only_features(self) -> frozenset[str]:
+        """The features of this model that megatron-core's GPTModel does not compute (``HF_ONLY``)."""
+        return frozenset(name for name, (on, _) in _hf_only(self).items() if on)
+
+    @property
+    def megatron_cannot(self) -> Optional[str]:
+        """Why megatron-core's GPTModel cannot compute this model (None when it can)."""
+        return ", ".join(what for on, what in _hf_only(self).values() if on) or None
+
+    def require_megatron(self, what: str) -> None:
+        """Refuse a model megatron-core's GPTModel would compute differently (before anything is written)."""
+        if self.megatron_cannot:
+            raise MegacloneError(f"{what} has {self.megatron_cannot}, which megatron-core's GPTModel does not compute",
+                                 "grow it Hugging Face to Hugging Face instead: --load-hf SRC --save-hf DST")
 
     @property
     def expert_parallel(self) -> int:
@@ -115,6 +139,12 @@ class ModelSpec:
             qk_layernorm=bool(get("qk_layernorm", False)),
             relu=bool(get("relu", False)),
             experts=Experts.from_args(args),
+            parallel_residual=bool(get("hf_parallel_residual", False)),
+            scaled_embedding=bool(get("hf_scaled_embedding", False)),
+            zero_centered_norms=bool(get("hf_zero_centered_norms", False)),
+            pre_norms=bool(get("hf_pre_norms", True)),
+            post_norms=bool(get("hf_post_norms", False)),
+            qk_norm_over_projection=bool(get("hf_qk_norm_over_projection", False)),
         )
 
     def to_args(self, base: Any = None, dtype: Any = None) -> argparse.Namespace:
@@ -167,6 +197,17 @@ class ModelSpec:
         if not hasattr(out, "seq_length"):
             out.seq_length = self.max_position_embeddings
         return out
+
+
+def _hf_only(spec: ModelSpec) -> dict[str, tuple[bool, str]]:
+    return {
+        "parallel_residual": (spec.parallel_residual, "a parallel residual (attention and MLP read the same input)"),
+        "scaled_embedding": (spec.scaled_embedding, "input embeddings scaled by sqrt(hidden_size)"),
+        "zero_centered_norms": (spec.zero_centered_norms, "norms that scale by (1 + weight)"),
+        "no_pre_norms": (not spec.pre_norms, "no norm before attention and the MLP"),
+        "post_norms": (spec.post_norms, "norms on the attention and MLP outputs"),
+        "qk_norm_over_projection": (spec.qk_norm_over_projection, "q and k norms over the whole projection"),
+    }
 
 
 def feasible_tp(spec: ModelSpec, world: int) -> int:

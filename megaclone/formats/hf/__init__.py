@@ -5,9 +5,9 @@ files), ``reader`` (an HF directory as a ``Source``), ``writer`` (full Megatron 
 Importing the package registers every family; it stays torch-free.
 """
 
-from megaclone.formats.hf import gpt2, gpt_neox, llama, olmo, opt  # noqa: F401  (each registers itself)
+# each family's file registers it; the order is the registry's (and --help's)
+from megaclone.formats.hf import llama, gpt2, opt, olmo, gpt_neox, gemma, gemma2, olmo2  # noqa: F401, I001
 from megaclone.formats.hf.registry import (
-    CANNOT_EXPRESS,
     Family,
     families,
     family_of,
@@ -15,4 +15,4 @@ from megaclone.formats.hf.registry import (
     model_types,
 )
 
-__all__ = ["CANNOT_EXPRESS", "Family", "families", "family_of", "infer_model_type", "model_types"]
+__all__ = ["Family", "families", "family_of", "infer_model_type", "model_types"]

@@ -1,4 +1,4 @@
-"""GPT-NeoX with a sequential residual (use_parallel_residual=False): RoPE over a fraction of each
+"""GPT-NeoX and Pythia (its parallel residual grows Hugging Face to Hugging Face only): RoPE over a fraction of each
 head, LayerNorm, exact GeLU, biases; query_key_value is fused per head as [q, k, v], Megatron's own order.
 """
 
@@ -17,10 +17,9 @@ from megaclone.shape.spec import ModelSpec
 class GPTNeoX(Family):
     name = "gpt_neox"
     model_types = {"gpt_neox": "GPTNeoXForCausalLM"}
+    optional_features = frozenset({"parallel_residual"})  # Pythia: Hugging Face to Hugging Face only
 
     def args_from_config(self, c: dict) -> dict:
-        require(c, not c.get("use_parallel_residual", True), "use_parallel_residual=True (attention and MLP in parallel)",
-                 "megatron-core's GPTModel is sequential; only GPT-NeoX models with use_parallel_residual=False convert")
         require(c, c.get("hidden_act", "gelu") == "gelu", f"hidden_act {c.get('hidden_act')!r}", "exact GeLU only")
         require(c, c.get("attention_bias", True), "attention_bias=False", "GPT-NeoX with biases only")
         heads = c["num_attention_heads"]
@@ -30,7 +29,8 @@ class GPTNeoX(Family):
                     ffn_hidden_size=c["intermediate_size"], max_position_embeddings=c["max_position_embeddings"],
                     position_embedding_type="rope", rotary_base=theta, rotary_percent=partial, swiglu=False,
                     normalization="LayerNorm", norm_epsilon=c.get("layer_norm_eps", 1e-5), add_bias_linear=True,
-                    add_qkv_bias=False, untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", False))
+                    add_qkv_bias=False, untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", False),
+                    hf_parallel_residual=bool(c.get("use_parallel_residual", True)))
 
     def layout(self, s: ModelSpec) -> dict[str, HFTensor]:
         p = "gpt_neox.layers.{i}."
@@ -62,7 +62,7 @@ class GPTNeoX(Family):
 
     def config_from_spec(self, s: ModelSpec, model_type: str) -> dict:
         return dict(rope_model_config(s, model_type), layer_norm_eps=s.norm_epsilon, hidden_act="gelu",
-                    use_parallel_residual=False, attention_bias=True)
+                    use_parallel_residual=s.parallel_residual, attention_bias=True)
 
     def exports_as(self, s: ModelSpec) -> Optional[str]:
         rope = s.position_embedding_type == "rope" and s.normalization == "LayerNorm"

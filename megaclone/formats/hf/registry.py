@@ -23,6 +23,9 @@ class Family:
     name: str = ""
     model_types: dict[str, str] = {}  # HF model_type -> its transformers class (config.json's architectures)
     grouped_query: bool = False  # transformers' model has key/value heads apart from query heads
+    # ModelSpec.hf_only_features its models always have, and those they may have (GPT-NeoX's parallel residual)
+    features: frozenset[str] = frozenset()
+    optional_features: frozenset[str] = frozenset()
 
     def args_from_config(self, config: dict) -> dict:
         """Megatron-LM args (TP 1) for a config.json of this family; refuses what megatron-core cannot compute."""
@@ -35,6 +38,16 @@ class Family:
     def config_from_spec(self, spec: ModelSpec, model_type: str) -> dict:
         """config.json fields (transformers' names) for a Megatron spec."""
         raise NotImplementedError
+
+    def cannot_hold(self, spec: ModelSpec) -> Optional[str]:
+        """What of ``spec`` this family's models do not compute (features beyond megatron-core's GPT), if any."""
+        have = spec.hf_only_features
+        missing, extra = self.features - have, have - self.features - self.optional_features
+        if not missing and not extra:
+            return None
+        return "; ".join(part for part in (
+            f"its models have {', '.join(sorted(missing))}, which this model has not" if missing else "",
+            f"this model has {', '.join(sorted(extra))}, which its models have not" if extra else "") if part)
 
     def exports_as(self, spec: ModelSpec) -> Optional[str]:
         """The model_type a Megatron model (not imported from HF) of this family exports as; None if not ours."""
@@ -62,33 +75,17 @@ def model_types() -> list[str]:
     return [t for f in _FAMILIES for t in f.model_types]
 
 
-# Families whose function megatron-core's GPTModel cannot compute, with the reason.
-CANNOT_EXPRESS = {
-    "gemma": "Gemma multiplies the input embedding by sqrt(hidden_size) while its tied output layer uses the "
-             "unscaled embedding; megatron-core's embedding has no multiplier, so no GPTModel computes it",
-    "gemma2": "Gemma 2 scales its embedding by sqrt(hidden_size) (megatron-core's embedding has no multiplier), "
-              "soft-caps attention scores and logits and adds norms after attention and MLP, none of which "
-              "megatron-core's GPTModel does",
-    "olmo2": "OLMo-2 normalizes the attention and MLP outputs before adding them to the residual stream and "
-             "normalizes q and k over the whole projection; megatron-core's GPTModel is pre-norm with per-head "
-             "q/k norms only",
-}
-
-
 def family_of(model_type: str) -> Family:
     for family in _FAMILIES:
         if model_type in family.model_types:
             return family
     supported = ", ".join(model_types())
-    if model_type in CANNOT_EXPRESS:
-        raise MegacloneError(f"Hugging Face model_type {model_type!r} is refused: {CANNOT_EXPRESS[model_type]}",
-                             f"megaclone imports {supported}")
     raise MegacloneError(f"Hugging Face model_type {model_type!r} is not supported", f"supported: {supported}")
 
 
 def infer_model_type(spec: ModelSpec) -> str:
     """The HF model_type a Megatron model (not imported from HF) exports as: the one family that claims it."""
-    claims = [t for t in (f.exports_as(spec) for f in _FAMILIES) if t is not None]
+    claims = [t for t in (f.exports_as(spec) for f in _FAMILIES if f.cannot_hold(spec) is None) if t is not None]
     if len(claims) != 1:
         names = ", ".join(model_types())
         problem = ("this model matches no Hugging Face family megaclone exports" if not claims else
