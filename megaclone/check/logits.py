@@ -106,9 +106,11 @@ def hf_model(root: Path, device) -> torch.nn.Module:
     """transformers' own model of an HF directory, in eval mode (the whole model: a check tool)."""
     try:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
     except ImportError as exc:
         raise MegacloneError("checking against a Hugging Face model needs transformers",
                              "pip install transformers") from exc
+    hf_logging.disable_progress_bar()  # transformers 5 draws a bar per load: noise in a check's report
     return AutoModelForCausalLM.from_pretrained(str(root)).to(device).eval()
 
 
