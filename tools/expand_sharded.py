@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="replace an earlier checkpoint at --save (only files a checkpoint consists of are removed)")
     p.add_argument("--allow-non-finite", action="store_true",
                    help="copy NaN/Inf source values instead of refusing the source (default: refuse)")
+    p.add_argument("--grow-optimizer", action="store_true",
+                   help="grow a training checkpoint's Adam moments with the weights (scaled as each tensor's "
+                        "gradient scales under the clone) and keep its step count; width growth into torch_dist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     cli.add_device_flags(p)
     cli.add_trust_flag(p)
@@ -104,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.save_hf and (args.tp is not None or args.pp != 1 or args.save_format != "torch_dist" or args.vocab_size):
         p.error("--tp, --pp, --save-format and --vocab-size describe a Megatron destination; leave them out with "
                 "--save-hf (any number of processes)")
+    if args.grow_optimizer and (args.save_hf or args.load_hf):
+        p.error("--grow-optimizer grows a Megatron training checkpoint's Adam state into a Megatron checkpoint: "
+                "use --load and --save")
     if args.moe_router_topk is not None and args.num_experts is None:
         p.error("--moe-router-topk chooses among experts, but no --num-experts was given: pass --num-experts E, "
                 "or leave out --moe-router-topk")
@@ -177,6 +183,7 @@ def main() -> int:
             overwrite=args.overwrite, vocab_size=args.vocab_size, device=rt.device, on_slice=progress.update,
             load_format=Format.HF if args.load_hf else None, dtype=dtype, pp=args.pp,
             save_format=args.save_format, allow_non_finite=args.allow_non_finite, depth=depth, experts=experts,
+            grow_optimizer=args.grow_optimizer,
         )
     progress.close()
     if rt.is_main:

@@ -47,7 +47,8 @@ from megaclone.pipeline.clone import (
 )
 from megaclone.pipeline.index_maps import layer_map
 from megaclone.pipeline.plan import SliceTask, draw_chunks, plan_rank, power_chunks
-from megaclone.pipeline.rules import Role, param_rules
+from megaclone.pipeline.optimizer import adam_scaling, check_growable, grown_adam_state
+from megaclone.pipeline.rules import ParamRule, Role, param_rules
 from megaclone.runtime import (
     agree,
     cpu_seconds,
@@ -217,14 +218,16 @@ def fill_rank(
     depth: Depth = Depth(),
     only_slots: bool = False,
     ep_rank: int = 0,
+    rules: Optional[list[ParamRule]] = None,
 ) -> None:
     """Compute every destination slice this rank owns into its row blocks (model.parameter_slots),
     one task at a time: read its source boxes (locally, no collective; once for consecutive tasks
     that read the same boxes, as a layer's experts do), clone, release. Source values
     that are not finite are refused (naming the tensor) unless ``allow_non_finite``. With
     ``only_slots`` the rank computes only the (tensor, layer, expert) pieces ``slots`` holds (a share
-    dealt to it), else every piece its TP and EP rank own must have a slot."""
-    rules = param_rules(source.spec, dst_spec)
+    dealt to it), else every piece its TP and EP rank own must have a slot. ``rules`` replaces the
+    clone rules (the optimizer's moments are grown by rules of their own)."""
+    rules = rules or param_rules(source.spec, dst_spec)
     slots = dict(slots)
     layers = layer_map(depth, source.spec.num_layers)
     router_std = 0.0 if dst_spec.experts is None or dst_spec.experts.router_init == "zero" else _init_std(source)
@@ -298,6 +301,7 @@ def expand(
     allow_non_finite: bool = False,
     depth: Depth = Depth(),
     experts: Optional[Experts] = None,
+    grow_optimizer: bool = False,
 ) -> list[RankReport]:
     """Expand ``src_root`` into ``dst_root`` at TP ``tp`` (and ``depth``; with ``experts``, every MLP
     upcycled to a mixture of experts over ``experts.parallel`` EP ranks); returns every rank's report
@@ -311,6 +315,9 @@ def expand(
     The world may hold several TP groups (data-parallel replicas): each computes the same shard and
     megatron-core writes only the main replica. With experts, ranks are arranged as megatron-core does
     (TP x EP x DP): each computes and writes only its own experts.
+
+    With ``grow_optimizer`` a training checkpoint's Adam moments are grown with the weights and saved
+    in the trainer's layout, the step count kept (pipeline.optimizer).
     """
     from megatron.core import parallel_state
 
@@ -346,9 +353,10 @@ def expand(
                 raise MegacloneError(f"--pp {pp} does not divide the {dst_spec.num_layers} layers{grown}",
                                      "choose a pipeline size that divides the number of layers"
                                      + (", or a depth factor that makes it divisible" if depth.factor > 1 else ""))
-            return source, dst_spec
+            step = check_growable(source, depth, experts, save_format is Format.LEGACY) if grow_optimizer else None
+            return source, dst_spec, step
 
-        source, dst_spec = agree(validate)
+        source, dst_spec, adam_step = agree(validate)
         if dist.get_rank() == 0:
             for warning in cfg.warnings(getattr(source.args, "hidden_dropout", None),
                                         getattr(source.args, "attention_dropout", None)):
@@ -363,8 +371,9 @@ def expand(
             model = build_gpt(dst_spec, dtype=dtype, device=device)
             model_sd = model_sharded_state_dict(model)
             legacy = save_format is Format.LEGACY
-            slots = parameter_slots(model_sd, own_storage=not legacy)
-            if not legacy:
+            # the model's own tensors, when the grown optimizer state is keyed to them
+            slots = parameter_slots(model_sd, own_storage=not legacy and not grow_optimizer)
+            if not legacy and not grow_optimizer:
                 del model  # the state dict alone holds the shard; fused tensors it saves in pieces are freed
             report.seconds["build"] = time.perf_counter() - t0
             scales = noise_plan(source, dst_spec, depth, cfg) if cfg.variant.noisy else None
@@ -373,6 +382,12 @@ def expand(
                                     on_slice, allow_non_finite, scales, depth,
                                     ep_rank=parallel_state.get_expert_model_parallel_rank()))
             del slots
+            extra = {}
+            if grow_optimizer:
+                def fill(moment_slots, moment_rules):
+                    fill_rank(source, dst_spec, moment_slots, parallel_state.get_tensor_model_parallel_rank(), cfg,
+                              report, None, allow_non_finite, rules=moment_rules(param_rules(source.spec, dst_spec)))
+                extra["optimizer"] = agree(lambda: grown_adam_state(model, model_sd, adam_step, fill))
             claim.clear()  # an earlier output goes only now that the source has been read whole
 
             trim_heap()  # dist_checkpointing forks writers: hand them a compact heap
@@ -380,6 +395,7 @@ def expand(
             t0 = time.perf_counter()
             args = dst_spec.to_args(source.args, dtype=dtype)
             args.pipeline_model_parallel_size = pp
+            args.iteration, args.consumed_train_samples = 0, 0  # a new model: no source training position
             provenance = {
                 "factors": dataclasses.asdict(factors),
                 "depth": dataclasses.asdict(depth),
@@ -392,7 +408,9 @@ def expand(
             }
             if legacy:  # local-spec module names: --transformer-impl local
                 model_sd = model.state_dict()
-            save_megatron(dst_root, 0, model_sd, args, {"megaclone": provenance},
+            if grow_optimizer:
+                provenance["adam_scaling"] = adam_scaling(source.spec, dst_spec)
+            save_megatron(dst_root, 0, model_sd, args, {"megaclone": provenance, **extra},
                           before_publish=lambda: _fault_point("write"),
                           legacy=(parallel_state.get_tensor_model_parallel_rank(),
                                   parallel_state.get_data_parallel_rank() == 0) if legacy else None)

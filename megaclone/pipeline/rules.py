@@ -221,3 +221,34 @@ def dst_slice(rule: ParamRule, tp: int, rank: int) -> tuple[np.ndarray, Optional
     return rows, cols
 
 
+
+
+def clone_scale(rule: ParamRule) -> float:
+    """a: the factor on a source value in each of its copies under the symmetric definition (a matrix's
+    1/c_in times its gain; a vector's or embedding's 1/divisor)."""
+    if rule.role is Role.MATRIX:
+        return rule.gain / rule.c_in
+    if rule.role in (Role.VECTOR, Role.EMBEDDING):
+        return 1.0 / rule.divisor
+    raise ValueError(f"{rule.key}: a {rule.role.value} has no source values to scale")
+
+
+def gradient_scale(rule: ParamRule) -> float:
+    """s, with g_D = s * g_S at every copy, when the clone's activations are copies of the source's.
+
+    A source value copied m times (m = c_out x c_in; a vector's or embedding's copies along its cloned
+    axes) at a x its value enters the grown function through every copy alike, L_D(copies of a w) =
+    L_S(w); the chain rule gives g_S = a * (sum of the m copies' gradients) = a m g_D, so s = 1/(a m).
+    A symmetric matrix gets 1/c_out, a tiled norm 1/n, a tied final norm (a = 1/n, m = n) 1, the
+    output layer (rows not cloned) 1. (docs/training.md, "Growing the optimizer state")"""
+    copies = rule.rows.factor * (rule.cols.factor if rule.cols is not None else 1)
+    return 1.0 / (clone_scale(rule) * copies)
+
+
+def moment_rules(rules: list[ParamRule], state: str, power: int) -> list[ParamRule]:
+    """Rules that grow an Adam moment of every tensor (``state`` exp_avg with ``power`` 1, exp_avg_sq
+    with 2) from the source's (the optimizer's key, ``optimizer.state.<state>.<key>``): tiled like
+    the weights and multiplied by s**power; no fan-in division, no diagonal mask, no noise."""
+    return [dataclasses.replace(r, role=Role.VECTOR, divisor=1.0 / gradient_scale(r) ** power, offset=0.0,
+                                noise_unit=0, gain=1, source=f"optimizer.state.{state}.{r.source_key}")
+            for r in rules]

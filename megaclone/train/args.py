@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("megaclone (not Megatron-LM flags)")
     g.add_argument("--log-json", help="write the loss history (train and validation) to this JSON file")
+    g.add_argument("--clone-adam-scaling", action="store_true",
+                   help="with --load of a clone grown with --grow-optimizer (and no --finetune): per-tensor AdamW "
+                        "settings that make a symmetric clone's step its source's (lr and min lr x a, eps x s, "
+                        "weight decay / a, the clip norm measured as the source's; a, s: each tensor's value and "
+                        "gradient scale, from the clone's record)")
     g.add_argument("--no-source-check", action="store_true",
                    help="skip the source model's loss on the first batch (an expanded --load)")
     g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible")

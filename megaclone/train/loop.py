@@ -126,6 +126,19 @@ def prepare_args(args: argparse.Namespace, world_size: int) -> tuple[argparse.Na
     return args, path
 
 
+def clone_adam_scaling(args: argparse.Namespace, load_path: Optional[Path]) -> Optional[dict]:
+    """The per-tensor (a, s) of --clone-adam-scaling, from the loaded clone's record; refuses a run it
+    cannot apply to."""
+    if not args.clone_adam_scaling:
+        return None
+    record = torch_dist.read_common(load_path).get("megaclone") if load_path is not None else None
+    if not record or "adam_scaling" not in record or args.finetune or args.no_load_optim:
+        raise MegacloneError("--clone-adam-scaling applies to a clone whose optimizer state was grown with it, "
+                             "resumed with that state", "--load the --save of tools/expand_sharded.py "
+                             "--grow-optimizer, without --finetune or --no-load-optim")
+    return {key: tuple(value) for key, value in record["adam_scaling"].items()}
+
+
 def _print(rt: Runtime, text: str) -> None:
     if rt.is_main:
         print(text, flush=True)
@@ -172,7 +185,7 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
                       hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout)
     main = None if dtype == torch.float32 else MainWeights([p for p in model.parameters() if p.requires_grad])
     scale = loss_scale_of(args)
-    optimizer = build_optimizer(model, args, main)
+    optimizer = build_optimizer(model, args, main, clone_adam_scaling(args, load_path))
     scheduler = build_scheduler(optimizer, args)
 
     if load_path is not None:

@@ -76,11 +76,16 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, loaded: dict, main=None,
         if scale is not None and "grad_scaler" in loaded:
             scale.load_state_dict(loaded["grad_scaler"])
         loaded = loaded["optimizer"]
+    # by parameter, not by group: the groups are this run's (its flags, or a clone's per-tensor scaling),
+    # as Megatron-LM takes betas, eps and the schedule from the current flags on a resume
     step = loaded["state"].pop("common_step", None)
-    if step is not None:
-        for param_state in loaded["state"].values():
-            param_state["step"] = torch.tensor(float(step))
-    optimizer.load_state_dict(loaded)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, saved in loaded["state"].items():
+        state = optimizer.state[params[i]]
+        for name, value in saved.items():
+            state[name] = value.to(device=params[i].device, dtype=params[i].dtype) if torch.is_tensor(value) else value
+        if step is not None:
+            state["step"] = torch.tensor(float(step))
 
 
 def rng_state_object():
@@ -131,6 +136,9 @@ def load_training_checkpoint(path: Path, model, model_sd: dict, optimizer: Optio
     if optimizer is not None:
         init_adam_state(optimizer)
         request["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, main, scale)
+        # the saved groups' settings are not restored (restore_optimizer): not asked for, so a run whose
+        # groups differ from the saved ones (a clone's per-tensor scaling) loads the same state
+        (request["optimizer"].get("optimizer") or request["optimizer"]).pop("param_groups")
     if rng:
         request["rng_state"] = rng_state_object()
     loaded = torch_dist.load(request, Path(path), validate_access_integrity=False)

@@ -19,22 +19,43 @@ from megaclone.model import causal_mask
 from megaclone.train.precision import MainWeights
 
 
-def param_groups(model: torch.nn.Module, main: Optional[MainWeights] = None) -> list[dict]:
+def param_groups(model: torch.nn.Module, main: Optional[MainWeights] = None,
+                 scaling: Optional[dict[str, tuple[float, float]]] = None,
+                 args: Optional[argparse.Namespace] = None) -> list[dict]:
     """Megatron-LM's default groups: no weight decay on biases and 1-D parameters (norms); with
-    ``main``, of the fp32 main copies the optimizer steps under mixed precision."""
-    decay, no_decay = [], []
+    ``main``, of the fp32 main copies the optimizer steps under mixed precision.
+
+    With ``scaling`` (tensor key -> (a, s), a clone's record: pipeline.optimizer.adam_scaling), one
+    group per (decay, a, s): max and min lr x a, eps x s, weight decay / a, and each parameter's
+    ``clip_weight`` a / s, so that Adam's step on a symmetric clone is a times the source's on every
+    copy (its function's step) and the clip norm is the source's (docs/training.md)."""
+    keys = _parameter_keys(model) if scaling is not None else {}
+    groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(
-            param if main is None else main.of(param))
-    return [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+        decay = 0.0 if name.endswith(".bias") or param.dim() == 1 else 1.0
+        a, s = scaling[keys[param.data_ptr()]] if scaling is not None else (1.0, 1.0)
+        group = groups.setdefault((decay, a, s), {"params": [], "wd_mult": decay / a} if scaling is None else {
+            "params": [], "wd_mult": decay / a, "max_lr": args.lr * a, "min_lr": args.min_lr * a,
+            "eps": args.adam_eps * s})
+        stepped = param if main is None else main.of(param)
+        if scaling is not None:
+            stepped.clip_weight = a / s
+        group["params"].append(stepped)
+    return list(groups.values())
 
 
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace,
-                    main: Optional[MainWeights] = None) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, main), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                             eps=args.adam_eps, weight_decay=args.weight_decay)
+def _parameter_keys(model: torch.nn.Module) -> dict[int, str]:
+    """Each parameter's torch_dist key (its layer axis dropped), by storage address."""
+    return {item.data.data_ptr(): item.key for item in model.sharded_state_dict().values()
+            if isinstance(getattr(item, "data", None), torch.Tensor) and hasattr(item, "key")}
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, main: Optional[MainWeights] = None,
+                    scaling: Optional[dict[str, tuple[float, float]]] = None) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, main, scaling, args), lr=args.lr,
+                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
 
 
 def build_scheduler(optimizer, args: argparse.Namespace):
@@ -97,7 +118,8 @@ def average_gradients(params: list[torch.nn.Parameter], dp_group, expert_dp_grou
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group, expert_group=None) -> float:
     """Global L2 norm over the model (TP-split parameters summed over the TP group, replicated ones
-    counted once); grads are scaled down when it exceeds ``max_norm`` (0 disables clipping)."""
+    counted once, each weighted by its ``clip_weight``, 1 unless a clone's scaling set it); grads are
+    scaled down when it exceeds ``max_norm`` (0 disables clipping)."""
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     def square_sum(dense: bool) -> torch.Tensor:
@@ -105,7 +127,7 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group, 
         for p in params:
             if (p.grad is not None and param_is_not_tensor_parallel_duplicate(p)
                     and getattr(p, "allreduce", True) == dense):
-                sq += p.grad.detach().double().pow(2).sum()
+                sq += p.grad.detach().double().pow(2).sum() * getattr(p, "clip_weight", 1.0)
         return sq
 
     sq = square_sum(dense=True)

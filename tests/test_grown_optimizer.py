@@ -1,0 +1,89 @@
+"""--grow-optimizer: a training checkpoint's Adam moments grown with the weights (pipeline.optimizer),
+and the trainer's --clone-adam-scaling. The exactness test of the derivation (docs/training.md,
+"Growing the optimizer state"): with dropout 0, a symmetric clone resumed with its grown moments and
+the per-tensor scaling takes its source's own AdamW step (weight decay, an active clip and a large
+eps included): after one more step on the same batch the clone's logits are the source's after that
+step, to rounding. Without the scaling, the same step moves the clone elsewhere. In this process (a
+world of one, gloo); the trainer's own optimizer, step, checkpoint save and load."""
+
+import argparse
+import dataclasses
+
+import pytest
+import torch
+
+from megaclone.formats import torch_dist
+from megaclone.model import build_gpt, causal_logits, model_sharded_state_dict
+from megaclone.pipeline.expand import expand
+from megaclone.sample import checkpoint_args, perturb_
+from megaclone.shape import presets
+from megaclone.shape.request import Factors
+from megaclone.shape.spec import ModelSpec
+from megaclone.train.state import load_training_checkpoint, save_training_checkpoint
+from megaclone.train.step import build_optimizer, build_scheduler, train_step
+
+RECIPE = dict(lr=3e-3, min_lr=3e-4, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-4, weight_decay=0.1, clip_grad=0.05,
+              lr_warmup_init=0.0, lr_warmup_iters=1, lr_decay_iters=10, lr_decay_style="cosine", train_iters=10,
+              global_batch_size=2, micro_batch_size=2, num_experts=None)
+
+
+def batch(vocab: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (2, 17), generator=g)
+    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(2, 16),
+            "position_ids": torch.arange(16).expand(2, 16)}
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def world():
+    from megaclone.runtime import init_distributed, init_parallel
+
+    init_distributed("cpu")
+    init_parallel(1)
+
+
+@pytest.mark.parametrize("preset", ["llama", "gpt2"])  # untied RMSNorm SwiGLU; tied LayerNorm with biases
+def test_a_symmetric_clone_with_grown_moments_takes_its_sources_step(world, tmp_path, preset):
+    args = argparse.Namespace(**RECIPE)
+    spec = presets.preset_spec(preset, 1)
+    torch.manual_seed(0)
+    small = build_gpt(spec, initialize=True)
+    perturb_(small, torch.Generator().manual_seed(1))
+    opt, sched = build_optimizer(small, args), build_scheduler(build_optimizer(small, args), args)
+    sched = build_scheduler(opt, args)
+    for seed in (10, 11):  # Adam has moments and a step count worth growing
+        train_step(small, opt, sched, [batch(spec.vocab_size, seed)], args, torch.device("cpu"))
+    saved = checkpoint_args(spec, **RECIPE)
+    save_training_checkpoint(tmp_path / "small", 2, model_sharded_state_dict(small), saved, opt, sched)
+    expand(tmp_path / "small", tmp_path / "wide", Factors.uniform(2), 1, grow_optimizer=True)
+
+    common = torch_dist.read_common(torch_dist.find_checkpoint(tmp_path / "wide"))
+    wide_spec = dataclasses.replace(ModelSpec.from_args(common["args"]), tensor_parallel=1)
+    scaling = {k: tuple(v) for k, v in common["megaclone"]["adam_scaling"].items()}
+    tokens = torch.randint(0, spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
+    step = batch(spec.vocab_size, 12)
+
+    def wide_after_one_step(scaled: bool) -> torch.Tensor:
+        wide = build_gpt(wide_spec)
+        wide_opt = build_optimizer(wide, args, scaling=scaling if scaled else None)
+        load_training_checkpoint(torch_dist.find_checkpoint(tmp_path / "wide"), wide, wide.sharded_state_dict(),
+                                 wide_opt)
+        assert {float(s["step"]) for s in wide_opt.state.values()} == {2.0}
+        wide_sched = build_scheduler(wide_opt, args)
+        wide_sched.load_state_dict(sched.state_dict())  # the source's place in the schedule
+        assert relative(causal_logits(wide, tokens), causal_logits(small, tokens)) < 1e-5
+        result = train_step(wide, wide_opt, wide_sched, [step], args, torch.device("cpu"))
+        return causal_logits(wide, tokens), result
+
+    scaled, scaled_step = wide_after_one_step(scaled=True)
+    plain, _ = wide_after_one_step(scaled=False)
+    small_step = train_step(small, opt, sched, [step], args, torch.device("cpu"))
+    expected = causal_logits(small, tokens)
+    assert small_step.grad_norm > args.clip_grad  # the clip is active, and measured as the source's
+    assert abs(scaled_step.grad_norm - small_step.grad_norm) <= 1e-5 * small_step.grad_norm
+    assert relative(scaled, expected) < 1e-5, relative(scaled, expected)
+    assert relative(plain, expected) > 1e-3, relative(plain, expected)  # Adam's own settings move it elsewhere
