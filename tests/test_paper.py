@@ -143,3 +143,10 @@ def test_the_table_has_a_row_per_variant_and_claim(stored_report):
     assert repro._fmt({"mean": 3.0, "std": 0.5, "min": 2.5, "max": 3.5, "n": 3}) == "3.00x ± 0.50 (range 2.50-3.50, 3 seeds)"
     assert repro._fmt({"mean": None, "n": 3, "from_start": 3, "missing": 0, "min": None, "max": None}) == \
         "3 of 3 seeds at the target before training"
+
+
+def test_recovery_is_the_first_evaluation_back_at_the_start_after_a_rise():
+    assert paper.recovery_tokens([(0, 2.0), (10, 2.1), (20, 2.05), (30, 2.0), (40, 1.9)]) == 30.0
+    assert paper.recovery_tokens([(0, 2.0), (10, 1.9), (20, 2.01), (30, 1.95)]) == 30.0
+    assert paper.recovery_tokens([(0, 2.0), (10, 1.9), (20, 1.8)]) == 0.0  # never rose
+    assert paper.recovery_tokens([(0, 2.0), (10, 2.1), (20, 2.2)]) is None  # never came back

@@ -408,8 +408,9 @@ def expand(
             }
             if legacy:  # local-spec module names: --transformer-impl local
                 model_sd = model.state_dict()
-            if grow_optimizer:
+            if not dst_spec.experts and depth.factor == 1:  # each tensor's a and s (the trainer's --clone-*-scaling)
                 provenance["adam_scaling"] = adam_scaling(source.spec, dst_spec)
+            provenance["grown_optimizer"] = grow_optimizer
             save_megatron(dst_root, 0, model_sd, args, {"megaclone": provenance, **extra},
                           before_publish=lambda: _fault_point("write"),
                           legacy=(parallel_state.get_tensor_model_parallel_rank(),

@@ -147,6 +147,19 @@ def early_bump(curve: Sequence[tuple[float, float]], fraction: float = 0.25) -> 
     return max(0.0, max(loss for tokens, loss in curve if tokens <= end) - curve[0][1])
 
 
+def recovery_tokens(curve: Sequence[tuple[float, float]]) -> Optional[float]:
+    """Tokens at which a validation curve that rose above its starting loss is first back at or below
+    it: the end of the early bump. 0 when it never rose; None when it never came back."""
+    start = curve[0][1]
+    risen = False
+    for tokens, loss in curve[1:]:
+        if loss > start:
+            risen = True
+        elif risen:
+            return float(tokens)
+    return None if risen else 0.0
+
+
 def model_symmetry(rules: Sequence[ParamRule], tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean clone-block cosine per parameter kind (over layers) and over all matrices."""
     per_key: dict[str, list[float]] = {}

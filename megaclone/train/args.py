@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("megaclone (not Megatron-LM flags)")
     g.add_argument("--log-json", help="write the loss history (train and validation) to this JSON file")
+    g.add_argument("--valid-seed", type=int,
+                   help="shuffle the validation samples with this seed (default: --seed, as Megatron-LM), so runs "
+                        "of different seeds validate on the same samples")
+    g.add_argument("--clone-lr-scaling", action="store_true",
+                   help="with --load of a clone: each tensor's lr (and min lr) x a and weight decay / a, a being "
+                        "the clone's value scale of the tensor (1/c_in for a matrix: the muP rule for Adam); "
+                        "the optimizer may be fresh (--finetune)")
     g.add_argument("--clone-adam-scaling", action="store_true",
                    help="with --load of a clone grown with --grow-optimizer (and no --finetune): per-tensor AdamW "
                         "settings that make a symmetric clone's step its source's (lr and min lr x a, eps x s, "

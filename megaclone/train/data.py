@@ -9,6 +9,7 @@ in Megatron-LM with ``--tokenizer-type NullTokenizer --vocab-size 256`` unchange
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import sysconfig
 from collections import OrderedDict
@@ -277,9 +278,12 @@ def build_gpt_datasets(
     num_samples: tuple[int, int, int],
     tokenizer: ByteTokenizer,
     cache: Optional[Path] = None,
+    valid_seed: Optional[int] = None,
 ):
     """(train, valid, test) GPTDatasets from Megatron-LM-style data flags (see ``DataSource``).
-    Built on every rank (every rank reads data here; there is no pipeline)."""
+    Built on every rank (every rank reads data here; there is no pipeline). Megatron-LM shuffles every
+    split with ``seed``; with ``valid_seed`` the validation and test samples are drawn with it instead,
+    so runs that differ in their training seed are validated on the same samples."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
@@ -300,4 +304,8 @@ def build_gpt_datasets(
         eod_mask_loss=False,
         create_attention_mask=False,
     )
-    return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+    train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+    if valid_seed is not None and valid_seed != seed:
+        config = dataclasses.replace(config, random_seed=valid_seed)
+        _, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+    return train, valid, test

@@ -129,14 +129,20 @@ def prepare_args(args: argparse.Namespace, world_size: int) -> tuple[argparse.Na
 def clone_adam_scaling(args: argparse.Namespace, load_path: Optional[Path]) -> Optional[dict]:
     """The per-tensor (a, s) of --clone-adam-scaling, from the loaded clone's record; refuses a run it
     cannot apply to."""
-    if not args.clone_adam_scaling:
+    if not (args.clone_adam_scaling or args.clone_lr_scaling):
         return None
+    if args.clone_adam_scaling and args.clone_lr_scaling:
+        raise MegacloneError("--clone-adam-scaling already scales the lr", "pass one of the two")
     record = torch_dist.read_common(load_path).get("megaclone") if load_path is not None else None
-    if not record or "adam_scaling" not in record or args.finetune or args.no_load_optim:
+    if not record or "adam_scaling" not in record:
+        raise MegacloneError(f"--clone-{'adam' if args.clone_adam_scaling else 'lr'}-scaling needs a clone's per-tensor "
+                             "scales, which --load does not record", "--load the --save of tools/expand_sharded.py")
+    if args.clone_adam_scaling and (args.finetune or args.no_load_optim or not record.get("grown_optimizer")):
         raise MegacloneError("--clone-adam-scaling applies to a clone whose optimizer state was grown with it, "
                              "resumed with that state", "--load the --save of tools/expand_sharded.py "
-                             "--grow-optimizer, without --finetune or --no-load-optim")
-    return {key: tuple(value) for key, value in record["adam_scaling"].items()}
+                             "--grow-optimizer, without --finetune or --no-load-optim (or use --clone-lr-scaling)")
+    scales = {key: tuple(value) for key, value in record["adam_scaling"].items()}
+    return scales if args.clone_adam_scaling else {key: (a, None) for key, (a, _) in scales.items()}
 
 
 def _print(rt: Runtime, text: str) -> None:
@@ -157,7 +163,7 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
     n_valid = args.eval_iters * args.global_batch_size
     train_ds, valid_ds, _ = data_io.build_gpt_datasets(
         train_args.data_source(args), args.seq_length, args.seed,
-        (args.train_iters * args.global_batch_size, n_valid, 0), tokenizer, cache)
+        (args.train_iters * args.global_batch_size, n_valid, 0), tokenizer, cache, args.valid_seed)
 
     history = History(settings={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))})
     loaded = Loaded()

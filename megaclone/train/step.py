@@ -28,19 +28,20 @@ def param_groups(model: torch.nn.Module, main: Optional[MainWeights] = None,
     With ``scaling`` (tensor key -> (a, s), a clone's record: pipeline.optimizer.adam_scaling), one
     group per (decay, a, s): max and min lr x a, eps x s, weight decay / a, and each parameter's
     ``clip_weight`` a / s, so that Adam's step on a symmetric clone is a times the source's on every
-    copy (its function's step) and the clip norm is the source's (docs/training.md)."""
+    copy (its function's step) and the clip norm is the source's (docs/training.md). With s None
+    (--clone-lr-scaling, a fresh optimizer) the lr and weight decay alone."""
     keys = _parameter_keys(model) if scaling is not None else {}
     groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decay = 0.0 if name.endswith(".bias") or param.dim() == 1 else 1.0
-        a, s = scaling[keys[param.data_ptr()]] if scaling is not None else (1.0, 1.0)
+        a, s = scaling[keys[param.data_ptr()]] if scaling is not None else (1.0, None)
         group = groups.setdefault((decay, a, s), {"params": [], "wd_mult": decay / a} if scaling is None else {
             "params": [], "wd_mult": decay / a, "max_lr": args.lr * a, "min_lr": args.min_lr * a,
-            "eps": args.adam_eps * s})
+            **({} if s is None else {"eps": args.adam_eps * s})})
         stepped = param if main is None else main.of(param)
-        if scaling is not None:
+        if s is not None:
             stepped.clip_weight = a / s
         group["params"].append(stepped)
     return list(groups.values())
