@@ -79,6 +79,22 @@ def test_gpt_samples_are_windows_of_the_token_stream(corpus, tmp_path, seed):
     assert not _is_window_of(list(b"x * 2\nplain"), documents), "the window check can fail"
 
 
+def test_a_validation_seed_gives_every_training_seed_the_same_validation_samples(corpus, tmp_path):
+    """--valid-seed: the validation samples no longer follow the training seed (Megatron-LM shuffles
+    every split with --seed), while the training samples still do."""
+    root, _ = corpus
+    data.write_indexed_dataset(data.collect_files([root]), tmp_path / "ds", data.ByteTokenizer())
+
+    def samples(seed, valid_seed):
+        train, valid, _ = data.build_gpt_datasets(data.DataSource(DS(tmp_path), "2,1,0"), 32, seed, (20, 5, 0),
+                                                  data.ByteTokenizer(), valid_seed=valid_seed)
+        return ([train[i]["tokens"].tolist() for i in range(5)], [valid[i]["tokens"].tolist() for i in range(5)])
+
+    (train_a, valid_a), (train_b, valid_b) = samples(4, 99), samples(7, 99)
+    assert valid_a == valid_b and train_a != train_b
+    assert samples(4, None)[1] != samples(7, None)[1]  # without it, Megatron-LM's single seed
+
+
 def test_a_split_without_documents_is_refused_not_spun_on(corpus, tmp_path):
     """megatron-core's builder spins on a sampled split with no documents (training hung until the
     peers' collective timeout); the trainer refuses it before building."""

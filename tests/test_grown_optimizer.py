@@ -87,3 +87,23 @@ def test_a_symmetric_clone_with_grown_moments_takes_its_sources_step(world, tmp_
     assert abs(scaled_step.grad_norm - small_step.grad_norm) <= 1e-5 * small_step.grad_norm
     assert relative(scaled, expected) < 1e-5, relative(scaled, expected)
     assert relative(plain, expected) > 1e-3, relative(plain, expected)  # Adam's own settings move it elsewhere
+
+
+def test_lr_scaling_alone_gives_each_tensor_its_lr_and_decay_and_keeps_adams_eps(world):
+    """--clone-lr-scaling (a fresh optimizer): lr and min lr x a and weight decay / a per tensor; eps and
+    the clip norm are Adam's own (no grown moments to match)."""
+    from megaclone.pipeline.optimizer import adam_scaling
+    from megaclone.shape.request import grow
+
+    args = argparse.Namespace(**RECIPE)
+    spec = grow(presets.preset_spec("llama", 1), Factors.uniform(2), 1)
+    scales = adam_scaling(presets.preset_spec("llama", 1), spec)
+    wide = build_gpt(spec)
+    groups = build_optimizer(wide, args, scaling={k: (a, None) for k, (a, _) in scales.items()}).param_groups
+    by_a = {round(g["max_lr"] / args.lr, 6) for g in groups}
+    assert by_a == {0.5, 1.0}  # matrices read 2 input copies; norms and the embedding none
+    for g in groups:
+        a = g["max_lr"] / args.lr
+        assert g["min_lr"] == pytest.approx(args.min_lr * a) and g["eps"] == args.adam_eps
+        assert g["wd_mult"] in (0.0, pytest.approx(1 / a))
+        assert not any(hasattr(p, "clip_weight") for p in g["params"])
