@@ -524,9 +524,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "scaling-smart", help="working directory")
+def run_case(description: str, out: str, plan_runs, plan_stages, analyse, markdown) -> dict:
+    """A reproduction case's command line: parse the flags, run its stages (resuming), analyse, print."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / out, help="working directory")
     p.add_argument("--results", type=Path, default=ROOT / "examples" / "results",
                    help="where the JSON, table and figures go")
     p.add_argument("--quick", action="store_true", help="a tiny model and a few iterations (for the tests)")
@@ -541,7 +542,12 @@ def main() -> int:
     stages.run(plan_stages(args, size, runs))
     report = analyse(args, size, runs, stages)
     print(markdown(report))
-    print(f"wrote {args.results / 'scaling_smart.json'} and figures {', '.join(report['figures'].values())}")
+    return report
+
+
+def main() -> int:
+    report = run_case(__doc__, "scaling-smart", plan_runs, plan_stages, analyse, markdown)
+    print(f"wrote scaling_smart.json and figures {', '.join(report['figures'].values())}")
     return 0
 
 

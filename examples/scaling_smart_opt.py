@@ -21,7 +21,6 @@ muP rule for Adam, ``--clone-lr-scaling``) and the optimizer state grown with th
 a figure to examples/results/.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -32,8 +31,6 @@ from reproduce_scaling_smart import (  # noqa: E402  (the recipe and the stage r
     BASELINE,
     FINAL_EVALS,
     MAIN,
-    ROOT,
-    SIZES,
     SMOOTHING,
     SOURCE_LR,
     SOURCE_SEED,
@@ -46,6 +43,7 @@ from reproduce_scaling_smart import (  # noqa: E402  (the recipe and the stage r
     _fmt,
     finished,
     flags,
+    run_case,
     shape_flags,
     train_flags,
 )
@@ -207,22 +205,7 @@ def markdown(report: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "scaling-smart-opt", help="working directory")
-    p.add_argument("--results", type=Path, default=ROOT / "examples" / "results",
-                   help="where the JSON, table and figure go")
-    p.add_argument("--quick", action="store_true", help="a tiny model and a few iterations")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every stage")
-    p.add_argument("--jobs", type=int, default=2, help="stages run at once (default: this machine's 2 cores)")
-    args = p.parse_args()
-    size = SIZES["quick" if args.quick else "default"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.results.mkdir(parents=True, exist_ok=True)
-    stages = Stages(args.out, args.tp, args.jobs)
-    runs = plan_runs(size)
-    stages.run(plan_stages(args, size, runs))
-    report = analyse(args, size, runs, stages)
-    print(markdown(report))
+    run_case(__doc__, "scaling-smart-opt", plan_runs, plan_stages, analyse, markdown)
     return 0
 
 

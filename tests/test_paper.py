@@ -150,3 +150,25 @@ def test_recovery_is_the_first_evaluation_back_at_the_start_after_a_rise():
     assert paper.recovery_tokens([(0, 2.0), (10, 1.9), (20, 2.01), (30, 1.95)]) == 30.0
     assert paper.recovery_tokens([(0, 2.0), (10, 1.9), (20, 1.8)]) == 0.0  # never rose
     assert paper.recovery_tokens([(0, 2.0), (10, 2.1), (20, 2.2)]) is None  # never came back
+
+
+def test_the_opt_cases_headline_status_follows_its_stated_rule():
+    """examples/scaling_smart_opt.py: the 2.2x-4x row from three paired seeds per variant."""
+    import sys
+
+    from megaclone.study import paper
+    from util import ROOT
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import scaling_smart_opt as opt
+
+    def status(*per_variant, from_start=0):
+        summary = {v: {"speedup": paper.spread(list(s), from_start)} for v, s in zip(opt.CLONES, per_variant)}
+        return opt.headline_claim(summary)["status"]
+
+    assert status((2.5, 3.0, 3.5), (2.3, 2.4, 2.6), (3.9, 3.0, 3.1)) == "reproduced"
+    assert status((1.5, 1.9, 2.1), (1.2, 1.3, 1.4), (2.0, 2.1, 1.9)) == "contradicted"
+    assert status((4.5, 5.0, 4.2), (4.1, 6.0, 4.4), (4.3, 4.2, 4.9)) == "exceeded"
+    assert status((1.6, 3.0, 2.2), (2.3, 2.4, 2.6), (3.9, 3.0, 3.1)) == "reproduced"  # means decide, within
+    assert status((1.9, 2.0, 2.3), (2.3, 2.4, 2.6), (3.9, 3.0, 3.1)) == "inconclusive"  # one mean below, not all
+    assert status((2.5, None, 3.5), (2.3, 2.4, 2.6), (3.9, 3.0, 3.1), from_start=1) == "inconclusive"

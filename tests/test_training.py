@@ -5,7 +5,7 @@ A small pipeline of the user commands at TP 2 (the reproduction's quick shape an
 the checkpoints and histories the tests below examine: byte data, a source trained 30 iterations
 (checkpoints at 10, 20, 30), and its symmetric and noisy-diagonal clones, each trained 20 iterations
 (dropout 0 and the source's 0.1). The reproduction's
-report functions are tested on its stored JSON (test_scaling.py); the reproduction itself is run as
+report functions are tested on its stored JSON (test_paper.py); the reproduction itself is run as
 the README says, not in the suite.
 """
 

@@ -39,3 +39,17 @@ def rope_model_config(s: ModelSpec, model_type: str) -> dict:
                 num_hidden_layers=s.num_layers, num_attention_heads=s.num_attention_heads,
                 max_position_embeddings=s.max_position_embeddings, tie_word_embeddings=s.tied,
                 vocab_size=s.vocab_size, **rope_config(s.rotary_base, s.rotary_percent))
+
+
+def rotary_gated_shape(config: dict, norm_epsilon: float) -> dict:
+    """Megatron-LM args every Llama-shaped family shares (RoPE, gated MLP, RMSNorm, bias-free linears,
+    grouped-query attention, ``head_dim`` apart from hidden/heads); the families add what differs."""
+    heads = config["num_attention_heads"]
+    groups = config.get("num_key_value_heads") or heads
+    theta, partial = rope_fields(config)
+    return dict(num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"], num_attention_heads=heads,
+                num_query_groups=groups, group_query_attention=groups != heads,
+                kv_channels=config.get("head_dim") or config["hidden_size"] // heads,
+                ffn_hidden_size=config["intermediate_size"], max_position_embeddings=config["max_position_embeddings"],
+                position_embedding_type="rope", rotary_base=theta, rotary_percent=partial, swiglu=True,
+                normalization="RMSNorm", norm_epsilon=config.get("rms_norm_eps", norm_epsilon), add_bias_linear=False)

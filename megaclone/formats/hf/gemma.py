@@ -9,7 +9,7 @@ final norm carries the remaining 1/sqrt(n), on its (1 + weight) (docs/hf.md, "Ge
 
 from __future__ import annotations
 
-from megaclone.formats.hf.configs import require, rope_fields, rope_model_config
+from megaclone.formats.hf.configs import require, rope_model_config, rotary_gated_shape
 from megaclone.formats.hf.llama import Llama
 from megaclone.formats.hf.registry import register
 from megaclone.shape.spec import ModelSpec
@@ -25,18 +25,9 @@ class Gemma(Llama):
 
     def args_from_config(self, c: dict) -> dict:
         require(c, not c.get("attention_bias"), "attention_bias=True", "Gemma models without attention biases only")
-        heads = c["num_attention_heads"]
-        groups = c.get("num_key_value_heads") or heads
-        theta, partial = rope_fields(c)
-        return dict(num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"], num_attention_heads=heads,
-                    num_query_groups=groups, group_query_attention=groups != heads,
-                    kv_channels=c.get("head_dim") or c["hidden_size"] // heads,
-                    ffn_hidden_size=c["intermediate_size"], max_position_embeddings=c["max_position_embeddings"],
-                    position_embedding_type="rope", rotary_base=theta, rotary_percent=partial,
-                    swiglu=True,  # gated: [gate; up] (GeLU, not SiLU: the activation does not enter the clone)
-                    normalization="RMSNorm", norm_epsilon=c.get("rms_norm_eps", 1e-6), add_bias_linear=False,
-                    untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", True),
-                    hf_scaled_embedding=True, hf_zero_centered_norms=True)
+        # gated [gate; up] as swiglu: GeLU, not SiLU, but the activation does not enter the clone
+        return dict(rotary_gated_shape(c, 1e-6), hf_scaled_embedding=True, hf_zero_centered_norms=True,
+                    untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", True))
 
     def config_from_spec(self, s: ModelSpec, model_type: str) -> dict:
         return dict(rope_model_config(s, model_type), num_key_value_heads=s.num_query_groups, head_dim=s.kv_channels,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megaclone.formats.hf.configs import require, rope_fields, rope_model_config
+from megaclone.formats.hf.configs import require, rope_model_config, rotary_gated_shape
 from megaclone.formats.hf.mapping import HFTensor, concat, grouped_qkv, identity
 from megaclone.formats.hf.registry import Family, register
 from megaclone.shape.layout import ATTENTION, MLP
@@ -24,16 +24,8 @@ class Llama(Family):
         require(c, c.get("hidden_act", "silu") == "silu", f"hidden_act {c.get('hidden_act')!r}", "only SiLU (SwiGLU) MLPs")
         require(c, not c.get("mlp_bias") and not c.get("attention_bias"), "attention_bias/mlp_bias on all linears",
                  "only bias-free linears (Qwen2's q/k/v bias is supported)")
-        heads = c["num_attention_heads"]
-        groups = c.get("num_key_value_heads") or heads
-        theta, partial = rope_fields(c)
-        return dict(num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"], num_attention_heads=heads,
-                    num_query_groups=groups, group_query_attention=groups != heads,
-                    kv_channels=c.get("head_dim") or c["hidden_size"] // heads, ffn_hidden_size=c["intermediate_size"],
-                    max_position_embeddings=c["max_position_embeddings"], position_embedding_type="rope",
-                    rotary_base=theta, rotary_percent=partial, swiglu=True, normalization="RMSNorm",
-                    norm_epsilon=c.get("rms_norm_eps", 1e-6), add_bias_linear=False,
-                    add_qkv_bias=c["model_type"] == "qwen2", qk_layernorm=c["model_type"] == "qwen3",
+        return dict(rotary_gated_shape(c, 1e-6), add_qkv_bias=c["model_type"] == "qwen2",
+                    qk_layernorm=c["model_type"] == "qwen3",
                     untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", False))
 
     def layout(self, s: ModelSpec) -> dict[str, HFTensor]:

@@ -9,7 +9,7 @@ its weight tiles with the heads (docs/hf.md, "OLMo-2").
 
 from __future__ import annotations
 
-from megaclone.formats.hf.configs import require, rope_fields, rope_model_config
+from megaclone.formats.hf.configs import require, rope_model_config, rotary_gated_shape
 from megaclone.formats.hf.llama import Llama
 from megaclone.formats.hf.mapping import HFTensor, identity
 from megaclone.formats.hf.registry import register
@@ -27,16 +27,8 @@ class OLMo2(Llama):
     def args_from_config(self, c: dict) -> dict:
         require(c, c.get("hidden_act", "silu") == "silu", f"hidden_act {c.get('hidden_act')!r}", "only SiLU (SwiGLU) MLPs")
         require(c, not c.get("attention_bias"), "attention_bias=True", "OLMo-2 models without attention biases only")
-        heads = c["num_attention_heads"]
-        groups = c.get("num_key_value_heads") or heads
-        theta, partial = rope_fields(c)
-        return dict(num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"], num_attention_heads=heads,
-                    num_query_groups=groups, group_query_attention=groups != heads,
-                    kv_channels=c.get("head_dim") or c["hidden_size"] // heads,
-                    ffn_hidden_size=c["intermediate_size"], max_position_embeddings=c["max_position_embeddings"],
-                    position_embedding_type="rope", rotary_base=theta, rotary_percent=partial, swiglu=True,
-                    normalization="RMSNorm", norm_epsilon=c.get("rms_norm_eps", 1e-5), add_bias_linear=False,
-                    qk_layernorm=True, untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", False),
+        return dict(rotary_gated_shape(c, 1e-5), qk_layernorm=True,
+                    untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", False),
                     hf_pre_norms=False, hf_post_norms=True, hf_qk_norm_over_projection=True)
 
     def layout(self, s: ModelSpec) -> dict[str, HFTensor]:
