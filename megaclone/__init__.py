@@ -11,12 +11,14 @@ The public API, imported on first use (``import megaclone`` stays torch-free, so
     megaclone.verify_weights("small", "wide")         # stored weights against the clone's definition
     megaclone.grow_hf("hf_small", "hf_wide", megaclone.Factors.uniform(2))
     megaclone.export_hf("wide", "wide_hf")
+    megaclone.open_source("small").spec               # any checkpoint (torch_dist, legacy, HF), read by box
 
 The names are the tools' (tools/expand_sharded.py grows, verify_logits.py, export_hf.py), not the
-modules' that implement them (expand, verify, weight_check, export).
+modules' that implement them (pipeline.expand, check.logits, check.weights, export).
 
 Requests: ``Factors`` (widths), ``Depth`` (layers), ``Experts`` (upcycling), ``CloneConfig`` with a
-``Variant`` (symmetric, diagonal, their noisy forms). Errors a user can fix are ``MegacloneError``.
+``Variant`` (symmetric, diagonal, their noisy forms); ``Format`` names a checkpoint's file format.
+Errors a user can fix are ``MegacloneError``.
 """
 
 from importlib import import_module
