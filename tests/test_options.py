@@ -89,6 +89,17 @@ def test_a_legacy_checkpoint_exports_through_the_same_reader(source, tmp_path):
     assert list(legacy.glob("iter_*/mp_rank_00/model_optim_rng.pt"))
     export_hf(legacy, tmp_path / "hf", "llama")
     torch.testing.assert_close(*megatron_and_hf_logits(twin, tmp_path / "hf"), rtol=1e-5, atol=1e-5)
+    # inspect reads both through the same reader: the tensors torch_dist stores, with the same digests
+    from megaclone.formats.describe import describe
+
+    stored = {line.split()[0]: line.split()[1:] for line in describe(twin, digests=True).splitlines()[1:]
+              if line.split()[0].startswith(("embedding.", "decoder.", "output_layer."))}
+    for text, fmt in ((describe(legacy, digests=True), "torch"), (describe(tmp_path / "hf", digests=True), "hf")):
+        assert f"format {fmt}" in text.splitlines()[0]
+        listed = {line.split()[0]: line.split()[1:] for line in text.splitlines()[1:] if "=" not in line}
+        assert listed.keys() <= stored.keys() and "decoder.layers.self_attention.linear_qkv.weight" in listed
+        if fmt == "torch":  # the legacy files hold the very tensors the torch_dist twin stores
+            assert listed == {k: stored[k] for k in listed}
 
 
 def test_a_query_group_factor_must_divide_the_head_factor(source, tmp_path):

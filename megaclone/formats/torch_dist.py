@@ -368,6 +368,15 @@ def save_checkpoint(root: Path, iteration: int, state: dict[str, Any],
     return path
 
 
+def is_torch_dist(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is a torch_dist checkpoint (an iteration directory, or a root whose tracker names one)."""
+    try:
+        find_checkpoint(root)
+        return True
+    except MegacloneError:
+        return False
+
+
 def find_checkpoint(root: str | os.PathLike) -> Path:
     """The iteration directory of a Megatron-LM checkpoint root (or the directory itself if it is one)."""
     root = Path(root)
