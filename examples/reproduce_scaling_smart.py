@@ -215,14 +215,19 @@ def source_iteration(size: dict, stage: str) -> int:
     return {"third": 1, "two-thirds": 2, "full": 3}[stage] * size["source_iters"] // 3
 
 
-def plan_stages(args, size: dict, runs: list[Run]) -> list[Stage]:
-    out, tp = args.out, args.tp
+def data_stages(out: Path, size: dict) -> tuple[dict[str, Path], list[Stage]]:
+    """The three disjoint datasets (validation, the source's stream, the targets') and their stages."""
     data = {name: out / "data" / name for name in ("valid", "source", "target")}
     skip = {"valid": 0, "source": size["valid_documents"], "target": size["valid_documents"] + size["source_documents"]}
     count = {"valid": size["valid_documents"], "source": size["source_documents"], "target": None}
-    stages = [Stage(f"data-{name}", ["tools/preprocess_data.py", "--output-prefix", str(prefix), "--seed",
-                                     str(SOURCE_SEED), *flags(skip_documents=skip[name], max_documents=count[name])],
-                    done=Path(f"{prefix}.idx").exists(), torchrun=False) for name, prefix in data.items()]
+    return data, [Stage(f"data-{name}", ["tools/preprocess_data.py", "--output-prefix", str(prefix), "--seed",
+                                         str(SOURCE_SEED), *flags(skip_documents=skip[name], max_documents=count[name])],
+                        done=Path(f"{prefix}.idx").exists(), torchrun=False) for name, prefix in data.items()]
+
+
+def plan_stages(args, size: dict, runs: list[Run]) -> list[Stage]:
+    out, tp = args.out, args.tp
+    data, stages = data_stages(out, size)
     small = half_width(size, tp)
 
     def train_source(name: str, shape: dict, snapshots: int) -> Stage:

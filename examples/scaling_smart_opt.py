@@ -41,8 +41,8 @@ from reproduce_scaling_smart import (  # noqa: E402  (the recipe and the stage r
     _bands,
     _curve,
     _fmt,
+    data_stages,
     finished,
-    flags,
     run_case,
     shape_flags,
     train_flags,
@@ -79,12 +79,7 @@ def _expansion(variant: str, seed: int) -> str:
 
 def plan_stages(args, size: dict, runs: list[Run]) -> list[Stage]:
     out, tp, iters = args.out, args.tp, size["train_iters"]
-    data = {name: out / "data" / name for name in ("valid", "source", "target")}
-    skip = {"valid": 0, "source": size["valid_documents"], "target": size["valid_documents"] + size["source_documents"]}
-    count = {"valid": size["valid_documents"], "source": size["source_documents"], "target": None}
-    stages = [Stage(f"data-{name}", ["tools/preprocess_data.py", "--output-prefix", str(prefix), "--seed",
-                                     str(SOURCE_SEED), *flags(skip_documents=skip[name], max_documents=count[name])],
-                    done=Path(f"{prefix}.idx").exists(), torchrun=False) for name, prefix in data.items()]
+    data, stages = data_stages(out, size)
     source_json = out / "source.json"
     stages.append(Stage("train-source", ["examples/pretrain_gpt.py", *shape_flags(size), *train_flags(
         size, {"train": data["source"], "valid": data["valid"]}, SOURCE_SEED, iters, out / "source", source_json, tp,
