@@ -386,8 +386,9 @@ def expand(
             if grow_optimizer:
                 def fill(moment_slots, moment_rules):
                     fill_rank(source, dst_spec, moment_slots, parallel_state.get_tensor_model_parallel_rank(), cfg,
-                              report, None, allow_non_finite, rules=moment_rules(param_rules(source.spec, dst_spec)))
-                extra["optimizer"] = agree(lambda: grown_adam_state(model, model_sd, adam_step, fill))
+                              report, None, allow_non_finite, rules=moment_rules)
+                rules = param_rules(source.spec, dst_spec)
+                extra["optimizer"] = agree(lambda: grown_adam_state(model, model_sd, adam_step, rules, fill))
             claim.clear()  # an earlier output goes only now that the source has been read whole
 
             trim_heap()  # dist_checkpointing forks writers: hand them a compact heap

@@ -18,7 +18,7 @@ import torch
 from megaclone.errors import MegacloneError
 from megaclone.formats import torch_dist
 from megaclone.formats.base import Source
-from megaclone.pipeline.rules import clone_scale, gradient_scale, moment_rules, param_rules
+from megaclone.pipeline.rules import ParamRule, clone_scale, gradient_scale, moment_rules, param_rules
 from megaclone.shape.layout import catalogue
 from megaclone.shape.request import Depth
 from megaclone.shape.spec import ModelSpec
@@ -53,11 +53,11 @@ def adam_scaling(src: ModelSpec, dst: ModelSpec) -> dict[str, list[float]]:
     return {r.key: [clone_scale(r), gradient_scale(r)] for r in param_rules(src, dst)}
 
 
-def grown_adam_state(model, model_sd: dict, step: float, fill) -> dict:
+def grown_adam_state(model, model_sd: dict, step: float, rules: list[ParamRule], fill) -> dict:
     """The destination's Adam state in the trainer's layout (keyed by ``model_sd``, the model's own
     tensors): a torch AdamW over ``model`` in the trainer's parameter groups, each moment filled by
-    ``fill(slots, rules)`` with the grown source moments (the expander's own fill), its step count the
-    source's."""
+    ``fill(slots, moment_rules)`` (the expander's own fill) with the source's moments grown by the
+    weights' ``rules``, its step count the source's."""
     from megaclone.model import model_sharded_state_dict, parameter_slots
     from megaclone.train.state import init_adam_state, optimizer_sharded_state_dict
     from megaclone.train.step import param_groups
@@ -72,7 +72,7 @@ def grown_adam_state(model, model_sd: dict, step: float, fill) -> dict:
             if isinstance(data, torch.Tensor) and (data.data_ptr(), data.shape) in params:
                 item = dataclasses.replace(item, data=optimizer.state[params[data.data_ptr(), data.shape]][state])
             on_state[key] = item
-        fill(parameter_slots(on_state), lambda rules: moment_rules(rules, state, power))
+        fill(parameter_slots(on_state), moment_rules(rules, state, power))
     for p in optimizer.state:
         optimizer.state[p]["step"] = torch.tensor(step)
     return optimizer_sharded_state_dict(optimizer, model_sd)

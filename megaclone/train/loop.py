@@ -126,9 +126,9 @@ def prepare_args(args: argparse.Namespace, world_size: int) -> tuple[argparse.Na
     return args, path
 
 
-def clone_adam_scaling(args: argparse.Namespace, load_path: Optional[Path]) -> Optional[dict]:
-    """The per-tensor (a, s) of --clone-adam-scaling, from the loaded clone's record; refuses a run it
-    cannot apply to."""
+def clone_scaling(args: argparse.Namespace, load_path: Optional[Path]) -> Optional[dict]:
+    """The per-tensor (a, s) of --clone-adam-scaling (s None for --clone-lr-scaling), from the loaded
+    clone's record; refuses a run it cannot apply to."""
     if not (args.clone_adam_scaling or args.clone_lr_scaling):
         return None
     if args.clone_adam_scaling and args.clone_lr_scaling:
@@ -191,7 +191,7 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
                       hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout)
     main = None if dtype == torch.float32 else MainWeights([p for p in model.parameters() if p.requires_grad])
     scale = loss_scale_of(args)
-    optimizer = build_optimizer(model, args, main, clone_adam_scaling(args, load_path))
+    optimizer = build_optimizer(model, args, main, clone_scaling(args, load_path))
     scheduler = build_scheduler(optimizer, args)
 
     if load_path is not None:

@@ -37,9 +37,13 @@ def param_groups(model: torch.nn.Module, main: Optional[MainWeights] = None,
             continue
         decay = 0.0 if name.endswith(".bias") or param.dim() == 1 else 1.0
         a, s = scaling[keys[param.data_ptr()]] if scaling is not None else (1.0, None)
-        group = groups.setdefault((decay, a, s), {"params": [], "wd_mult": decay / a} if scaling is None else {
-            "params": [], "wd_mult": decay / a, "max_lr": args.lr * a, "min_lr": args.min_lr * a,
-            **({} if s is None else {"eps": args.adam_eps * s})})
+        group = groups.get((decay, a, s))
+        if group is None:
+            group = groups[(decay, a, s)] = {"params": [], "wd_mult": decay / a}
+            if scaling is not None:
+                group.update(max_lr=args.lr * a, min_lr=args.min_lr * a)
+            if s is not None:
+                group["eps"] = args.adam_eps * s
         stepped = param if main is None else main.of(param)
         if s is not None:
             stepped.clip_weight = a / s
