@@ -92,6 +92,8 @@ def test_a_megatron_destination_is_refused_with_the_reason_and_the_fix(sources, 
     for family, reason in (("pythia", "a parallel residual"), ("gemma", "input embeddings scaled by sqrt"),
                            ("gemma2", "norms on the attention and MLP outputs"),
                            ("olmo2", "q and k norms over the whole projection")):
+        src = sources[0][family][0]
         with pytest.raises(MegacloneError, match=reason) as err:
-            expand(sources[0][family][0], tmp_path / family, Factors.uniform(2), 1, load_format="hf")
-        assert "--save-hf" in str(err.value) and not (tmp_path / family).exists()
+            expand(src, tmp_path / family, Factors.uniform(2), 1, load_format="hf")
+        # refused while the source is validated (naming it), not later by the model builder's own check
+        assert str(src) in str(err.value) and "--save-hf" in str(err.value) and not (tmp_path / family).exists()
