@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from util import run
 
+from megaclone.errors import MegacloneError
 from megaclone.train import data
 
 
@@ -163,23 +164,25 @@ def test_bad_input_is_refused_before_writing(tmp_path):
 
 
 def test_outputs_are_guarded_like_every_destination(corpus, tmp_path):
+    """In process (the tool's exit status 2 and printed lines are test_documents_...'s): the same
+    guard as every destination, before anything is written."""
     root, _ = corpus
-    proc = _preprocess("--input", root, "--output-prefix", root / "ds")
-    assert proc.returncode == 2 and "is inside the source" in proc.stderr
+    with pytest.raises(MegacloneError, match="is inside the source"):
+        data.preprocess(root / "ds", [root])
     assert not list(root.glob("ds*"))
-    assert _preprocess("--input", root, "--output-prefix", tmp_path / "ds").returncode == 0
-    proc = _preprocess("--input", root, "--output-prefix", tmp_path / "ds")
-    assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
-    assert _preprocess("--input", root, "--output-prefix", tmp_path / "ds", "--overwrite").returncode == 0
+    data.preprocess(tmp_path / "ds", [root])
+    with pytest.raises(MegacloneError, match="pass --overwrite"):
+        data.preprocess(tmp_path / "ds", [root])
+    data.preprocess(tmp_path / "ds", [root], overwrite=True)
     (tmp_path / "mine.idx").write_text("my index of things")
-    proc = _preprocess("--input", root, "--output-prefix", tmp_path / "mine", "--overwrite")
-    assert proc.returncode == 2 and "not a Megatron indexed dataset" in proc.stderr
+    with pytest.raises(MegacloneError, match="not a Megatron indexed dataset"):
+        data.preprocess(tmp_path / "mine", [root], overwrite=True)
     assert (tmp_path / "mine.idx").read_text() == "my index of things"
 
 
 def test_a_refusal_leaves_no_directory_behind(tmp_path):
     (tmp_path / "blobs").mkdir()
     (tmp_path / "blobs" / "x.txt").write_bytes(b"\xff\xfe not utf-8")
-    proc = _preprocess("--input", tmp_path / "blobs", "--output-prefix", tmp_path / "new" / "deeper" / "ds")
-    assert proc.returncode == 2 and "no input file held UTF-8 text" in proc.stderr
+    with pytest.raises(MegacloneError, match="no input file held UTF-8 text"):
+        data.preprocess(tmp_path / "new" / "deeper" / "ds", [tmp_path / "blobs"])
     assert not (tmp_path / "new").exists()

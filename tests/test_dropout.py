@@ -7,6 +7,8 @@ import sys
 import pytest
 from util import run, run_worker
 
+from megaclone.train.data import preprocess
+
 
 @pytest.mark.slow
 def test_masks_differ_across_tp_ranks_only_inside_tensor_parallel_regions(tmp_path):
@@ -23,8 +25,7 @@ def data(tmp_path_factory):
     for i in range(12):
         (root / "docs").mkdir(exist_ok=True)
         (root / "docs" / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog " * 40)
-    proc = run([sys.executable, "tools/preprocess_data.py", "--input", root / "docs", "--output-prefix", root / "ds"])
-    assert proc.returncode == 0, proc.stderr
+    preprocess(root / "ds", [root / "docs"])  # in process: tools/preprocess_data.py is test_data.py's
     return root / "ds"
 
 

@@ -20,6 +20,7 @@ import torch
 from util import ROOT, run, torchrun
 
 from megaclone.formats import iterations, torch_dist
+from megaclone.train.data import preprocess
 
 sys.path.insert(0, str(ROOT / "examples"))
 import reproduce_scaling_smart as repro  # noqa: E402  (its command builders: the recipe the tests train with)
@@ -45,8 +46,7 @@ def out(tmp_path_factory):
     out = tmp_path_factory.mktemp("training")
     data = {"train": out / "data" / "train", "valid": out / "data" / "valid"}
     for name, (skip, count) in (("valid", (0, 10)), ("train", (10, 60))):  # disjoint documents
-        _run_ok([sys.executable, "tools/preprocess_data.py", "--output-prefix", data[name], "--seed", "1234",
-                 "--skip-documents", str(skip), "--max-documents", str(count)])
+        preprocess(data[name], seed=1234, skip_documents=skip, max_documents=count)  # the tool is test_data.py's
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "examples/pretrain_gpt.py"]
     _run_ok([*launch, *repro.shape_flags(QUICK), *repro.train_flags(
         QUICK, data, 1234, SOURCE_ITERS, out / "source", out / "source.json", 2, schedule=repro.SOURCE_LR,

@@ -36,19 +36,15 @@ def main() -> int:
     args = parse_args()
     from megaclone.train import data
 
-    tokenizer = data.get_tokenizer(args.tokenizer)
-    files = data.collect_files(args.input) if args.input else data.stdlib_corpus()
     source = ", ".join(args.input) if args.input else f"standard library at {data.stdlib_root()}"
-    files = data.shuffled_documents(files, args.seed)[args.skip_documents:]
-    files = files[: args.max_documents]
-    stats = data.write_indexed_dataset(files, args.output_prefix, tokenizer,
-                                       sources=args.input or [data.stdlib_root()], overwrite=args.overwrite,
-                                       progress=sys.stderr.isatty())
+    stats = data.preprocess(args.output_prefix, args.input or (), args.tokenizer, args.seed, args.skip_documents,
+                            args.max_documents, args.overwrite, progress=sys.stderr.isatty())
     for path, why in stats.skipped[:10]:
         print(f"skipped {path}: {why}")
     if len(stats.skipped) > 10:
         print(f"skipped {len(stats.skipped) - 10} more files")
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in tokenizer.training_flags().items())
+    training_flags = data.get_tokenizer(args.tokenizer).training_flags()
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in training_flags.items())
     print(f"{stats.documents} documents, {stats.tokens:,} tokens from {source} "
           f"({len(stats.skipped)} skipped) -> {stats.prefix}.bin/.idx\ntrain with: --data-path {stats.prefix} {flags}")
     return 0

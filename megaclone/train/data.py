@@ -124,6 +124,19 @@ def write_indexed_dataset(files: Sequence[Path], prefix: str | Path, tokenizer: 
         raise
 
 
+def preprocess(prefix: str | Path, inputs: Sequence[str | Path] = (), tokenizer: str = "byte", seed: int = 1234,
+               skip_documents: int = 0, max_documents: Optional[int] = None, overwrite: bool = False,
+               progress: bool = False) -> DatasetStats:
+    """What ``tools/preprocess_data.py`` does: the files under ``inputs`` (default: this Python's
+    standard library), shuffled by ``seed``, the first ``skip_documents`` dropped and at most
+    ``max_documents`` kept, written as one Megatron indexed dataset at ``prefix``."""
+    byte_tokenizer = get_tokenizer(tokenizer)
+    files = collect_files(inputs) if inputs else stdlib_corpus()
+    files = shuffled_documents(files, seed)[skip_documents:][:max_documents]
+    return write_indexed_dataset(files, prefix, byte_tokenizer, sources=list(inputs) or [stdlib_root()],
+                                 overwrite=overwrite, progress=progress)
+
+
 def _write_indexed_dataset(files: Sequence[Path], prefix: Path, tokenizer: ByteTokenizer,
                            progress: bool = False) -> DatasetStats:
     import torch
