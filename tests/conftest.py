@@ -29,6 +29,19 @@ def cli_source(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def cli_expanded(cli_source, tmp_path_factory):
+    """cli_source grown by ``torchrun --nproc_per_node 2 tools/expand_sharded.py`` with CLI_EXPANSION,
+    once: the bytes the mpirun and two-agent launches must reproduce."""
+    from util import CLI_EXPANSION, torchrun
+
+    dst = tmp_path_factory.mktemp("cli-expanded") / "wide-torchrun"
+    proc = torchrun(2, "expand_sharded.py", "--load", str(cli_source), "--save", str(dst), *CLI_EXPANSION)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| rank |" in proc.stdout and "peak RSS" in proc.stdout
+    return dst
+
+
 # test module -> the 4-rank worker (tests/<name>_worker.py) whose results it examines
 FOUR_RANK_WORKERS = {"test_end_to_end": "e2e", "test_depth": "depth", "test_moe": "moe", "test_pipeline": "pp",
                      "test_hf": "hf"}

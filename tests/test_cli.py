@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from util import run, tensor_digests, torchrun, tree_hash
+from util import CLI_EXPANSION, run, tensor_digests, torchrun, tree_hash
 
 
 @pytest.fixture(scope="module")
@@ -16,15 +16,8 @@ def source(cli_source):
 
 
 @pytest.fixture(scope="module")
-def expanded(source, tmp_path_factory):
-    """Heads grown 2x while the query groups are kept (the fused QKV is then split over the two ranks by
-    whole destination groups, a path the uniform growth of the other tests never takes)."""
-    dst = tmp_path_factory.mktemp("cli") / "wide-torchrun"
-    proc = torchrun(2, "expand_sharded.py", "--load", str(source), "--save", str(dst), "--tp", "2",
-                    "--query-group-factor", "1", "--variant", "noisy-diagonal", "--seed", "3")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| rank |" in proc.stdout and "peak RSS" in proc.stdout
-    return dst
+def expanded(source, cli_expanded):
+    return cli_expanded
 
 
 @pytest.mark.slow
@@ -32,8 +25,7 @@ def test_mpirun_writes_the_same_bytes_as_torchrun(source, expanded):
     mpirun = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
     dst = expanded.parent / "wide-mpirun"
     proc = run([mpirun, "-n", "2", sys.executable, "tools/expand_sharded.py", "--load", str(source),
-                "--save", str(dst), "--tp", "2", "--query-group-factor", "1", "--variant", "noisy-diagonal", "--seed", "3",
-                "--no-progress"])
+                "--save", str(dst), *CLI_EXPANSION, "--no-progress"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = tensor_digests(expanded), tensor_digests(dst)
     assert len(a) == 9 and all(len(row[-1]) == 64 for row in a)  # 9 llama tensors, each with a sha256

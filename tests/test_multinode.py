@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from util import ROOT, tensor_digests, torchrun
+from util import CLI_EXPANSION, ROOT, tensor_digests
 
 pytestmark = pytest.mark.slow  # torchrun jobs
 
@@ -19,22 +19,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_agents_write_the_same_bytes_as_one(cli_source, tmp_path):
+def test_two_agents_write_the_same_bytes_as_one(cli_source, cli_expanded, tmp_path):
     src = cli_source
-    single = torchrun(2, "expand_sharded.py", "--load", src, "--save", tmp_path / "one", "--tp", "2")
-    assert single.returncode == 0, single.stderr[-3000:]
-
     endpoint = f"127.0.0.1:{free_port()}"
     agents = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
              "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "megaclone-test",
-             "tools/expand_sharded.py", "--load", str(src), "--save", str(tmp_path / "two"), "--tp", "2"],
+             "tools/expand_sharded.py", "--load", str(src), "--save", str(tmp_path / "two"), *CLI_EXPANSION],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
     for agent in agents:
         out, err = agent.communicate(timeout=600)
         assert agent.returncode == 0, err[-3000:]
-    one, two = tensor_digests(tmp_path / "one"), tensor_digests(tmp_path / "two")
+    one, two = tensor_digests(cli_expanded), tensor_digests(tmp_path / "two")
     assert len(one) == 9 and one == two

@@ -4,7 +4,8 @@ Every ```bash block of README.md is run as one bash script from the repository r
 pointed at a temporary directory (``OUT_DIR`` for the quickstart, the path itself elsewhere). Only
 the environment steps are left out: ``pip install`` (this environment is installed already) and the
 test suite itself (this test is part of it). A block fails the test if it exits non-zero; a block
-that verifies must print PASS.
+that verifies must print PASS; a block that trains a clone must print the trainer's first-batch
+check within tolerance (the clone grown in width and depth starts from the source model's loss).
 """
 
 import re
@@ -50,3 +51,5 @@ def test_every_readme_command_runs_as_written(tmp_path):
         assert proc.returncode == 0, shown
         if "verify_logits.py" in block or "quickstart.sh" in block:
             assert "PASS" in proc.stdout, shown
+        if "--finetune" in block:  # a clone trains from its source's loss (the trainer's own check)
+            assert "within the fp32 tolerance" in proc.stdout, shown

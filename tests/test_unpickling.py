@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from util import rewrite_common, run, torchrun, tree_hash
+from util import rewrite_common, run, tree_hash
 
 from megaclone import sample
 from megaclone.errors import MegacloneError, refusing_code
@@ -147,19 +147,15 @@ def test_trust_flag_lifts_the_refusal(tmp_path):
 ])
 def test_every_tool_refuses_a_payload(evil, tmp_path, tool, kind, file):
     src = evil[kind]
-    if tool == "expand_sharded.py":
-        proc = torchrun(1, tool, "--load", src, "--save", tmp_path / "out", "--tp", "1", "--no-progress")
-    elif tool == "verify_logits.py":
-        proc = torchrun(1, tool, "--src", src, "--dst", src)
-    elif tool == "export_hf.py":
-        proc = torchrun(1, tool, "--load", src, "--save", tmp_path / "out")
-    elif tool == "inspect_checkpoint.py":
-        proc = run([sys.executable, "tools/inspect_checkpoint.py", src])
-    else:
-        proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-                    "examples/pretrain_gpt.py", "--load", src, "--use-checkpoint-args", "--data-path", tmp_path / "none",
-                    "--train-iters", "1",
-                    "--seq-length", "8", "--micro-batch-size", "1", "--lr", "1e-4"])
+    # one process, no launcher (a world of one): each tool reads the source the same way under torchrun
+    flags = {"expand_sharded.py": ["--load", src, "--save", tmp_path / "out", "--tp", "1", "--no-progress"],
+             "verify_logits.py": ["--src", src, "--dst", src],
+             "export_hf.py": ["--load", src, "--save", tmp_path / "out"],
+             "inspect_checkpoint.py": [src],
+             "pretrain_gpt.py": ["--load", src, "--use-checkpoint-args", "--data-path", tmp_path / "none",
+                                 "--train-iters", "1", "--seq-length", "8", "--micro-batch-size", "1", "--lr", "1e-4"]}
+    script = f"examples/{tool}" if tool == "pretrain_gpt.py" else f"tools/{tool}"
+    proc = run([sys.executable, script, *flags[tool]])
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "posix.system" in out and file in out, out[-3000:]
     assert "error: " in proc.stderr, out[-3000:]

@@ -10,6 +10,10 @@ from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# the flags of cli_expanded: heads grown 2x while the query groups are kept (the fused QKV is then
+# split over the two ranks by whole destination groups, a path uniform growth never takes), noisy
+CLI_EXPANSION = ("--tp", "2", "--query-group-factor", "1", "--variant", "noisy-diagonal", "--seed", "3")
+
 
 def tree_hash(path: Path) -> str:
     """sha256 over every file's relative path and bytes: changes if anything under ``path`` does."""
