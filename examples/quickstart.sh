@@ -24,5 +24,6 @@ cd "$(dirname "$0")/.."
 OUT=${OUT_DIR:-runs}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # what torchrun sets anyway; set here, it does not print a notice about it
 torchrun --nproc_per_node 2 tools/make_source.py --save "$OUT/small" --tp 2 --overwrite
-torchrun --nproc_per_node 8 tools/expand_sharded.py --load "$OUT/small" --save "$OUT/wide" --tp 8 --factor 2 --overwrite
-torchrun --nproc_per_node 8 tools/verify_logits.py --src "$OUT/small" --dst "$OUT/wide"
+# --verify: then verify_logits.py's checks in the same 8 processes (one start-up instead of two)
+torchrun --nproc_per_node 8 tools/expand_sharded.py --load "$OUT/small" --save "$OUT/wide" --tp 8 --factor 2 --overwrite \
+    --verify

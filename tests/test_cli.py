@@ -73,21 +73,21 @@ def test_moe_upcycling_flags_reach_the_checkpoint_and_the_verifier_passes(source
 
 
 @pytest.mark.slow
-def test_depth_flags_reach_the_checkpoint_and_the_verifier_skips_a_stack_clone(source, tmp_path):
+def test_depth_flags_reach_the_checkpoint_and_verify_skips_a_stack_clone(source, tmp_path):
+    """--verify: the verifier's two checks in the expansion's own processes, its lines as verify_logits.py
+    prints them (the same report function)."""
     from megaclone.formats import torch_dist
 
     dst = tmp_path / "stacked"
     grown = torchrun(2, "expand_sharded.py", "--load", str(source), "--save", str(dst), "--tp", "2", "--factor", "1",
-                     "--depth-factor", "2", "--depth-init", "stack", "--depth-placement", "top")
-    assert grown.returncode == 0, grown.stderr[-3000:]
+                     "--depth-factor", "2", "--depth-init", "stack", "--depth-placement", "top", "--verify")
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
     common = torch_dist.read_common(torch_dist.find_checkpoint(dst))
     assert common["megaclone"]["depth"] == {"factor": 2, "init": "stack", "placement": "top"}
     assert common["args"].num_layers == 4
-    checked = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(dst))
-    assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
-    assert "NOT COMPARED: this clone was grown in depth with --depth-init stack (x2)" in checked.stdout
-    assert "weights: PASS: 27 tensor-layers" in checked.stdout  # the stacked copies are what --depth-init says
-    assert "FAIL" not in checked.stdout
+    assert "NOT COMPARED: this clone was grown in depth with --depth-init stack (x2)" in grown.stdout
+    assert "weights: PASS: 27 tensor-layers" in grown.stdout  # the stacked copies are what --depth-init says
+    assert "FAIL" not in grown.stdout
 
 
 @pytest.mark.slow

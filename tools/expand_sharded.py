@@ -2,7 +2,7 @@
 """Grow a Megatron GPT checkpoint in width with HyperCloning (and in depth), one process per destination
 TP rank.
 
-    torchrun --nproc_per_node 8 tools/expand_sharded.py --load small_ckpt --save wide_ckpt --tp 8 --factor 2
+    torchrun --nproc_per_node 8 tools/expand_sharded.py --load small_ckpt --save wide_ckpt --tp 8 --factor 2 --verify
     torchrun --nproc_per_node 4 tools/expand_sharded.py --load small_ckpt --save big_ckpt --tp 4 --factor 2 --depth-factor 2
     torchrun --nproc_per_node 2 tools/expand_sharded.py --load-hf hf_model_dir --save-hf wide_hf_dir --factor 2
     torchrun --nproc_per_node 4 tools/expand_sharded.py --load-hf hf_model_dir --save wide_ckpt --tp 4 --factor 2
@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grow-optimizer", action="store_true",
                    help="grow a training checkpoint's Adam moments with the weights (scaled as each tensor's "
                         "gradient scales under the clone) and keep its step count; width growth into torch_dist")
+    p.add_argument("--verify", action="store_true",
+                   help="then check the destination as tools/verify_logits.py does (logits per rank, stored "
+                        "weights), in the same processes: one launch instead of two; exit status 1 if a check fails")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     cli.add_device_flags(p)
     cli.add_trust_flag(p)
@@ -189,7 +192,12 @@ def main() -> int:
     if rt.is_main:
         print(summary_table(reports, args.save or args.save_hf, forked_writers=args.save is not None), flush=True)
     dist.barrier()
-    return 0
+    if not args.verify:
+        return 0
+    from megaclone.check.report import prove
+
+    ok = prove(args.load, args.save, cli.rank0_print, src_hf=args.load_hf, dst_hf=args.save_hf, device=rt.device)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

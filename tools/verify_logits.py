@@ -52,50 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    from megaclone.errors import NotComparable
+    from megaclone.check.logits import text_tokens
+    from megaclone.check.report import prove
     from megaclone.runtime import init_distributed
-    from megaclone.check.logits import text_tokens, verify, verify_hf
-    from megaclone.check.weights import check_weights
 
     rt = init_distributed(args.device, args.timeout_minutes)
     tokens = text_tokens(args.text, args.batch, args.seq_length) if args.text else None
-    logits_ok = True
-    try:
-        if args.dst_hf:
-            results = verify_hf(args.src_hf, args.dst_hf, tokens=tokens, tol=args.tol, device=rt.device, seed=args.seed,
-                                batch=args.batch, seq_length=args.seq_length)
-        else:
-            results = verify(args.src, args.dst, tokens=tokens, tol=args.tol, device=rt.device, seed=args.seed,
-                             batch=args.batch, seq_length=args.seq_length, src_hf=args.src_hf)
-    except NotComparable as exc:  # by design, not a failure: say so and compare nothing
-        cli.rank0_print(f"NOT COMPARED: {exc.problem}")
-    else:
-        for r in results:
-            cli.rank0_print(r.line())
-        logits_ok = all(r.ok for r in results)
-        worst = max(results, key=lambda r: r.max_rel)
-        cli.rank0_print(f"{'PASS' if logits_ok else 'FAIL'}: {len(results)} ranks, worst max rel diff "
-                        f"{worst.max_rel:.3e} (rank {worst.rank}), tolerance {worst.tol:.0e}")
-    if args.no_weights or args.dst_hf:  # the weight check reads a Megatron destination's clone record
-        return 0 if logits_ok else 1
-    try:
-        reports = check_weights(args.src or args.src_hf, args.dst, args.snr_tol_db, hf=args.src_hf is not None)
-    except NotComparable as exc:
-        cli.rank0_print(f"weights: NOT CHECKED: {exc.problem}")
-        return 0 if logits_ok else 1
-    for r in reports:
-        for m in r.mismatches:
-            cli.rank0_print(f"weights: rank {r.rank}: {m.line()}")
-    checked, failed = sum(r.checked for r in reports), sum(len(r.mismatches) for r in reports)
-    snrs = [r.snr_db for r in reports if r.snr_db]
-    noise = (f", noise blocks at {min(a for a, _ in snrs):.4f} to {max(b for _, b in snrs):.4f} dB"
-             if snrs else "")
-    if failed:
-        cli.rank0_print(f"weights: FAIL: {failed} of {checked} tensor-layers differ from the clone's definition")
-    else:
-        cli.rank0_print(f"weights: PASS: {checked} tensor-layers on {len(reports)} ranks are the clone the "
-                        f"checkpoint records{noise}")
-    return 0 if logits_ok and not failed else 1
+    ok = prove(args.src, args.dst, cli.rank0_print, src_hf=args.src_hf, dst_hf=args.dst_hf, tokens=tokens,
+               tol=args.tol, device=rt.device, seed=args.seed, batch=args.batch, seq_length=args.seq_length,
+               weights=not args.no_weights, snr_tol_db=args.snr_tol_db)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
