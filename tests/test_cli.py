@@ -58,11 +58,9 @@ def test_moe_upcycling_flags_reach_the_checkpoint_and_the_verifier_passes(source
     dst = tmp_path / "moe"
     flags = ["--load", str(source), "--save", str(dst), "--factor", "2"]
     grown = torchrun(2, "expand_sharded.py", *flags, "--tp", "1", "--ep", "2", "--num-experts", "4",
-                     "--moe-router-topk", "2")
-    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
-    ok = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(dst))
-    assert ok.returncode == 0 and "PASS: 2 ranks" in ok.stdout, ok.stdout[-3000:] + ok.stderr[-3000:]
-    assert "weights: PASS" in ok.stdout, ok.stdout[-2000:]  # each expert its slice, the router's groups tied
+                     "--moe-router-topk", "2", "--verify")
+    assert grown.returncode == 0 and "PASS: 2 ranks" in grown.stdout, grown.stdout[-3000:] + grown.stderr[-3000:]
+    assert "weights: PASS" in grown.stdout, grown.stdout[-2000:]  # each expert its slice, the router's groups tied
     lone = run([sys.executable, "tools/expand_sharded.py", *flags[:3], str(tmp_path / "lone"), *flags[4:],
                 "--tp", "2", "--ep", "2"])
     assert lone.returncode == 2 and "--ep splits experts, but no --num-experts was given" in lone.stderr
@@ -101,17 +99,17 @@ def test_hf_to_hf_in_one_command_loads_in_transformers(tmp_path):
         vocab_size=64, max_position_embeddings=32)).eval()
     small.save_pretrained(str(tmp_path / "small"))
     grown = torchrun(2, "expand_sharded.py", "--load-hf", str(tmp_path / "small"), "--save-hf", str(tmp_path / "wide"),
-                     "--factor", "2", "--depth-factor", "2")
+                     "--factor", "2", "--depth-factor", "2", "--verify")
     assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    # --verify: transformers on both sides, the batches dealt to the 2 ranks
+    assert "PASS: 2 ranks" in grown.stdout and "weights" not in grown.stdout, grown.stdout[-2000:]
     wide = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "wide")).eval()
     assert (wide.config.hidden_size, wide.config.num_hidden_layers) == (64, 4)
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = small(tokens).logits, wide(tokens).logits
     assert float((a - b).abs().max() / a.abs().max()) <= 1e-5
-    # the verifier with transformers on both sides: the clone passes, a model that is not one fails
-    checked = run([sys.executable, "tools/verify_logits.py", "--src-hf", tmp_path / "small", "--dst-hf", tmp_path / "wide"])
-    assert checked.returncode == 0 and "PASS: 1 ranks" in checked.stdout, checked.stdout[-2000:] + checked.stderr[-2000:]
+    # the verifier alone, transformers on both sides: a model that is not the clone's source fails
     torch.manual_seed(1)
     small.__class__(small.config).save_pretrained(str(tmp_path / "other"))
     other = run([sys.executable, "tools/verify_logits.py", "--src-hf", tmp_path / "other", "--dst-hf", tmp_path / "wide"])

@@ -40,11 +40,10 @@ def test_killed_rank_leaves_no_complete_checkpoint_and_rerun_recovers(source, tm
     # the launcher's report repeats the refusal instead of pointing at torchrun's documentation
     assert refused.stderr.count("pass --overwrite") >= 2 and "To enable traceback" not in refused.stderr
 
-    rerun = torchrun(2, "expand_sharded.py", "--load", source, "--save", dst, "--tp", "2", "--overwrite")
+    rerun = torchrun(2, "expand_sharded.py", "--load", source, "--save", dst, "--tp", "2", "--overwrite", "--verify")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert (dst / "latest_checkpointed_iteration.txt").read_text() == "0"
-    ok = torchrun(2, "verify_logits.py", "--src", source, "--dst", dst)
-    assert ok.returncode == 0 and "PASS" in ok.stdout, ok.stdout[-2000:]
+    assert "PASS: 2 ranks" in rerun.stdout and "weights: PASS" in rerun.stdout, rerun.stdout[-2000:]
     assert tree_hash(source) == before
 
 
@@ -66,13 +65,13 @@ def test_a_stopped_rank_becomes_an_error_on_every_other_rank_within_the_timeout(
     tag = uuid.uuid4().hex
     t0 = time.time()
     stuck = torchrun(2, "expand_sharded.py", "--load", source, "--save", tmp_path / "wide", "--tp", "2",
-                     "--timeout-minutes", "0.25", env={"MEGACLONE_FAULT_INJECT": "stop-read:1", "MEGACLONE_TEST_TAG": tag})
+                     "--timeout-minutes", "0.1", env={"MEGACLONE_FAULT_INJECT": "stop-read:1", "MEGACLONE_TEST_TAG": tag})
     elapsed = time.time() - t0
     assert stuck.returncode != 0
     assert "error: rank 0: another process of this job died or stopped answering" in stuck.stderr
     assert "exitcode  : 3" in stuck.stderr  # the surviving rank's own status
     assert "traceback : error: rank 0: another process of this job died" in stuck.stderr
-    # 15 s timeout + torchrun's 30 s grace before SIGKILL of the stopped rank + start-up
+    # 6 s timeout + torchrun's 30 s grace (fixed) before SIGKILL of the stopped rank + start-up
     assert elapsed < 240, f"took {elapsed:.0f} s"
     time.sleep(1)
     assert not _processes_tagged(tag), "a process outlived the job"
