@@ -99,6 +99,19 @@ def test_resume_continues_exactly(out, tmp_path):
     assert sorted(resumed) == list(range(11, 21))
     assert all(resumed[i] == original[i] for i in resumed), (original, resumed)
     assert (tmp_path / "resumed" / "iter_0000020").is_dir()
+    settings = json.loads((tmp_path / "resumed.json").read_text())["settings"]
+    assert settings["hidden_dropout"] == settings["attention_dropout"] == 0.1  # masks drawn, and drawn again
+
+
+def test_a_resume_with_another_global_batch_size_continues_from_the_samples_consumed(out, tmp_path):
+    """Iteration 10 at global batch 8 consumed samples 0-79; resumed at global batch 16, iteration 11
+    reads samples 80-95 and the token count continues from 80 samples, not from 10 x 16."""
+    proc = _train(out, "--load", out / "runs" / "noisy-diagonal", "--ckpt-step", "10", "--use-checkpoint-args",
+                  "--global-batch-size", "16", "--train-iters", "11", "--eval-iters", "0",
+                  "--log-json", tmp_path / "b.json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [record] = json.loads((tmp_path / "b.json").read_text())["train"]
+    assert record["iteration"] == 11 and record["tokens"] == (80 + 16) * QUICK["seq_length"]
 
 
 def test_an_upcycled_mixture_of_experts_trains_from_the_source_loss_the_same_at_every_ep(out, tmp_path):
