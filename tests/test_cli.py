@@ -117,6 +117,24 @@ def test_hf_to_hf_in_one_command_loads_in_transformers(tmp_path):
 
 
 @pytest.mark.slow
+def test_verify_fails_a_clone_whose_noise_rounding_broke_the_function(tmp_path):
+    """--snr-db -40 (noise a hundred times the weights, warned about): the pairs still cancel in the
+    stored weights, but not after rounding in the forward pass; --verify says FAIL and exits 1."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
+        vocab_size=64, max_position_embeddings=32)).save_pretrained(str(tmp_path / "small"))
+    proc = run([sys.executable, "tools/expand_sharded.py", "--load-hf", tmp_path / "small", "--save", tmp_path / "wide",
+                "--tp", "1", "--variant", "noisy-symmetric", "--snr-db", "-40", "--verify", "--no-progress"])
+    assert "the noise is stronger than the weights" in proc.stderr + proc.stdout
+    assert proc.returncode == 1 and "FAIL: 1 ranks" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "weights: PASS" in proc.stdout  # the weights are the clone; the logits are not the source's
+
+
+@pytest.mark.slow
 def test_world_size_must_equal_tp(source, tmp_path):
     proc = run([sys.executable, "tools/expand_sharded.py", "--load", str(source), "--save", str(tmp_path / "d"),
                 "--tp", "2"])
