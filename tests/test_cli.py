@@ -15,37 +15,32 @@ def source(cli_source):
     assert tree_hash(cli_source) == before, "the source checkpoint was modified"
 
 
-@pytest.fixture(scope="module")
-def expanded(source, cli_expanded):
-    return cli_expanded
-
-
 @pytest.mark.slow
-def test_mpirun_writes_the_same_bytes_as_torchrun(source, expanded):
+def test_mpirun_writes_the_same_bytes_as_torchrun(source, cli_expanded):
     mpirun = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
-    dst = expanded.parent / "wide-mpirun"
+    dst = cli_expanded.parent / "wide-mpirun"
     proc = run([mpirun, "-n", "2", sys.executable, "tools/expand_sharded.py", "--load", str(source),
                 "--save", str(dst), *CLI_EXPANSION, "--no-progress"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = tensor_digests(expanded), tensor_digests(dst)
+    a, b = tensor_digests(cli_expanded), tensor_digests(dst)
     assert len(a) == 9 and all(len(row[-1]) == 64 for row in a)  # 9 llama tensors, each with a sha256
     assert a == b
 
 
 @pytest.mark.slow
-def test_verify_passes_per_rank_and_fails_past_tolerance(source, expanded):
+def test_verify_passes_per_rank_and_fails_past_tolerance(source, cli_expanded):
     from megaclone.formats import torch_dist
 
-    args = torch_dist.read_common(torch_dist.find_checkpoint(expanded))["args"]
+    args = torch_dist.read_common(torch_dist.find_checkpoint(cli_expanded))["args"]
     assert (args.num_attention_heads, args.num_query_groups) == (32, 8)  # the source's 16 heads in 8 groups
-    ok = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(expanded))
+    ok = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(cli_expanded))
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
     assert "rank 0: vocab [0, " in ok.stdout and "rank 1: vocab [" in ok.stdout and "PASS: 2 ranks" in ok.stdout
     # the weights too, dealt to both ranks: 3 + 6 x 2 llama tensor-layers, every noise block at 10 dB
     assert "weights: PASS: 15 tensor-layers on 2 ranks" in ok.stdout, ok.stdout[-2000:]
     snr = [float(x) for x in ok.stdout.split("noise blocks at ")[1].split(" dB")[0].split(" to ")]
     assert 9.95 < snr[0] <= snr[1] < 10.05, snr
-    strict = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(expanded), "--tol", "1e-12",
+    strict = torchrun(2, "verify_logits.py", "--src", str(source), "--dst", str(cli_expanded), "--tol", "1e-12",
                       "--no-weights")
     assert strict.returncode == 1 and "FAIL" in strict.stdout and "weights" not in strict.stdout
 

@@ -38,13 +38,9 @@ def prove(
     the job taking part; ``say`` prints a line once (rank 0). The weights are checked for a Megatron
     destination only (they are read against its clone record)."""
     logits_ok = True
+    inputs = dict(tokens=tokens, tol=tol, device=device, seed=seed, batch=batch, seq_length=seq_length)
     try:
-        if dst_hf:
-            results = verify_hf(src_hf, dst_hf, tokens=tokens, tol=tol, device=device, seed=seed, batch=batch,
-                                seq_length=seq_length)
-        else:
-            results = verify(src, dst, tokens=tokens, tol=tol, device=device, seed=seed, batch=batch,
-                             seq_length=seq_length, src_hf=src_hf)
+        results = verify_hf(src_hf, dst_hf, **inputs) if dst_hf else verify(src, dst, src_hf=src_hf, **inputs)
     except NotComparable as exc:  # by design, not a failure: say so and compare nothing
         say(f"NOT COMPARED: {exc.problem}")
     else:

@@ -70,7 +70,8 @@ class CloneConfig:
         if self.variant.noisy and self.snr_db < SNR_DB_PRESERVING:
             out.append(f"--snr-db {self.snr_db:g}: the noise is stronger than the weights it perturbs; its "
                        "cancellation is exact only before rounding, so the clone may not reproduce the source's "
-                       f"logits (check with --verify or tools/verify_logits.py, or use --snr-db {SNR_DB_PRESERVING:g} or more)")
+                       "logits (check with --verify or tools/verify_logits.py, or use "
+                       f"--snr-db {SNR_DB_PRESERVING:g} or more)")
         if self.variant is Variant.SYMMETRIC and hidden_dropout == 0 and attention_dropout == 0:
             out.append("the exact symmetric clone with dropout 0 (as the source's args record) never separates "
                        "its copies: gradients keep them equal, so the wide model trains as the small one. Use "
