@@ -11,17 +11,17 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
 import sys
 import warnings
 from typing import Callable, Optional, Sequence
 
+from megaclone import stopping
 from megaclone.errors import MegacloneError
 from megaclone.launch import (
     rank as launch_rank,  # before any process group: from the launcher's environment
 )
+from megaclone.stopping import EXIT_BAD_INPUT, record_for_launcher
 
-EXIT_BAD_INPUT = 2
 EXIT_PEER_LOST = 3
 
 # megatron-core warns at import about missing Transformer Engine/Apex and torch DCP about deprecated
@@ -39,20 +39,6 @@ _NOT_ACTIONABLE = {
 }
 for _name, _prefix in _NOT_ACTIONABLE.items():
     logging.getLogger(_name).addFilter(lambda record, prefix=_prefix: not str(record.msg).startswith(prefix))
-
-
-def record_for_launcher(message: str) -> None:
-    """Hand ``message`` to torchrun's error file, so the launcher's failure report repeats this
-    process's one-line error instead of a link to its documentation (torchrun still prints the report:
-    a launcher whose worker exits non-zero always does)."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    import json
-    import time
-
-    with contextlib.suppress(OSError), open(path, "w") as f:
-        json.dump({"message": message, "timestamp": str(int(time.time()))}, f)
 
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -111,11 +97,13 @@ def add_trust_flag(parser: argparse.ArgumentParser) -> None:
 def _let_rank0_speak() -> None:
     """Before a refusal every rank makes on its own (flags, paths: no process group yet), the other
     ranks wait a moment: torchrun stops the job at the first exit, which could otherwise be a rank
-    that prints nothing, killing rank 0 before it prints the message."""
+    that prints nothing, killing rank 0 before it prints the message. The launcher's SIGTERM during the
+    wait ends the rank quietly with the refusal's status (stopping.refusing)."""
     if launch_rank() != 0:
         import time
 
-        time.sleep(2.0)
+        with stopping.refusing():
+            time.sleep(2.0)
 
 
 def rank0_print(*args, **kwargs) -> None:
@@ -132,36 +120,19 @@ def _lost_peer(exc: BaseException) -> bool:
         s in text for s in ("timed out", "timeout", "connection closed by peer", "connection reset by peer"))
 
 
-class Terminated(BaseException):
-    """SIGTERM (a scheduler cancelling the job, a launcher stopping its workers), raised where the rank
-    is so that it ends as Ctrl-C does."""
-
-
-def _terminated(signum, frame) -> None:
-    raise Terminated()
-
-
-def _default_sigterm_in_child() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked writer just dies, as before
-
-
 def run(main: Callable[[], int]) -> None:
     """Run a tool's main; a MegacloneError prints 'error: ...' (once) and exits 2; a peer that died or
     hangs prints one 'error: ...' line per rank that noticed and exits 3; SIGINT and SIGTERM print one
-    line per rank and exit 130 and 143 (nothing is published: a checkpoint appears only whole)."""
-    signal.signal(signal.SIGTERM, _terminated)
-    os.register_at_fork(after_in_child=_default_sigterm_in_child)
+    line per rank and exit 130 and 143, whenever they land, and so does the death of the launcher
+    (megaclone.stopping: nothing is published, a checkpoint appears only whole)."""
+    stopping.install()
     try:
         code = main()
     except BrokenPipeError:  # the reader of our output went away (`... | head`): no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         os._exit(141)  # 128 + SIGPIPE, what a shell tool killed by it reports
-    except (KeyboardInterrupt, Terminated) as stop:  # it reaches every rank of the job: one line each
-        what, code = ("interrupted", 130) if isinstance(stop, KeyboardInterrupt) else ("terminated", 143)
-        message = f"error: rank {launch_rank()}: {what}; nothing was published"
-        print(message, file=sys.stderr, flush=True)
-        record_for_launcher(message)
-        os._exit(code)
+    except KeyboardInterrupt:  # raised only before the handlers are in place
+        stopping.end(130, "interrupted")
     except MegacloneError as exc:
         if exc.local:  # this process alone knows: it reports, and the launcher stops the others
             print(f"error: rank {launch_rank()}: {exc}", file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -203,7 +203,6 @@ def add_te_moe_norm_keys(sd: dict[str, Any]) -> None:
 
 def save_megatron(root: Path, iteration: int, model_sd: dict[str, Any], args: Any,
                   extra: Optional[dict[str, Any]] = None,
-                  before_publish: Optional[Callable[[], None]] = None,
                   legacy: Optional[tuple[int, bool]] = None) -> Path:
     """Save a Megatron checkpoint, ``<root>/iter_NNNNNNN`` in torch_dist, all ranks together: the
     model's sharded state dict (with the Transformer Engine MoE norm keys), ``args``, the iteration
@@ -219,10 +218,9 @@ def save_megatron(root: Path, iteration: int, model_sd: dict[str, Any], args: An
              "checkpoint_version": CHECKPOINT_VERSION, **(extra or {})}
     if legacy is not None:
         tp_rank, writer = legacy
-        return save_legacy_checkpoint(Path(root), iteration, state, tp_rank, writer=writer,
-                                      before_publish=before_publish)
+        return save_legacy_checkpoint(Path(root), iteration, state, tp_rank, writer=writer)
     add_te_moe_norm_keys(model_sd)
-    return torch_dist.save_checkpoint(Path(root), iteration, state, before_publish)
+    return torch_dist.save_checkpoint(Path(root), iteration, state)
 
 
 @dataclass(frozen=True)

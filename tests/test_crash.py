@@ -135,3 +135,41 @@ def test_a_full_disk_says_so_and_leaves_no_partial_checkpoint(source, tiny_disk)
     assert full.stderr.count("Traceback (most recent call last)") <= 1, full.stderr[-3000:]
     assert "CheckpointException" not in full.stderr, full.stderr[-3000:]
     assert not list(tiny_disk.rglob("*")), "partial files were left behind"
+
+
+def test_sigterm_while_a_rank_forks_its_writer_ends_every_rank_and_publishes_nothing(source, tmp_path):
+    """The signal lands inside os.fork (dist_checkpointing starting a writer), where a raised exception
+    used to be swallowed and the job went on to publish with exit 0."""
+    tag = uuid.uuid4().hex
+    proc = torchrun(2, "expand_sharded.py", "--load", source, "--save", tmp_path / "wide", "--tp", "2",
+                    "--no-progress", env={"MEGACLONE_FAULT_INJECT": "sigterm-fork:1", "MEGACLONE_TEST_TAG": tag})
+    assert proc.returncode != 0 and "exitcode  : 143" in proc.stderr, proc.stderr[-3000:]
+    assert "error: rank 1: terminated; nothing was published" in proc.stderr
+    ours = [line for line in proc.stderr.splitlines()
+            if line.strip().startswith("File \"") and ("megaclone" in line or "tools/" in line)]
+    assert not ours and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "wide" / "latest_checkpointed_iteration.txt").exists()
+    time.sleep(1)
+    assert not _processes_tagged(tag), "a process outlived the job"
+
+
+def test_ranks_end_when_their_launcher_is_killed_mid_write(source, tmp_path):
+    """torchrun starts its workers in sessions of their own: SIGKILL to torchrun's process group
+    reaches none of them. Each rank notices its launcher is gone and ends; nothing is published."""
+    import subprocess
+    import sys
+
+    from util import ROOT
+
+    tag = uuid.uuid4().hex
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tools/expand_sharded.py", "--load",
+         str(source), "--save", str(tmp_path / "wide"), "--tp", "2", "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, start_new_session=True,  # its own group
+        env={**__import__("os").environ, "MEGACLONE_FAULT_INJECT": "killlauncher-fork:1", "MEGACLONE_TEST_TAG": tag})
+    assert proc.returncode == -9
+    deadline = time.time() + 10
+    while _processes_tagged(tag):
+        assert time.time() < deadline, [p.cmdline() for p in _processes_tagged(tag)]
+        time.sleep(0.2)
+    assert not (tmp_path / "wide" / "latest_checkpointed_iteration.txt").exists()

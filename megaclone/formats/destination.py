@@ -46,7 +46,7 @@ _TORCH_DIST_FILES = re.compile(r"(metadata\.json|common\.pt|\.metadata|__\d+_\d+
 _LEGACY_RANK_DIR = re.compile(r"mp_rank_\d{2}(_\d{3})?")
 _LEGACY_FILES = re.compile(r"(model_optim_rng|distrib_optim)\.pt")
 _HF_FILES = re.compile(
-    r"(config\.json|generation_config\.json|model\.safetensors|model-\d{5}-of-\d{5}\.safetensors"
+    r"(config\.json|config\.json\.tmp|generation_config\.json|model\.safetensors|model-\d{5}-of-\d{5}\.safetensors"
     r"|model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json"
     r"|vocab\.json|merges\.txt|tokenizer\.model|added_tokens\.json)"
 )

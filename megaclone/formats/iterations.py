@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Optional
-
 from megaclone.errors import MegacloneError
 from megaclone.formats.destination import TRACKER
 
@@ -46,16 +44,12 @@ def read_tracker(root: Path) -> int | str:
     return int(text)
 
 
-def publish(root: Path, iteration: int, before_publish: Optional[Callable[[], None]]) -> None:
-    """Every rank has written its part: rank 0 writes the tracker file, between two barriers."""
-    import torch.distributed as dist
+def publish(root: Path, iteration: int) -> None:
+    """Every rank has written its part: rank 0 writes the tracker file (a collective; a stop signal
+    lands before it, and nothing is published, or after it)."""
+    from megaclone import stopping
 
-    if before_publish is not None:
-        before_publish()
-    dist.barrier()
-    if dist.get_rank() == 0:
-        mark_latest(root, iteration)
-    dist.barrier()
+    stopping.commit(lambda: mark_latest(root, iteration), str(root))
 
 
 def mark_latest(root: Path, iteration: int | str) -> None:

@@ -6,7 +6,7 @@ the pages it covers), loaded into a model as Megatron-LM does, and written.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -168,8 +168,7 @@ def legacy_model_state(ckpt: Path, tp_rank: int, pipeline: int, layers_per_stage
     return state
 
 
-def save_legacy_checkpoint(root: Path, iteration: int, state: dict[str, Any], tp_rank: int, writer: bool,
-                           before_publish: Optional[Callable[[], None]] = None) -> Path:
+def save_legacy_checkpoint(root: Path, iteration: int, state: dict[str, Any], tp_rank: int, writer: bool) -> Path:
     """Save in Megatron-LM's legacy layout (``iter_NNNNNNN/mp_rank_TT/model_optim_rng.pt``, one
     ``torch.save`` per TP rank; ``writer`` is False on data-parallel replicas), then publish it with
     the tracker file once every rank has finished, as :func:`save_checkpoint` does."""
@@ -181,5 +180,5 @@ def save_legacy_checkpoint(root: Path, iteration: int, state: dict[str, Any], tp
         with writing(root, target.parent):
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, target)
-    publish(Path(root), iteration, before_publish)
+    publish(Path(root), iteration)
     return path

@@ -18,7 +18,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -356,15 +356,14 @@ def open_torch_dist_source(root: str | Path, vocab_size: Optional[int] = None) -
                   clone_record=common.get("megaclone"))
 
 
-def save_checkpoint(root: Path, iteration: int, state: dict[str, Any],
-                    before_publish: Optional[Callable[[], None]] = None) -> Path:
+def save_checkpoint(root: Path, iteration: int, state: dict[str, Any]) -> Path:
     """Save a sharded state dict as ``<root>/iter_NNNNNNN`` (all ranks together), then, once every
     rank has finished, publish it by writing the tracker file. A crash before that leaves no
     checkpoint that looks complete."""
     path = Path(root) / iteration_dirname(iteration)
     with writing(root, path):
         save_sharded(path, state)
-    publish(Path(root), iteration, before_publish)
+    publish(Path(root), iteration)
     return path
 
 

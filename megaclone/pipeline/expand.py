@@ -58,28 +58,7 @@ from megaclone.runtime import (
 )
 from megaclone.shape.request import Depth, Factors, check_divisible, grow
 from megaclone.shape.spec import Experts, ModelSpec
-
-# Fault injection for crash-safety tests: MEGACLONE_FAULT_INJECT="<point>:<rank>" makes that rank
-# SIGKILL itself at that point ("read": after its first slice; "write": after saving its shard,
-# before the checkpoint is published).
-FAULT_ENV = "MEGACLONE_FAULT_INJECT"
-
-
-def _fault_point(point: str) -> None:
-    """SIGKILL this rank at ``point`` if asked to ("<point>:<rank>"); "stop-<point>:<rank>" SIGSTOPs it
-    instead (a rank that hangs, as on a stuck filesystem); "interrupt-<point>:<rank>" sends SIGINT to
-    its whole process group, as Ctrl-C in a terminal does to the launcher and every rank, and
-    "terminate-<point>:<rank>" SIGTERM, as a scheduler cancelling the job does."""
-    wanted = os.environ.get(FAULT_ENV, "")
-    if wanted == f"{point}:{dist.get_rank()}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if wanted == f"stop-{point}:{dist.get_rank()}":
-        os.kill(os.getpid(), signal.SIGSTOP)
-    if wanted == f"interrupt-{point}:{dist.get_rank()}":
-        os.killpg(os.getpgid(0), signal.SIGINT)
-    if wanted == f"terminate-{point}:{dist.get_rank()}":
-        os.killpg(os.getpgid(0), signal.SIGTERM)
-
+from megaclone.stopping import FAULT_ENV, fault_point
 
 def _fault_while_writing() -> None:
     """"writing:<rank>": the writers dist_checkpointing forks for that rank stop themselves at once
@@ -268,7 +247,7 @@ def fill_rank(
         t2 = time.perf_counter()
         report.slices += 1
         if report.slices == 1:
-            _fault_point("read")
+            fault_point("read")
         shard_bytes = task.dst_numel * blocks[0].tensor.element_size()
         report.bytes_computed += shard_bytes
         report.seconds["read"] = report.seconds.get("read", 0.0) + t1 - t0
@@ -413,7 +392,6 @@ def expand(
                 provenance["adam_scaling"] = adam_scaling(source.spec, dst_spec)
             provenance["grown_optimizer"] = grow_optimizer
             save_megatron(dst_root, 0, model_sd, args, {"megaclone": provenance, **extra},
-                          before_publish=lambda: _fault_point("write"),
                           legacy=(parallel_state.get_tensor_model_parallel_rank(),
                                   parallel_state.get_data_parallel_rank() == 0) if legacy else None)
             del model_sd

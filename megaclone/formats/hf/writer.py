@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Optional, Sequence
@@ -14,12 +15,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megaclone import stopping
 from megaclone.errors import MegacloneError, writing
 from megaclone.formats import hf
 from megaclone.formats.hf.mapping import HFTensor
 from megaclone.runtime import gathered
 from megaclone.shape.layout import catalogue
 from megaclone.shape.spec import ModelSpec
+
+CONFIG = "config.json"
 
 
 def check_constant(t: HFTensor, key: str, layer: Optional[int], full: torch.Tensor, model_type: str) -> None:
@@ -136,7 +140,8 @@ def write_hf(out: Path, mine: dict[str, torch.Tensor], config, tokenizer: Option
         save_file(mine, str(out / name), metadata={"format": "pt"})
     shares = gathered((sorted(mine), nbytes))
     names = [n for n, _ in shares]
-    if rank == 0:
+
+    def publish() -> None:  # rank 0, once every shard is written: config.json last marks it complete
         weight_map = {t: shard_name(r, world) for r, ts in enumerate(names) for t in ts}
         if world > 1:
             index = {"metadata": {"total_size": sum(b for _, b in shares)}, "weight_map": dict(sorted(weight_map.items()))}
@@ -144,6 +149,9 @@ def write_hf(out: Path, mine: dict[str, torch.Tensor], config, tokenizer: Option
         for f in TOKENIZER_FILES:
             if tokenizer is not None and tokenizer.is_dir() and (tokenizer / f).exists():
                 shutil.copy2(tokenizer / f, out / f)
-        config.save_pretrained(str(out))  # last: marks it complete
-    dist.barrier()
+        partial = out / (CONFIG + ".tmp")
+        config.to_json_file(str(partial))
+        os.replace(partial, out / CONFIG)
+
+    stopping.commit(publish, str(out))
     return sum(len(n) for n in names)
