@@ -56,3 +56,40 @@ def test_a_damaged_output_padding_row_fails(pair, tmp_path):
     src, bad = _damaged(pair, tmp_path, "output_layer.weight", 301)
     [r] = verify(src, bad)
     assert not r.ok
+
+
+def test_non_finite_logits_fail_and_name_the_first_position(pair, tmp_path):
+    """A NaN weight cloned on purpose (--allow-non-finite): both models' logits are NaN, their difference
+    NaN, and a maximum over it had read 0 ('max abs diff 0.000e+00 ... PASS')."""
+    from megaclone.check.report import prove
+    from megaclone.check.weights import check_weights
+
+    src, _, _ = pair
+    nan_src = tmp_path / "nan-src"
+    shutil.copytree(src, nan_src)
+    overwrite_stored_value(nan_src, "decoder.layers.mlp.linear_fc2.weight", 0, float("nan"))
+    expand(nan_src, tmp_path / "nan-dst", Factors.uniform(2), 1, allow_non_finite=True)
+    [r] = verify(nan_src, tmp_path / "nan-dst")
+    assert not r.ok and r.non_finite.startswith("the source logits are not finite (nan) at sequence 0, position 0")
+    said = []
+    assert not prove(nan_src, tmp_path / "nan-dst", said.append)
+    assert any(line.startswith("FAIL: 1 of 1 ranks compute non-finite logits; the first: rank 0:") for line in said)
+    [report] = check_weights(nan_src, tmp_path / "nan-dst")
+    assert [m.why for m in report.mismatches] == ["not finite"]
+    assert report.mismatches[0].key == "decoder.layers.mlp.linear_fc2.weight" and report.mismatches[0].layer == 0
+
+
+def test_non_finite_hugging_face_logits_fail(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megaclone.check.logits import verify_hf
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(tmp_path / "hf")
+    [r] = verify_hf(tmp_path / "hf", tmp_path / "hf")
+    assert not r.ok and "logits are not finite" in r.non_finite

@@ -39,18 +39,32 @@ class RankResult:
     max_rel: float  # max |D - S| / max |S| over the compared slice (the whole real vocab's if the slice's is 0)
     tol: float
     tokens: int  # positions compared (every vocabulary id appears among the inputs)
+    non_finite: str = ""  # where the first NaN or infinity of either model's logits is ("" if none)
 
     @property
     def ok(self) -> bool:
-        return self.max_rel <= self.tol
+        return self.max_rel <= self.tol and not self.non_finite
 
     def line(self) -> str:
+        if self.non_finite:
+            return f"rank {self.rank}: FAIL: {self.non_finite}"
         verdict = ("ok" if self.ok else "FAIL") + ("" if self.vocab_stop > self.vocab_start else " (padding rows only)")
         padding = f" + padding [{self.vocab_stop}, {self.padded_stop})" if self.padded_stop > self.vocab_stop else ""
         return (
             f"rank {self.rank}: vocab [{self.vocab_start}, {self.vocab_stop}){padding} "
             f"max abs diff {self.max_abs:.3e}  max rel diff {self.max_rel:.3e}  (tol {self.tol:.0e}) {verdict}"
         )
+
+
+def first_non_finite(logits: torch.Tensor, whose: str, sequence: int, vocab_offset: int = 0) -> str:
+    """'' if every logit is finite, else where the first NaN or infinity is (a difference of NaNs is NaN,
+    and a maximum over NaNs hides them, so a check must look for them explicitly)."""
+    bad = ~torch.isfinite(logits)
+    if not bool(bad.any()):
+        return ""
+    b, position, column = (int(i) for i in torch.nonzero(bad)[0])
+    return (f"the {whose} logits are not finite ({float(logits[b, position, column])}) at sequence {sequence + b}, "
+            f"position {position}, vocab id {vocab_offset + column}")
 
 
 def default_tolerance(dtype: torch.dtype) -> float:
@@ -204,7 +218,7 @@ def verify(
     start = (dist.get_rank() % dst_tp) * width  # megatron-core's TP rank with PP 1: the fastest-varying index
     real = vocab
     real_stop = min(max(start, real), start + width)
-    max_abs, slice_scale, global_scale, compared = 0.0, 0.0, 0.0, 0
+    max_abs, slice_scale, global_scale, compared, non_finite = 0.0, 0.0, 0.0, 0, ""
     for group in _rounds(batches, width, reference_budget):
         full = (_hf_reference(src_path, group, device) if src_hf is not None
                 else _megatron_reference(source, group, device))
@@ -215,7 +229,11 @@ def verify(
         del full
         model = _destination_model(destination, dst_spec, dst_dtype, device)
         for tokens_b, exp in zip(group, expected):
-            diff = (causal_logits(model, tokens_b).float() - exp).abs()
+            found = causal_logits(model, tokens_b).float()
+            sequence = compared // tokens_b.shape[1]
+            non_finite = non_finite or (first_non_finite(exp[..., :real_stop - start], "source", sequence, start)
+                                        or first_non_finite(found, "destination", sequence, start))
+            diff = (found - exp).abs()
             max_abs = max(max_abs, float(diff.max()))
             slice_scale = max(slice_scale, float(exp.abs().max()))
             compared += tokens_b.numel()
@@ -223,7 +241,7 @@ def verify(
     scale = slice_scale if slice_scale > 0 else global_scale
     return gathered(RankResult(dist.get_rank(), start, real_stop, start + width, max_abs,
                                max_abs / max(scale, 1e-30), tol if tol is not None else default_tolerance(dst_dtype),
-                               compared))
+                               compared, non_finite))
 
 
 def verify_hf(
@@ -247,16 +265,19 @@ def verify_hf(
     vocab = min(src.spec.vocab_size, dst.spec.vocab_size)
     batches = _batches(vocab, src.spec.max_position_embeddings, tokens, seed, batch, seq_length)
     mine = batches[dist.get_rank()::dist.get_world_size()]
-    max_abs, scale, compared = 0.0, 0.0, 0
+    max_abs, scale, compared, non_finite = 0.0, 0.0, 0, ""
     if mine:
         expected = _hf_reference(src.path, [b.to(device) for b in mine], device)
         found = _hf_reference(dst.path, [b.to(device) for b in mine], device)
         for b, e, f in zip(mine, expected, found):
+            sequence = compared // b.shape[1]
+            non_finite = non_finite or (first_non_finite(e[..., :vocab], "source", sequence)
+                                        or first_non_finite(f[..., :vocab], "destination", sequence))
             max_abs = max(max_abs, float((f[..., :vocab] - e[..., :vocab]).abs().max()))
             scale = max(scale, float(e[..., :vocab].abs().max()))
             compared += b.numel()
     return gathered(RankResult(dist.get_rank(), 0, vocab, vocab, max_abs, max_abs / max(scale, 1e-30),
-                               tol if tol is not None else default_tolerance(dst.dtype), compared))
+                               tol if tol is not None else default_tolerance(dst.dtype), compared, non_finite))
 
 
 def _destination_model(destination: Source, spec: ModelSpec, dtype: torch.dtype, device) -> torch.nn.Module:

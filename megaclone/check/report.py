@@ -47,9 +47,14 @@ def prove(
         for r in results:
             say(r.line())
         logits_ok = all(r.ok for r in results)
-        worst = max(results, key=lambda r: r.max_rel)
-        say(f"{'PASS' if logits_ok else 'FAIL'}: {len(results)} ranks, worst max rel diff {worst.max_rel:.3e} "
-            f"(rank {worst.rank}), tolerance {worst.tol:.0e}")
+        broken = [r for r in results if r.non_finite]
+        if broken:
+            say(f"FAIL: {len(broken)} of {len(results)} ranks compute non-finite logits; the first: rank "
+                f"{broken[0].rank}: {broken[0].non_finite}")
+        else:
+            worst = max(results, key=lambda r: r.max_rel)
+            say(f"{'PASS' if logits_ok else 'FAIL'}: {len(results)} ranks, worst max rel diff {worst.max_rel:.3e} "
+                f"(rank {worst.rank}), tolerance {worst.tol:.0e}")
     if not weights or dst_hf:
         return logits_ok
     try:

@@ -160,6 +160,14 @@ def _unequal(found: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     return ~((found == expected) | (found.isnan() & expected.isnan()))
 
 
+def _non_finite(rule: ParamRule, layer: Optional[int], expert: Optional[int], rows: np.ndarray,
+                found: torch.Tensor, expected: torch.Tensor) -> Optional[Mismatch]:
+    """A stored NaN or infinity fails the check even where the clone's definition says so (a clone of a
+    non-finite source, --allow-non-finite): no such model computes a function one can verify."""
+    bad = ~torch.isfinite(found)
+    return _mismatch(rule, layer, expert, rows, _first(bad), found, expected, "not finite") if bad.any() else None
+
+
 def _read_rows(destination: Source, rule: ParamRule, layer: Optional[int], expert: Optional[int],
                start: int, n: int) -> torch.Tensor:
     """Destination rows [start, start + n) of one tensor-layer (of one expert), every column."""
@@ -177,6 +185,8 @@ def check_router(rule: ParamRule, layer: Optional[int], destination: Source,
     rows = np.arange(rule.dst_shape[0])
     found = _read_rows(destination, rule, layer, None, 0, len(rows))
     expected = torch.zeros_like(found) if definition.router_init == "zero" else found[rows - rows % rule.slices]
+    if (mismatch := _non_finite(rule, layer, None, rows, found, expected)) is not None:
+        return mismatch
     differs = found != expected
     if differs.any():
         why = ("not zero (--moe-router-init zero)" if definition.router_init == "zero"
@@ -219,6 +229,8 @@ def check_tensor_layer(rule: ParamRule, layer: Optional[int], source: Source, de
                                      f"differs from expert {expert % rule.slices}, which holds the same slice"), []
                 continue
             expected = torch.zeros_like(found) if zero else expected_exact(one, src, rows, definition, found.dtype)
+            if (mismatch := _non_finite(one, layer, expert, rows, found, expected)) is not None:
+                return mismatch, []
             if not noisy:
                 differs = _unequal(found, expected)
                 if differs.any():
