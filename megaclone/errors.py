@@ -86,21 +86,55 @@ def _dcp_failure(exc: BaseException) -> "BaseException | None":
     return first[0] if isinstance(first, tuple) else getattr(first, "exc", first)
 
 
-def _disk_full(exc: BaseException, where: "str | os.PathLike") -> bool:
-    """Whether a failed write ran out of space (writers in forked processes report it only as text;
-    torch's zip writer reports a short write as a position mismatch, so the free space decides too)."""
+# Write failures that say where the output cannot go, by errno: the cause and the fix of each.
+_WRITE_FAILURES = {
+    "ENOSPC": ("the disk holding {root} is full", "free space there or write elsewhere"),
+    "EDQUOT": ("the disk quota for {root} is used up", "free space within the quota or write elsewhere"),
+    "EFBIG": ("a file under {root} reached the file-size limit (ulimit -f, or the filesystem's largest file)",
+              "raise the limit (ulimit -f unlimited) or write to a filesystem that takes larger files"),
+    "EROFS": ("{root} is on a read-only filesystem", "write elsewhere"),
+    "EIO": ("the disk holding {root} reported an I/O error", "check the disk, then write elsewhere"),
+}
+
+
+def _at_file_size_limit(partial: "str | os.PathLike") -> bool:
+    """A file of ``partial`` has reached this process's file-size limit (a forked writer reports the
+    failed write as a position mismatch of torch's zip writer, without the EFBIG)."""
+    import resource
+    from pathlib import Path
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return False
+    path = Path(partial)
+    files = [path] if path.is_file() else path.rglob("*") if path.is_dir() else []
+    return any(f.is_file() and f.stat().st_size >= limit for f in files)
+
+
+def _write_failure(exc: BaseException, where: "str | os.PathLike",
+                   partial: "str | os.PathLike") -> "tuple[str, str] | None":
+    """Why a write failed for lack of room or a limit, as (problem, fix), or None for any other failure.
+    Writers in forked processes report their OSError only as text, and torch's zip writer reports a
+    short write as a position mismatch, so the message text and the free space decide too."""
     import errno
     import shutil
 
     chain = [exc]
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in repr(e) for e in chain):
-        return True
+    for name, (problem, fix) in _WRITE_FAILURES.items():
+        code = getattr(errno, name)
+        text = os.strerror(code)
+        if any(isinstance(e, OSError) and e.errno == code or text in repr(e) for e in chain):
+            return problem.format(root=where), fix
+    if _at_file_size_limit(partial):
+        return _WRITE_FAILURES["EFBIG"][0].format(root=where), _WRITE_FAILURES["EFBIG"][1]
     try:
-        return shutil.disk_usage(where).free < (1 << 20)
+        if shutil.disk_usage(where).free < (1 << 20):
+            return _WRITE_FAILURES["ENOSPC"][0].format(root=where), _WRITE_FAILURES["ENOSPC"][1]
     except OSError:
-        return False
+        pass
+    return None
 
 
 def _failed_on_another_rank(exc: BaseException) -> bool:
@@ -112,8 +146,9 @@ def _failed_on_another_rank(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def writing(root: "str | os.PathLike", partial: "str | os.PathLike", needed: int = 0) -> Iterator[None]:
-    """Turn a write that failed for lack of space under ``root`` into an error saying the disk is full,
-    after removing ``partial`` (the unpublished files of this write, a file or a directory)."""
+    """Turn a write under ``root`` that failed for lack of room or a limit (a full disk, a quota, a
+    file-size limit, a read-only or failing disk) into one error saying which, after removing
+    ``partial`` (the unpublished files of this write, a file or a directory)."""
     import shutil
 
     try:
@@ -121,7 +156,8 @@ def writing(root: "str | os.PathLike", partial: "str | os.PathLike", needed: int
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # torch DCP's CheckpointException derives from BaseException
-        if not _disk_full(exc, root):
+        failure = _write_failure(exc, root, partial)
+        if failure is None:
             if _failed_on_another_rank(exc):
                 raise MegacloneError(f"writing {partial} failed; rank 0 gathers every rank's failure and reports "
                                      "it, and nothing was published", "see rank 0's error", local=True) from None
@@ -132,6 +168,7 @@ def writing(root: "str | os.PathLike", partial: "str | os.PathLike", needed: int
         else:
             with contextlib.suppress(OSError):
                 os.unlink(partial)
+        problem, fix = failure
         size = f" (this output needs about {needed / 2**20:.1f} MiB)" if needed else ""
-        raise MegacloneError(f"the disk holding {root} is full; the partial output {partial} was removed",
-                             f"free space there or write elsewhere{size}", local=True) from exc
+        raise MegacloneError(f"{problem}; the partial output {partial} was removed, nothing was published",
+                             f"{fix}{size}", local=True) from exc

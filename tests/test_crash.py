@@ -173,3 +173,30 @@ def test_ranks_end_when_their_launcher_is_killed_mid_write(source, tmp_path):
         assert time.time() < deadline, [p.cmdline() for p in _processes_tagged(tag)]
         time.sleep(0.2)
     assert not (tmp_path / "wide" / "latest_checkpointed_iteration.txt").exists()
+
+
+@pytest.mark.parametrize("to", ["--save", "--save-hf"])
+def test_a_file_size_limit_says_so_and_leaves_no_partial_output(source, tmp_path, to):
+    """EFBIG (ulimit -f) during the write: one line naming the limit and the fix, the partial files
+    removed, nothing published (a world of one; the limit is inherited by the forked writers)."""
+    import resource
+    import subprocess
+    import sys
+
+    from util import ROOT
+
+    load = ["--load", str(source), "--tp", "1"]
+    if to == "--save-hf":
+        hf = tmp_path / "hf"
+        assert subprocess.run([sys.executable, "tools/export_hf.py", "--load", str(source), "--save", str(hf)],
+                              cwd=ROOT, capture_output=True).returncode == 0
+        load = ["--load-hf", str(hf)]
+    out = tmp_path / "wide"
+    proc = subprocess.run([sys.executable, "tools/expand_sharded.py", *load, to, str(out), "--no-progress"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "reached the file-size limit" in proc.stderr and "fix: raise the limit (ulimit -f unlimited)" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "latest_checkpointed_iteration.txt").exists() and not (out / "config.json").exists()
+    assert not [p for p in out.rglob("*") if p.is_file()], "partial files were left behind"

@@ -107,3 +107,39 @@ def test_lr_scaling_alone_gives_each_tensor_its_lr_and_decay_and_keeps_adams_eps
         assert g["min_lr"] == pytest.approx(args.min_lr * a) and g["eps"] == args.adam_eps
         assert g["wd_mult"] in (0.0, pytest.approx(1 / a))
         assert not any(hasattr(p, "clip_weight") for p in g["params"])
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    """A training checkpoint after one AdamW step (moments and a step count)."""
+    args = argparse.Namespace(**RECIPE)
+    spec = presets.preset_spec("llama", 1)
+    torch.manual_seed(0)
+    small = build_gpt(spec, initialize=True)
+    opt = build_optimizer(small, args)
+    sched = build_scheduler(opt, args)
+    train_step(small, opt, sched, [batch(spec.vocab_size, 10)], args, torch.device("cpu"))
+    root = tmp_path_factory.mktemp("trained") / "small"
+    save_training_checkpoint(root, 1, model_sharded_state_dict(small), checkpoint_args(spec, **RECIPE), opt, sched)
+    return root
+
+
+@pytest.mark.parametrize("state,value,said", [
+    ("exp_avg_sq", -1e-3, "holds 1 negative values; Adam's second moment"),
+    ("exp_avg", float("nan"), "holds 1 NaN or infinite values"),
+    ("exp_avg_sq", float("inf"), "holds 1 NaN or infinite values"),
+])
+def test_a_damaged_moment_is_refused_naming_the_moment(trained, tmp_path, state, value, said):
+    import shutil
+
+    from util import overwrite_stored_value
+
+    from megaclone.errors import MegacloneError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained, bad)
+    key = f"optimizer.state.{state}.decoder.layers.mlp.linear_fc2.weight"
+    overwrite_stored_value(bad, key, 3, value)
+    with pytest.raises(MegacloneError, match=f"the source's {key} \\(layer 0\\) {said}"):
+        expand(bad, tmp_path / "wide", Factors.uniform(2), 1, grow_optimizer=True)
+    assert not (tmp_path / "wide" / "latest_checkpointed_iteration.txt").exists()

@@ -131,10 +131,18 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def _check_finite(task: SliceTask, parts: list[torch.Tensor]) -> None:
+    """Refuse NaN or infinite source values, naming the stored tensor (a weight, or an Adam moment:
+    ``optimizer.state.exp_avg.<key>``); a second moment must also be non-negative."""
+    where = task.rule.source_key + ("" if task.layer is None else f" (layer {task.layer})")
+    if task.rule.source_key.startswith("optimizer.state.exp_avg_sq."):
+        negative = sum(int((p < 0).sum()) for p in parts if p.is_floating_point())
+        if negative:
+            raise MegacloneError(f"the source's {where} holds {negative} negative values; Adam's second moment is a "
+                                 "running mean of squares, never negative", "the optimizer state is damaged: use an "
+                                 "earlier checkpoint, or grow without --grow-optimizer")
     if all(_all_finite(p) for p in parts if p.is_floating_point()):
         return
     bad = sum(int((~torch.isfinite(p)).sum()) for p in parts if p.is_floating_point())  # for the message
-    where = task.rule.key + ("" if task.layer is None else f" (layer {task.layer})")
     raise MegacloneError(f"the source's {where} holds {bad} NaN or infinite values in the part this rank reads",
                          "the source is damaged or diverged: use an earlier checkpoint, or pass "
                          "--allow-non-finite to copy the values as they are")
@@ -234,7 +242,7 @@ def fill_rank(
                     last = (None, None)  # the previous piece goes before the next is read
                     source_dtype = source.tensors[task.rule.source_key].dtype
                     parts = source.read(box_read)
-                    if not allow_non_finite:
+                    if not allow_non_finite or task.rule.source_key.startswith("optimizer."):
                         _check_finite(task, parts)
                     last = (box_read, assemble_piece(task, parts, source_dtype))
                     del parts

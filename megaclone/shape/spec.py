@@ -55,6 +55,9 @@ class ModelSpec:
     post_norms: bool = False  # a norm on the attention and MLP outputs before the residual add (Gemma 2, OLMo-2)
     qk_norm_over_projection: bool = False  # q and k normalized over the whole projection, not per head (OLMo-2)
 
+    def __post_init__(self):
+        check_shape_fields(self)
+
     @property
     def hf_only_features(self) -> frozenset[str]:
         """The features of this model that megatron-core's GPTModel does not compute (``HF_ONLY``)."""
@@ -127,24 +130,24 @@ class ModelSpec:
             tensor_parallel=get("tensor_model_parallel_size", 1),
             max_position_embeddings=get("max_position_embeddings") or get("seq_length"),
             position_embedding_type=pos,
-            swiglu=bool(get("swiglu", False)),
+            swiglu=_flag(args, "swiglu", False),
             normalization=get("normalization", "LayerNorm"),
             norm_epsilon=get("norm_epsilon", 1e-5),
-            add_bias_linear=bool(get("add_bias_linear", True)),
-            add_qkv_bias=bool(get("add_qkv_bias", False)),
-            untie_embeddings_and_output_weights=bool(get("untie_embeddings_and_output_weights", False)),
+            add_bias_linear=_flag(args, "add_bias_linear", True),
+            add_qkv_bias=_flag(args, "add_qkv_bias", False),
+            untie_embeddings_and_output_weights=_flag(args, "untie_embeddings_and_output_weights", False),
             rotary_base=get("rotary_base", 10000),
             rotary_percent=get("rotary_percent", 1.0),
-            openai_gelu=bool(get("openai_gelu", False)),
-            qk_layernorm=bool(get("qk_layernorm", False)),
-            relu=bool(get("relu", False)),
+            openai_gelu=_flag(args, "openai_gelu", False),
+            qk_layernorm=_flag(args, "qk_layernorm", False),
+            relu=_flag(args, "relu", False),
             experts=Experts.from_args(args),
-            parallel_residual=bool(get("hf_parallel_residual", False)),
-            scaled_embedding=bool(get("hf_scaled_embedding", False)),
-            zero_centered_norms=bool(get("hf_zero_centered_norms", False)),
-            pre_norms=bool(get("hf_pre_norms", True)),
-            post_norms=bool(get("hf_post_norms", False)),
-            qk_norm_over_projection=bool(get("hf_qk_norm_over_projection", False)),
+            parallel_residual=_flag(args, "hf_parallel_residual", False),
+            scaled_embedding=_flag(args, "hf_scaled_embedding", False),
+            zero_centered_norms=_flag(args, "hf_zero_centered_norms", False),
+            pre_norms=_flag(args, "hf_pre_norms", True),
+            post_norms=_flag(args, "hf_post_norms", False),
+            qk_norm_over_projection=_flag(args, "hf_qk_norm_over_projection", False),
         )
 
     def to_args(self, base: Any = None, dtype: Any = None) -> argparse.Namespace:
@@ -229,6 +232,53 @@ def _plain(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _plain(v) for k, v in value.items())
     return False
+
+
+SIZE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "ffn_hidden_size",
+               "vocab_size", "padded_vocab_size", "make_vocab_size_divisible_by", "tensor_parallel",
+               "max_position_embeddings")
+FLAG_FIELDS = ("swiglu", "add_bias_linear", "add_qkv_bias", "untie_embeddings_and_output_weights", "openai_gelu",
+               "qk_layernorm", "relu", "parallel_residual", "scaled_embedding", "zero_centered_norms", "pre_norms",
+               "post_norms", "qk_norm_over_projection")
+
+
+def check_shape_fields(spec: "ModelSpec") -> None:
+    """Every field of a model's shape has its type and range, whether it came from Megatron args or a
+    config.json: sizes positive integers (heads a multiple of query groups), the norm's epsilon and the
+    RoPE base positive and finite, the rotary fraction in (0, 1], flags booleans."""
+    def refuse(name: str, value: Any, must: str) -> None:
+        raise MegacloneError(f"the model's {name} is {value!r}, but it must be {must}",
+                             "correct it where the checkpoint's args or config.json were written (the model's own "
+                             "value from training)")
+
+    for name in SIZE_FIELDS:
+        value = getattr(spec, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            refuse(name, value, "a positive integer")
+    for name in FLAG_FIELDS:
+        if not isinstance(getattr(spec, name), bool):
+            refuse(name, getattr(spec, name), "true or false")
+    for name, low, high in (("norm_epsilon", 0.0, math.inf), ("rotary_base", 0.0, math.inf),
+                            ("rotary_percent", 0.0, 1.0)):
+        value = getattr(spec, name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and low < value <= high):
+            refuse(name, value, "a positive finite number" if high == math.inf else "a number in (0, 1]")
+    if spec.num_attention_heads % spec.num_query_groups:
+        refuse("num_query_groups", spec.num_query_groups,
+               f"a divisor of the {spec.num_attention_heads} attention heads")
+
+
+def _flag(args: Any, name: str, default: bool) -> bool:
+    """A boolean field of Megatron args (absent or None: ``default``); anything else but a boolean is
+    refused rather than read as Python's truth (the string "false" is true)."""
+    value = getattr(args, name, None)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise MegacloneError(f"the model's {name} is {value!r}, but it must be true or false",
+                             "correct it where the checkpoint's args or config.json were written")
+    return value
 
 
 def _refuse_unsupported(args: Any) -> None:

@@ -53,3 +53,62 @@ def rotary_gated_shape(config: dict, norm_epsilon: float) -> dict:
                 ffn_hidden_size=config["intermediate_size"], max_position_embeddings=config["max_position_embeddings"],
                 position_embedding_type="rope", rotary_base=theta, rotary_percent=partial, swiglu=True,
                 normalization="RMSNorm", norm_epsilon=config.get("rms_norm_eps", norm_epsilon), add_bias_linear=False)
+
+
+# config.json fields by the kind of value they must hold, across the families megaclone reads (and
+# the ones transformers keeps that the clone passes through unchanged, such as soft-capping).
+SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size",
+         "num_key_value_heads", "max_position_embeddings", "head_dim", "n_embd", "n_head", "n_layer", "n_positions",
+         "n_inner", "ffn_dim", "word_embed_proj_dim", "sliding_window", "num_experts", "num_local_experts",
+         "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "query_pre_attn_scalar")
+EPSILONS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+POSITIVE_NUMBERS = ("rope_theta", "rotary_emb_base", "final_logit_softcapping", "attn_logit_softcapping", "clip_qkv")
+FRACTIONS = ("rotary_pct", "partial_rotary_factor", "attention_dropout", "hidden_dropout", "resid_pdrop",
+             "embd_pdrop", "attn_pdrop", "dropout", "activation_dropout")
+FLAGS = ("tie_word_embeddings", "use_parallel_residual", "attention_bias", "mlp_bias", "do_layer_norm_before",
+         "enable_bias", "layer_norm_elementwise_affine", "scale_attn_by_inverse_layer_idx", "norm_topk_prob",
+         "use_qk_norm", "_remove_final_layer_norm")
+REQUIRED_ANY = (("hidden_size", "n_embd"), ("num_attention_heads", "n_head"), ("num_hidden_layers", "n_layer"),
+                ("vocab_size",))
+
+
+def check_config(config: object, path: str) -> dict:
+    """Refuse a config.json whose fields would be used with the wrong type, out of range or not finite
+    (one ``error:``/``fix:`` per problem, before any of them is used): sizes are positive integers,
+    epsilons positive and finite, RoPE bases and soft-capping positive and finite, fractions in [0, 1],
+    flags true or false. Fields absent (or null, where transformers allows it) are the families' business."""
+    import math
+
+    def refuse(field: str, value: object, must: str) -> None:
+        raise MegacloneError(f"{path}: {field} is {json_text(value)}, but it must be {must}",
+                             f"correct {field} in config.json (the model's own value from where it was trained)")
+
+    if not isinstance(config, dict):
+        raise MegacloneError(f"{path} holds a JSON {type(config).__name__}, not an object of fields",
+                             "point at a save_pretrained directory, whose config.json is one JSON object")
+    for names in REQUIRED_ANY:
+        if not any(config.get(n) is not None for n in names):
+            raise MegacloneError(f"{path} lacks {' or '.join(names)}",
+                                 "save the model again with save_pretrained (its config.json names every size)")
+    for field, value in config.items():
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if field in SIZES and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            refuse(field, value, "a positive integer")
+        elif field in EPSILONS and not (number and math.isfinite(value) and value > 0):
+            refuse(field, value, "a positive finite number")
+        elif field in POSITIVE_NUMBERS and not (number and math.isfinite(value) and value > 0):
+            refuse(field, value, "a positive finite number (or null)")
+        elif field in FRACTIONS and not (number and 0 <= value <= 1):
+            refuse(field, value, "a number from 0 to 1")
+        elif field in FLAGS and not isinstance(value, bool):
+            refuse(field, value, "true or false")
+    return config
+
+
+def json_text(value: object) -> str:
+    import json
+
+    text = json.dumps(value) if not isinstance(value, float) or value == value else "NaN"
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 from megaclone.errors import MegacloneError, reading
 from megaclone.formats import Format
 from megaclone.formats.base import Box, BoxRead, Source, TensorMeta, keyed_runs
+from megaclone.formats.hf.configs import check_config
 from megaclone.formats.hf.mapping import HFTensor
 from megaclone.formats.hf.registry import family_of
 from megaclone.shape.layout import catalogue
@@ -39,6 +40,7 @@ def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source
     missing = [t.key for t in expected if t.key not in layout]
     if missing:
         raise AssertionError(f"{family.name} layout lacks {missing}")
+    _check_layer_count(files, layout, spec)  # before anything proportional to the claimed count
     _check_hf_names(files, {n.format(i=i) for t in expected for n in layout[t.key].names
                             for i in t.layers(spec.num_layers)}, family.name)
     dtypes = set()
@@ -53,6 +55,23 @@ def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source
         return [read_box(files, layout[r.key], r.layer, box, dtype) for box in r.boxes]
 
     return Source(root, spec, args, tensors, dtype, read, format=Format.HF)
+
+
+def _check_layer_count(files: SafetensorsDir, layout: dict[str, HFTensor], spec: ModelSpec) -> None:
+    """config.json's layer count is the one the stored tensors hold (a claim of a billion layers must not
+    build a billion names first)."""
+    import re
+
+    pattern = next((name for t in layout.values() for name in t.names if "{i}" in name), None)
+    if pattern is None:
+        return
+    regex = re.compile(re.escape(pattern).replace(re.escape("{i}"), r"(\d+)"))
+    found = {int(m.group(1)) for name in files.files if (m := regex.fullmatch(name))}
+    stored = max(found) + 1 if found else 0
+    if stored != spec.num_layers:
+        raise MegacloneError(f"{files.root / 'config.json'} declares {spec.num_layers} layers, but the safetensors "
+                             f"files hold {stored} ({pattern.format(i='N')})",
+                             "correct num_hidden_layers in config.json, or copy the complete model")
 
 
 def _check_hf_names(files: SafetensorsDir, used: set[str], family: str) -> None:
@@ -134,6 +153,10 @@ class SafetensorsDir:
         s = self.handle(name).get_slice(name)
         import torch
 
+        if s.get_dtype() not in DTYPES:
+            raise MegacloneError(f"HF tensor {name!r} in {self.files[name]} is stored as {s.get_dtype()}, which "
+                                 f"megaclone does not read (only {', '.join(DTYPES)})",
+                                 "save the model's weights in a floating-point dtype")
         return tuple(s.get_shape()), getattr(torch, DTYPES[s.get_dtype()])
 
 
@@ -168,14 +191,19 @@ def read_config(root: Path) -> dict:
     if not path.exists():
         raise MegacloneError(f"{root} has no config.json", "point --load-hf at a save_pretrained directory")
     with reading(path):
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
+    return check_config(config, str(path))
 
 
 def read_args(root: Path, make_vocab_size_divisible_by: int = 128) -> argparse.Namespace:
     """Megatron-LM args for an HF model (TP 1), with the tokenizer it came with."""
     config = read_config(root)
     family = family_of(config.get("model_type"))
-    fields = family.args_from_config(config)
+    try:
+        fields = family.args_from_config(config)
+    except KeyError as exc:
+        raise MegacloneError(f"{root / 'config.json'} lacks {exc.args[0]!r}, which {family.name} models need",
+                             "save the model again with save_pretrained (its config.json names every size)") from None
     vocab = config["vocab_size"]
     args = argparse.Namespace(**fields)
     args.vocab_size = vocab
