@@ -42,21 +42,27 @@ for _name, _prefix in _NOT_ACTIONABLE.items():
 
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse flags on every process; only rank 0 prints --help or a usage error (all exit alike)."""
-    usage_error = parser.error
+    """Parse flags on every process; only rank 0 prints --help or a usage error (all exit alike). Flags
+    are matched whole (no prefix matching: ``--num-expert`` is a typo, not ``--num-experts``); a usage
+    error is one ``error:``/``fix:`` pair naming the closest real flag of each mistyped one (``--help``
+    has the usage)."""
+    words = list(sys.argv[1:] if argv is None else argv)
 
     def error(message: str):
-        message += _closest_flags(parser, message)
-        record_for_launcher(f"{parser.prog}: error: {message}")
+        hints = _closest_flags(parser, words)
+        fix = (f"did you mean: {', '.join(hints)}? " if hints else "") + f"(every flag: {parser.prog} --help)"
+        record_for_launcher(f"error: {message}\n  fix: {fix}")
         _let_rank0_speak()
-        usage_error(message)
+        sys.stderr.write(f"error: {message}\n  fix: {fix}\n")
+        sys.exit(EXIT_BAD_INPUT)
 
     parser.error = error
+    parser.allow_abbrev = False
     if launch_rank() == 0:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
     else:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            args = parser.parse_args(argv)
+            args = parser.parse_args(words)
     if getattr(args, "trust_checkpoint_code", False):
         from megaclone.formats.unpickling import trust_checkpoint_code
 
@@ -64,19 +70,19 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
     return args
 
 
-def _closest_flags(parser: argparse.ArgumentParser, message: str) -> str:
-    """' (did you mean --factor?)' for each unrecognized flag of ``message`` that is close to a real one."""
+def _closest_flags(parser: argparse.ArgumentParser, words: Sequence[str]) -> list[str]:
+    """'--facter -> --factor' for each flag among ``words`` that the parser does not know and that is
+    close to one it does (a misspelled required flag included, which argparse reports as missing)."""
     import difflib
 
-    if not message.startswith("unrecognized arguments:"):
-        return ""
     known = [flag for flag in parser._option_string_actions if flag.startswith("--")]
     hints = []
-    for word in message.split(":", 1)[1].split():
+    for word in words:
         flag = word.split("=", 1)[0]
-        if flag.startswith("--") and (close := difflib.get_close_matches(flag, known, n=1, cutoff=0.6)):
+        if flag.startswith("--") and flag not in known and (close := difflib.get_close_matches(flag, known, n=1,
+                                                                                               cutoff=0.6)):
             hints.append(f"{flag} -> {close[0]}")
-    return f" (did you mean: {', '.join(hints)}?)" if hints else ""
+    return hints
 
 
 def require_paths(*flags_and_paths: tuple[str, Optional[str]]) -> None:

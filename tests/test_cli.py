@@ -155,7 +155,9 @@ def test_help_comes_before_any_heavy_import(tool):
 def test_a_flag_error_under_torchrun_prints_once():
     proc = torchrun(2, "expand_sharded.py", "--load", "x", "--tp", "2")
     assert proc.returncode != 0
-    assert proc.stderr.count("usage:") == 1, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert lines.count("error: one of the arguments --save --save-hf is required") == 1, proc.stderr[-2000:]
+    assert "  fix: (every flag: expand_sharded.py --help)" in lines and "usage:" not in proc.stderr
     # printed once by rank 0, repeated in the launcher's report of each rank instead of a documentation link
     assert proc.stderr.count("one of the arguments --save --save-hf is required") >= 2, proc.stderr[-2000:]
     assert "To enable traceback" not in proc.stderr
@@ -207,6 +209,18 @@ def test_flag_and_path_refusals_come_before_torch_is_imported(tmp_path, tool, fl
 def test_a_mistyped_flag_names_the_closest_one():
     proc = run([sys.executable, "tools/expand_sharded.py", "--load", "x", "--save", "y", "--tp", "1", "--facter", "2"])
     assert proc.returncode == 2 and "did you mean: --facter -> --factor?" in proc.stderr, proc.stderr[-1000:]
+    assert proc.stderr.splitlines()[1].startswith("  fix: did you mean: --facter -> --factor?")
+
+
+@pytest.mark.parametrize("flags,hint", [
+    (["--lod", "x", "--save", "y", "--tp", "1"], "--lod -> --load"),  # a required flag, reported as missing
+    (["--load", "x", "--save", "y", "--tp", "1", "--num-expert", "8"], "--num-expert -> --num-experts"),  # no prefix
+])
+def test_every_misspelled_flag_gets_a_fix_line(flags, hint):
+    proc = run([sys.executable, "tools/expand_sharded.py", *flags])
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 2 and lines[0].startswith("error: "), proc.stderr
+    assert lines[1] == f"  fix: did you mean: {hint}? (every flag: expand_sharded.py --help)"
 
 
 @pytest.mark.parametrize("tool", TOOLS)
