@@ -109,7 +109,11 @@ def prepare_args(args: argparse.Namespace, world_size: int) -> tuple[argparse.Na
         destination.check_no_overlap(Path(args.save), load + data)
     saved_padded = None
     if path is not None:
-        saved = torch_dist.read_common(path)["args"]
+        # through the reader expand uses: damaged or truncated files, args that contradict the weights
+        # and a missing optimizer state are refused here, before any model is built
+        checkpoint = torch_dist.open_torch_dist_source(path)
+        _check_resumable(args, checkpoint)
+        saved = checkpoint.args
         if args.use_checkpoint_args:
             train_args.apply_checkpoint_args(args, saved)
         saved_padded = getattr(saved, "padded_vocab_size", None)
@@ -124,6 +128,19 @@ def prepare_args(args: argparse.Namespace, world_size: int) -> tuple[argparse.Na
             f"the model's vocabulary ({args.padded_vocab_size} rows) is smaller than the byte data's ({byte_vocab} ids)",
             "this trainer reads tools/preprocess_data.py's byte data; train models with another tokenizer in Megatron-LM")
     return args, path
+
+
+def _check_resumable(args: argparse.Namespace, checkpoint) -> None:
+    """A resume that loads the optimizer (neither --finetune nor --no-load-optim) needs its state."""
+    if args.finetune or args.no_load_optim:
+        return
+    missing = [t for t in checkpoint.tensors if not t.startswith("optimizer.")
+               and f"optimizer.state.exp_avg.{t}" not in checkpoint.tensors]
+    if missing:
+        raise MegacloneError(f"--load {args.load} holds no optimizer state for {missing[0]} (and {len(missing) - 1} "
+                             "more), which resuming a run loads",
+                             "pass --finetune to start training from its weights at iteration 0 (a grown clone), or "
+                             "--no-load-optim to keep its iteration with a fresh optimizer")
 
 
 def clone_scaling(args: argparse.Namespace, load_path: Optional[Path]) -> Optional[dict]:
