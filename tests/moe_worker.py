@@ -39,6 +39,7 @@ from megaclone.runtime import init_distributed, init_parallel  # noqa: E402
 from megaclone.shape.request import Depth, Factors  # noqa: E402
 from megaclone.shape.spec import Experts, ModelSpec  # noqa: E402
 from megaclone.check.logits import verify  # noqa: E402
+from megaclone.check.weights import check_weights  # noqa: E402
 from e2e_worker import plain_tensors  # noqa: E402
 
 # (name, width factor, experts, TP, depth, variant)
@@ -55,6 +56,15 @@ CASES = [
 ]
 
 SCALED = ("linear_fc1.weight", "linear_fc2.weight")
+
+# Growing a mixture-of-experts source (each expert drawn on its own, so a mixed-up expert shows):
+# (name, source, width factor, TP, EP, depth, variant); "upcycled" is the case w2-e4-k2-tp2-ep2 above.
+MOE_SOURCE_CASES = [
+    ("moe-src-w2-tp2-ep2", "moe-source", 2, 2, 2, Depth(), "symmetric"),  # TP 2 x EP 1 -> TP 2 x EP 2
+    ("moe-src-w2-depth2-tp1-ep4", "moe-source", 2, 1, 4, Depth(2), "diagonal"),
+    ("upcycled-w2-tp4-ep1", "w2-e4-k2-tp2-ep2", 2, 4, 1, Depth(), "symmetric"),  # EP 2 -> 1
+    ("upcycled-w2-tp1-ep2", "w2-e4-k2-tp2-ep2", 2, 1, 2, Depth(), "symmetric"),  # EP 2 -> 2, TP 2 -> 1
+]
 
 
 def has_oracle(depth: Depth, variant: str) -> bool:
@@ -143,6 +153,20 @@ def main(out: Path) -> None:
             dense_spec, dense_path = dense[factor]
             record["oracle_max_abs"] = oracle_error(dense_spec, dense_path, moe_spec, dst, g)
         results["cases"][case] = record
+        dist.barrier()
+
+    moe_spec = dataclasses.replace(spec, experts=Experts(4, 2, ffn_hidden_size=48))
+    sample.make_source(out / "moe-source", moe_spec, train_steps=0)
+    for case, src, factor, tp, ep, depth, variant in MOE_SOURCE_CASES:
+        dst = out / case
+        expand(out / src, dst, Factors.uniform(factor), tp, CloneConfig(Variant(variant), seed=5), depth=depth,
+               expert_parallel=ep)
+        weights = check_weights(out / src, dst)
+        results["cases"][case] = {
+            "max_rel": max(r.max_rel for r in verify(out / src, dst)),
+            "experts_written": experts_written(dst),
+            "weights_checked": sum(w.checked for w in weights),
+            "weight_mismatches": [m.line() for w in weights for m in w.mismatches]}
         dist.barrier()
 
     refusals = {

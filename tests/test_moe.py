@@ -6,7 +6,7 @@ equal megatron-core's own run-time upcycling of the same dense model; bad reques
 anything is written."""
 
 import pytest
-from moe_worker import CASES, has_oracle
+from moe_worker import CASES, MOE_SOURCE_CASES, has_oracle
 
 pytestmark = pytest.mark.slow  # torchrun jobs
 
@@ -93,3 +93,14 @@ def test_a_trained_mixture_is_saved_with_both_norm_keys_and_resumes(tmp_path):
     load_training_checkpoint(path, fresh, fresh.sharded_state_dict(), resumed)
     for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("case", [c[0] for c in MOE_SOURCE_CASES])
+def test_a_grown_mixture_of_experts_gives_its_sources_logits_on_every_rank(results, case):
+    """An MoE source (its experts drawn apart, or megaclone's own upcycled output) grown 2x in width (and
+    depth), at another TP x EP: megatron-core's MoE layer computes the source's logits on every rank, and
+    every stored expert, router and shared tensor is the clone of its own source tensor."""
+    record = results["cases"][case]
+    assert record["max_rel"] <= 1e-5
+    assert record["experts_written"] == [0, 1, 2, 3]
+    assert record["weights_checked"] > 0 and record["weight_mismatches"] == []

@@ -54,20 +54,20 @@ def run_worker(script: str, nproc: int, out: Path, *args, timeout: int = 1200) -
     return json.loads((out / "results.json").read_text())
 
 
-def overwrite_stored_value(root, key: str, index: int, value: float) -> None:
-    """Write ``value`` at flat ``index`` of the stored chunk of ``key`` that starts at offset 0, in
-    place in its torch_dist shard file, the rest untouched."""
+def overwrite_stored_value(root, key: str, index: int, value: float, offset: tuple = ()) -> None:
+    """Write ``value`` at flat ``index`` of the stored chunk of ``key`` that starts at ``offset`` (0 on
+    every axis by default), in place in its torch_dist shard file, the rest untouched."""
 
     def put(tensor):
         tensor.view(-1)[index] = value
 
-    edit_stored_chunk(root, key, put)
+    edit_stored_chunk(root, key, put, offset)
 
 
-def edit_stored_chunk(root, key: str, edit) -> None:
-    """Apply ``edit`` (in place) to the stored chunk of ``key`` that starts at offset 0 (layer 0 of a
-    stacked tensor; the whole tensor at TP 1) in its torch_dist shard file (located through torch DCP's
-    metadata) and write it back at the same size, every other byte untouched."""
+def edit_stored_chunk(root, key: str, edit, offset: tuple = ()) -> None:
+    """Apply ``edit`` (in place) to the stored chunk of ``key`` that starts at ``offset`` (default 0 on
+    every axis: layer 0 of a stacked tensor; the whole tensor at TP 1) in its torch_dist shard file
+    (located through torch DCP's metadata) and write it back at the same size, every other byte untouched."""
     import io
 
     import torch
@@ -77,7 +77,8 @@ def edit_stored_chunk(root, key: str, edit) -> None:
 
     ckpt = find_checkpoint(root)
     meta = FileSystemReader(str(ckpt)).read_metadata()
-    [info] = [info for i, info in meta.storage_data.items() if i.fqn == key and not any(i.offset)]
+    [info] = [info for i, info in meta.storage_data.items()
+              if i.fqn == key and tuple(i.offset) == (tuple(offset) or (0,) * len(i.offset))]
     path = ckpt / info.relative_path
     with open(path, "rb") as f:
         f.seek(info.offset)

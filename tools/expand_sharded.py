@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="an expert's FFN size: a divisor of the (grown) FFN, G = FFN / it slices per copy of the "
                           "dense MLP (granular experts; default: the whole FFN, G = 1)")
     moe.add_argument("--ep", type=int, default=1,
-                     help="expert-parallel size: ranks = --tp x --ep, each writes num-experts / ep experts")
+                     help="expert-parallel size of the destination (upcycled with --num-experts, or an MoE source's experts): "
+                          "ranks = --tp x --ep, each writes num-experts / ep experts")
     moe.add_argument("--moe-grouped-gemm", action="store_true",
                      help="record moe_grouped_gemm for Megatron-LM (the torch_dist keys are the same)")
     moe.add_argument("--moe-router-init", choices=["random", "zero"], default="random",
@@ -103,8 +104,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--save needs --tp (the destination tensor-parallel size, = the number of processes)")
     if args.save_hf and not args.load_hf:
         p.error("--save-hf grows a Hugging Face model: give its directory with --load-hf")
-    if args.ep != 1 and args.num_experts is None:
-        p.error("--ep splits experts, but no --num-experts was given: pass --num-experts E, or leave out --ep")
     if args.save_hf and args.num_experts:
         p.error("--num-experts writes a mixture of experts, which megaclone keeps in Megatron: use --save")
     if args.save_hf and (args.tp is not None or args.pp != 1 or args.save_format != "torch_dist" or args.vocab_size):
@@ -186,7 +185,7 @@ def main() -> int:
             overwrite=args.overwrite, vocab_size=args.vocab_size, device=rt.device, on_slice=progress.update,
             load_format=Format.HF if args.load_hf else None, dtype=dtype, pp=args.pp,
             save_format=args.save_format, allow_non_finite=args.allow_non_finite, depth=depth, experts=experts,
-            grow_optimizer=args.grow_optimizer,
+            grow_optimizer=args.grow_optimizer, expert_parallel=1 if experts else args.ep,
         )
     progress.close()
     if rt.is_main:

@@ -91,7 +91,8 @@ def load_source_model(source: Source, device) -> torch.nn.Module:
     else:
         raise ValueError(f"{source.format.value} sources are checked through transformers, not megatron-core")
     init_parallel(tp)
-    spec = dataclasses.replace(source.spec, tensor_parallel=tp)
+    experts = source.spec.experts and dataclasses.replace(source.spec.experts, parallel=1)  # all on every rank
+    spec = dataclasses.replace(source.spec, tensor_parallel=tp, experts=experts)
     model = build_gpt(spec, dtype=source.dtype, device=device)
     if source.format is Format.TORCH_DIST:
         load_model(model, source.path)

@@ -216,12 +216,15 @@ def check_tensor_layer(rule: ParamRule, layer: Optional[int], source: Source, de
         present = np.zeros((units, rule.c_out, rule.c_in), dtype=np.int64)
         # the cloned block's power, times a granular expert's gain (its clone and noise both carry it)
         unit_power = (src.double() * rule.gain / rule.c_in).square().reshape(units, -1).mean(dim=1).numpy()
+    whole_src = src
     for expert in range(rule.tensor.experts) if rule.tensor.experts else [None]:
         one = rule.for_expert(expert)
+        if rule.source_experts:  # an MoE source: this expert's own source matrix
+            src = whole_src[rule.source_expert(expert)]
         for start in range(0, shape[0], step):
             rows = np.arange(start, min(start + step, shape[0]))
             found = _read_rows(destination, rule, layer, expert, start, len(rows))
-            if expert is not None and expert >= rule.slices:  # a copy of the expert holding the same slice
+            if expert is not None and not rule.source_experts and expert >= rule.slices:  # holds expert e mod G's slice
                 original = _read_rows(destination, rule, layer, expert % rule.slices, start, len(rows))
                 differs = _unequal(found, original)
                 if differs.any():

@@ -94,8 +94,8 @@ class RankReport:
 
 
 def destination_spec(source: Source, factors: Factors, tp: int, depth: Depth = Depth(),
-                     experts: Optional[Experts] = None) -> ModelSpec:
-    dst = grow(source.spec, factors, tp, depth, experts)
+                     experts: Optional[Experts] = None, expert_parallel: int = 1) -> ModelSpec:
+    dst = grow(source.spec, factors, tp, depth, experts, expert_parallel)
     check_divisible(dst)
     return dst
 
@@ -110,6 +110,8 @@ def assemble_piece(task: SliceTask, parts: list[torch.Tensor], dtype: torch.dtyp
     if not grid:
         width = () if task.src_cols is None else (len(task.src_cols),)
         return SourcePiece(torch.empty((0,) + width, dtype=dtype), task.src_rows, task.src_cols)
+    if task.rule.source_experts:  # drop the leading expert axis of each box
+        parts = [p.reshape(p.shape[1:]) for p in parts]
     it = iter(parts)
     data = _cat([_cat([next(it) for _ in row], dim=-1) for row in grid], dim=0)
     return SourcePiece(data, task.src_rows, task.src_cols)
@@ -289,6 +291,7 @@ def expand(
     depth: Depth = Depth(),
     experts: Optional[Experts] = None,
     grow_optimizer: bool = False,
+    expert_parallel: int = 1,
 ) -> list[RankReport]:
     """Expand ``src_root`` into ``dst_root`` at TP ``tp`` (and ``depth``; with ``experts``, every MLP
     upcycled to a mixture of experts over ``experts.parallel`` EP ranks); returns every rank's report
@@ -302,6 +305,9 @@ def expand(
     The world may hold several TP groups (data-parallel replicas): each computes the same shard and
     megatron-core writes only the main replica. With experts, ranks are arranged as megatron-core does
     (TP x EP x DP): each computes and writes only its own experts.
+
+    An MoE source keeps its experts, each grown in width like a dense MLP (its router's input columns
+    cloned), over ``expert_parallel`` EP ranks.
 
     With ``grow_optimizer`` a training checkpoint's Adam moments are grown with the weights and saved
     in the trainer's layout, the step count kept (pipeline.optimizer).
@@ -318,7 +324,7 @@ def expand(
         dst_root = Path(dst_root)
         src_root = Path(src_root)
 
-        ep = experts.parallel if experts else 1
+        ep = experts.parallel if experts else expert_parallel
         save_format = Format(save_format)
 
         def validate():
@@ -328,7 +334,11 @@ def expand(
                                      f"launch with --nproc_per_node {tp * ep} (or a multiple of it)")
             source = open_source(src_root, load_format, vocab_size)
             source.spec.require_megatron(str(source.path))
-            dst_spec = destination_spec(source, factors, tp, depth, experts)
+            dst_spec = destination_spec(source, factors, tp, depth, experts, expert_parallel)
+            if source.spec.experts and (cfg.variant.noisy or grow_optimizer):
+                raise MegacloneError(f"{source.path} is a mixture of experts, whose noisy clone and grown optimizer "
+                                     "state megaclone does not make yet",
+                                     "grow it with --variant symmetric or diagonal, without --grow-optimizer")
             if save_format is Format.LEGACY and experts:
                 raise MegacloneError("--save-format torch does not write mixture-of-experts checkpoints",
                                      "use the default torch_dist format (it loads into sequential and grouped-GEMM experts)")

@@ -55,7 +55,11 @@ class SliceTask:
     @property
     def box_read(self) -> BoxRead:
         """Every box of the task, row runs first, in one request."""
-        return BoxRead(self.rule.source_key, self.src_layer, tuple(box for row in self.boxes for box in row))
+        boxes = tuple(box for row in self.boxes for box in row)
+        if self.rule.source_experts:  # one source expert's matrix: its index leads every box
+            e = self.rule.source_expert(self.expert)
+            boxes = tuple(Box((e,) + b.offsets, (1,) + b.lengths) for b in boxes)
+        return BoxRead(self.rule.source_key, self.src_layer, boxes)
 
     @property
     def dst_numel(self) -> int:

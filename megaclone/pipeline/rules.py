@@ -63,6 +63,7 @@ class ParamRule:
     source: Optional[str] = None  # the source tensor it reads, when not its own key (experts read the dense MLP)
     gain: int = 1  # matrices: the clone is multiplied by it last (a granular expert's second projection: G)
     slices: int = 1  # per-expert tensors: G, the dense FFN slices; expert e holds slice e mod G
+    source_experts: int = 0  # per-expert tensors of an MoE source: its number of experts (0: a dense source)
 
     def __post_init__(self):
         if self.dst_shape != self.tensor.shape:
@@ -85,6 +86,10 @@ class ParamRule:
         s = expert % self.slices
         pick = lambda m: dataclasses.replace(m, slice=s) if isinstance(m, ExpertSlice) else m  # noqa: E731
         return dataclasses.replace(self, rows=pick(self.rows), cols=None if self.cols is None else pick(self.cols))
+
+    def source_expert(self, expert: int) -> int:
+        """The source expert that destination ``expert`` clones (an MoE source: the same expert)."""
+        return expert // (self.tensor.experts // self.source_experts)
 
     @property
     def split(self) -> Split:
@@ -164,7 +169,17 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
         "output_layer.weight": (vocab, hidden, Role.MATRIX, 0),
     }
     extra: dict[str, dict] = {}
-    if dst.experts:  # upcycling: every expert holds a slice of the grown dense MLP (slice 0 here, see for_expert)
+    if src.experts:  # an MoE source: each expert is width-cloned like a dense MLP, from its own source expert
+        fe = Tile(src.experts.ffn_hidden_size, dst.experts.ffn_hidden_size // src.experts.ffn_hidden_size)
+        # the router's input columns are cloned like any input (1/n each), so its logits, and so the
+        # top-k choice and the gates, are the source's
+        rules[ROUTER] = (Tile(src.experts.num, 1), hidden, Role.MATRIX, 0)
+        rules[f"{EXPERTS}linear_fc1.weight"] = (Concat(fe, 2) if src.swiglu else fe, hidden, Role.MATRIX,
+                                                src.experts.ffn_hidden_size)
+        rules[f"{EXPERTS}linear_fc2.weight"] = (hidden, fe, Role.MATRIX, src.hidden_size)
+        for key in (f"{EXPERTS}linear_fc1.weight", f"{EXPERTS}linear_fc2.weight"):
+            extra[key] = dict(source_experts=src.experts.num)
+    elif dst.experts:  # upcycling: every expert holds a slice of the grown dense MLP (slice 0 here, see for_expert)
         f, parts = dst.experts.ffn_hidden_size, 2 if src.swiglu else 1
         g = dst.experts.granularity(dst.ffn_hidden_size)
         rules[ROUTER] = (Tile(dst.experts.num, 1), hidden, Role.ROUTER, 0)

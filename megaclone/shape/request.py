@@ -91,15 +91,23 @@ class Depth:
 
 
 def grow(src: ModelSpec, factors: Factors, tensor_parallel: int, depth: Depth = Depth(),
-         experts: Optional[Experts] = None) -> ModelSpec:
+         experts: Optional[Experts] = None, expert_parallel: int = 1) -> ModelSpec:
     """The destination spec: widths and layers multiplied, head dim unchanged, vocab re-padded for the
-    new TP; with ``experts``, every (grown) MLP upcycled to them."""
+    new TP; with ``experts``, every (grown) MLP upcycled to them. An MoE source keeps its experts (their
+    FFN grown by the FFN factor) over ``expert_parallel`` EP ranks."""
     factors.validate()
     if src.experts is not None:
-        raise MegacloneError(f"the source is already a mixture of {src.experts.num} experts, which megaclone does "
-                             "not grow", "expand the dense model it was upcycled from, with --num-experts")
+        if experts is not None:
+            raise MegacloneError(f"the source is already a mixture of {src.experts.num} experts; megaclone grows its "
+                                 "experts in width and depth but does not add experts to it yet",
+                                 "leave out --num-experts (pass --ep to spread the experts over EP ranks)")
+        experts = dataclasses.replace(src.experts, ffn_hidden_size=src.experts.ffn_hidden_size * factors.ffn,
+                                      parallel=expert_parallel)
+    elif expert_parallel != 1:
+        raise MegacloneError(f"--ep {expert_parallel} splits experts, but the source is dense and no --num-experts "
+                             "was given", "pass --num-experts E to upcycle, or leave out --ep")
     ffn = src.ffn_hidden_size * factors.ffn
-    if experts is not None:
+    if experts is not None and src.experts is None:
         experts.check_upcycling(ffn)
         experts = dataclasses.replace(experts, ffn_hidden_size=experts.ffn_hidden_size or ffn)
         if src.add_bias_linear:

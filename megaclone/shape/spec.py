@@ -215,7 +215,8 @@ def _hf_only(spec: ModelSpec) -> dict[str, tuple[bool, str]]:
 
 def feasible_tp(spec: ModelSpec, world: int) -> int:
     """The largest TP that divides ``world`` and every axis TP splits (heads, groups, FFN, vocab)."""
-    sizes = (spec.num_attention_heads, spec.num_query_groups, spec.ffn_hidden_size, spec.padded_vocab_size)
+    sizes = (spec.num_attention_heads, spec.num_query_groups, spec.ffn_hidden_size, spec.padded_vocab_size,
+             *((spec.experts.ffn_hidden_size,) if spec.experts else ()))
     return max(d for d in range(1, world + 1) if world % d == 0 and all(s % d == 0 for s in sizes))
 
 
