@@ -58,12 +58,13 @@ CASES = [
 SCALED = ("linear_fc1.weight", "linear_fc2.weight")
 
 # Growing a mixture-of-experts source (each expert drawn on its own, so a mixed-up expert shows):
-# (name, source, width factor, TP, EP, depth, variant); "upcycled" is the case w2-e4-k2-tp2-ep2 above.
+# (name, source, width factor, TP, EP, depth, variant, more experts); "upcycled" is w2-e4-k2-tp2-ep2 above.
 MOE_SOURCE_CASES = [
-    ("moe-src-w2-tp2-ep2", "moe-source", 2, 2, 2, Depth(), "symmetric"),  # TP 2 x EP 1 -> TP 2 x EP 2
-    ("moe-src-w2-depth2-tp1-ep4", "moe-source", 2, 1, 4, Depth(2), "diagonal"),
-    ("upcycled-w2-tp4-ep1", "w2-e4-k2-tp2-ep2", 2, 4, 1, Depth(), "symmetric"),  # EP 2 -> 1
-    ("upcycled-w2-tp1-ep2", "w2-e4-k2-tp2-ep2", 2, 1, 2, Depth(), "symmetric"),  # EP 2 -> 2, TP 2 -> 1
+    ("moe-src-w2-tp2-ep2", "moe-source", 2, 2, 2, Depth(), "symmetric", None),  # TP 2 x EP 1 -> TP 2 x EP 2
+    ("moe-src-w2-depth2-tp1-ep4", "moe-source", 2, 1, 4, Depth(2), "diagonal", None),
+    ("upcycled-w2-tp4-ep1", "w2-e4-k2-tp2-ep2", 2, 4, 1, Depth(), "symmetric", None),  # EP 2 -> 1
+    ("upcycled-w2-tp1-ep2", "w2-e4-k2-tp2-ep2", 2, 1, 2, Depth(), "symmetric", None),  # EP 2 -> 2, TP 2 -> 1
+    ("moe-src-e8-k4-w2-tp2-ep2", "moe-source", 2, 2, 2, Depth(), "symmetric", Experts(8, 4, parallel=2)),
 ]
 
 
@@ -157,13 +158,15 @@ def main(out: Path) -> None:
 
     moe_spec = dataclasses.replace(spec, experts=Experts(4, 2, ffn_hidden_size=48))
     sample.make_source(out / "moe-source", moe_spec, train_steps=0)
-    for case, src, factor, tp, ep, depth, variant in MOE_SOURCE_CASES:
+    for case, src, factor, tp, ep, depth, variant, more in MOE_SOURCE_CASES:
         dst = out / case
         expand(out / src, dst, Factors.uniform(factor), tp, CloneConfig(Variant(variant), seed=5), depth=depth,
-               expert_parallel=ep)
+               expert_parallel=1 if more else ep, experts=more)
         weights = check_weights(out / src, dst)
+        logits = verify(out / src, dst)
         results["cases"][case] = {
-            "max_rel": max(r.max_rel for r in verify(out / src, dst)),
+            "max_rel": max(r.max_rel for r in logits),
+            "routes": [list(r.routes) for r in logits],
             "experts_written": experts_written(dst),
             "weights_checked": sum(w.checked for w in weights),
             "weight_mismatches": [m.line() for w in weights for m in w.mismatches]}

@@ -79,7 +79,7 @@ def test_a_bad_depth_request_is_refused_with_the_flag_to_fix(depth, match):
 ])
 def test_a_router_setting_that_changes_the_function_is_refused_with_the_fix(experts, match, flag):
     with pytest.raises(MegacloneError, match=match) as err:
-        Experts(**experts)
+        Experts(**experts).check_routing()
     assert flag in err.value.fix
 
 

@@ -101,6 +101,9 @@ def test_a_grown_mixture_of_experts_gives_its_sources_logits_on_every_rank(resul
     depth), at another TP x EP: megatron-core's MoE layer computes the source's logits on every rank, and
     every stored expert, router and shared tensor is the clone of its own source tensor."""
     record = results["cases"][case]
+    more = next(c[7] for c in MOE_SOURCE_CASES if c[0] == case)
     assert record["max_rel"] <= 1e-5
-    assert record["experts_written"] == [0, 1, 2, 3]
+    assert record["experts_written"] == list(range(more.num if more else 4))
     assert record["weights_checked"] > 0 and record["weight_mismatches"] == []
+    if "depth" not in case:  # the top-k choices are compared layer for layer
+        assert all(compared > 0 and differ == 0 for compared, differ in record["routes"])

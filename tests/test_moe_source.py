@@ -55,11 +55,59 @@ def test_one_corrupted_expert_element_fails_the_weight_check_naming_the_expert(m
     assert (m.key, m.layer, m.expert, m.index) == (FC1, 0, 2, (0, 5)), m.line()
 
 
+@pytest.mark.parametrize("experts,factor,variant", [
+    (Experts(8, 4), 2, "symmetric"),  # each expert's grown FFN cut in 2 slices
+    (Experts(8, 4, ffn_hidden_size=24), 1, "diagonal"),
+    (Experts(16, 8, ffn_hidden_size=48), 2, "diagonal"),  # 2 slices, each held by 2 experts
+    (Experts(8, 4, ffn_hidden_size=48), 1, "symmetric"),  # 2 whole copies of each expert
+], ids=["8-halves-w2", "8-halves", "16-halves-twice-w2", "8-copies"])
+def test_more_experts_from_a_mixture_compute_its_logits(moe, tmp_path, experts, factor, variant):
+    """E -> G x E: G experts per source expert, top-k x G, the router row copied to the G experts, each
+    slice's second projection times the number of slices (docs/design.md, "More experts from a mixture")."""
+    dst = tmp_path / "more"
+    expand(moe / "src", dst, Factors.uniform(factor), 1, CloneConfig(Variant(variant)), experts=experts)
+    [r] = verify(moe / "src", dst)
+    assert r.ok and r.max_rel < 1e-5 and r.routes[0] > 0, r.line()
+    [w] = check_weights(moe / "src", dst)
+    assert w.ok, [m.line() for m in w.mismatches]
+
+
+@pytest.mark.parametrize("router", [dict(score_function="sigmoid"), dict(pre_softmax=True)], ids=["sigmoid", "pre-softmax"])
+def test_width_growth_keeps_any_router(tmp_path, router):
+    """Sigmoid scores (DeepSeek-V3-like) and softmax before a top-2 of 4 (Qwen2-MoE-like): the router's
+    logits are the source's, so whatever it computes from them is too."""
+    spec = dataclasses.replace(presets.preset_spec("llama", 1), experts=Experts(4, 2, ffn_hidden_size=48, **router))
+    sample.make_source(tmp_path / "src", spec, train_steps=0)
+    expand(tmp_path / "src", tmp_path / "wide", Factors.uniform(2), 1)
+    [r] = verify(tmp_path / "src", tmp_path / "wide")
+    assert r.ok and r.routes[1] == 0, r.line()
+    if "score_function" in router:  # sigmoid scores of slices do not add up to the expert's
+        with pytest.raises(MegacloneError, match="slices do not add up"):
+            expand(tmp_path / "src", tmp_path / "more", Factors.uniform(2), 1, experts=Experts(8, 4))
+    else:  # softmax over every slice weighs each p_e / 2, the second projection's 2 restores it
+        expand(tmp_path / "src", tmp_path / "more", Factors.uniform(2), 1, experts=Experts(8, 4))
+        [r] = verify(tmp_path / "src", tmp_path / "more")
+        assert r.ok and r.routes[1] == 0, r.line()
+
+
 @pytest.mark.parametrize("kwargs,said", [
-    (dict(experts=Experts(8, 2)), "does not add experts to it yet"),
+    (dict(experts=Experts(8, 2)), "top-2 does not pick whole groups of the 2 experts"),
+    (dict(experts=Experts(6, 3)), "--num-experts 6 is not a multiple of the source's 4 experts"),
+    (dict(experts=Experts(8, 4, ffn_hidden_size=36)), "an expert FFN of 36 does not cut"),
     (dict(cfg=CloneConfig(Variant.NOISY_SYMMETRIC)), "noisy clone and grown optimizer state"),
 ])
 def test_what_is_not_grown_from_a_mixture_yet_is_refused_before_writing(moe, tmp_path, kwargs, said):
     with pytest.raises(MegacloneError, match=said):
         expand(moe / "src", tmp_path / "d", Factors.uniform(2), kwargs.pop("tp", 1), **kwargs)
     assert not (tmp_path / "d").exists()
+
+
+def test_the_logit_check_compares_the_top_k_choices(moe, tmp_path):
+    [r] = verify(moe / "src", moe / "wide")
+    assert r.routes[0] > 0 and r.routes[1] == 0, r.line()
+    assert f"top-k experts: {r.routes[0]} of {r.routes[0]} token-layers as the source's" in r.line()
+    bad = tmp_path / "bad"
+    shutil.copytree(moe / "wide", bad)
+    overwrite_stored_value(bad, "decoder.layers.mlp.router.weight", 0, 50.0)  # expert 0 of layer 0 pulls
+    [r] = verify(moe / "src", bad)
+    assert r.routes[1] > 0 and not r.ok, r.line()

@@ -7,6 +7,7 @@ gathered so each rank compares the matching slice over the real vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,19 +41,22 @@ class RankResult:
     tol: float
     tokens: int  # positions compared (every vocabulary id appears among the inputs)
     non_finite: str = ""  # where the first NaN or infinity of either model's logits is ("" if none)
+    routes: tuple[int, int] = (0, 0)  # MoE: (token-layer top-k choices compared, how many differ)
 
     @property
     def ok(self) -> bool:
-        return self.max_rel <= self.tol and not self.non_finite
+        return self.max_rel <= self.tol and not self.non_finite and not self.routes[1]
 
     def line(self) -> str:
         if self.non_finite:
             return f"rank {self.rank}: FAIL: {self.non_finite}"
         verdict = ("ok" if self.ok else "FAIL") + ("" if self.vocab_stop > self.vocab_start else " (padding rows only)")
         padding = f" + padding [{self.vocab_stop}, {self.padded_stop})" if self.padded_stop > self.vocab_stop else ""
+        compared, differ = self.routes
+        routes = f"  top-k experts: {compared - differ} of {compared} token-layers as the source's" if compared else ""
         return (
             f"rank {self.rank}: vocab [{self.vocab_start}, {self.vocab_stop}){padding} "
-            f"max abs diff {self.max_abs:.3e}  max rel diff {self.max_rel:.3e}  (tol {self.tol:.0e}) {verdict}"
+            f"max abs diff {self.max_abs:.3e}  max rel diff {self.max_rel:.3e}  (tol {self.tol:.0e}){routes} {verdict}"
         )
 
 
@@ -101,7 +105,33 @@ def load_source_model(source: Source, device) -> torch.nn.Module:
     return model
 
 
-def _megatron_reference(source: Source, batches: list[torch.Tensor], device) -> list[torch.Tensor]:
+@contextlib.contextmanager
+def routes_of(model: torch.nn.Module):
+    """Every MoE layer's top-k choice (its router's routing map, tokens x experts) per forward of
+    ``model``, in call order: a list filled while the block runs."""
+    found: list[torch.Tensor] = []
+    hooks = [layer.mlp.router.register_forward_hook(lambda module, inputs, out: found.append(out[1].detach().clone()))
+             for layer in model.decoder.layers if hasattr(layer.mlp, "router")]
+    try:
+        yield found
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def routes_differing(source: list[torch.Tensor], clone: list[torch.Tensor]) -> tuple[int, int]:
+    """(token-layers compared, how many chose other experts than the source): the clone's expert e
+    stands for source expert e div (E_clone / E_source)."""
+    compared = differ = 0
+    for s, c in zip(source, clone):
+        grouped = c.reshape(c.shape[0], s.shape[1], -1).any(dim=-1)
+        compared += s.shape[0]
+        differ += int((grouped != s).any(dim=-1).sum())
+    return compared, differ
+
+
+def _megatron_reference(source: Source, batches: list[torch.Tensor], device,
+                        routes: Optional[list] = None) -> list[torch.Tensor]:
     """The source's logits over its whole padded vocabulary for each batch: the model at the largest
     TP its shape allows in this world, each rank's slice gathered."""
     from megatron.core import parallel_state
@@ -110,7 +140,10 @@ def _megatron_reference(source: Source, batches: list[torch.Tensor], device) -> 
     group = parallel_state.get_tensor_model_parallel_group()
     out = []
     for tokens in batches:
-        local = causal_logits(model, tokens).float()
+        with routes_of(model) as found:
+            local = causal_logits(model, tokens).float()
+        if routes is not None:
+            routes.append(found)
         parts = [torch.empty_like(local) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
         dist.all_gather(parts, local, group=group)
         out.append(torch.cat(parts, dim=-1))
@@ -220,17 +253,25 @@ def verify(
     real = vocab
     real_stop = min(max(start, real), start + width)
     max_abs, slice_scale, global_scale, compared, non_finite = 0.0, 0.0, 0.0, 0, ""
+    # the top-k choices are compared layer for layer where both are mixtures of one depth
+    compare_routes = bool(src_spec.experts and dst_spec.experts and src_spec.num_layers == dst_spec.num_layers
+                          and src_hf is None)
+    routes = (0, 0)
     for group in _rounds(batches, width, reference_budget):
+        src_routes: list = []
         full = (_hf_reference(src_path, group, device) if src_hf is not None
-                else _megatron_reference(source, group, device))
+                else _megatron_reference(source, group, device, src_routes))
         # the clone's padding rows past the source's are zero rows: logit 0
         expected = [torch.nn.functional.pad(f, (0, max(0, start + width - f.shape[-1])))[..., start:start + width]
                     for f in full]
         global_scale = max([global_scale] + [float(f[..., :real].abs().max()) for f in full])
         del full
         model = _destination_model(destination, dst_spec, dst_dtype, device)
-        for tokens_b, exp in zip(group, expected):
-            found = causal_logits(model, tokens_b).float()
+        for b, (tokens_b, exp) in enumerate(zip(group, expected)):
+            with routes_of(model) as dst_routes:
+                found = causal_logits(model, tokens_b).float()
+            if compare_routes:
+                routes = tuple(a + d for a, d in zip(routes, routes_differing(src_routes[b], dst_routes)))
             sequence = compared // tokens_b.shape[1]
             non_finite = non_finite or (first_non_finite(exp[..., :real_stop - start], "source", sequence, start)
                                         or first_non_finite(found, "destination", sequence, start))
@@ -242,7 +283,7 @@ def verify(
     scale = slice_scale if slice_scale > 0 else global_scale
     return gathered(RankResult(dist.get_rank(), start, real_stop, start + width, max_abs,
                                max_abs / max(scale, 1e-30), tol if tol is not None else default_tolerance(dst_dtype),
-                               compared, non_finite))
+                               compared, non_finite, routes))
 
 
 def verify_hf(

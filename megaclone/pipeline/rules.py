@@ -22,6 +22,7 @@ from megaclone.pipeline.index_maps import (
     GroupedHeads,
     GroupedQKV,
     Pad,
+    Repeat,
     Tile,
 )
 from megaclone.shape.layout import (
@@ -125,7 +126,8 @@ class ParamRule:
         """The paper's diagonal variants are defined for matrices cloned on both axes by one factor;
         every other matrix (the output layer, unequal hidden and head/FFN factors, a fused QKV whose
         key/value rows grow less than its query rows) stays symmetric."""
-        return self.role is Role.MATRIX and self.c_out == self.c_in > 1 and not isinstance(self.rows, GroupedQKV)
+        return (self.role is Role.MATRIX and self.c_out == self.c_in > 1 and not isinstance(self.rows, GroupedQKV)
+                and self.key != ROUTER)  # a router's row copies serve more experts, not output copies
 
     @property
     def noise_blocks(self) -> int:
@@ -170,15 +172,20 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
     }
     extra: dict[str, dict] = {}
     if src.experts:  # an MoE source: each expert is width-cloned like a dense MLP, from its own source expert
-        fe = Tile(src.experts.ffn_hidden_size, dst.experts.ffn_hidden_size // src.experts.ffn_hidden_size)
-        # the router's input columns are cloned like any input (1/n each), so its logits, and so the
-        # top-k choice and the gates, are the source's
-        rules[ROUTER] = (Tile(src.experts.num, 1), hidden, Role.MATRIX, 0)
-        rules[f"{EXPERTS}linear_fc1.weight"] = (Concat(fe, 2) if src.swiglu else fe, hidden, Role.MATRIX,
+        fe = Tile(src.experts.ffn_hidden_size, m)
+        copies = dst.experts.num // src.experts.num  # experts per source expert (more experts: G > 1)
+        g = fe.dst_size // dst.experts.ffn_hidden_size  # slices of a grown source expert
+        parts = 2 if src.swiglu else 1
+        # the router's input columns are cloned like any input (1/n each), so its logits, and so the top-k
+        # choice and the gates, are the source's; with more experts each source row serves its G experts
+        rules[ROUTER] = (Repeat(src.experts.num, copies), hidden, Role.MATRIX, 0)
+        rules[f"{EXPERTS}linear_fc1.weight"] = (ExpertSlice(Concat(fe, 2) if src.swiglu else fe, parts,
+                                                            dst.experts.ffn_hidden_size), hidden, Role.MATRIX,
                                                 src.experts.ffn_hidden_size)
-        rules[f"{EXPERTS}linear_fc2.weight"] = (hidden, fe, Role.MATRIX, src.hidden_size)
-        for key in (f"{EXPERTS}linear_fc1.weight", f"{EXPERTS}linear_fc2.weight"):
-            extra[key] = dict(source_experts=src.experts.num)
+        rules[f"{EXPERTS}linear_fc2.weight"] = (hidden, ExpertSlice(fe, 1, dst.experts.ffn_hidden_size), Role.MATRIX,
+                                                src.hidden_size)
+        extra[f"{EXPERTS}linear_fc1.weight"] = dict(source_experts=src.experts.num, slices=g)
+        extra[f"{EXPERTS}linear_fc2.weight"] = dict(source_experts=src.experts.num, slices=g, gain=g)
     elif dst.experts:  # upcycling: every expert holds a slice of the grown dense MLP (slice 0 here, see for_expert)
         f, parts = dst.experts.ffn_hidden_size, 2 if src.swiglu else 1
         g = dst.experts.granularity(dst.ffn_hidden_size)

@@ -97,12 +97,9 @@ def grow(src: ModelSpec, factors: Factors, tensor_parallel: int, depth: Depth = 
     FFN grown by the FFN factor) over ``expert_parallel`` EP ranks."""
     factors.validate()
     if src.experts is not None:
-        if experts is not None:
-            raise MegacloneError(f"the source is already a mixture of {src.experts.num} experts; megaclone grows its "
-                                 "experts in width and depth but does not add experts to it yet",
-                                 "leave out --num-experts (pass --ep to spread the experts over EP ranks)")
-        experts = dataclasses.replace(src.experts, ffn_hidden_size=src.experts.ffn_hidden_size * factors.ffn,
-                                      parallel=expert_parallel)
+        grown = dataclasses.replace(src.experts, ffn_hidden_size=src.experts.ffn_hidden_size * factors.ffn,
+                                    parallel=expert_parallel)
+        experts = grown if experts is None else more_experts(grown, experts)
     elif expert_parallel != 1:
         raise MegacloneError(f"--ep {expert_parallel} splits experts, but the source is dense and no --num-experts "
                              "was given", "pass --num-experts E to upcycle, or leave out --ep")
@@ -125,6 +122,37 @@ def grow(src: ModelSpec, factors: Factors, tensor_parallel: int, depth: Depth = 
         tensor_parallel=tensor_parallel,
         experts=experts,
     )
+
+
+def more_experts(grown: Experts, request: Experts) -> Experts:
+    """The destination's experts when an MoE source (its experts ``grown`` in width) gets ``request.num``
+    = G x E experts: each source expert becomes G experts holding its FFN cut into g slices (G / g copies
+    of each), top-k x G, the router's row of expert e copied to its G experts; the second projection
+    carries g. The chosen experts then weigh each slice copy p_e / G (docs/design.md, "More experts from
+    a mixture"). Refused, with the reason, where that is not exact."""
+    e, k, f = grown.num, grown.topk, grown.ffn_hidden_size
+    if request.num % e:
+        raise MegacloneError(f"--num-experts {request.num} is not a multiple of the source's {e} experts",
+                             f"pass a multiple of {e} (each source expert becomes that many experts)")
+    g_copies = request.num // e
+    size = request.ffn_hidden_size or (f // g_copies if f % g_copies == 0 else f)  # default: the finest cut
+    slices = f // size if f % size == 0 else 0
+    if not slices or g_copies % slices:
+        raise MegacloneError(f"an expert FFN of {size} does not cut the grown experts' FFN of {f} into slices that "
+                             f"{g_copies} experts per source expert can hold whole",
+                             "pass a --moe-ffn-hidden-size that divides it into a divisor of "
+                             f"{g_copies} slices, or leave the flag out")
+    if request.topk != k * g_copies:
+        raise MegacloneError(f"top-{request.topk} does not pick whole groups of the {g_copies} experts each of the "
+                             f"source's top-{k} experts becomes", f"pass --moe-router-topk {k * g_copies}")
+    if grown.score_function != "softmax" or grown.load_balancing_type == "sinkhorn":
+        raise MegacloneError(f"the source routes with {grown.score_function} scores"
+                             + (" and sinkhorn balancing" if grown.load_balancing_type == "sinkhorn" else "")
+                             + ", under which experts cut into slices do not add up to the whole expert",
+                             "grow this mixture without --num-experts (width and depth keep any router)")
+    out = dataclasses.replace(grown, num=request.num, topk=request.topk, ffn_hidden_size=size,
+                              parallel=request.parallel, grouped_gemm=request.grouped_gemm or grown.grouped_gemm)
+    return out
 
 
 def check_divisible(spec: ModelSpec) -> None:

@@ -351,16 +351,26 @@ class Experts:
         if self.num < 2:
             raise MegacloneError(f"--num-experts {self.num}: a mixture needs at least 2 experts",
                                  "pass --num-experts 2 or more (or leave it out for a dense model)")
-        if self.topk == 1:
-            raise MegacloneError("top-1 routing does not preserve the function: megatron-core requires "
-                                 "--moe-router-pre-softmax with top-1, and the chosen expert is then weighted by its "
-                                 "softmax over all experts, less than one", "pass --moe-router-topk 2 or more")
         if self.topk > self.num:
             raise MegacloneError(f"--moe-router-topk {self.topk} is larger than --num-experts {self.num}",
                                  f"route each token to at most {self.num} experts")
         if self.num % self.parallel:
             raise MegacloneError(f"--num-experts {self.num} does not divide over --ep {self.parallel} ranks",
                                  "choose an expert-parallel size that divides the number of experts")
+        if self.router_init not in ROUTER_INITS:
+            raise MegacloneError(f"unknown router init {self.router_init!r}", f"pass --moe-router-init one of {ROUTER_INITS}")
+        if self.ffn_hidden_size is not None and self.ffn_hidden_size < 1:
+            raise MegacloneError(f"--moe-ffn-hidden-size must be positive, got {self.ffn_hidden_size}",
+                                 "pass a divisor of the (grown) FFN hidden size")
+
+    def check_routing(self) -> None:
+        """Refuse router settings under which experts cut from one MLP (upcycling, or an expert split into
+        slices) would not add up to it: the chosen slices' weights must sum to the whole's. A source's
+        own router is never refused for this: width growth keeps any router's logits."""
+        if self.topk == 1:
+            raise MegacloneError("top-1 routing does not preserve the function: megatron-core requires "
+                                 "--moe-router-pre-softmax with top-1, and the chosen expert is then weighted by its "
+                                 "softmax over all experts, less than one", "pass --moe-router-topk 2 or more")
         if self.score_function != "softmax":
             raise MegacloneError(f"router score function {self.score_function!r} does not preserve the dense "
                                  "model's function: sigmoid scores of the chosen experts do not sum to one",
@@ -373,11 +383,6 @@ class Experts:
             raise MegacloneError(f"load balancing {self.load_balancing_type!r} is not supported: sinkhorn changes "
                                  "which experts a token reaches in training, so training would not start from "
                                  "the dense model's function", f"use one of {LOAD_BALANCING_TYPES}")
-        if self.router_init not in ROUTER_INITS:
-            raise MegacloneError(f"unknown router init {self.router_init!r}", f"pass --moe-router-init one of {ROUTER_INITS}")
-        if self.ffn_hidden_size is not None and self.ffn_hidden_size < 1:
-            raise MegacloneError(f"--moe-ffn-hidden-size must be positive, got {self.ffn_hidden_size}",
-                                 "pass a divisor of the (grown) FFN hidden size")
 
     def granularity(self, dense_ffn: int) -> int:
         """G: experts per copy of the dense MLP (each holds 1/G of its FFN)."""
@@ -385,6 +390,7 @@ class Experts:
 
     def check_upcycling(self, dense_ffn: int) -> None:
         """Refuse expert shapes the dense MLP cannot be split into exactly (with the reason)."""
+        self.check_routing()
         f = self.ffn_hidden_size or dense_ffn
         if dense_ffn % f:
             raise MegacloneError(f"--moe-ffn-hidden-size {f} does not divide the FFN hidden size {dense_ffn} "
