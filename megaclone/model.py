@@ -94,6 +94,8 @@ def _moe_config(spec: ModelSpec) -> dict[str, Any]:
         moe_router_score_function=experts.score_function,
         moe_router_load_balancing_type=experts.load_balancing_type,
         moe_aux_loss_coeff=experts.aux_loss_coeff,
+        moe_shared_expert_intermediate_size=experts.shared_ffn_hidden_size,
+        moe_shared_expert_gate=experts.shared_gate,
         moe_grouped_gemm=False,
     )
 

@@ -21,6 +21,8 @@ SHAPES = {
     "gpt2-qk-layernorm": dict(qk_layernorm=True),
     "llama-experts": dict(experts=Experts(4, 2, ffn_hidden_size=96)),
     "llama-granular-experts-qk-layernorm": dict(experts=Experts(8, 4, ffn_hidden_size=24), qk_layernorm=True),
+    "llama-experts-gated-shared-expert": dict(experts=Experts(4, 2, ffn_hidden_size=48, shared_ffn_hidden_size=64,
+                                                              shared_gate=True)),
 }
 
 

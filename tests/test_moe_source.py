@@ -111,3 +111,21 @@ def test_the_logit_check_compares_the_top_k_choices(moe, tmp_path):
     overwrite_stored_value(bad, "decoder.layers.mlp.router.weight", 0, 50.0)  # expert 0 of layer 0 pulls
     [r] = verify(moe / "src", bad)
     assert r.routes[1] > 0 and not r.ok, r.line()
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["shared-expert", "gated-shared-expert"])
+@pytest.mark.parametrize("growth", ["width", "depth", "experts"])
+def test_a_shared_expert_grows_with_the_mixture(tmp_path_factory, gate, growth):
+    """megatron-core's shared expert (a dense MLP every token passes), with and without its sigmoid gate
+    (Qwen2-MoE's): a dense MLP's clone, and its gate a one-row router whose input columns are cloned."""
+    root = tmp_path_factory.mktemp(f"shared-{gate}")
+    if not (root / "src").exists():
+        experts = Experts(4, 2, ffn_hidden_size=48, shared_ffn_hidden_size=64, shared_gate=gate)
+        sample.make_source(root / "src", dataclasses.replace(presets.preset_spec("llama", 1), experts=experts),
+                           train_steps=0)
+    kwargs = {"depth": dict(depth=Depth(2)), "experts": dict(experts=Experts(8, 4))}.get(growth, {})
+    expand(root / "src", root / growth, Factors.uniform(2), 1, **kwargs)
+    [r] = verify(root / "src", root / growth)
+    assert r.ok and r.max_rel < 1e-5, r.line()
+    [w] = check_weights(root / "src", root / growth)
+    assert w.ok and w.checked == {"width": 21, "depth": 39, "experts": 21}[growth] + 2 * gate * (1 + (growth == "depth"))

@@ -30,6 +30,7 @@ from megaclone.shape.layout import (
     EXPERTS,
     MLP,
     ROUTER,
+    SHARED,
     Split,
     Tensor,
     catalogue,
@@ -184,6 +185,12 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
                                                 src.experts.ffn_hidden_size)
         rules[f"{EXPERTS}linear_fc2.weight"] = (hidden, ExpertSlice(fe, 1, dst.experts.ffn_hidden_size), Role.MATRIX,
                                                 src.hidden_size)
+        if src.experts.shared_ffn_hidden_size:  # the shared expert: a dense MLP; its gate a one-row router
+            fs = Tile(src.experts.shared_ffn_hidden_size, m)
+            rules[f"{SHARED}linear_fc1.weight"] = (Concat(fs, 2) if src.swiglu else fs, hidden, Role.MATRIX,
+                                                   src.experts.shared_ffn_hidden_size)
+            rules[f"{SHARED}linear_fc2.weight"] = (hidden, fs, Role.MATRIX, src.hidden_size)
+            rules[f"{SHARED}gate_weight"] = (Tile(1, 1), hidden, Role.MATRIX, 0)
         extra[f"{EXPERTS}linear_fc1.weight"] = dict(source_experts=src.experts.num, slices=g)
         extra[f"{EXPERTS}linear_fc2.weight"] = dict(source_experts=src.experts.num, slices=g, gain=g)
     elif dst.experts:  # upcycling: every expert holds a slice of the grown dense MLP (slice 0 here, see for_expert)

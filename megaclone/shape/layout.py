@@ -21,6 +21,7 @@ ATTENTION = LAYERS + "self_attention."
 MLP = LAYERS + "mlp."
 EXPERTS = MLP + "experts.experts."  # megatron-core's key for every expert layout (sequential or grouped GEMM)
 ROUTER = MLP + "router.weight"
+SHARED = MLP + "shared_experts."  # megatron-core's SharedExpertMLP (moe_shared_expert_intermediate_size)
 
 # Transformer Engine layer specs fuse each pre-norm into the next linear (the keys below); megatron-core's
 # local spec (the one that runs on CPU) keeps it a module of its own: its state-dict names, per layer.
@@ -128,6 +129,12 @@ def catalogue(spec: ModelSpec) -> list[Tensor]:
             out += [Tensor(ROUTER, (e, h), Split.REPLICATED, True),
                     Tensor(f"{EXPERTS}linear_fc1.weight", (fc1_parts * f, h), Split.COLUMN, True, fc1_parts, experts=e),
                     Tensor(f"{EXPERTS}linear_fc2.weight", (h, f), Split.ROW, True, residual_output=True, experts=e)]
+            if experts.shared_ffn_hidden_size:  # a shared expert: a dense MLP beside the routed ones
+                fs = experts.shared_ffn_hidden_size
+                out += [Tensor(f"{SHARED}linear_fc1.weight", (fc1_parts * fs, h), Split.COLUMN, True, fc1_parts),
+                        Tensor(f"{SHARED}linear_fc2.weight", (h, fs), Split.ROW, True, residual_output=True)]
+                if experts.shared_gate:
+                    out.append(Tensor(f"{SHARED}gate_weight", (1, h), Split.REPLICATED, True))
             continue
         out.append(Tensor(f"{prefix}{first}.weight", (rows, h), Split.COLUMN, True, parts))
         if first_bias:

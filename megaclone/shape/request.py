@@ -97,8 +97,9 @@ def grow(src: ModelSpec, factors: Factors, tensor_parallel: int, depth: Depth = 
     FFN grown by the FFN factor) over ``expert_parallel`` EP ranks."""
     factors.validate()
     if src.experts is not None:
+        shared = src.experts.shared_ffn_hidden_size
         grown = dataclasses.replace(src.experts, ffn_hidden_size=src.experts.ffn_hidden_size * factors.ffn,
-                                    parallel=expert_parallel)
+                                    parallel=expert_parallel, shared_ffn_hidden_size=shared and shared * factors.ffn)
         experts = grown if experts is None else more_experts(grown, experts)
     elif expert_parallel != 1:
         raise MegacloneError(f"--ep {expert_parallel} splits experts, but the source is dense and no --num-experts "
@@ -168,6 +169,8 @@ def check_divisible(spec: ModelSpec) -> None:
     }
     if spec.experts:
         checks["expert FFN hidden size"] = spec.experts.ffn_hidden_size
+        if spec.experts.shared_ffn_hidden_size:
+            checks["shared expert FFN hidden size"] = spec.experts.shared_ffn_hidden_size
     for what, size in checks.items():
         if size % tp:
             raise MegacloneError(

@@ -285,7 +285,6 @@ def _flag(args: Any, name: str, default: bool) -> bool:
 def _refuse_unsupported(args: Any) -> None:
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     unsupported = {
-        "moe_shared_expert_intermediate_size": "shared experts",
         "moe_expert_capacity_factor": "an expert capacity (dropped tokens)",
         "apply_layernorm_1p": "zero-centered (1p) layernorm",
         "multi_latent_attention": "multi-latent attention",
@@ -341,6 +340,8 @@ class Experts:
     score_function: str = "softmax"
     load_balancing_type: str = "aux_loss"
     aux_loss_coeff: float = 0.0
+    shared_ffn_hidden_size: Optional[int] = None  # a shared expert every token passes (None: none)
+    shared_gate: bool = False  # the shared expert's output scaled by sigmoid(gate . x) (Qwen2-MoE)
 
     def __post_init__(self):
         for name in ("num", "topk", "parallel"):
@@ -423,7 +424,8 @@ class Experts:
             "moe_token_dispatcher_type": "allgather",
             "moe_router_topk_scaling_factor": None,
             "moe_expert_capacity_factor": None,
-            "moe_shared_expert_intermediate_size": None,
+            "moe_shared_expert_intermediate_size": self.shared_ffn_hidden_size,
+            "moe_shared_expert_gate": self.shared_gate,
             "moe_layer_freq": 1,
             "moe_router_init": self.router_init,  # megaclone's own record (how the router was set)
         }
@@ -440,7 +442,9 @@ class Experts:
             router_init=get("moe_router_init", "random"), pre_softmax=bool(get("moe_router_pre_softmax", False)),
             score_function=get("moe_router_score_function", "softmax"),
             load_balancing_type=get("moe_router_load_balancing_type", "aux_loss"),
-            aux_loss_coeff=get("moe_aux_loss_coeff", 0.0) or 0.0)
+            aux_loss_coeff=get("moe_aux_loss_coeff", 0.0) or 0.0,
+            shared_ffn_hidden_size=get("moe_shared_expert_intermediate_size"),
+            shared_gate=_flag(args, "moe_shared_expert_gate", False))
 
 
 def pad_vocab(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
