@@ -175,7 +175,7 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
     if src.experts:  # an MoE source: each expert is width-cloned like a dense MLP, from its own source expert
         fe = Tile(src.experts.ffn_hidden_size, m)
         copies = dst.experts.num // src.experts.num  # experts per source expert (more experts: G > 1)
-        g = fe.dst_size // dst.experts.ffn_hidden_size  # slices of a grown source expert
+        slices = fe.dst_size // dst.experts.ffn_hidden_size  # slices of a grown source expert
         parts = 2 if src.swiglu else 1
         # the router's input columns are cloned like any input (1/n each), so its logits, and so the top-k
         # choice and the gates, are the source's; with more experts each source row serves its G experts
@@ -191,17 +191,17 @@ def param_rules(src: ModelSpec, dst: ModelSpec) -> list[ParamRule]:
                                                    src.experts.shared_ffn_hidden_size)
             rules[f"{SHARED}linear_fc2.weight"] = (hidden, fs, Role.MATRIX, src.hidden_size)
             rules[f"{SHARED}gate_weight"] = (Tile(1, 1), hidden, Role.MATRIX, 0)
-        extra[f"{EXPERTS}linear_fc1.weight"] = dict(source_experts=src.experts.num, slices=g)
-        extra[f"{EXPERTS}linear_fc2.weight"] = dict(source_experts=src.experts.num, slices=g, gain=g)
+        extra[f"{EXPERTS}linear_fc1.weight"] = dict(source_experts=src.experts.num, slices=slices)
+        extra[f"{EXPERTS}linear_fc2.weight"] = dict(source_experts=src.experts.num, slices=slices, gain=slices)
     elif dst.experts:  # upcycling: every expert holds a slice of the grown dense MLP (slice 0 here, see for_expert)
         f, parts = dst.experts.ffn_hidden_size, 2 if src.swiglu else 1
-        g = dst.experts.granularity(dst.ffn_hidden_size)
+        slices = dst.experts.granularity(dst.ffn_hidden_size)
         rules[ROUTER] = (Tile(dst.experts.num, 1), hidden, Role.ROUTER, 0)
         rules[f"{EXPERTS}linear_fc1.weight"] = (ExpertSlice(fc1, parts, f), hidden, Role.MATRIX, src.ffn_hidden_size)
         rules[f"{EXPERTS}linear_fc2.weight"] = (hidden, ExpertSlice(ffn, 1, f), Role.MATRIX, src.hidden_size)
-        extra[f"{EXPERTS}linear_fc1.weight"] = dict(source=f"{MLP}linear_fc1.weight", slices=g)
-        extra[f"{EXPERTS}linear_fc2.weight"] = dict(source=f"{MLP}linear_fc2.weight", slices=g, gain=g)
-        extra[ROUTER] = dict(slices=g)
+        extra[f"{EXPERTS}linear_fc1.weight"] = dict(source=f"{MLP}linear_fc1.weight", slices=slices)
+        extra[f"{EXPERTS}linear_fc2.weight"] = dict(source=f"{MLP}linear_fc2.weight", slices=slices, gain=slices)
+        extra[ROUTER] = dict(slices=slices)
     if src.qk_norm_over_projection:  # over all heads (groups for k): the heads repeat, so their statistics stay
         keys = Tile(src.num_query_groups * src.kv_channels, g, unit=src.kv_channels)
         qk_norms = {"q": heads, "k": keys}

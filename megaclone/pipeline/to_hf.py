@@ -77,8 +77,11 @@ def expand_to_hf(
             dtype = dtype or source.dtype
             pieces, sizes = hf_pieces(dst_spec)
             tensors = {t.key: t for t in catalogue(dst_spec)}
-            slots: Slots = {(key, layer, None): [RowBlock(0, tensors[key].shape[0], torch.empty(tensors[key].shape, dtype=dtype))]
-                            for (key, layer), who in zip(pieces, deal(sizes, world)) if who == rank}
+            # whole (tensor, layer) pieces; a per-expert tensor's experts x rows x cols, a slot per expert
+            whole = {(key, layer): torch.empty((max(1, tensors[key].experts),) + tensors[key].shape, dtype=dtype)
+                     for (key, layer), who in zip(pieces, deal(sizes, world)) if who == rank}
+            slots: Slots = {(key, layer, e if tensors[key].experts else None): [RowBlock(0, t.shape[1], t[e])]
+                            for (key, layer), t in whole.items() for e in range(t.shape[0])}
             scales = noise_plan(source, dst_spec, depth, cfg) if cfg.variant.noisy else None
             agree(lambda: fill_rank(source, dst_spec, dict(slots), 0, cfg, report, on_slice, allow_non_finite, scales,
                                     depth, only_slots=True))
@@ -86,10 +89,11 @@ def expand_to_hf(
 
             def to_hf() -> dict[str, torch.Tensor]:
                 mine = {}
-                for key, layer, _ in list(slots):
-                    [block] = slots.pop((key, layer, None))  # freed as its HF tensors are made
-                    check_constant(layout[key], key, layer, block.tensor, model_type)
-                    mine.update(hf_tensors_from(layout[key], layer, block.tensor))
+                for key, layer in list(whole):
+                    full = whole.pop((key, layer))  # freed as its HF tensors are made
+                    full = full if tensors[key].experts else full[0]
+                    check_constant(layout[key], key, layer, full, model_type)
+                    mine.update(hf_tensors_from(layout[key], layer, full))
                 return mine
 
             mine = agree(to_hf)  # every rank learns of a refusal before an earlier output is removed

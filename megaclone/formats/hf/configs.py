@@ -41,6 +41,30 @@ def rope_model_config(s: ModelSpec, model_type: str) -> dict:
                 vocab_size=s.vocab_size, **rope_config(s.rotary_base, s.rotary_percent))
 
 
+def mixture_args(config: dict, experts_field: str, ffn_field: str, norm_topk_default: bool) -> dict:
+    """Megatron-LM's MoE args for a mixture-of-experts config.json (every layer sparse). transformers'
+    routers take softmax over every expert, then the top-k, renormalized with ``norm_topk_prob``:
+    megatron-core's default (softmax over the chosen logits) when renormalized, its pre-softmax
+    otherwise."""
+    require(config, config.get("decoder_sparse_step", 1) == 1 and not config.get("mlp_only_layers"),
+            "dense layers among the sparse ones (decoder_sparse_step, mlp_only_layers)",
+            "a model whose every layer is a mixture of experts")
+    require(config, not config.get("router_jitter_noise"), "router_jitter_noise", "a router without input jitter")
+    f = config[ffn_field]
+    # transformers 5 saves some families' expert count as num_local_experts, older configs as num_experts
+    experts = config.get(experts_field) or config.get("num_local_experts") or config[experts_field]
+    return dict(num_experts=experts, moe_router_topk=config["num_experts_per_tok"], ffn_hidden_size=f,
+                moe_ffn_hidden_size=f, moe_router_pre_softmax=not config.get("norm_topk_prob", norm_topk_default),
+                expert_model_parallel_size=1, moe_router_score_function="softmax")
+
+
+def mixture_config(s: ModelSpec, experts_field: str, ffn_field: str) -> dict:
+    """config.json's MoE fields for a mixture ``s`` (every layer sparse)."""
+    e = s.experts
+    return {experts_field: e.num, "num_experts_per_tok": e.topk, ffn_field: e.ffn_hidden_size,
+            "norm_topk_prob": not e.pre_softmax}
+
+
 def rotary_gated_shape(config: dict, norm_epsilon: float) -> dict:
     """Megatron-LM args every Llama-shaped family shares (RoPE, gated MLP, RMSNorm, bias-free linears,
     grouped-query attention, ``head_dim`` apart from hidden/heads); the families add what differs."""
@@ -59,8 +83,9 @@ def rotary_gated_shape(config: dict, norm_epsilon: float) -> dict:
 # the ones transformers keeps that the clone passes through unchanged, such as soft-capping).
 SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size",
          "num_key_value_heads", "max_position_embeddings", "head_dim", "n_embd", "n_head", "n_layer", "n_positions",
-         "n_inner", "ffn_dim", "word_embed_proj_dim", "sliding_window", "num_experts", "num_local_experts",
-         "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "query_pre_attn_scalar")
+         "n_inner", "ffn_dim", "word_embed_proj_dim", "num_experts", "num_local_experts", "num_experts_per_tok",
+         "moe_intermediate_size", "shared_expert_intermediate_size", "query_pre_attn_scalar", "decoder_sparse_step")
+COUNTS = ("sliding_window",)  # integers where 0 means none
 EPSILONS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
 POSITIVE_NUMBERS = ("rope_theta", "rotary_emb_base", "final_logit_softcapping", "attn_logit_softcapping", "clip_qkv")
 FRACTIONS = ("rotary_pct", "partial_rotary_factor", "attention_dropout", "hidden_dropout", "resid_pdrop",
@@ -96,6 +121,8 @@ def check_config(config: object, path: str) -> dict:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if field in SIZES and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             refuse(field, value, "a positive integer")
+        elif field in COUNTS and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            refuse(field, value, "a non-negative integer")
         elif field in EPSILONS and not (number and math.isfinite(value) and value > 0):
             refuse(field, value, "a positive finite number")
         elif field in POSITIVE_NUMBERS and not (number and math.isfinite(value) and value > 0):

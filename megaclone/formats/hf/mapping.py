@@ -18,7 +18,8 @@ RowMap = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # Megatron rows 
 
 @dataclass(frozen=True)
 class HFTensor:
-    """Where one Megatron tensor's rows live: HF tensor names (``{i}`` = layer), a row map, layout.
+    """Where one Megatron tensor's rows live: HF tensor names (``{i}`` = layer, ``{e}`` = expert: one HF
+    tensor per expert of a per-expert Megatron tensor), a row map, layout.
     With ``constant`` the HF model has no such tensor (OLMo's non-parametric norms): every value is
     that constant on import, and export refuses a model whose values differ from it."""
 
@@ -30,6 +31,29 @@ class HFTensor:
     def __post_init__(self):
         if (self.constant is None) == (not self.names):
             raise ValueError("an HF tensor has names, or is a constant with none")
+
+    @property
+    def per_expert(self) -> bool:
+        return any("{e}" in n for n in self.names)
+
+    def for_expert(self, expert: int) -> "HFTensor":
+        """The HF tensors of one expert (``{e}`` filled in, ``{i}`` kept)."""
+        return HFTensor(tuple(n.replace("{e}", str(expert)) for n in self.names), self.row_map, self.transposed,
+                        self.constant)
+
+
+def mixture_tensors(mlp: str, router: str, experts: str, names: tuple[str, str, str], s, layer: str) -> dict:
+    """A mixture-of-experts MLP's Megatron tensors (a ``layout`` entry each) where the HF model keeps a
+    router ``router`` and per-expert gate, up and down projections ``experts.{e}.<name>``, all under
+    ``layer`` (``model.layers.{i}.``). ``mlp`` is megatron-core's MLP prefix."""
+    gate, up, down = names
+    e = layer + experts + ".{e}."
+    f = s.experts.ffn_hidden_size
+    return {
+        mlp + "router.weight": HFTensor((layer + router,), identity(s.experts.num)),
+        mlp + "experts.experts.linear_fc1.weight": HFTensor((e + gate, e + up), concat(f)),
+        mlp + "experts.experts.linear_fc2.weight": HFTensor((e + down,), identity(s.hidden_size)),
+    }
 
 
 def constant(value: float) -> HFTensor:

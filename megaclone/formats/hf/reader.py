@@ -6,6 +6,7 @@ layout before anything is written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -41,7 +42,7 @@ def open_hf_source(root: str | Path, vocab_size: Optional[int] = None) -> Source
     if missing:
         raise AssertionError(f"{family.name} layout lacks {missing}")
     _check_layer_count(files, layout, spec)  # before anything proportional to the claimed count
-    _check_hf_names(files, {n.format(i=i) for t in expected for n in layout[t.key].names
+    _check_hf_names(files, {n.format(i=i) for t in expected for e in _experts_of(t) for n in _at(layout[t.key], e).names
                             for i in t.layers(spec.num_layers)}, family.name)
     dtypes = set()
     for tensor in expected:
@@ -62,7 +63,7 @@ def _check_layer_count(files: SafetensorsDir, layout: dict[str, HFTensor], spec:
     build a billion names first)."""
     import re
 
-    pattern = next((name for t in layout.values() for name in t.names if "{i}" in name), None)
+    pattern = next((name for t in layout.values() for name in t.names if "{i}" in name and "{e}" not in name), None)
     if pattern is None:
         return
     regex = re.compile(re.escape(pattern).replace(re.escape("{i}"), r"(\d+)"))
@@ -91,8 +92,20 @@ def _check_hf_names(files: SafetensorsDir, used: set[str], family: str) -> None:
             raise MegacloneError(f"{files.root} {problem}: {shown}", fix)
 
 
+def _experts_of(tensor) -> list[Optional[int]]:
+    """The experts of a per-expert Megatron tensor, or [None]."""
+    return list(range(tensor.experts)) if tensor.experts else [None]
+
+
+def _at(t: HFTensor, expert: Optional[int]) -> HFTensor:
+    return t if expert is None else t.for_expert(expert)
+
+
 def _check_hf_shapes(files: SafetensorsDir, t: HFTensor, tensor, spec: ModelSpec) -> set[torch.dtype]:
     """Every HF tensor behind one Megatron tensor exists with the shape config.json implies; their dtypes."""
+    if t.per_expert:
+        return set().union(*(_check_hf_shapes(files, t.for_expert(e), dataclasses.replace(tensor, experts=0), spec)
+                             for e in range(tensor.experts)))
     dtypes = set()
     part, row = t.row_map(np.arange(tensor.shape[0]))
     for p, name in enumerate(t.names):
@@ -164,6 +177,10 @@ def read_box(files: SafetensorsDir, t: HFTensor, layer: Optional[int], box: Box,
     """One box of a Megatron tensor from the HF files, reading only the rows and columns it covers."""
     import torch
 
+    if t.per_expert:  # the box leads with the expert axis: one HF tensor per expert
+        inner = Box(box.offsets[1:], box.lengths[1:])
+        first, count = box.offsets[0], box.lengths[0]
+        return torch.stack([read_box(files, t.for_expert(e), layer, inner, dtype) for e in range(first, first + count)])
     if t.constant is not None:
         return torch.full(box.lengths, t.constant, dtype=dtype)
     rows = np.arange(box.offsets[0], box.offsets[0] + box.lengths[0])

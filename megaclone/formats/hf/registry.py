@@ -23,6 +23,7 @@ class Family:
     name: str = ""
     model_types: dict[str, str] = {}  # HF model_type -> its transformers class (config.json's architectures)
     grouped_query: bool = False  # transformers' model has key/value heads apart from query heads
+    experts: bool = False  # transformers' model is a mixture of experts (its layout places the experts)
     # ModelSpec.hf_only_features its models always have, and those they may have (GPT-NeoX's parallel residual)
     features: frozenset[str] = frozenset()
     optional_features: frozenset[str] = frozenset()
@@ -85,7 +86,8 @@ def family_of(model_type: str) -> Family:
 
 def infer_model_type(spec: ModelSpec) -> str:
     """The HF model_type a Megatron model (not imported from HF) exports as: the one family that claims it."""
-    claims = [t for t in (f.exports_as(spec) for f in _FAMILIES if f.cannot_hold(spec) is None) if t is not None]
+    claims = [t for t in (f.exports_as(spec) for f in _FAMILIES
+                          if f.experts == bool(spec.experts) and f.cannot_hold(spec) is None) if t is not None]
     if len(claims) != 1:
         names = ", ".join(model_types())
         problem = ("this model matches no Hugging Face family megaclone exports" if not claims else

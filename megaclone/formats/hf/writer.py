@@ -42,6 +42,9 @@ def hf_tensors_from(t: HFTensor, layer: Optional[int], full: torch.Tensor) -> di
     A constant holds none (``check_constant`` first)."""
     import torch
 
+    if t.per_expert:  # full is experts x rows x cols: one HF tensor per expert
+        return {name: value for e in range(full.shape[0]) for name, value in
+                hf_tensors_from(t.for_expert(e), layer, full[e]).items()}
     part, hrow = t.row_map(np.arange(full.shape[0]))
     out = {}
     for p, name in enumerate(t.names):
@@ -102,9 +105,11 @@ def hf_config(spec: ModelSpec, model_type: str, dtype: torch.dtype, base: Option
 def check_exportable(spec: ModelSpec, model_type: str, what: Path) -> None:
     """Refuse, before anything is written, a model that transformers' ``model_type`` cannot hold."""
     family = hf.family_of(model_type)
-    if spec.experts:
-        raise MegacloneError(f"{what} is a mixture of {spec.experts.num} experts; megaclone writes dense Hugging "
-                             "Face families only", "keep the mixture of experts in Megatron (export and --save-hf take dense models)")
+    if bool(spec.experts) != family.experts:
+        kind = f"a mixture of {spec.experts.num} experts" if spec.experts else "dense"
+        raise MegacloneError(f"{what} is {kind}, but transformers' {model_type} is "
+                             + ("a mixture of experts" if family.experts else "dense"),
+                             "export as a model_type of its kind (--model-type), or keep the model in Megatron")
     if not family.grouped_query and spec.num_query_groups != spec.num_attention_heads:
         raise MegacloneError(
             f"{what} has {spec.num_attention_heads} heads in {spec.num_query_groups} query groups, but "
@@ -123,7 +128,7 @@ def check_exportable(spec: ModelSpec, model_type: str, what: Path) -> None:
 def hf_pieces(spec: ModelSpec) -> tuple[list[tuple[str, Optional[int]]], list[int]]:
     """Every (tensor, layer) of the model, with its number of elements: the units dealt to ranks."""
     tensors = [(t, layer) for t in catalogue(spec) for layer in t.layers(spec.num_layers)]
-    return [(t.key, layer) for t, layer in tensors], [math.prod(t.shape) for t, _ in tensors]
+    return [(t.key, layer) for t, layer in tensors], [math.prod(t.shape) * max(1, t.experts) for t, _ in tensors]
 
 
 def write_hf(out: Path, mine: dict[str, torch.Tensor], config, tokenizer: Optional[Path]) -> int:
