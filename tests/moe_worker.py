@@ -178,7 +178,7 @@ def main(out: Path) -> None:
         "granular-size": dict(factors=Factors.uniform(2), tp=2, experts=Experts(4, 2, ffn_hidden_size=100)),
         "legacy-format": dict(factors=Factors.uniform(2), tp=2, experts=Experts(4, 2, parallel=2), save_format="torch"),
         "bias-source": dict(factors=Factors.uniform(1), tp=1, experts=Experts(4, 2), src="gpt2"),
-        "moe-source": dict(factors=Factors.uniform(1), tp=2, experts=Experts(4, 2, parallel=2),
+        "moe-source": dict(factors=Factors.uniform(1), tp=2, experts=Experts(6, 2, parallel=2),
                            src="w2-e4-k2-tp2-ep2"),
     }
     sample.make_source(out / "gpt2", presets.preset_spec("gpt2", 1), train_steps=1)

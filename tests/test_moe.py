@@ -52,7 +52,7 @@ def test_every_expert_is_written_and_the_args_describe_the_mixture(results, case
     ("granular-size", "--moe-ffn-hidden-size 100 does not divide the FFN hidden size 192"),
     ("legacy-format", "--save-format torch does not write mixture-of-experts"),
     ("bias-source", "upcycling a model with linear biases"),
-    ("moe-source", "already a mixture of 4 experts"),
+    ("moe-source", "--num-experts 6 is not a multiple of the source's 4 experts"),
 ])
 def test_requests_that_cannot_be_upcycled_exactly_are_refused_before_writing(results, name, words):
     refused = results["refused"][name]

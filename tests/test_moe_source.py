@@ -129,3 +129,11 @@ def test_a_shared_expert_grows_with_the_mixture(tmp_path_factory, gate, growth):
     assert r.ok and r.max_rel < 1e-5, r.line()
     [w] = check_weights(root / "src", root / growth)
     assert w.ok and w.checked == {"width": 21, "depth": 39, "experts": 21}[growth] + 2 * gate * (1 + (growth == "depth"))
+
+
+def test_ep_without_experts_is_refused_for_a_dense_source(moe, tmp_path):
+    from megaclone.shape.request import grow
+
+    dense = presets.preset_spec("llama", 1)
+    with pytest.raises(MegacloneError, match="--ep 2 splits experts, but the source is dense"):
+        grow(dense, Factors.uniform(2), 1, expert_parallel=2)
