@@ -8,6 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megaclone", "megaclone.*"]),
     python_requires=">=3.10",
+    entry_points={"console_scripts": ["megaclone = megaclone.commands:main"]},
     install_requires=[
         # What works, not what this machine has: a Megatron environment's own torch and megatron-core
         # satisfy these, so pip leaves them alone. torch 2.6 made weights-only loading the default and

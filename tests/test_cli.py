@@ -214,6 +214,15 @@ def test_a_mistyped_flag_names_the_closest_one():
     assert proc.stderr.splitlines()[1].startswith("  fix: did you mean: --facter -> --factor?")
 
 
+def test_megatron_lm_flag_names_are_aliases(tmp_path):
+    """--tensor-model-parallel-size, --expert-model-parallel-size and --pipeline-model-parallel-size are
+    --tp, --ep and --pp (the flags parse: the refusal that follows is about the factor)."""
+    proc = run([sys.executable, "tools/expand_sharded.py", "--load", str(tmp_path), "--save", str(tmp_path / "d"),
+                "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--num-experts", "4",
+                "--pipeline-model-parallel-size", "1", "--factor", "0"])
+    assert proc.returncode == 2 and "--factor 0: must be a positive" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("flags,hint", [
     (["--lod", "x", "--save", "y", "--tp", "1"], "--lod -> --load"),  # a required flag, reported as missing
     (["--load", "x", "--save", "y", "--tp", "1", "--num-expert", "8"], "--num-expert -> --num-experts"),  # no prefix

@@ -37,6 +37,7 @@ def parse_args(argv=None):
     w.add_argument("--report", required=True)
     w.add_argument("--depth-factor", type=int, default=1)
     w.add_argument("--num-experts", type=int)
+    w.add_argument("--ep", type=int, default=1)
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--preset", default="bench")
     p.add_argument("--vocab-size", type=int, default=1024)
@@ -46,6 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--factor", type=int, default=2, help="width factor (hidden, heads, FFN)")
     p.add_argument("--depth-factor", type=int, default=1, help="also stack this many layers per source layer")
     p.add_argument("--num-experts", type=int, help="also upcycle every MLP to this many experts (top-2, EP 1)")
+    p.add_argument("--ep", type=int, default=1, help="the destination's expert-parallel size (an MoE source: "
+                                                     "processes = TP x EP)")
+    p.add_argument("--dd", action="store_true", help="also measure the disk's raw write speed (dd, 2 GiB, "
+                                                     "conv=fdatasync) in the same run")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the source's dtype")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--repeat", type=int, default=1, help="runs per mode and TP; the table shows the median")
@@ -71,12 +76,12 @@ def worker(args) -> int:
     experts = Experts(args.num_experts, 2) if args.num_experts else None
     if args.mode == "megaclone":
         report = expand(args.load, args.save, factors, args.tp, overwrite=True, depth=depth,
-                        experts=experts)[dist.get_rank()]
+                        experts=experts, expert_parallel=args.ep)[dist.get_rank()]
     elif args.mode == "naive":
         report = bench.naive_expand(Path(args.load), Path(args.save), factors, args.tp)
     else:
         report = bench.write_floor(Path(args.load), Path(args.save), factors, args.tp, raw=args.mode == "disk",
-                                   depth=depth, experts=experts)
+                                   depth=depth, experts=experts, expert_parallel=args.ep)
     report.seconds["start-up"] = ready - T_PROCESS
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, dataclasses.asdict(report))
@@ -102,6 +107,19 @@ def torchrun(n, *args) -> bool:
     return True
 
 
+def dd_write_speed(where: Path) -> float:
+    """The disk's raw sequential write speed in GB/s: dd of 2 GiB of zeros, flushed (conv=fdatasync)."""
+    import re
+    import subprocess
+
+    target = where / "dd.bin"
+    done = subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", "count=2048", "conv=fdatasync"],
+                          capture_output=True, text=True)
+    target.unlink(missing_ok=True)
+    seconds = float(re.search(r"copied, ([\d.]+) s", done.stderr).group(1))
+    return 2**31 / seconds / 1e9
+
+
 def gib(n):
     return n / 2**30
 
@@ -112,9 +130,10 @@ def measure(args, src: Path, out: Path, tp: int, mode: str) -> dict:
 
     dst, report = out / f"{mode}-tp{tp}", out / f"{mode}-tp{tp}.json"
     t0 = time.time()
-    finished = torchrun(tp, "tools/bench_expand.py", "worker", "--mode", mode, "--load", src, "--save", dst,
-             "--tp", tp, "--factor", args.factor, "--report", report, "--depth-factor", args.depth_factor,
-             *(["--num-experts", args.num_experts] if args.num_experts else []))
+    finished = torchrun(tp * args.ep, "tools/bench_expand.py", "worker", "--mode", mode, "--load", src, "--save",
+                        dst, "--tp", tp, "--factor", args.factor, "--report", report, "--depth-factor",
+                        args.depth_factor, "--ep", args.ep,
+                        *(["--num-experts", args.num_experts] if args.num_experts else []))
     wall = time.time() - t0
     if not finished:
         shutil.rmtree(dst, ignore_errors=True)
@@ -186,7 +205,11 @@ def main() -> int:
               f"{gib(r['bytes_written']):.2f} | {r['throughput_gib_s']:.2f} | {gib(r['baseline_rss']):.2f} | "
               f"{gib(r['peak_rss']):.2f} | {gib(r['peak_rss_tree']):.2f} | {gib(r['shard_bytes']):.2f} | "
               f"{r['rss_over_baseline_per_shard']:.2f} |")
-    Path(args.json or out / "bench.json").write_text(json.dumps(dict(rows=rows, source_bytes=src_bytes), indent=1))
+    disk = dd_write_speed(out) if args.dd else None
+    if disk is not None:
+        print(f"\nraw disk write (dd, 2 GiB, conv=fdatasync): {disk:.2f} GB/s")
+    Path(args.json or out / "bench.json").write_text(json.dumps(dict(rows=rows, source_bytes=src_bytes,
+                                                                     dd_gb_s=disk), indent=1))
     return 0
 
 

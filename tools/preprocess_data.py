@@ -1,54 +1,15 @@
 #!/usr/bin/env python
 """Write a Megatron indexed dataset (PREFIX.bin / PREFIX.idx) with megatron-core's own builder.
 
-    python tools/preprocess_data.py --output-prefix data/stdlib            # bundled corpus
-    python tools/preprocess_data.py --input notes/ README.md --output-prefix data/mine
+The checkout's form of ``megaclone preprocess-data`` (megaclone/commands/preprocess_data.py): the same parser and job."""
 
-With no --input the corpus is this Python's standard library source (found through sysconfig): real
-text nobody here wrote that every machine has. Documents are shuffled with --seed, so Megatron's
---split (e.g. 98,2,0) draws validation documents from the whole corpus. Train on the result with
-Megatron-LM's --tokenizer-type NullTokenizer --vocab-size 256 (bytes, end-of-document id 256).
-"""
-
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megaclone import cli  # noqa: E402  (torch-free: flags parse before any heavy import)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", help="files or directories (default: the Python standard library)")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--tokenizer", default="byte", help="tokenizer (default and only built-in: byte)")
-    p.add_argument("--seed", type=int, default=1234, help="document-order shuffle seed (default 1234)")
-    p.add_argument("--skip-documents", type=int, default=0,
-                   help="drop the first N documents after shuffling (disjoint datasets from one corpus)")
-    p.add_argument("--max-documents", type=int, help="keep only the first N documents after shuffling (and skipping)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx dataset")
-    return cli.parse(p, argv)
-
-
-def main() -> int:
-    args = parse_args()
-    from megaclone.train import data
-
-    source = ", ".join(args.input) if args.input else f"standard library at {data.stdlib_root()}"
-    stats = data.preprocess(args.output_prefix, args.input or (), args.tokenizer, args.seed, args.skip_documents,
-                            args.max_documents, args.overwrite, progress=sys.stderr.isatty())
-    for path, why in stats.skipped[:10]:
-        print(f"skipped {path}: {why}")
-    if len(stats.skipped) > 10:
-        print(f"skipped {len(stats.skipped) - 10} more files")
-    training_flags = data.get_tokenizer(args.tokenizer).training_flags()
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in training_flags.items())
-    print(f"{stats.documents} documents, {stats.tokens:,} tokens from {source} "
-          f"({len(stats.skipped)} skipped) -> {stats.prefix}.bin/.idx\ntrain with: --data-path {stats.prefix} {flags}")
-    return 0
-
+from megaclone.commands.preprocess_data import main, parse_args  # noqa: E402, F401
 
 if __name__ == "__main__":
     cli.run(main)

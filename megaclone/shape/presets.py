@@ -3,7 +3,7 @@ list them in ``--help`` and refuse an unknown one before anything heavy loads)."
 
 from __future__ import annotations
 
-from megaclone.shape.spec import ModelSpec, pad_vocab
+from megaclone.shape.spec import Experts, ModelSpec, pad_vocab
 
 # Llama family: GQA, SwiGLU, RMSNorm, RoPE, untied embeddings, no biases.
 LLAMA = dict(position_embedding_type="rope", swiglu=True, normalization="RMSNorm", add_bias_linear=False,
@@ -22,6 +22,11 @@ PRESETS: dict[str, dict] = {
     # Llama-3.2-1B's shape (tied embeddings; pass --vocab-size 128256): ~1.24B parameters.
     "llama-1b": dict(LLAMA, untie_embeddings_and_output_weights=False, num_layers=16, hidden_size=2048,
                      num_attention_heads=32, num_query_groups=8, kv_channels=64, ffn_hidden_size=8192),
+    # A Qwen3-30B-A3B-like mixture layer (the MoE benchmark): 32 heads of 128 in 4 query groups over hidden
+    # 2048, per-head q/k norms, 128 experts of FFN 768, top-8 (pass --num-layers for more than one).
+    "qwen3-moe-layer": dict(LLAMA, num_layers=1, hidden_size=2048, num_attention_heads=32, num_query_groups=4,
+                            kv_channels=128, ffn_hidden_size=768, qk_layernorm=True,
+                            experts=Experts(128, 8, ffn_hidden_size=768)),
     # Test sizes. Attention width (16 x 8) differs from hidden (64) so kv_channels is exercised;
     # factor 3 still divides by TP 8 in both.
     "llama": dict(LLAMA, num_layers=2, hidden_size=64, num_attention_heads=16, num_query_groups=8,

@@ -38,9 +38,9 @@ from megaclone.shape.spec import Experts
 
 
 def _prepare(src_root: Path, dst_root: Path, factors: Factors, tp: int, depth: Depth = Depth(),
-             experts: Optional[Experts] = None):
+             experts: Optional[Experts] = None, expert_parallel: int = 1):
     source = open_torch_dist_source(src_root)
-    dst_spec = destination_spec(source, factors, tp, depth, experts)
+    dst_spec = destination_spec(source, factors, tp, depth, experts, expert_parallel)
     if dist.get_rank() == 0:
         destination.clear(destination.guard(dst_root, destination.Kind.MEGATRON, [src_root], overwrite=True))
     dist.barrier()
@@ -95,7 +95,7 @@ def naive_expand(src_root: Path, dst_root: Path, factors: Factors, tp: int,
 
 
 def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int, raw: bool = False,
-                depth: Depth = Depth(), experts: Optional[Experts] = None) -> RankReport:
+                depth: Depth = Depth(), experts: Optional[Experts] = None, expert_parallel: int = 1) -> RankReport:
     """Save shards of the destination's size and layout (width, depth and experts as ``expand`` would
     grow them) with nothing read and no math.
 
@@ -105,9 +105,9 @@ def write_floor(src_root: Path, dst_root: Path, factors: Factors, tp: int, raw: 
     memory = PeakMemory().start()
     report = RankReport(rank=dist.get_rank())
     start, cpu_start = time.perf_counter(), cpu_seconds()
-    source, dst_spec = _prepare(Path(src_root), Path(dst_root), factors, tp, depth, experts)
+    source, dst_spec = _prepare(Path(src_root), Path(dst_root), factors, tp, depth, experts, expert_parallel)
     t0 = time.perf_counter()
-    init_parallel(tp, 1, experts.parallel if experts else 1)
+    init_parallel(tp, 1, dst_spec.expert_parallel)
     model_sd = model_sharded_state_dict(build_gpt(dst_spec, dtype=source.dtype))
     # the expander's own layout of the shard in memory (see model.parameter_slots)
     blocks = [b.tensor for slot in parameter_slots(model_sd, own_storage=True).values() for b in slot]
