@@ -143,3 +143,97 @@ def test_a_damaged_moment_is_refused_naming_the_moment(trained, tmp_path, state,
     with pytest.raises(MegacloneError, match=f"the source's {key} \\(layer 0\\) {said}"):
         expand(bad, tmp_path / "wide", Factors.uniform(2), 1, grow_optimizer=True)
     assert not (tmp_path / "wide" / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_a_bf16_runs_fp32_main_weights_grow_and_the_clone_takes_its_sources_step(world, tmp_path):
+    """Mixed precision (issue 34): the fp32 main weights of a bf16 run are grown as the weights are,
+    the bf16 weights are their rounding, the moments grow as in fp32, and the clone resumed with
+    --clone-adam-scaling takes its source's step: logits equal within bf16's rounding (2e-2 relative,
+    the bf16 tolerance of the logit check; measured about 4e-3), while its fp32 main weights give the
+    source's main weights' function to 1e-5 before the step."""
+    from megaclone.train.precision import MainWeights
+
+    args = argparse.Namespace(**RECIPE)
+    spec = presets.preset_spec("llama", 1)
+    torch.manual_seed(0)
+    small = build_gpt(spec, initialize=True)
+    perturb_(small, torch.Generator().manual_seed(1))
+    small = small.to(torch.bfloat16)
+    main = MainWeights([p for p in small.parameters()])
+    opt = build_optimizer(small, args, main)
+    sched = build_scheduler(opt, args)
+    for seed in (10, 11):
+        train_step(small, opt, sched, [batch(spec.vocab_size, seed)], args, torch.device("cpu"), main=main)
+    saved = checkpoint_args(spec, **RECIPE)
+    saved.bf16 = True
+    save_training_checkpoint(tmp_path / "small", 2, model_sharded_state_dict(small), saved, opt, sched, main=main)
+    expand(tmp_path / "small", tmp_path / "wide", Factors.uniform(2), 1, grow_optimizer=True)
+
+    common = torch_dist.read_common(torch_dist.find_checkpoint(tmp_path / "wide"))
+    assert common["iteration"] == 2 and "opt_param_scheduler" in common  # the run continues
+    wide_spec = dataclasses.replace(ModelSpec.from_args(common["args"]), tensor_parallel=1)
+    scaling = {k: tuple(v) for k, v in common["megaclone"]["adam_scaling"].items()}
+    wide = build_gpt(wide_spec, dtype=torch.bfloat16)
+    wide_main = MainWeights([p for p in wide.parameters()])
+    wide_opt = build_optimizer(wide, args, wide_main, scaling=scaling)
+    load_training_checkpoint(torch_dist.find_checkpoint(tmp_path / "wide"), wide, wide.sharded_state_dict(),
+                             wide_opt, main=wide_main)
+    for p, m in wide_main.main.items():  # the half-precision weights are the main weights rounded
+        assert torch.equal(p, m.to(torch.bfloat16))
+    tokens = torch.randint(0, spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
+
+    def fp32_logits(model, main_weights) -> torch.Tensor:  # the model's function at its fp32 main weights
+        copy = build_gpt(dataclasses.replace(wide_spec if model is wide else spec))
+        copy.load_state_dict({k: v for k, v in model.state_dict().items()}, strict=True)
+        with torch.no_grad():
+            for (name, p), (_, m) in zip(copy.named_parameters(), ((n, main_weights.of(q)) for n, q in
+                                                                  model.named_parameters())):
+                p.copy_(m)
+        return causal_logits(copy, tokens)
+
+    assert relative(fp32_logits(wide, wide_main), fp32_logits(small, main)) < 1e-5
+    wide_sched = build_scheduler(wide_opt, args)
+    wide_sched.load_state_dict(common["opt_param_scheduler"])
+    step = batch(spec.vocab_size, 12)
+    train_step(wide, wide_opt, wide_sched, [step], args, torch.device("cpu"), main=wide_main)
+    train_step(small, opt, sched, [step], args, torch.device("cpu"), main=main)
+    assert relative(fp32_logits(wide, wide_main), fp32_logits(small, main)) < 2e-2
+
+
+@pytest.mark.slow
+def test_a_bf16_run_grown_mid_run_continues_its_schedule(tmp_path):
+    """The commands a user runs (a world of one each): a bf16 source trains 8 iterations on a cosine
+    schedule, saving at 4; its iteration-4 checkpoint is grown 2x with --grow-optimizer; the clone,
+    resumed without --finetune, trains iterations 5-8 at the source's learning rates on the source's
+    next batches, its losses within 1e-2 of the source's own (with --clone-adam-scaling, its gradient
+    norms the source's too)."""
+    import json
+    import sys
+
+    from util import run
+
+    from megaclone.train.data import preprocess
+
+    preprocess(tmp_path / "data", seed=1234, max_documents=40)
+    recipe = ["--data-path", tmp_path / "data", "--split", "98,2,0", "--seq-length", "32", "--micro-batch-size", "2",
+              "--global-batch-size", "4", "--eval-iters", "0", "--lr", "3e-3", "--min-lr", "3e-4",
+              "--lr-decay-style", "cosine", "--lr-warmup-iters", "2", "--train-iters", "8", "--hidden-dropout", "0",
+              "--attention-dropout", "0"]
+
+    def train(*flags, log):
+        proc = run([sys.executable, "examples/pretrain_gpt.py", *recipe, *flags, "--log-json", log])
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return {r["iteration"]: r for r in json.loads(log.read_text())["train"]}
+
+    source = train("--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--swiglu",
+                   "--bf16", "--save", tmp_path / "src", "--save-interval", "4", log=tmp_path / "src.json")
+    grown = run([sys.executable, "tools/expand_sharded.py", "--load", tmp_path / "src" / "iter_0000004", "--save",
+                 tmp_path / "wide", "--tp", "1", "--factor", "2", "--grow-optimizer", "--no-progress"])
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    clone = train("--load", tmp_path / "wide", "--use-checkpoint-args", "--clone-adam-scaling",
+                  log=tmp_path / "clone.json")
+    assert sorted(clone) == [5, 6, 7, 8]  # continued, not restarted
+    for i in clone:
+        assert clone[i]["lr"] == pytest.approx(source[i]["lr"], rel=1e-12)
+        assert abs(clone[i]["lm_loss"] - source[i]["lm_loss"]) <= 1e-2 * source[i]["lm_loss"]
+        assert clone[i]["grad_norm"] == pytest.approx(source[i]["grad_norm"], rel=2e-2)

@@ -47,7 +47,13 @@ from megaclone.pipeline.clone import (
 )
 from megaclone.pipeline.index_maps import layer_map
 from megaclone.pipeline.plan import SliceTask, draw_chunks, plan_rank, power_chunks
-from megaclone.pipeline.optimizer import adam_scaling, check_growable, grown_adam_state
+from megaclone.pipeline.optimizer import (
+    adam_scaling,
+    check_growable,
+    continuation,
+    grown_adam_state,
+    mixed_precision,
+)
 from megaclone.pipeline.rules import ParamRule, Role, param_rules
 from megaclone.runtime import (
     agree,
@@ -379,13 +385,19 @@ def expand(
                                     on_slice, allow_non_finite, scales, depth,
                                     ep_rank=parallel_state.get_expert_model_parallel_rank()))
             del slots
-            extra = {}
-            if grow_optimizer:
-                def fill(moment_slots, moment_rules):
-                    fill_rank(source, dst_spec, moment_slots, parallel_state.get_tensor_model_parallel_rank(), cfg,
-                              report, None, allow_non_finite, rules=moment_rules)
+            extra: dict = {}
+            place = {"iteration": 0, "consumed_train_samples": 0}  # a new model: no source training position
+            if grow_optimizer:  # the source's run, continued: its optimizer grown, its place kept
+                def fill(state_slots, state_rules):
+                    fill_rank(source, dst_spec, state_slots, parallel_state.get_tensor_model_parallel_rank(), cfg,
+                              report, None, allow_non_finite, scales, rules=state_rules)
                 rules = param_rules(source.spec, dst_spec)
-                extra["optimizer"] = agree(lambda: grown_adam_state(model, model_sd, adam_step, rules, fill))
+                run = continuation(source)
+                extra["optimizer"] = agree(lambda: grown_adam_state(model, model_sd, adam_step, rules, fill,
+                                                                    mixed_precision(source), run.get("grad_scaler")))
+                place = {k: run[k] for k in place}
+                extra.update({k: run[k] for k in ("opt_param_scheduler", "num_floating_point_operations_so_far")
+                              if k in run})
             claim.clear()  # an earlier output goes only now that the source has been read whole
 
             trim_heap()  # dist_checkpointing forks writers: hand them a compact heap
@@ -393,7 +405,7 @@ def expand(
             t0 = time.perf_counter()
             args = dst_spec.to_args(source.args, dtype=dtype)
             args.pipeline_model_parallel_size = pp
-            args.iteration, args.consumed_train_samples = 0, 0  # a new model: no source training position
+            args.iteration, args.consumed_train_samples = place["iteration"], place["consumed_train_samples"]
             provenance = {
                 "factors": dataclasses.asdict(factors),
                 "depth": dataclasses.asdict(depth),
@@ -409,7 +421,7 @@ def expand(
             if not dst_spec.experts and depth.factor == 1:  # each tensor's a and s (the trainer's --clone-*-scaling)
                 provenance["adam_scaling"] = adam_scaling(source.spec, dst_spec)
             provenance["grown_optimizer"] = grow_optimizer
-            save_megatron(dst_root, 0, model_sd, args, {"megaclone": provenance, **extra},
+            save_megatron(dst_root, place["iteration"], model_sd, args, {"megaclone": provenance, **extra},
                           legacy=(parallel_state.get_tensor_model_parallel_rank(),
                                   parallel_state.get_data_parallel_rank() == 0) if legacy else None)
             del model_sd

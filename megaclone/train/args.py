@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist"], help="checkpoint format")
     g.add_argument("--ckpt-step", type=int, help="load this iteration instead of the latest")
     g.add_argument("--no-load-optim", action="store_true", help="resume without the optimizer state")
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler", action="store_true",
+                   dest="override_opt_param_scheduler",
+                   help="on a resume, take the schedule's settings (lr, min lr, warm-up, decay) from these flags "
+                        "instead of the checkpoint; its position (samples consumed) is still the checkpoint's")
     g.add_argument("--eval-interval", type=int, default=1000, help="validate every N iterations")
     g.add_argument("--eval-iters", type=int, default=100, help="validation batches (0: no validation)")
     g.add_argument("--log-interval", type=int, default=100, help="print a line every N iterations")

@@ -73,6 +73,7 @@ def build_scheduler(optimizer, args: argparse.Namespace):
         lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=args.lr_decay_iters * gbs,
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
+        override_opt_param_scheduler=bool(getattr(args, "override_opt_param_scheduler", False)),
     )
 
 
