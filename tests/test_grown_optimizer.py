@@ -237,3 +237,36 @@ def test_a_bf16_run_grown_mid_run_continues_its_schedule(tmp_path):
         assert clone[i]["lr"] == pytest.approx(source[i]["lr"], rel=1e-12)
         assert abs(clone[i]["lm_loss"] - source[i]["lm_loss"]) <= 1e-2 * source[i]["lm_loss"]
         assert clone[i]["grad_norm"] == pytest.approx(source[i]["grad_norm"], rel=2e-2)
+
+
+def test_identity_depth_growth_gives_added_layers_zero_moments(world, tmp_path):
+    """Depth (issue 34): each source layer's first copy gets the moments width growth gives it; a layer
+    added as an identity gets zero moments (no history) and the source's step count. Its residual
+    outputs have nonzero gradients, so no moments can make the clone's next step its source's: that
+    step is exact for the symmetric width clone only (docs/training.md)."""
+    from megaclone.shape.request import Depth
+
+    args = argparse.Namespace(**RECIPE)
+    spec = presets.preset_spec("llama", 1)
+    torch.manual_seed(0)
+    small = build_gpt(spec, initialize=True)
+    opt = build_optimizer(small, args)
+    sched = build_scheduler(opt, args)
+    for seed in (10, 11):
+        train_step(small, opt, sched, [batch(spec.vocab_size, seed)], args, torch.device("cpu"))
+    save_training_checkpoint(tmp_path / "small", 2, model_sharded_state_dict(small), checkpoint_args(spec, **RECIPE),
+                             opt, sched)
+    expand(tmp_path / "small", tmp_path / "wide", Factors.uniform(2), 1, grow_optimizer=True)
+    expand(tmp_path / "small", tmp_path / "deep", Factors.uniform(2), 1, grow_optimizer=True, depth=Depth(2))
+    wide = torch_dist.load_plain_tensors(torch_dist.find_checkpoint(tmp_path / "wide"))
+    deep = torch_dist.load_plain_tensors(torch_dist.find_checkpoint(tmp_path / "deep"))
+    stacked = [k for k in deep if k.startswith("optimizer.state.exp_avg") and ".layers." in k]
+    assert stacked
+    for key in stacked:
+        for layer in range(deep[key].shape[0]):  # interleaved: layer 2l is source layer l's first copy
+            if layer % 2:
+                assert not deep[key][layer].any(), (key, layer)
+            else:
+                assert torch.equal(deep[key][layer], wide[key][layer // 2]), (key, layer)
+    common = torch_dist.read_common(torch_dist.find_checkpoint(tmp_path / "deep"))
+    assert (common["optimizer"].get("optimizer", common["optimizer"]))["state"]["common_step"] == 2

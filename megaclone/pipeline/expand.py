@@ -214,6 +214,7 @@ def fill_rank(
     only_slots: bool = False,
     ep_rank: int = 0,
     rules: Optional[list[ParamRule]] = None,
+    zero_added_layers: bool = False,
 ) -> None:
     """Compute every destination slice this rank owns into its row blocks (model.parameter_slots),
     one task at a time: read its source boxes (locally, no collective; once for consecutive tasks
@@ -221,14 +222,15 @@ def fill_rank(
     that are not finite are refused (naming the tensor) unless ``allow_non_finite``. With
     ``only_slots`` the rank computes only the (tensor, layer, expert) pieces ``slots`` holds (a share
     dealt to it), else every piece its TP and EP rank own must have a slot. ``rules`` replaces the
-    clone rules (the optimizer's moments are grown by rules of their own)."""
+    clone rules (the optimizer's moments are grown by rules of their own); with ``zero_added_layers``
+    every tensor of a layer added by identity depth growth is zero (its moments)."""
     rules = rules or param_rules(source.spec, dst_spec)
     slots = dict(slots)
     layers = layer_map(depth, source.spec.num_layers)
     router_std = 0.0 if dst_spec.experts is None or dst_spec.experts.router_init == "zero" else _init_std(source)
     last: tuple = (None, None)  # (BoxRead, SourcePiece) of the last task that read the source
     for task in plan_rank(rules, layers, dst_spec.tensor_parallel, tp_rank, depth.zeroes_added_outputs,
-                          dst_spec.expert_parallel, ep_rank):
+                          dst_spec.expert_parallel, ep_rank, zero_added_layers):
         place = (task.rule.key, task.layer, task.expert)
         if only_slots and place not in slots:
             continue
@@ -388,9 +390,10 @@ def expand(
             extra: dict = {}
             place = {"iteration": 0, "consumed_train_samples": 0}  # a new model: no source training position
             if grow_optimizer:  # the source's run, continued: its optimizer grown, its place kept
-                def fill(state_slots, state_rules):
+                def fill(state_slots, state_rules, moments: bool):  # an added identity layer's moments are zero
                     fill_rank(source, dst_spec, state_slots, parallel_state.get_tensor_model_parallel_rank(), cfg,
-                              report, None, allow_non_finite, scales, rules=state_rules)
+                              report, None, allow_non_finite, scales, depth, rules=state_rules,
+                              zero_added_layers=moments and depth.zeroes_added_outputs)
                 rules = param_rules(source.spec, dst_spec)
                 run = continuation(source)
                 extra["optimizer"] = agree(lambda: grown_adam_state(model, model_sd, adam_step, rules, fill,
@@ -418,7 +421,7 @@ def expand(
             }
             if legacy:  # local-spec module names: --transformer-impl local
                 model_sd = model.state_dict()
-            if not dst_spec.experts and depth.factor == 1:  # each tensor's a and s (the trainer's --clone-*-scaling)
+            if not dst_spec.experts:  # each tensor's a and s (the trainer's --clone-*-scaling)
                 provenance["adam_scaling"] = adam_scaling(source.spec, dst_spec)
             provenance["grown_optimizer"] = grow_optimizer
             save_megatron(dst_root, place["iteration"], model_sd, args, {"megaclone": provenance, **extra},

@@ -36,10 +36,10 @@ def check_growable(source: Source, depth: Depth, experts, legacy: bool) -> float
     """Refuse, before anything is written, a source or a growth whose optimizer state this cannot grow;
     returns the source's Adam step count."""
     what = f"--grow-optimizer: {source.path}"
-    if depth.factor > 1 or experts is not None or legacy:
-        raise MegacloneError(f"{what}: only width growth into torch_dist grows the optimizer state (added layers and "
-                             "new experts have no source moments)", "leave out --depth-factor, --num-experts and "
-                             "--save-format torch, or --grow-optimizer")
+    if experts is not None or legacy:
+        raise MegacloneError(f"{what}: upcycled experts and --save-format torch take no grown optimizer state (new "
+                             "experts have no source moments)", "leave out --num-experts and --save-format torch, "
+                             "or --grow-optimizer")
     missing = [t.key for t in catalogue(source.spec) for state, _ in MOMENTS
                if f"optimizer.state.{state}.{t.key}" not in source.tensors]
     if missing:
@@ -97,8 +97,9 @@ def grown_adam_state(model, model_sd: dict, step: float, rules: list[ParamRule],
                      scaler: Optional[dict] = None) -> dict:
     """The destination's Adam state in the trainer's layout (keyed by ``model_sd``, the model's own
     tensors): a torch AdamW over ``model`` in the trainer's parameter groups, each moment filled by
-    ``fill(slots, rules)`` (the expander's own fill) with the source's moments grown by the weights'
-    ``rules``, its step count the source's. With ``mixed`` the AdamW steps fp32 main copies, filled
+    ``fill(slots, rules, moments)`` (the expander's own fill) with the source's moments grown by the
+    weights' ``rules`` (a layer added by identity depth growth: zero moments, it has no history), its
+    step count the source's. With ``mixed`` the AdamW steps fp32 main copies, filled
     first with the source's main weights grown by the weights' rules; the model's half-precision
     weights are then rounded from them (they already hold the clone of the source's half-precision
     weights: for power-of-two factors the two agree bit for bit). ``scaler``: fp16's loss-scale state."""
@@ -124,10 +125,10 @@ def grown_adam_state(model, model_sd: dict, step: float, rules: list[ParamRule],
         return out
 
     if main is not None:
-        fill(parameter_slots(on(lambda p: p.data)), main_weight_rules(rules))
+        fill(parameter_slots(on(lambda p: p.data)), main_weight_rules(rules), False)
         main.to_model()
     for state, power in MOMENTS:
-        fill(parameter_slots(on(lambda p: optimizer.state[p][state])), moment_rules(rules, state, power))
+        fill(parameter_slots(on(lambda p: optimizer.state[p][state])), moment_rules(rules, state, power), True)
     for p in optimizer.state:
         optimizer.state[p]["step"] = torch.tensor(step)
     out = optimizer_sharded_state_dict(optimizer, model_sd, main)

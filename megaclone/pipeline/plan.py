@@ -80,11 +80,13 @@ def _needed(dim_map, dst_indices: np.ndarray) -> np.ndarray:
 
 
 def plan_rank(rules: list[ParamRule], layers: DimMap, tp: int, rank: int,
-              zero_added_outputs: bool = False, ep: int = 1, ep_rank: int = 0) -> Iterator[SliceTask]:
+              zero_added_outputs: bool = False, ep: int = 1, ep_rank: int = 0,
+              zero_added_layers: bool = False) -> Iterator[SliceTask]:
     """The slices TP rank ``rank`` (of EP rank ``ep_rank``) computes, parameter by parameter,
     destination layer by layer, expert by expert (its own experts only), in a fixed order. ``layers``
     maps a destination layer to (source layer, copy); with ``zero_added_outputs`` the residual
-    outputs of every copy but the first are zero slices."""
+    outputs of every copy but the first are zero slices, with ``zero_added_layers`` every tensor of
+    them (an added layer's optimizer state: it has no history)."""
     src_layer, copy = layers(np.arange(layers.dst_size))
     none = np.empty(0, dtype=np.int64)
     for shared in rules:
@@ -103,7 +105,7 @@ def plan_rank(rules: list[ParamRule], layers: DimMap, tp: int, rank: int,
         # layer-major: the experts of a layer (slices of one dense layer) read the same source one after another
         for layer in range(layers.dst_size):
             for expert, rule, src_rows, src_cols in mine:
-                if zero_added_outputs and rule.residual_output and copy[layer] > 0:
+                if copy[layer] > 0 and (zero_added_layers or zero_added_outputs and rule.residual_output):
                     yield SliceTask(rule, layer, int(src_layer[layer]), rows, cols, none,
                                     None if cols is None else none, zero=True, expert=expert)
                 else:
