@@ -55,6 +55,48 @@ def speedup(baseline: Sequence[tuple[float, float]], run: Sequence[tuple[float, 
             "speedup": None if not (run_tokens and base_tokens) else base_tokens / run_tokens}
 
 
+def centred(curve: Sequence[tuple[float, float]], window: int) -> list[tuple[float, float]]:
+    """Centred moving average of the losses over ``window`` evaluations (odd; fewer at the ends): no lag,
+    unlike the trailing mean, whose crossings come about (window - 1) / 2 evaluations late."""
+    losses = [loss for _, loss in curve]
+    h = window // 2
+    return [(tokens, float(np.mean(losses[max(0, i - h): i + h + 1]))) for i, (tokens, _) in enumerate(curve)]
+
+
+CROSSINGS = {  # how a crossing of the target is read; "raw" is the headline's
+    "raw": lambda curve: list(curve),
+    "centred-3": lambda curve: centred(curve, 3),
+    "centred-5": lambda curve: centred(curve, 5),
+    "trailing-5": lambda curve: smoothed(curve, 5),
+}
+
+
+def speedup_by_method(baseline: Sequence[tuple[float, float]], run: Sequence[tuple[float, float]],
+                      last: int) -> dict[str, Optional[float]]:
+    """:func:`speedup` with the crossings read each way of :data:`CROSSINGS` (the target always the
+    baseline's last ``last`` evaluations averaged): how far the number depends on the method."""
+    target = final_loss(baseline, last)
+    out = {}
+    for name, read in CROSSINGS.items():
+        base, tokens = tokens_to_reach(read(baseline), target), tokens_to_reach(read(run), target)
+        out[name] = None if not (base and tokens) else base / tokens
+    return out
+
+
+def effective_rank(singular: Sequence[float]) -> float:
+    """exp of the entropy of the singular values normalized to sum 1 (Roy and Vetterli): n for a flat
+    spectrum, 1 for a single direction; unlike a count above a threshold, a weak half lowers it."""
+    s = np.asarray(singular, dtype=np.float64)
+    p = s[s > 0] / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def lower_half_energy(singular: Sequence[float]) -> float:
+    """The share of sum s^2 held by the smaller half of the singular values."""
+    s = np.sort(np.asarray(singular, dtype=np.float64))[::-1]
+    return float((s[len(s) // 2:] ** 2).sum() / (s ** 2).sum())
+
+
 def _blocks(dim, size: int) -> dict[int, np.ndarray]:
     """Destination indices of each clone block along one axis, ordered by source index."""
     src, block = dim(np.arange(size))
