@@ -20,14 +20,13 @@ from megaclone.formats.base import Box, BoxRead
 from megaclone.formats.hf.writer import (
     check_constant,
     check_exportable,
-    deal,
     hf_config,
     hf_pieces,
     hf_tensors_from,
     write_hf,
 )
 from megaclone.formats.source import open_megatron_source
-from megaclone.runtime import agree
+from megaclone.runtime import agree, deal
 
 
 def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = None, overwrite: bool = False) -> dict:

@@ -244,6 +244,18 @@ def gathered(value: T) -> list[T]:
     return values
 
 
+def deal(sizes: list[int], world: int) -> list[int]:
+    """Owner rank of each piece of work (by size): largest first onto the least-loaded rank. The same on
+    every rank (deterministic), so ranks share work without talking (HF writes, the weight check)."""
+    load = [0] * world
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda k: (load[k], k))
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
 def agree(check: Callable[[], T]) -> T:
     """Run a validation on every rank; if any rank refuses, every rank raises the same error.
 

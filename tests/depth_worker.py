@@ -38,7 +38,7 @@ from megaclone.errors import MegacloneError, NotComparable  # noqa: E402
 from megaclone.pipeline.expand import expand  # noqa: E402
 from megaclone.model import build_gpt, causal_logits, load_model  # noqa: E402
 from megaclone.runtime import init_distributed, init_parallel  # noqa: E402
-from megaclone.shape.request import Depth, Factors, grow  # noqa: E402
+from megaclone.shape.request import Depth, Factors, grown_spec  # noqa: E402
 from megaclone.shape.spec import ModelSpec  # noqa: E402
 from megaclone.check.logits import verify  # noqa: E402
 from e2e_worker import plain_tensors  # noqa: E402
@@ -66,7 +66,7 @@ def structure_error(src_path: Path, dst_path: Path, s: ModelSpec, factor: int, d
     source, never through megaclone."""
     src = plain_tensors(src_path)
     dst = plain_tensors(dst_path)
-    wide = grow(s, Factors.uniform(factor), 1)
+    wide = grown_spec(s, Factors.uniform(factor), 1)
     ref = deepen_reference(expand_reference(src, s, wide, variant), s.num_layers, depth.factor, depth.placement,
                            depth.init)
     if set(dst) != set(ref):

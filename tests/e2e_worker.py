@@ -160,10 +160,10 @@ def main(out: Path) -> None:
 
 def check_against_reference(src, dst, spec1, factor, variant, dst_tp):
     """Max |megaclone - reference| over all tensors (exact variants) or noise checks (noisy ones)."""
-    from megaclone.shape.request import grow
+    from megaclone.shape.request import grown_spec
 
     s = spec1
-    d = grow(s, Factors.uniform(factor), dst_tp)
+    d = grown_spec(s, Factors.uniform(factor), dst_tp)
     base_variant = "diagonal" if "diagonal" in variant else "symmetric"
     ref = expand_reference(src, s, d, base_variant)
     missing = sorted(set(ref) ^ {k for k in dst if not k.endswith("_extra_state")})

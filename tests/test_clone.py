@@ -23,7 +23,7 @@ from megaclone.pipeline.index_maps import layer_map
 from megaclone.pipeline.plan import contiguous_runs, draw_chunks, plan_rank
 from megaclone.pipeline.rules import param_rules
 from megaclone.shape import presets
-from megaclone.shape.request import Depth, Factors, grow
+from megaclone.shape.request import Depth, Factors, grown_spec
 
 
 def random_source(spec, seed=0):
@@ -112,7 +112,7 @@ CASES = [("llama", Factors(2, 2, 2), 4), ("gpt2", Factors(2, 2, 2), 2), ("llama"
 @pytest.mark.parametrize("variant", ["symmetric", "diagonal"])
 def test_exact_variants_match_block_reference(preset, factors, tp, variant):
     s = presets.preset_spec(preset, 1)
-    d = grow(s, factors, tp)
+    d = grown_spec(s, factors, tp)
     src = random_source(s)
     got = clone_all(src, s, d, CloneConfig(Variant(variant)), tp)
     ref = expand_reference(src, s, d, variant)
@@ -131,11 +131,11 @@ def test_exact_variants_match_block_reference(preset, factors, tp, variant):
 @pytest.mark.parametrize("variant", ["symmetric", "diagonal"])
 def test_depth_growth_matches_the_layer_by_layer_reference(preset, factors, depth, tp, variant):
     s = presets.preset_spec(preset, 1)
-    d = grow(s, factors, tp, depth)
+    d = grown_spec(s, factors, tp, depth)
     assert d.num_layers == s.num_layers * depth.factor
     src = random_source(s)
     got = clone_all(src, s, d, CloneConfig(Variant(variant)), tp, depth)
-    wide = expand_reference(src, s, grow(s, factors, tp), variant)
+    wide = expand_reference(src, s, grown_spec(s, factors, tp), variant)
     ref = deepen_reference(wide, s.num_layers, depth.factor, depth.placement, depth.init)
     assert set(got) == set(ref)
     for key in ref:
@@ -148,9 +148,9 @@ def test_noisy_depth_copies_read_their_source_layers_power_and_draw_their_own_no
     s = presets.preset_spec("llama", 1)
     src = random_source(s, seed=4)
     depth = Depth(2, "stack")
-    d = grow(s, Factors.uniform(2), 2, depth)
+    d = grown_spec(s, Factors.uniform(2), 2, depth)
     got = clone_all(src, s, d, CloneConfig(Variant.NOISY_SYMMETRIC, seed=5), 2, depth)
-    base = deepen_reference(expand_reference(src, s, grow(s, Factors.uniform(2), 2), "symmetric"),
+    base = deepen_reference(expand_reference(src, s, grown_spec(s, Factors.uniform(2), 2), "symmetric"),
                             s.num_layers, 2, "interleave", "stack")
     for key in NOISY:
         assert zero_sum_violation(got[key], base[key], 1, 2) < 1e-5, key
@@ -172,11 +172,11 @@ def test_noise_is_the_authors_paired_layout_free_and_exactly_of_the_requested_sn
     factors = Factors.uniform(factor)
     src = random_source(s, seed=3)
     cfg = CloneConfig(Variant(variant), snr_db=10.0, seed=11)
-    by_tp = {tp: clone_all(src, s, grow(s, factors, tp), cfg, tp) for tp in (1, 2)}
+    by_tp = {tp: clone_all(src, s, grown_spec(s, factors, tp), cfg, tp) for tp in (1, 2)}
     for key in by_tp[1]:
         if "embedding" not in key and "output_layer" not in key:  # padded vocab differs with TP
             assert torch.equal(by_tp[1][key], by_tp[2][key]), f"{key} differs between TP 1 and TP 2"
-    base = expand_reference(src, s, grow(s, factors, 1), variant.removeprefix("noisy-"))
+    base = expand_reference(src, s, grown_spec(s, factors, 1), variant.removeprefix("noisy-"))
     noisy_keys = [k for k in base if not torch.equal(base[k], by_tp[1][k])]
     assert sorted(noisy_keys) == sorted(NOISY), "noise on exactly the cloned linears, none on the output layer"
     measured = []
@@ -201,7 +201,7 @@ def test_noise_is_the_authors_paired_layout_free_and_exactly_of_the_requested_sn
                     assert blocks[-1].abs().max() == 0, f"{key}: the odd last input copy carries no noise"
     assert len(measured) == factor * 2 * (factor // 2) * (8 + 2 + 1 + 1)  # q, k, v heads; halves; proj; fc2
     assert all(abs(snr - 10.0) < 1e-3 for snr in measured), sorted(measured)[:3] + sorted(measured)[-3:]
-    other_seed = clone_all(src, s, grow(s, factors, 1), dataclasses.replace(cfg, seed=12), 1)
+    other_seed = clone_all(src, s, grown_spec(s, factors, 1), dataclasses.replace(cfg, seed=12), 1)
     assert not torch.equal(other_seed[NOISY[2]], by_tp[1][NOISY[2]])
 
 
@@ -210,12 +210,12 @@ def test_diagonal_applies_only_where_both_axes_grow_by_one_factor():
     grow by different factors are cloned symmetrically under the diagonal variants."""
     s = presets.preset_spec("llama", 1)
     src = random_source(s)
-    d = grow(s, Factors(2, 2, 2), 2)
+    d = grown_spec(s, Factors(2, 2, 2), 2)
     diag = clone_all(src, s, d, CloneConfig(Variant.DIAGONAL), 2)
     sym = expand_reference(src, s, d, "symmetric")
     torch.testing.assert_close(diag["output_layer.weight"], sym["output_layer.weight"], rtol=0, atol=0)
     assert not torch.equal(diag[NOISY[0]], sym[NOISY[0]])
-    d = grow(s, Factors(2, 1, 3), 2)  # hidden 2x, heads 1x, FFN 3x: no matrix grows equally on both axes
+    d = grown_spec(s, Factors(2, 1, 3), 2)  # hidden 2x, heads 1x, FFN 3x: no matrix grows equally on both axes
     diag = clone_all(src, s, d, CloneConfig(Variant.DIAGONAL), 2)
     sym = expand_reference(src, s, d, "symmetric")
     for key in sym:
@@ -224,7 +224,7 @@ def test_diagonal_applies_only_where_both_axes_grow_by_one_factor():
 
 def test_bf16_symmetric_power_of_two_is_bit_exact():
     s = presets.preset_spec("llama", 1)
-    d = grow(s, Factors.uniform(2), 2)
+    d = grown_spec(s, Factors.uniform(2), 2)
     src = {k: v.to(torch.bfloat16) for k, v in random_source(s).items()}
     got = clone_all(src, s, d, CloneConfig(), 2)
     ref = expand_reference({k: v.float() for k, v in src.items()}, s, d, "symmetric")
@@ -239,7 +239,7 @@ def test_bf16_any_factor_is_the_fp32_clone_rounded_once(variant):
     widened to fp32 (even ranks), equals the fp32 reference clone rounded once to bf16."""
     s = presets.preset_spec("llama", 1)
     for factors in (Factors.uniform(3), Factors(2, 1, 3)):
-        d = grow(s, factors, 3 if factors.hidden == 3 else 2)
+        d = grown_spec(s, factors, 3 if factors.hidden == 3 else 2)
         src = {k: v.to(torch.bfloat16) for k, v in random_source(s).items()}
         got = clone_all(src, s, d, CloneConfig(variant=Variant(variant)), d.tensor_parallel)
         ref = expand_reference({k: v.float() for k, v in src.items()}, s, d, variant)

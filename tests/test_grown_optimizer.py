@@ -93,10 +93,10 @@ def test_lr_scaling_alone_gives_each_tensor_its_lr_and_decay_and_keeps_adams_eps
     """--clone-lr-scaling (a fresh optimizer): lr and min lr x a and weight decay / a per tensor; eps and
     the clip norm are Adam's own (no grown moments to match)."""
     from megaclone.pipeline.optimizer import adam_scaling
-    from megaclone.shape.request import grow
+    from megaclone.shape.request import grown_spec
 
     args = argparse.Namespace(**RECIPE)
-    spec = grow(presets.preset_spec("llama", 1), Factors.uniform(2), 1)
+    spec = grown_spec(presets.preset_spec("llama", 1), Factors.uniform(2), 1)
     scales = adam_scaling(presets.preset_spec("llama", 1), spec)
     wide = build_gpt(spec)
     groups = build_optimizer(wide, args, scaling={k: (a, None) for k, (a, _) in scales.items()}).param_groups

@@ -132,8 +132,8 @@ def test_a_shared_expert_grows_with_the_mixture(tmp_path_factory, gate, growth):
 
 
 def test_ep_without_experts_is_refused_for_a_dense_source(moe, tmp_path):
-    from megaclone.shape.request import grow
+    from megaclone.shape.request import grown_spec
 
     dense = presets.preset_spec("llama", 1)
     with pytest.raises(MegacloneError, match="--ep 2 splits experts, but the source is dense"):
-        grow(dense, Factors.uniform(2), 1, expert_parallel=2)
+        grown_spec(dense, Factors.uniform(2), 1, expert_parallel=2)

@@ -6,7 +6,7 @@ import torch
 
 from megaclone.pipeline.rules import param_rules
 from megaclone.shape import presets
-from megaclone.shape.request import Factors, grow
+from megaclone.shape.request import Factors, grown_spec
 from megaclone.study import paper
 
 BASELINE = [(0, 5.0), (100, 4.0), (200, 3.0), (300, 2.5), (400, 2.1), (500, 1.9)]
@@ -60,7 +60,7 @@ def test_rank_above_and_early_bump_against_hand_computations():
 
 def test_row_cosines_measure_how_alike_the_copies_are():
     s = presets.preset_spec("llama", 1)
-    rule = next(r for r in param_rules(s, grow(s, Factors.uniform(2), 1)) if r.key.endswith("linear_fc2.weight"))
+    rule = next(r for r in param_rules(s, grown_spec(s, Factors.uniform(2), 1)) if r.key.endswith("linear_fc2.weight"))
     w = torch.randn(rule.rows.src_size, rule.cols.src_size, dtype=torch.float64)
     symmetric = w.repeat(2, 2) / 2
     assert paper.row_cosines(rule, symmetric) == [pytest.approx(1.0)]

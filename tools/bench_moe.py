@@ -48,7 +48,7 @@ def worker(args) -> int:
     from megaclone.model import build_gpt, load_model
     from megaclone.runtime import init_distributed, init_parallel
     from megaclone.formats.source import open_megatron_source
-    from megaclone.shape.request import Factors, grow
+    from megaclone.shape.request import Factors, grown_spec
     from megaclone.shape.spec import Experts
 
     init_distributed("cpu")
@@ -66,7 +66,7 @@ def worker(args) -> int:
         init_parallel(args.tp, 1, args.ep)
         dense = build_gpt(dense_spec)
         load_model(dense, torch_dist.find_checkpoint(src))
-        moe = build_gpt(grow(dense_spec, Factors.uniform(1), args.tp, experts=experts))
+        moe = build_gpt(grown_spec(dense_spec, Factors.uniform(1), args.tp, experts=experts))
         moe.load_state_dict(upcycle_state_dict([moe], [dense])["model"], strict=True)
         peak = memory.stop()
     peaks: list = [None] * dist.get_world_size()

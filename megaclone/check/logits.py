@@ -8,7 +8,6 @@ gathered so each rank compares the matching slice over the real vocabulary.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,8 +22,10 @@ from megaclone.formats.hf.reader import open_hf_source
 from megaclone.formats.legacy import load_legacy_model
 from megaclone.formats.source import open_megatron_source
 from megaclone.model import build_gpt, causal_logits, load_model
+from megaclone.reference import default_tolerance, hf_model, load_source_model
 from megaclone.runtime import agree, gathered, init_parallel
-from megaclone.shape.spec import ModelSpec, feasible_tp
+from megaclone.shape.request import not_function_preserving
+from megaclone.shape.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -69,40 +70,6 @@ def first_non_finite(logits: torch.Tensor, whose: str, sequence: int, vocab_offs
     b, position, column = (int(i) for i in torch.nonzero(bad)[0])
     return (f"the {whose} logits are not finite ({float(logits[b, position, column])}) at sequence {sequence + b}, "
             f"position {position}, vocab id {vocab_offset + column}")
-
-
-def default_tolerance(dtype: torch.dtype) -> float:
-    return {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
-
-
-def _open(root: Path) -> tuple[Path, ModelSpec, torch.dtype, Source]:
-    source = open_megatron_source(root)
-    return source.path, source.spec, source.dtype, source
-
-
-def load_source_model(source: Source, device) -> torch.nn.Module:
-    """The source as megatron-core loads it, without megaclone's reader: a torch_dist checkpoint through
-    ``dist_checkpointing`` at the largest TP its shape allows in this world (it reshards), a legacy
-    one with ``load_state_dict(strict=True)`` at its own TP. Switches the parallel state to that TP."""
-    if source.format is Format.TORCH_DIST:
-        tp = feasible_tp(source.spec, dist.get_world_size())
-    elif source.format is Format.LEGACY:
-        tp = getattr(source.args, "tensor_model_parallel_size", 1)
-        if dist.get_world_size() % tp:
-            raise MegacloneError(f"the legacy source {source.path} has TP {tp}, which does not divide the "
-                                 f"{dist.get_world_size()} processes of this job",
-                                 f"launch a multiple of {tp} processes (the trainer: or pass --no-source-check)")
-    else:
-        raise ValueError(f"{source.format.value} sources are checked through transformers, not megatron-core")
-    init_parallel(tp)
-    experts = source.spec.experts and dataclasses.replace(source.spec.experts, parallel=1)  # all on every rank
-    spec = dataclasses.replace(source.spec, tensor_parallel=tp, experts=experts)
-    model = build_gpt(spec, dtype=source.dtype, device=device)
-    if source.format is Format.TORCH_DIST:
-        load_model(model, source.path)
-    else:
-        load_legacy_model(model, source.path, spec, getattr(source.args, "pipeline_model_parallel_size", 1))
-    return model
 
 
 @contextlib.contextmanager
@@ -150,18 +117,6 @@ def _megatron_reference(source: Source, batches: list[torch.Tensor], device,
     return out
 
 
-def hf_model(root: Path, device) -> torch.nn.Module:
-    """transformers' own model of an HF directory, in eval mode (the whole model: a check tool)."""
-    try:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-    except ImportError as exc:
-        raise MegacloneError("checking against a Hugging Face model needs transformers",
-                             "pip install transformers") from exc
-    hf_logging.disable_progress_bar()  # transformers 5 draws a bar per load: noise in a check's report
-    return AutoModelForCausalLM.from_pretrained(str(root)).to(device).eval()
-
-
 def _hf_reference(root: Path, batches: list[torch.Tensor], device) -> list[torch.Tensor]:
     """transformers' own logits for an HF directory."""
     model = hf_model(root, device)
@@ -206,11 +161,6 @@ def _rounds(batches: list[torch.Tensor], width: int, budget: int) -> list[list[t
     return rounds
 
 
-def _open_hf(root: Path) -> tuple[Path, ModelSpec, torch.dtype, Source]:
-    source = open_hf_source(root)
-    return source.path, source.spec, source.dtype, source
-
-
 def verify(
     src_root: Optional[Path],
     dst_root: Path,
@@ -230,19 +180,21 @@ def verify(
     only, at most ``reference_budget`` bytes at a time (both models are reloaded per such round)."""
 
     def validate():
-        src = _open_hf(Path(src_hf)) if src_hf is not None else _open(Path(src_root))
-        dst = _open(Path(dst_root))
-        if (reason := dst[3].not_function_preserving) is not None:
+        src = open_hf_source(Path(src_hf)) if src_hf is not None else open_megatron_source(Path(src_root))
+        dst = open_megatron_source(Path(dst_root))
+        if (reason := not_function_preserving(dst.clone_record)) is not None:
             raise NotComparable(reason, "train it and compare losses instead; grow with --depth-init identity "
                                         "for a clone whose logits equal the source's")
-        ranks = dst[1].tensor_parallel * dst[1].expert_parallel
+        ranks = dst.spec.tensor_parallel * dst.spec.expert_parallel
         if dist.get_world_size() % ranks:
-            layout = f"TP {dst[1].tensor_parallel}" + (f" x EP {dst[1].expert_parallel}" if ranks > dst[1].tensor_parallel else "")
+            layout = f"TP {dst.spec.tensor_parallel}" + (f" x EP {dst.spec.expert_parallel}"
+                                                          if ranks > dst.spec.tensor_parallel else "")
             raise MegacloneError(f"the destination has {layout}, but the world size is {dist.get_world_size()}",
                                  f"launch with --nproc_per_node {ranks}")
         return src, dst
 
-    (src_path, src_spec, src_dtype, source), (dst_path, dst_spec, dst_dtype, destination) = agree(validate)
+    source, destination = agree(validate)
+    src_spec, dst_spec = source.spec, destination.spec
     vocab = min(src_spec.vocab_size, dst_spec.vocab_size)  # ids both models embed as real tokens
     batches = [t.to(device) for t in
                _batches(vocab, src_spec.max_position_embeddings, tokens, seed, batch, seq_length)]
@@ -259,14 +211,14 @@ def verify(
     routes = (0, 0)
     for group in _rounds(batches, width, reference_budget):
         src_routes: list = []
-        full = (_hf_reference(src_path, group, device) if src_hf is not None
+        full = (_hf_reference(source.path, group, device) if src_hf is not None
                 else _megatron_reference(source, group, device, src_routes))
         # the clone's padding rows past the source's are zero rows: logit 0
         expected = [torch.nn.functional.pad(f, (0, max(0, start + width - f.shape[-1])))[..., start:start + width]
                     for f in full]
         global_scale = max([global_scale] + [float(f[..., :real].abs().max()) for f in full])
         del full
-        model = _destination_model(destination, dst_spec, dst_dtype, device)
+        model = _destination_model(destination, dst_spec, destination.dtype, device)
         for b, (tokens_b, exp) in enumerate(zip(group, expected)):
             with routes_of(model) as dst_routes:
                 found = causal_logits(model, tokens_b).float()
@@ -282,7 +234,7 @@ def verify(
         del model, expected
     scale = slice_scale if slice_scale > 0 else global_scale
     return gathered(RankResult(dist.get_rank(), start, real_stop, start + width, max_abs,
-                               max_abs / max(scale, 1e-30), tol if tol is not None else default_tolerance(dst_dtype),
+                               max_abs / max(scale, 1e-30), tol if tol is not None else default_tolerance(destination.dtype),
                                compared, non_finite, routes))
 
 

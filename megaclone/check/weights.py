@@ -42,7 +42,7 @@ from megaclone.formats.source import open_megatron_source
 from megaclone.pipeline.clone import Variant
 from megaclone.pipeline.index_maps import NO_SOURCE, layer_map
 from megaclone.pipeline.rules import ParamRule, Role, param_rules
-from megaclone.runtime import agree, gathered
+from megaclone.runtime import agree, deal, gathered
 from megaclone.shape.request import Depth
 
 # Destination elements per read: bounds the float64 working set of one chunk.
@@ -319,10 +319,6 @@ def check_weights(src_root, dst_root, snr_tol_db: float = 0.05, hf: bool = False
         for layer in rule.tensor.layers(destination.spec.num_layers):
             size = math.prod(rule.dst_shape)
             work.append((size, rule, layer))
-    from megaclone.formats.hf.writer import (
-        deal,  # the same largest-first deal the HF export uses
-    )
-
     owner = deal([w[0] for w in work], dist.get_world_size())
     report = WeightReport(rank=dist.get_rank())
     snrs: list[float] = []

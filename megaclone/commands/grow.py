@@ -146,7 +146,6 @@ def main() -> int:
     import torch.distributed as dist
 
     from megaclone.pipeline.clone import CloneConfig, Variant
-    from megaclone.errors import MegacloneError
     from megaclone.pipeline.expand import expand
     from megaclone.pipeline.to_hf import expand_to_hf
     from megaclone.progress import ExpandProgress, summary_table
@@ -157,16 +156,11 @@ def main() -> int:
     rt = init_distributed(args.device, args.timeout_minutes)
     experts = None
     if args.num_experts is not None:
-        experts = Experts(args.num_experts, args.moe_router_topk, args.moe_ffn_hidden_size, args.ep,
-                          args.moe_grouped_gemm, args.moe_router_init, args.moe_router_pre_softmax,
-                          args.moe_router_score_function, args.moe_router_load_balancing_type, args.moe_aux_loss_coeff)
-    ranks = args.tp * args.ep if args.save else None
-    if args.save and rt.world_size != ranks:
-        layout = f"--tp {args.tp}" + (f" x --ep {args.ep}" if args.ep > 1 else "")
-        raise MegacloneError(
-            f"{layout} but {rt.world_size} processes were started",
-            f"launch with torchrun --nproc_per_node {ranks} (or mpirun -n {ranks})",
-        )
+        experts = Experts(num=args.num_experts, topk=args.moe_router_topk, ffn_hidden_size=args.moe_ffn_hidden_size,
+                          parallel=args.ep, grouped_gemm=args.moe_grouped_gemm, router_init=args.moe_router_init,
+                          pre_softmax=args.moe_router_pre_softmax, score_function=args.moe_router_score_function,
+                          load_balancing_type=args.moe_router_load_balancing_type,
+                          aux_loss_coeff=args.moe_aux_loss_coeff)
     factors = Factors(args.hidden_factor or args.factor, args.head_factor or args.factor,
                       args.ffn_factor or args.factor, args.query_group_factor)
     cfg = CloneConfig(Variant(args.variant), args.snr_db, args.seed)

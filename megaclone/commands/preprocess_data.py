@@ -25,6 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-documents", type=int, default=0,
                    help="drop the first N documents after shuffling (disjoint datasets from one corpus)")
     p.add_argument("--max-documents", type=int, help="keep only the first N documents after shuffling (and skipping)")
+    p.add_argument("--verbose-skips", action="store_true", help="name every skipped file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx dataset")
     return cli.parse(p, argv)
 
@@ -36,10 +37,15 @@ def main() -> int:
     source = ", ".join(args.input) if args.input else f"standard library at {data.stdlib_root()}"
     stats = data.preprocess(args.output_prefix, args.input or (), args.tokenizer, args.seed, args.skip_documents,
                             args.max_documents, args.overwrite, progress=sys.stderr.isatty())
-    for path, why in stats.skipped[:10]:
-        print(f"skipped {path}: {why}")
-    if len(stats.skipped) > 10:
-        print(f"skipped {len(stats.skipped) - 10} more files")
+    if stats.skipped and (len(stats.skipped) <= 3 or args.verbose_skips):
+        for path, why in stats.skipped:
+            print(f"skipped {path}: {why}")
+    elif stats.skipped:  # one line, the reasons counted (a whole library has dozens of empty files)
+        reasons: dict[str, int] = {}
+        for _, why in stats.skipped:
+            reasons[why] = reasons.get(why, 0) + 1
+        print("skipped " + ", ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
+              + " files (--verbose-skips names them)")
     training_flags = data.get_tokenizer(args.tokenizer).training_flags()
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in training_flags.items())
     print(f"{stats.documents} documents, {stats.tokens:,} tokens from {source} "

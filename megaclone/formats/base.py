@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from megaclone.formats import Format
-from megaclone.shape.request import Depth
 from megaclone.shape.spec import ModelSpec
 
 
@@ -81,17 +80,3 @@ class Source:
     read: Reader
     format: Format = Format.TORCH_DIST
     clone_record: Optional[dict] = None  # what megaclone recorded if it wrote this checkpoint (factors, depth...)
-
-    @property
-    def not_function_preserving(self) -> Optional[str]:
-        return not_function_preserving(self.clone_record)
-
-
-def not_function_preserving(clone_record: Optional[dict]) -> Optional[str]:
-    """Why a clone (by the record megaclone wrote with it) does not compute its source's function by
-    design; None when it does, or when the checkpoint is not a clone."""
-    depth = Depth(**(clone_record or {}).get("depth", {}))
-    if depth.function_preserving:
-        return None
-    return (f"this clone was grown in depth with --depth-init {depth.init} (x{depth.factor}): its added layers are "
-            "exact copies that change the function, so its logits are not the source's by design")

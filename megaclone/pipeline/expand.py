@@ -62,7 +62,7 @@ from megaclone.runtime import (
     return_large_frees,
     trim_heap,
 )
-from megaclone.shape.request import Depth, Factors, check_divisible, grow
+from megaclone.shape.request import Depth, Factors, check_divisible, grown_spec
 from megaclone.shape.spec import Experts, ModelSpec
 from megaclone.stopping import FAULT_ENV, fault_point
 
@@ -101,7 +101,7 @@ class RankReport:
 
 def destination_spec(source: Source, factors: Factors, tp: int, depth: Depth = Depth(),
                      experts: Optional[Experts] = None, expert_parallel: int = 1) -> ModelSpec:
-    dst = grow(source.spec, factors, tp, depth, experts, expert_parallel)
+    dst = grown_spec(source.spec, factors, tp, depth, experts, expert_parallel)
     check_divisible(dst)
     return dst
 

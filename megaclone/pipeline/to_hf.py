@@ -18,7 +18,6 @@ from megaclone.formats.hf.reader import read_config
 from megaclone.formats.hf.writer import (
     check_constant,
     check_exportable,
-    deal,
     hf_config,
     hf_pieces,
     hf_tensors_from,
@@ -37,7 +36,7 @@ from megaclone.pipeline.expand import (
 )
 from megaclone.pipeline.index_maps import layer_map
 from megaclone.pipeline.plan import SliceTask
-from megaclone.runtime import agree, return_large_frees
+from megaclone.runtime import agree, deal, return_large_frees
 from megaclone.shape.layout import catalogue
 from megaclone.shape.request import Depth, Factors
 

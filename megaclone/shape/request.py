@@ -90,7 +90,7 @@ class Depth:
 
 
 
-def grow(src: ModelSpec, factors: Factors, tensor_parallel: int, depth: Depth = Depth(),
+def grown_spec(src: ModelSpec, factors: Factors, tensor_parallel: int, depth: Depth = Depth(),
          experts: Optional[Experts] = None, expert_parallel: int = 1) -> ModelSpec:
     """The destination spec: widths and layers multiplied, head dim unchanged, vocab re-padded for the
     new TP; with ``experts``, every (grown) MLP upcycled to them. An MoE source keeps its experts (their
@@ -182,3 +182,13 @@ def check_divisible(spec: ModelSpec) -> None:
             f"{spec.num_attention_heads} heads do not split into {spec.num_query_groups} query groups",
             "check num_attention_heads and num_query_groups in the source args",
         )
+
+
+def not_function_preserving(clone_record: Optional[dict]) -> Optional[str]:
+    """Why a clone (by the record megaclone wrote with it) does not compute its source's function by
+    design; None when it does, or when the checkpoint is not a clone."""
+    depth = Depth(**(clone_record or {}).get("depth", {}))
+    if depth.function_preserving:
+        return None
+    return (f"this clone was grown in depth with --depth-init {depth.init} (x{depth.factor}): its added layers are "
+            "exact copies that change the function, so its logits are not the source's by design")

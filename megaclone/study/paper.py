@@ -202,21 +202,5 @@ def recovery_tokens(curve: Sequence[tuple[float, float]]) -> Optional[float]:
     return None if risen else 0.0
 
 
-def model_symmetry(rules: Sequence[ParamRule], tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean clone-block cosine per parameter kind (over layers) and over all matrices."""
-    per_key: dict[str, list[float]] = {}
-    for rule in rules:
-        if rule.key not in tensors:
-            continue
-        stored = tensors[rule.key]
-        layers = [stored[i] for i in range(stored.shape[0])] if rule.per_layer else [stored]
-        for w in layers:
-            per_key.setdefault(rule.key, []).extend(clone_block_cosines(rule, w))
-    out = {key: float(np.mean(v)) for key, v in per_key.items() if v}
-    if out:
-        out["all"] = float(np.mean([c for v in per_key.values() for c in v]))
-    return out
-
-
 def singular_values(weight: torch.Tensor) -> np.ndarray:
     return torch.linalg.svdvals(weight.double()).numpy()

@@ -24,22 +24,6 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def loss_curves(curves: Mapping[str, Sequence[tuple[float, float]]], target: float, path: Path) -> Path:
-    """Validation loss against training tokens, one line per run, the target as a dashed line."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, curve in curves.items():
-        tokens, loss = zip(*curve)
-        ax.plot(np.array(tokens) / 1e6, loss, label=name, linestyle="--" if name == "random-init" else "-")
-    ax.axhline(target, color="gray", linewidth=0.8, linestyle=":", label="random-init final loss")
-    ax.set_xlabel("training tokens of the wide model (millions)")
-    ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_ylim(top=min(max(l for c in curves.values() for _, l in c), target * 2))
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
 def symmetry(series: Mapping[str, Sequence[tuple[float, float]]], path: Path) -> Path:
     """Mean cosine similarity between clone blocks of every weight matrix, over training."""
     plt = _pyplot()

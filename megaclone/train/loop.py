@@ -24,10 +24,11 @@ import torch
 
 from megaclone.errors import MegacloneError
 from megaclone.formats import destination, iterations, torch_dist
-from megaclone.formats.base import not_function_preserving
 from megaclone.formats.source import open_source
 from megaclone.model import build_gpt, model_sharded_state_dict
+from megaclone.reference import default_tolerance
 from megaclone.runtime import Runtime, init_parallel
+from megaclone.shape.request import not_function_preserving
 from megaclone.shape.spec import ModelSpec
 from megaclone.train import args as train_args
 from megaclone.train import data as data_io
@@ -269,7 +270,7 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
         check = history.source_check
         check["first_loss"] = first_batch_loss(model, micro_batches(train_ds, 0, args, dp_rank), device)
         check["abs_diff"] = abs(check["first_loss"] - check["source_loss"])
-        check["tolerance"] = FIRST_LOSS_TOLERANCE[dtype] * check["source_loss"]
+        check["tolerance"] = default_tolerance(dtype) * check["source_loss"]
         check["ok"] = check["abs_diff"] <= check["tolerance"]
         log.note(f"the clone's loss on the first batch (dropout off) {check['first_loss']:.6f}; the source "
                  f"model's on the same batch: {check['source_loss']:.6f} (|diff| {check['abs_diff']:.2e}, "
@@ -307,7 +308,6 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
 
 # How far the clone's first-batch loss may be from the source's, relative, by the weights' dtype:
 # the same function, computed at that precision (bf16 keeps 8 bits of mantissa).
-FIRST_LOSS_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -78,7 +78,7 @@ def _masked_mean(per_token: torch.Tensor, batch: dict, device) -> float:
 def _megatron_source_losses(source: Source, batches: list[dict], padded_vocab: int, device) -> list[float]:
     from megatron.core import parallel_state
 
-    from megaclone.check.logits import load_source_model
+    from megaclone.reference import load_source_model
     from megaclone.model import causal_logits
 
     model = load_source_model(source, device)
@@ -93,7 +93,7 @@ def _megatron_source_losses(source: Source, batches: list[dict], padded_vocab: i
 
 
 def _hf_source_losses(root: Path, batches: list[dict], padded_vocab: int, device) -> list[float]:
-    from megaclone.check.logits import hf_model
+    from megaclone.reference import hf_model
 
     model = hf_model(root, device)
     losses = []

@@ -60,17 +60,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
-def deal(sizes: list[int], world: int) -> list[int]:
-    """Owner rank of each piece: largest first onto the least-loaded rank (deterministic)."""
-    load = [0] * world
-    owner = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        r = min(range(world), key=lambda k: (load[k], k))
-        owner[i] = r
-        load[r] += sizes[i]
-    return owner
-
-
 def shard_name(rank: int, world: int) -> str:
     return "model.safetensors" if world == 1 else f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
 
