@@ -65,6 +65,7 @@ MOE_SOURCE_CASES = [
     ("upcycled-w2-tp4-ep1", "w2-e4-k2-tp2-ep2", 2, 4, 1, Depth(), "symmetric", None),  # EP 2 -> 1
     ("upcycled-w2-tp1-ep2", "w2-e4-k2-tp2-ep2", 2, 1, 2, Depth(), "symmetric", None),  # EP 2 -> 2, TP 2 -> 1
     ("moe-src-e8-k4-w2-tp2-ep2", "moe-source", 2, 2, 2, Depth(), "symmetric", Experts(8, 4, parallel=2)),
+    ("moe-src-noisy-w2-tp2-ep2", "moe-source", 2, 2, 2, Depth(), "noisy-diagonal", None),  # per-expert noise blocks
 ]
 
 

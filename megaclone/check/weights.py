@@ -291,7 +291,7 @@ def _check_noise_chunk(rule, layer, expert, rows, found, expected, noise, presen
     if noise is None:
         return None
     squares = delta.square()
-    unit = src_rows // rule.noise_unit
+    unit = (src_rows + rule.noise_offset) // rule.noise_unit  # an MoE source's expert: its own blocks
     for j in range(rule.c_in):
         cols = torch.from_numpy(in_copy == j)
         np.add.at(noise[:, :, j], (unit, out_copy), squares[:, cols].sum(dim=1).numpy())

@@ -253,6 +253,7 @@ def noise_scales(rules: list[ParamRule], chunks: list, sums: dict[int, float], s
 def _noise(rule, layer, cfg, src_rows, out_block, src_cols, in_block, scale) -> torch.Tensor:
     """The noise of a slice: paired draws times the scale of each element's (unit, output block, pair)."""
     key = stream_key(cfg.seed, rule.key, layer)
+    src_rows = np.where(src_rows >= 0, src_rows + rule.noise_offset, src_rows)  # an MoE source's expert
     unit = np.maximum(src_rows, 0) // rule.noise_unit
     pair = np.minimum(in_block // 2, max(rule.c_in // 2 - 1, 0))
     rows_per_chunk = max(1, _NOISE_CHUNK_ELEMENTS // len(src_cols))

@@ -343,10 +343,9 @@ def expand(
             source = open_source(src_root, load_format, vocab_size)
             source.spec.require_megatron(str(source.path))
             dst_spec = destination_spec(source, factors, tp, depth, experts, expert_parallel)
-            if source.spec.experts and (cfg.variant.noisy or grow_optimizer):
-                raise MegacloneError(f"{source.path} is a mixture of experts, whose noisy clone and grown optimizer "
-                                     "state megaclone does not make yet",
-                                     "grow it with --variant symmetric or diagonal, without --grow-optimizer")
+            if source.spec.experts and grow_optimizer:
+                raise MegacloneError(f"{source.path} is a mixture of experts, whose grown optimizer state megaclone "
+                                     "does not make yet", "grow it without --grow-optimizer")
             if save_format is Format.LEGACY and experts:
                 raise MegacloneError("--save-format torch does not write mixture-of-experts checkpoints",
                                      "use the default torch_dist format (it loads into sequential and grouped-GEMM experts)")

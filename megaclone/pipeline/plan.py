@@ -135,13 +135,16 @@ def power_chunks(rules: list, num_layers: int) -> list[PowerChunk]:
             continue
         cols = rule.src_shape[1]
         step = max(1, min(rule.noise_unit, POWER_CHUNK_ELEMENTS // cols))
+        per_expert = rule.rows.src_size // rule.noise_unit  # an MoE source's experts: blocks one after another
         for layer in rule.tensor.layers(num_layers):
             for block in range(rule.noise_blocks):
-                first = block * rule.noise_unit
+                expert, first = divmod(block, per_expert)
+                first *= rule.noise_unit
                 for start in range(first, first + rule.noise_unit, step):
                     rows = min(step, first + rule.noise_unit - start)
-                    read = BoxRead(rule.source_key, layer, (Box((start, 0), (rows, cols)),))
-                    chunks.append(PowerChunk(len(chunks), read, block))
+                    box = (Box((expert, start, 0), (1, rows, cols)) if rule.source_experts
+                           else Box((start, 0), (rows, cols)))
+                    chunks.append(PowerChunk(len(chunks), BoxRead(rule.source_key, layer, (box,)), block))
     return chunks
 
 

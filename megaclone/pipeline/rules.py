@@ -66,6 +66,9 @@ class ParamRule:
     gain: int = 1  # matrices: the clone is multiplied by it last (a granular expert's second projection: G)
     slices: int = 1  # per-expert tensors: G, the dense FFN slices; expert e holds slice e mod G
     source_experts: int = 0  # per-expert tensors of an MoE source: its number of experts (0: a dense source)
+    # Noise coordinates of an MoE source's expert: its source expert's rows follow the ones before it, so
+    # each expert draws its own noise and has its own noise blocks (0 for every other rule)
+    noise_offset: int = 0
 
     def __post_init__(self):
         if self.dst_shape != self.tensor.shape:
@@ -82,12 +85,18 @@ class ParamRule:
         return self.source or self.tensor.key
 
     def for_expert(self, expert: Optional[int]) -> "ParamRule":
-        """The rule of one expert of a per-expert tensor (its slice of the dense FFN); itself otherwise."""
-        if expert is None or self.slices == 1:
+        """The rule of one expert of a per-expert tensor (its slice of the FFN it is cut from, and for an MoE
+        source its source expert's noise coordinates); itself otherwise."""
+        if expert is None:
             return self
+        rule = self
+        if self.source_experts:
+            rule = dataclasses.replace(rule, noise_offset=self.source_expert(expert) * self.rows.src_size)
+        if self.slices == 1:
+            return rule
         s = expert % self.slices
         pick = lambda m: dataclasses.replace(m, slice=s) if isinstance(m, ExpertSlice) else m  # noqa: E731
-        return dataclasses.replace(self, rows=pick(self.rows), cols=None if self.cols is None else pick(self.cols))
+        return dataclasses.replace(rule, rows=pick(rule.rows), cols=None if rule.cols is None else pick(rule.cols))
 
     def source_expert(self, expert: int) -> int:
         """The source expert that destination ``expert`` clones (an MoE source: the same expert)."""
@@ -132,7 +141,9 @@ class ParamRule:
 
     @property
     def noise_blocks(self) -> int:
-        return self.rows.src_size // self.noise_unit if self.noise_unit else 0
+        """Noise blocks of one layer: an MoE source's experts each have their own, one after another."""
+        per = self.rows.src_size // self.noise_unit if self.noise_unit else 0
+        return per * max(1, self.source_experts)
 
     @property
     def parts(self) -> int:
