@@ -281,6 +281,33 @@ def _init_std(source: Source) -> float:
     return float(getattr(source.args, "init_method_std", None) or 0.02)
 
 
+@dataclass(frozen=True)
+class Request:
+    """What one expansion is asked for: :func:`expand`'s arguments less the paths and the hooks."""
+
+    factors: Factors
+    tp: int
+    cfg: CloneConfig
+    depth: Depth
+    experts: Optional[Experts]  # upcycling (or more experts from a mixture)
+    expert_parallel: int  # an MoE source's destination EP (upcycling: experts.parallel)
+    dtype: Optional[torch.dtype]
+    pp: int
+    save_format: Format
+    vocab_size: Optional[int]
+    load_format: Optional[Format | str]
+    allow_non_finite: bool
+    grow_optimizer: bool
+
+    @property
+    def ep(self) -> int:
+        return self.experts.parallel if self.experts else self.expert_parallel
+
+    @property
+    def legacy(self) -> bool:
+        return self.save_format is Format.LEGACY
+
+
 def expand(
     src_root: str | Path,
     dst_root: str | Path,
@@ -324,43 +351,14 @@ def expand(
 
     from megaclone.runtime import init_parallel
 
+    req = Request(factors, tp, cfg, depth, experts, expert_parallel, dtype, pp, Format(save_format), vocab_size,
+                  load_format, allow_non_finite, grow_optimizer)
     start, cpu_start = time.perf_counter(), cpu_seconds()
     return_large_frees()
     memory = PeakMemory().start()
     try:
-        world = dist.get_world_size()
-        dst_root = Path(dst_root)
-        src_root = Path(src_root)
-
-        ep = experts.parallel if experts else expert_parallel
-        save_format = Format(save_format)
-
-        def validate():
-            if world % (tp * ep):
-                ranks = f"--tp {tp} x --ep {ep}" if ep > 1 else f"--tp {tp}"
-                raise MegacloneError(f"world size {world} is not a multiple of {ranks}",
-                                     f"launch with --nproc_per_node {tp * ep} (or a multiple of it)")
-            source = open_source(src_root, load_format, vocab_size)
-            source.spec.require_megatron(str(source.path))
-            dst_spec = destination_spec(source, factors, tp, depth, experts, expert_parallel)
-            if source.spec.experts and grow_optimizer:
-                raise MegacloneError(f"{source.path} is a mixture of experts, whose grown optimizer state megaclone "
-                                     "does not make yet", "grow it without --grow-optimizer")
-            if save_format is Format.LEGACY and experts:
-                raise MegacloneError("--save-format torch does not write mixture-of-experts checkpoints",
-                                     "use the default torch_dist format (it loads into sequential and grouped-GEMM experts)")
-            if save_format is Format.LEGACY and pp != 1:
-                raise MegacloneError("--save-format torch writes pipeline size 1 only",
-                                     "use the default torch_dist format (one destination serves every --pp)")
-            if pp < 1 or dst_spec.num_layers % pp:
-                grown = f" ({source.spec.num_layers} x depth factor {depth.factor})" if depth.factor > 1 else ""
-                raise MegacloneError(f"--pp {pp} does not divide the {dst_spec.num_layers} layers{grown}",
-                                     "choose a pipeline size that divides the number of layers"
-                                     + (", or a depth factor that makes it divisible" if depth.factor > 1 else ""))
-            step = check_growable(source, depth, experts, save_format is Format.LEGACY) if grow_optimizer else None
-            return source, dst_spec, step
-
-        source, dst_spec, adam_step = agree(validate)
+        dst_root, src_root = Path(dst_root), Path(src_root)
+        source, dst_spec, adam_step = agree(lambda: validate_request(req, src_root))
         if dist.get_rank() == 0:
             for warning in cfg.warnings(getattr(source.args, "hidden_dropout", None),
                                         getattr(source.args, "attention_dropout", None)):
@@ -370,62 +368,39 @@ def expand(
             report = RankReport(rank=dist.get_rank())
             report.seconds["validate"] = time.perf_counter() - start
             t0 = time.perf_counter()
-            init_parallel(tp, 1, ep)
+            init_parallel(tp, 1, req.ep)
             dtype = dtype or source.dtype
             model = build_gpt(dst_spec, dtype=dtype, device=device)
             model_sd = model_sharded_state_dict(model)
-            legacy = save_format is Format.LEGACY
             # the model's own tensors, when the grown optimizer state is keyed to them
-            slots = parameter_slots(model_sd, own_storage=not legacy and not grow_optimizer)
-            if not legacy and not grow_optimizer:
+            slots = parameter_slots(model_sd, own_storage=not req.legacy and not grow_optimizer)
+            if not req.legacy and not grow_optimizer:
                 del model  # the state dict alone holds the shard; fused tensors it saves in pieces are freed
             report.seconds["build"] = time.perf_counter() - t0
             scales = noise_plan(source, dst_spec, depth, cfg) if cfg.variant.noisy else None
+
+            def fill(some_slots: Slots, rules: Optional[list[ParamRule]] = None, moments: bool = False) -> None:
+                fill_rank(source, dst_spec, some_slots, parallel_state.get_tensor_model_parallel_rank(), cfg, report,
+                          None if rules else on_slice, allow_non_finite, scales, depth,
+                          ep_rank=parallel_state.get_expert_model_parallel_rank(), rules=rules,
+                          zero_added_layers=moments and depth.zeroes_added_outputs)  # an added layer's moments: 0
+
             # every rank learns of a refusal here (bad values in its part of the source) before the save's collectives
-            agree(lambda: fill_rank(source, dst_spec, slots, parallel_state.get_tensor_model_parallel_rank(), cfg, report,
-                                    on_slice, allow_non_finite, scales, depth,
-                                    ep_rank=parallel_state.get_expert_model_parallel_rank()))
+            agree(lambda: fill(slots))
             del slots
-            extra: dict = {}
-            place = {"iteration": 0, "consumed_train_samples": 0}  # a new model: no source training position
-            if grow_optimizer:  # the source's run, continued: its optimizer grown, its place kept
-                def fill(state_slots, state_rules, moments: bool):  # an added identity layer's moments are zero
-                    fill_rank(source, dst_spec, state_slots, parallel_state.get_tensor_model_parallel_rank(), cfg,
-                              report, None, allow_non_finite, scales, depth, rules=state_rules,
-                              zero_added_layers=moments and depth.zeroes_added_outputs)
-                rules = param_rules(source.spec, dst_spec)
-                run = continuation(source)
-                extra["optimizer"] = agree(lambda: grown_adam_state(model, model_sd, adam_step, rules, fill,
-                                                                    mixed_precision(source), run.get("grad_scaler")))
-                place = {k: run[k] for k in place}
-                extra.update({k: run[k] for k in ("opt_param_scheduler", "num_floating_point_operations_so_far")
-                              if k in run})
+            extra, place = grown_run(source, dst_spec, model, model_sd, adam_step, fill) if grow_optimizer else ({}, {})
             claim.clear()  # an earlier output goes only now that the source has been read whole
 
             trim_heap()  # dist_checkpointing forks writers: hand them a compact heap
             _fault_while_writing()
             t0 = time.perf_counter()
-            args = dst_spec.to_args(source.args, dtype=dtype)
-            args.pipeline_model_parallel_size = pp
-            args.iteration, args.consumed_train_samples = place["iteration"], place["consumed_train_samples"]
-            provenance = {
-                "factors": dataclasses.asdict(factors),
-                "depth": dataclasses.asdict(depth),
-                "experts": None if dst_spec.experts is None else dataclasses.asdict(dst_spec.experts),
-                "variant": cfg.variant.value,
-                "snr_db": cfg.snr_db,
-                "seed": cfg.seed,
-                "source": str(source.path.resolve()),
-                "source_format": source.format.value,
-            }
-            if legacy:  # local-spec module names: --transformer-impl local
+            if req.legacy:  # local-spec module names: --transformer-impl local
                 model_sd = model.state_dict()
-            if not dst_spec.experts:  # each tensor's a and s (the trainer's --clone-*-scaling)
-                provenance["adam_scaling"] = adam_scaling(source.spec, dst_spec)
-            provenance["grown_optimizer"] = grow_optimizer
-            save_megatron(dst_root, place["iteration"], model_sd, args, {"megaclone": provenance, **extra},
+            iteration = place.get("iteration", 0)  # a new model, or the source's run continued
+            save_megatron(dst_root, iteration, model_sd, destination_args(req, source, dst_spec, dtype, place),
+                          {"megaclone": clone_record(req, source, dst_spec), **extra},
                           legacy=(parallel_state.get_tensor_model_parallel_rank(),
-                                  parallel_state.get_data_parallel_rank() == 0) if legacy else None)
+                                  parallel_state.get_data_parallel_rank() == 0) if req.legacy else None)
             del model_sd
         report.seconds["write"] = time.perf_counter() - t0
         report.seconds["total"] = time.perf_counter() - start
@@ -433,6 +408,79 @@ def expand(
         return gather_reports(report, memory)
     finally:
         memory.stop()  # a refusal or a failure must not leave the sampler running in the caller
+
+
+def validate_request(req: Request, src_root: Path) -> tuple[Source, ModelSpec, Optional[float]]:
+    """The source, opened and checked, the destination's spec and (--grow-optimizer) the source's Adam
+    step count: every refusal the request and the source decide, before anything is written."""
+    world = dist.get_world_size()
+    if world % (req.tp * req.ep):
+        ranks = f"--tp {req.tp} x --ep {req.ep}" if req.ep > 1 else f"--tp {req.tp}"
+        raise MegacloneError(f"world size {world} is not a multiple of {ranks}",
+                             f"launch with --nproc_per_node {req.tp * req.ep} (or a multiple of it)")
+    source = open_source(src_root, req.load_format, req.vocab_size)
+    source.spec.require_megatron(str(source.path))
+    dst_spec = destination_spec(source, req.factors, req.tp, req.depth, req.experts, req.expert_parallel)
+    if source.spec.experts and req.grow_optimizer:
+        raise MegacloneError(f"{source.path} is a mixture of experts, whose grown optimizer state megaclone "
+                             "does not make yet", "grow it without --grow-optimizer")
+    if req.legacy and req.experts:
+        raise MegacloneError("--save-format torch does not write mixture-of-experts checkpoints",
+                             "use the default torch_dist format (it loads into sequential and grouped-GEMM experts)")
+    if req.legacy and req.pp != 1:
+        raise MegacloneError("--save-format torch writes pipeline size 1 only",
+                             "use the default torch_dist format (one destination serves every --pp)")
+    if req.pp < 1 or dst_spec.num_layers % req.pp:
+        depth = req.depth
+        grown = f" ({source.spec.num_layers} x depth factor {depth.factor})" if depth.factor > 1 else ""
+        raise MegacloneError(f"--pp {req.pp} does not divide the {dst_spec.num_layers} layers{grown}",
+                             "choose a pipeline size that divides the number of layers"
+                             + (", or a depth factor that makes it divisible" if depth.factor > 1 else ""))
+    step = check_growable(source, req.depth, req.experts, req.legacy) if req.grow_optimizer else None
+    return source, dst_spec, step
+
+
+def grown_run(source: Source, dst_spec: ModelSpec, model, model_sd: dict, adam_step: float,
+              fill: Callable) -> tuple[dict, dict]:
+    """--grow-optimizer: the destination's optimizer state grown from the source's, and where the
+    source's run stands (its iteration, samples, scheduler and flops), so the destination continues it.
+    Returns (the checkpoint's extra state, the run's place for the args)."""
+    rules = param_rules(source.spec, dst_spec)
+    run = continuation(source)
+    optimizer = agree(lambda: grown_adam_state(model, model_sd, adam_step, rules, fill, mixed_precision(source),
+                                               run.get("grad_scaler")))
+    extra = {"optimizer": optimizer, **{k: run[k] for k in ("opt_param_scheduler", "num_floating_point_operations_so_far")
+                                       if k in run}}
+    return extra, {k: run[k] for k in ("iteration", "consumed_train_samples")}
+
+
+def destination_args(req: Request, source: Source, dst_spec: ModelSpec, dtype: torch.dtype, place: dict):
+    """Megatron-LM's args of the destination: the source's with the grown shape, the pipeline size the
+    request declares and the run's place (a new model starts at iteration 0)."""
+    args = dst_spec.to_args(source.args, dtype=dtype)
+    args.pipeline_model_parallel_size = req.pp
+    args.iteration = place.get("iteration", 0)
+    args.consumed_train_samples = place.get("consumed_train_samples", 0)
+    return args
+
+
+def clone_record(req: Request, source: Source, dst_spec: ModelSpec) -> dict:
+    """What megaclone records with a clone: how it was grown (the weight check reads it back), from what,
+    and each tensor's value and gradient scales (the trainer's --clone-*-scaling)."""
+    record = {
+        "factors": dataclasses.asdict(req.factors),
+        "depth": dataclasses.asdict(req.depth),
+        "experts": None if dst_spec.experts is None else dataclasses.asdict(dst_spec.experts),
+        "variant": req.cfg.variant.value,
+        "snr_db": req.cfg.snr_db,
+        "seed": req.cfg.seed,
+        "source": str(source.path.resolve()),
+        "source_format": source.format.value,
+        "grown_optimizer": req.grow_optimizer,
+    }
+    if not dst_spec.experts:
+        record["adam_scaling"] = adam_scaling(source.spec, dst_spec)
+    return record
 
 
 def gather_reports(report: RankReport, memory: PeakMemory) -> list[RankReport]:

@@ -125,10 +125,10 @@ def grown_adam_state(model, model_sd: dict, step: float, rules: list[ParamRule],
         return out
 
     if main is not None:
-        fill(parameter_slots(on(lambda p: p.data)), main_weight_rules(rules), False)
+        fill(parameter_slots(on(lambda p: p.data)), main_weight_rules(rules))
         main.to_model()
     for state, power in MOMENTS:
-        fill(parameter_slots(on(lambda p: optimizer.state[p][state])), moment_rules(rules, state, power), True)
+        fill(parameter_slots(on(lambda p: optimizer.state[p][state])), moment_rules(rules, state, power), moments=True)
     for p in optimizer.state:
         optimizer.state[p]["step"] = torch.tensor(step)
     out = optimizer_sharded_state_dict(optimizer, model_sd, main)
