@@ -97,7 +97,9 @@ def test_lr_scaling_alone_gives_each_tensor_its_lr_and_decay_and_keeps_adams_eps
 
     args = argparse.Namespace(**RECIPE)
     spec = grown_spec(presets.preset_spec("llama", 1), Factors.uniform(2), 1)
-    scales = adam_scaling(presets.preset_spec("llama", 1), spec)
+    from megaclone.pipeline.rules import param_rules
+
+    scales = adam_scaling(param_rules(presets.preset_spec("llama", 1), spec))
     wide = build_gpt(spec)
     groups = build_optimizer(wide, args, scaling={k: (a, None) for k, (a, _) in scales.items()}).param_groups
     by_a = {round(g["max_lr"] / args.lr, 6) for g in groups}

@@ -186,12 +186,13 @@ def signal_powers(source: Source, rules: list, num_layers: int) -> dict[tuple[st
             for (key, layer), per_block in blocks.items()}
 
 
-def noise_plan(source: Source, dst_spec: ModelSpec, depth: Depth, cfg: CloneConfig) -> dict[tuple[str, int], np.ndarray]:
+def noise_plan(source: Source, dst_spec: ModelSpec, depth: Depth, cfg: CloneConfig,
+               rules: list[ParamRule]) -> dict[tuple[str, int], np.ndarray]:
     """The scale of every noise block of the destination (clone.noise_scales), all ranks together:
     the source's block powers (:func:`signal_powers`), then each rank's round-robin share of the
     draws' sums of squares (plan.draw_chunks), exchanged and added exactly, so every rank and every
-    layout scales the noise identically and each block meets the requested SNR exactly."""
-    rules = param_rules(source.spec, dst_spec)
+    layout scales the noise identically and each block meets the requested SNR exactly. ``rules``: the
+    run's clone rules (param_rules, built once a run)."""
     powers = signal_powers(source, rules, source.spec.num_layers)
     chunks = draw_chunks(rules, dst_spec.num_layers)
     by_key = {r.key: r for r in rules}
@@ -377,18 +378,20 @@ def expand(
             if not req.legacy and not grow_optimizer:
                 del model  # the state dict alone holds the shard; fused tensors it saves in pieces are freed
             report.seconds["build"] = time.perf_counter() - t0
-            scales = noise_plan(source, dst_spec, depth, cfg) if cfg.variant.noisy else None
+            rules = param_rules(source.spec, dst_spec)  # once a run: every step below reads these
+            scales = noise_plan(source, dst_spec, depth, cfg, rules) if cfg.variant.noisy else None
 
-            def fill(some_slots: Slots, rules: Optional[list[ParamRule]] = None, moments: bool = False) -> None:
+            def fill(some_slots: Slots, state_rules: Optional[list[ParamRule]] = None, moments: bool = False) -> None:
                 fill_rank(source, dst_spec, some_slots, parallel_state.get_tensor_model_parallel_rank(), cfg, report,
-                          None if rules else on_slice, allow_non_finite, scales, depth,
-                          ep_rank=parallel_state.get_expert_model_parallel_rank(), rules=rules,
+                          None if state_rules else on_slice, allow_non_finite, scales, depth,
+                          ep_rank=parallel_state.get_expert_model_parallel_rank(), rules=state_rules or rules,
                           zero_added_layers=moments and depth.zeroes_added_outputs)  # an added layer's moments: 0
 
             # every rank learns of a refusal here (bad values in its part of the source) before the save's collectives
             agree(lambda: fill(slots))
             del slots
-            extra, place = grown_run(source, dst_spec, model, model_sd, adam_step, fill) if grow_optimizer else ({}, {})
+            extra, place = (grown_run(source, rules, model, model_sd, adam_step, fill) if grow_optimizer
+                            else ({}, {}))
             claim.clear()  # an earlier output goes only now that the source has been read whole
 
             trim_heap()  # dist_checkpointing forks writers: hand them a compact heap
@@ -398,7 +401,7 @@ def expand(
                 model_sd = model.state_dict()
             iteration = place.get("iteration", 0)  # a new model, or the source's run continued
             save_megatron(dst_root, iteration, model_sd, destination_args(req, source, dst_spec, dtype, place),
-                          {"megaclone": clone_record(req, source, dst_spec), **extra},
+                          {"megaclone": clone_record(req, source, dst_spec, rules), **extra},
                           legacy=(parallel_state.get_tensor_model_parallel_rank(),
                                   parallel_state.get_data_parallel_rank() == 0) if req.legacy else None)
             del model_sd
@@ -440,12 +443,11 @@ def validate_request(req: Request, src_root: Path) -> tuple[Source, ModelSpec, O
     return source, dst_spec, step
 
 
-def grown_run(source: Source, dst_spec: ModelSpec, model, model_sd: dict, adam_step: float,
+def grown_run(source: Source, rules: list[ParamRule], model, model_sd: dict, adam_step: float,
               fill: Callable) -> tuple[dict, dict]:
     """--grow-optimizer: the destination's optimizer state grown from the source's, and where the
     source's run stands (its iteration, samples, scheduler and flops), so the destination continues it.
     Returns (the checkpoint's extra state, the run's place for the args)."""
-    rules = param_rules(source.spec, dst_spec)
     run = continuation(source)
     optimizer = agree(lambda: grown_adam_state(model, model_sd, adam_step, rules, fill, mixed_precision(source),
                                                run.get("grad_scaler")))
@@ -464,7 +466,7 @@ def destination_args(req: Request, source: Source, dst_spec: ModelSpec, dtype: t
     return args
 
 
-def clone_record(req: Request, source: Source, dst_spec: ModelSpec) -> dict:
+def clone_record(req: Request, source: Source, dst_spec: ModelSpec, rules: list[ParamRule]) -> dict:
     """What megaclone records with a clone: how it was grown (the weight check reads it back), from what,
     and each tensor's value and gradient scales (the trainer's --clone-*-scaling)."""
     record = {
@@ -479,7 +481,7 @@ def clone_record(req: Request, source: Source, dst_spec: ModelSpec) -> dict:
         "grown_optimizer": req.grow_optimizer,
     }
     if not dst_spec.experts:
-        record["adam_scaling"] = adam_scaling(source.spec, dst_spec)
+        record["adam_scaling"] = adam_scaling(rules)
     return record
 
 

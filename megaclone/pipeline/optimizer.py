@@ -24,10 +24,9 @@ import torch
 from megaclone.errors import MegacloneError
 from megaclone.formats import torch_dist
 from megaclone.formats.base import Source
-from megaclone.pipeline.rules import ParamRule, clone_scale, gradient_scale, moment_rules, param_rules
+from megaclone.pipeline.rules import ParamRule, clone_scale, gradient_scale, moment_rules
 from megaclone.shape.layout import catalogue
 from megaclone.shape.request import Depth
-from megaclone.shape.spec import ModelSpec
 
 MOMENTS = (("exp_avg", 1), ("exp_avg_sq", 2))
 
@@ -88,9 +87,9 @@ def continuation(source: Source) -> dict:
     return out
 
 
-def adam_scaling(src: ModelSpec, dst: ModelSpec) -> dict[str, list[float]]:
+def adam_scaling(rules: list[ParamRule]) -> dict[str, list[float]]:
     """Per tensor key, [a, s]: the clone's value scale and gradient scale (what --clone-adam-scaling reads)."""
-    return {r.key: [clone_scale(r), gradient_scale(r)] for r in param_rules(src, dst)}
+    return {r.key: [clone_scale(r), gradient_scale(r)] for r in rules}
 
 
 def grown_adam_state(model, model_sd: dict, step: float, rules: list[ParamRule], fill, mixed: bool = False,
