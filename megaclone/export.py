@@ -12,18 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
 from megaclone.formats import destination, hf
 from megaclone.formats.base import Box, BoxRead
 from megaclone.formats.hf.writer import (
-    check_constant,
     check_exportable,
     hf_config,
     hf_pieces,
-    hf_tensors_from,
-    write_hf,
+    hf_shard,
+    write_claimed_hf,
 )
 from megaclone.formats.source import open_megatron_source
 from megaclone.runtime import agree, deal
@@ -46,19 +44,14 @@ def export_hf(root: str | Path, out: str | Path, model_type: Optional[str] = Non
     with destination.Claim.take(out, destination.Kind.HF, [Path(root), source.path], overwrite) as claim:
         pieces, sizes = hf_pieces(spec)
 
-        def read_mine() -> dict[str, torch.Tensor]:
-            mine = {}
+        def fulls():  # this rank's share of the (tensor, layer) pieces, read whole
             for (key, layer), who in zip(pieces, deal(sizes, world)):
-                if who != rank:
-                    continue
-                shape = source.tensors[key].shape[1:] if layer is not None else source.tensors[key].shape
-                [full] = source.read(BoxRead(key, layer, (Box.whole(shape),)))
-                check_constant(layout[key], key, layer, full, mtype)
-                mine.update(hf_tensors_from(layout[key], layer, full))
-            return mine
+                if who == rank:
+                    shape = source.tensors[key].shape[1:] if layer is not None else source.tensors[key].shape
+                    [full] = source.read(BoxRead(key, layer, (Box.whole(shape),)))
+                    yield key, layer, full
 
-        mine = agree(read_mine)  # a refusal on any rank stops every rank before an earlier output is removed
-        claim.clear()
         tokenizer = getattr(source.args, "tokenizer_model", None)
-        count = write_hf(out, mine, hf_config(spec, mtype, source.dtype), Path(tokenizer) if tokenizer else None)
+        count = write_claimed_hf(claim, out, lambda: hf_shard(layout, mtype, fulls()),
+                                 hf_config(spec, mtype, source.dtype), Path(tokenizer) if tokenizer else None)
     return {"model_type": mtype, "tensors": count, "files": world}

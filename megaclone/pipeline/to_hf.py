@@ -16,12 +16,11 @@ import torch.distributed as dist
 from megaclone.formats import Format, destination, hf
 from megaclone.formats.hf.reader import read_config
 from megaclone.formats.hf.writer import (
-    check_constant,
     check_exportable,
     hf_config,
     hf_pieces,
-    hf_tensors_from,
-    write_hf,
+    hf_shard,
+    write_claimed_hf,
 )
 from megaclone.formats.source import open_source
 from megaclone.memory import PeakMemory
@@ -88,24 +87,17 @@ def expand_to_hf(
                                     depth, only_slots=True, rules=rules))
             layout = hf.family_of(model_type).layout(dst_spec)
 
-            def to_hf() -> dict[str, torch.Tensor]:
-                mine = {}
+            def fulls():  # each piece freed as its HF tensors are made
                 for key, layer in list(whole):
-                    full = whole.pop((key, layer))  # freed as its HF tensors are made
-                    full = full if tensors[key].experts else full[0]
-                    check_constant(layout[key], key, layer, full, model_type)
-                    mine.update(hf_tensors_from(layout[key], layer, full))
-                return mine
+                    full = whole.pop((key, layer))
+                    yield key, layer, full if tensors[key].experts else full[0]
 
-            mine = agree(to_hf)  # every rank learns of a refusal before an earlier output is removed
-            claim.clear()
             t0 = time.perf_counter()
             src_layer_of, _ = layer_map(depth, source.spec.num_layers)(np.arange(dst_spec.num_layers))
             config = hf_config(dst_spec, model_type, dtype, read_config(source.path), src_layer_of)
-            write_hf(out, mine, config, source.path)
+            write_claimed_hf(claim, out, lambda: hf_shard(layout, model_type, fulls()), config, source.path)
         report.seconds["write"] = time.perf_counter() - t0
         report.seconds["total"] = time.perf_counter() - start
-        del mine
         return gather_reports(report, memory)
     finally:
         memory.stop()  # a refusal or a failure must not leave the sampler running in the caller

@@ -9,7 +9,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -118,6 +118,29 @@ def hf_pieces(spec: ModelSpec) -> tuple[list[tuple[str, Optional[int]]], list[in
     """Every (tensor, layer) of the model, with its number of elements: the units dealt to ranks."""
     tensors = [(t, layer) for t in catalogue(spec) for layer in t.layers(spec.num_layers)]
     return [(t.key, layer) for t, layer in tensors], [math.prod(t.shape) * max(1, t.experts) for t, _ in tensors]
+
+
+def hf_shard(layout: dict[str, HFTensor], model_type: str,
+             fulls: Iterable[tuple[str, Optional[int], torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """This rank's HF tensors from its full Megatron tensors ``(key, layer, tensor)``, each refused first
+    if the family keeps it constant and it is not (:func:`check_constant`)."""
+    mine: dict[str, torch.Tensor] = {}
+    for key, layer, full in fulls:
+        check_constant(layout[key], key, layer, full, model_type)
+        mine.update(hf_tensors_from(layout[key], layer, full))
+    return mine
+
+
+def write_claimed_hf(claim, out: Path, make_shard: Callable[[], dict[str, torch.Tensor]], config,
+                     tokenizer: Optional[Path]) -> int:
+    """The one HF write sequence (export and --save-hf): every rank makes its shard (a refusal on any
+    rank stops every rank before an earlier output is removed), the claim clears the destination, then
+    :func:`write_hf`. Returns the number of HF tensors written by all ranks."""
+    from megaclone.runtime import agree
+
+    mine = agree(make_shard)
+    claim.clear()
+    return write_hf(out, mine, config, tokenizer)
 
 
 def write_hf(out: Path, mine: dict[str, torch.Tensor], config, tokenizer: Optional[Path]) -> int:
