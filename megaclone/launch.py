@@ -96,3 +96,11 @@ def slurm_rendezvous() -> str:
     step = int(os.environ.get("SLURM_STEP_ID", "0"))
     port = int(os.environ.get("MASTER_PORT") or 20000 + (job * 97 + step) % 20000)
     return f"tcp://{host}:{port}"
+
+
+def torchrun_command(n: int, script, *args) -> list[str]:
+    """``python -m torch.distributed.run --nproc_per_node n script args...`` with this interpreter, every
+    argument a string: the one way the benchmarks and the tests launch a job."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), str(script), *map(str, args)]

@@ -53,13 +53,12 @@ def four_rank_results(request, tmp_path_factory):
     needs one, instead of one launch (and one round of imports on every rank) per module."""
     import json
 
-    from util import ROOT, run
+    from util import ROOT, run, torchrun_command
 
     selected = {getattr(item.module, "__name__", "") for item in request.session.items}
     names = [name for module, name in FOUR_RANK_WORKERS.items() if module in selected]
     out = tmp_path_factory.mktemp("workers")
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
-                str(ROOT / "tests" / "workers.py"), str(out), *names], timeout=3600)
+    proc = run(torchrun_command(4, ROOT / "tests" / "workers.py", out, *names), timeout=3600)
     if proc.returncode != 0:
         raise AssertionError(f"tests/workers.py {' '.join(names)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")

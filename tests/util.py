@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from megaclone.launch import torchrun_command  # noqa: E402  (the one launch helper, torch-free)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # the flags of cli_expanded: heads grown 2x while the query groups are kept (the fused QKV is then
@@ -32,7 +34,7 @@ def run(cmd, env=None, timeout=600) -> subprocess.CompletedProcess:
 
 def torchrun(n: int, tool: str, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node n tools/<tool> args...`` from the repository root."""
-    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, f"tools/{tool}", *args], env=env,
+    return run(torchrun_command(n, f"tools/{tool}", *args), env=env,
                timeout=timeout)
 
 
@@ -47,8 +49,7 @@ def run_worker(script: str, nproc: int, out: Path, *args, timeout: int = 1200) -
     """``torchrun --nproc_per_node nproc tests/<script> out args...``; returns its results.json."""
     import json
 
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc,
-                str(ROOT / "tests" / script), str(out), *args], timeout=timeout)
+    proc = run(torchrun_command(nproc, ROOT / "tests" / script, out, *args), timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return json.loads((out / "results.json").read_text())

@@ -96,7 +96,9 @@ def torchrun(n, *args) -> bool:
     """Run a torchrun job; False if it was stopped before the machine ran out of memory."""
     from megaclone.memory import run_measured
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), *map(str, args)]
+    from megaclone.launch import torchrun_command
+
+    cmd = torchrun_command(n, *args)
     done = run_measured(cmd, cwd=ROOT)
     if done.out_of_memory:
         print(f"stopped before the machine ran out of memory (peak {gib(done.peak_tree_rss):.1f} GiB of the job)",

@@ -81,7 +81,9 @@ def run_measured(cmd: list, env: dict | None = None) -> tuple[float, int]:
 
 
 def torchrun(n: int, *args) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, *args]
+    from megaclone.launch import torchrun_command
+
+    return torchrun_command(n, *args)
 
 
 def modes(args, src: Path, out: Path) -> dict[str, list[list]]:

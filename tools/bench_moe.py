@@ -79,7 +79,9 @@ def worker(args) -> int:
 
 
 def torchrun(n: int, *args) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), *map(str, args)]
+    from megaclone.launch import torchrun_command
+
+    cmd = torchrun_command(n, *args)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if proc.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
