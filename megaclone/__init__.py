@@ -13,8 +13,10 @@ The public API, imported on first use (``import megaclone`` stays torch-free, so
     megaclone.export_hf("wide", "wide_hf")
     megaclone.open_source("small").spec               # any checkpoint (torch_dist, legacy, HF), read by box
 
-The names are the tools' (tools/expand_sharded.py grows, verify_logits.py, export_hf.py), not the
-modules' that implement them (pipeline.expand, check.logits, check.weights, export).
+The names are the commands' (``megaclone grow``, ``verify``, ``export-hf``), not the modules' that
+implement them (pipeline.expand, check.logits, check.weights, export): the table below maps each.
+They load on first use so that ``import megaclone`` (which every command does before parsing its
+flags) stays free of torch; ``megaclone.__all__`` lists them.
 
 Requests: ``Factors`` (widths), ``Depth`` (layers), ``Experts`` (upcycling), ``CloneConfig`` with a
 ``Variant`` (symmetric, diagonal, their noisy forms); ``Format`` names a checkpoint's file format.

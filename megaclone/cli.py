@@ -1,8 +1,10 @@
-"""Shared shell for the command-line tools: error reporting and rank-0 printing.
+"""The commands' shell (megaclone/commands, and the tools/ shims over them): flag parsing with typo
+hints, error reporting and rank-0 printing.
 
-The tools in tools/ parse flags and call the library; this module only turns a MegacloneError into a
-clear message and exit code 2, and keeps output to rank 0. It imports no torch at module level, so a
-tool parses its flags (and answers --help) before the heavy imports.
+A command parses its flags and calls the library; this module turns a MegacloneError into one
+``error:``/``fix:`` message and exit code 2, a lost peer into exit 3, and keeps output to rank 0; how a
+rank stops on a signal is megaclone.stopping's. It imports no torch at module level, so a command
+parses its flags (and answers --help) before the heavy imports.
 """
 
 from __future__ import annotations

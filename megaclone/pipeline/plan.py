@@ -1,8 +1,9 @@
 """Per-rank planner: for each destination slice a rank owns, exactly which source boxes it reads.
 
 A box is any rectangle of a source global tensor, one per contiguous run of needed indices; each
-kind of source reads boxes its own way (megaclone.formats.source: torch DCP's reader for torch_dist,
-safetensors slices for Hugging Face, memory-mapped legacy files). Pure index math: no files.
+kind of source reads boxes its own way (formats.torch_dist: torch DCP's reader; formats.hf.reader:
+safetensors slices; formats.legacy: memory-mapped files), behind the one ``Source.read``. Pure index
+math: no files.
 """
 
 from __future__ import annotations

@@ -158,7 +158,8 @@ def catalogue(spec: ModelSpec) -> list[Tensor]:
 
 
 def owner_of(index: np.ndarray, size: int, parts: int, tp: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`owned_indices`: (TP rank, index in that rank's local tensor) of global indices."""
+    """Inverse of ``pipeline.rules.owned_indices``: (TP rank, index in that rank's local tensor) of global
+    indices."""
     part_size = size // parts
     chunk = part_size // tp
     part, within = np.divmod(index, part_size)

@@ -5,8 +5,8 @@ GPTModel (vocab-parallel cross entropy), gradients are averaged over the data-pa
 by their global norm (tensor-parallel duplicates counted once), and AdamW steps under megatron-core's
 OptimizerParamScheduler. Sample order follows Megatron-LM's pretraining sampler, so a resumed run sees
 the batches an uninterrupted one would. The optimizer is torch's AdamW with Megatron-LM's parameter
-groups on every device: megatron-core 0.16.1's optimizer classes allocate on 'cuda' unconditionally
-(docs/design.md, "CPU"); its checkpoint layout is kept (see train_state).
+groups on every device (megatron-core's optimizer classes need CUDA tensors: docs/design.md, "CPU");
+megatron-core's checkpoint layout of its non-distributed optimizers is kept (train.state).
 """
 
 from __future__ import annotations
