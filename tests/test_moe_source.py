@@ -180,3 +180,31 @@ def test_noisy_more_experts_keep_the_function(moe, tmp_path):
     assert r.ok and r.routes[1] == 0, r.line()
     [w] = check_weights(moe / "src", tmp_path / "more")
     assert w.ok and abs(w.snr_db[0] - 10) < 1e-3 and abs(w.snr_db[1] - 10) < 1e-3, [m.line() for m in w.mismatches]
+
+
+@pytest.mark.slow
+def test_the_trainer_continues_a_grown_mixture(tmp_path):
+    """examples/pretrain_gpt.py on a grown MoE source (a world of one, TP 1): the clone's first-batch loss
+    equals the source's within fp32's tolerance, and each iteration prints the load-balancing loss."""
+    import subprocess
+    import sys
+
+    from util import ROOT
+
+    from megaclone.runtime import init_distributed
+    from megaclone.train.data import preprocess
+
+    init_distributed("cpu")
+    experts = Experts(4, 2, ffn_hidden_size=48, aux_loss_coeff=0.01)
+    sample.make_source(tmp_path / "src", dataclasses.replace(presets.preset_spec("llama", 1), experts=experts),
+                       train_steps=0)
+    expand(tmp_path / "src", tmp_path / "wide", Factors.uniform(2), 1)
+    preprocess(tmp_path / "data", seed=1234, max_documents=20)
+    proc = subprocess.run([sys.executable, "examples/pretrain_gpt.py", "--load", str(tmp_path / "wide"), "--finetune",
+                           "--use-checkpoint-args", "--data-path", str(tmp_path / "data"), "--split", "100,0,0",
+                           "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "2",
+                           "--train-iters", "2", "--eval-iters", "0", "--lr", "1e-4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "within the fp32 tolerance" in proc.stdout, proc.stdout[-2000:]
+    assert "load balancing loss" in proc.stdout, proc.stdout[-2000:]
