@@ -200,3 +200,37 @@ def test_a_file_size_limit_says_so_and_leaves_no_partial_output(source, tmp_path
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (out / "latest_checkpointed_iteration.txt").exists() and not (out / "config.json").exists()
     assert not [p for p in out.rglob("*") if p.is_file()], "partial files were left behind"
+
+
+@pytest.mark.parametrize("job,fault", [("export", "sigterm-publish:0"), ("save-hf", "sigint-publish:0"),
+                                       ("trainer", "sigterm-fork:0")])
+def test_a_stop_at_the_fork_or_the_publish_of_every_writer_publishes_nothing(source, tmp_path, job, fault):
+    """The same commit for every writer (a world of one each): export's and --save-hf's config.json and
+    the trainer's tracker file do not appear, the rank ends with one line and 130/143."""
+    import subprocess
+    import sys
+
+    from util import ROOT
+
+    from megaclone.train.data import preprocess
+
+    out = tmp_path / "out"
+    if job == "export":
+        cmd = ["tools/export_hf.py", "--load", source, "--save", out]
+    elif job == "save-hf":
+        hf = tmp_path / "hf"
+        assert subprocess.run([sys.executable, "tools/export_hf.py", "--load", str(source), "--save", str(hf)],
+                              cwd=ROOT, capture_output=True).returncode == 0
+        cmd = ["tools/expand_sharded.py", "--load-hf", hf, "--save-hf", out, "--no-progress"]
+    else:
+        preprocess(tmp_path / "data", seed=1234, max_documents=20)
+        cmd = ["examples/pretrain_gpt.py", "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2",
+               "--data-path", tmp_path / "data", "--split", "100,0,0", "--seq-length", "16", "--micro-batch-size",
+               "1", "--train-iters", "1", "--eval-iters", "0", "--lr", "1e-3", "--save", out]
+    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "MEGACLONE_FAULT_INJECT": fault})
+    what = "interrupted" if fault.startswith("sigint") else "terminated"
+    assert proc.returncode == (130 if what == "interrupted" else 143), proc.stderr[-3000:]
+    assert f"error: rank 0: {what}; nothing was published" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "config.json").exists() and not (out / "latest_checkpointed_iteration.txt").exists()
