@@ -111,19 +111,24 @@ def test_lr_scaling_alone_gives_each_tensor_its_lr_and_decay_and_keeps_adams_eps
         assert not any(hasattr(p, "clip_weight") for p in g["params"])
 
 
-@pytest.fixture(scope="module")
-def trained(world, tmp_path_factory):
-    """A training checkpoint after one AdamW step (moments and a step count)."""
+def trained_checkpoint(root, steps: int):
+    """A training checkpoint of the llama preset after ``steps`` AdamW steps (moments and a step count)."""
     args = argparse.Namespace(**RECIPE)
     spec = presets.preset_spec("llama", 1)
     torch.manual_seed(0)
     small = build_gpt(spec, initialize=True)
     opt = build_optimizer(small, args)
     sched = build_scheduler(opt, args)
-    train_step(small, opt, sched, [batch(spec.vocab_size, 10)], args, torch.device("cpu"))
-    root = tmp_path_factory.mktemp("trained") / "small"
-    save_training_checkpoint(root, 1, model_sharded_state_dict(small), checkpoint_args(spec, **RECIPE), opt, sched)
+    for seed in range(10, 10 + steps):
+        train_step(small, opt, sched, [batch(spec.vocab_size, seed)], args, torch.device("cpu"))
+    save_training_checkpoint(root, steps, model_sharded_state_dict(small), checkpoint_args(spec, **RECIPE), opt, sched)
     return root
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    """A training checkpoint after one AdamW step."""
+    return trained_checkpoint(tmp_path_factory.mktemp("trained") / "small", 1)
 
 
 @pytest.mark.parametrize("state,value,said", [
@@ -248,16 +253,7 @@ def test_identity_depth_growth_gives_added_layers_zero_moments(world, tmp_path):
     step is exact for the symmetric width clone only (docs/training.md)."""
     from megaclone.shape.request import Depth
 
-    args = argparse.Namespace(**RECIPE)
-    spec = presets.preset_spec("llama", 1)
-    torch.manual_seed(0)
-    small = build_gpt(spec, initialize=True)
-    opt = build_optimizer(small, args)
-    sched = build_scheduler(opt, args)
-    for seed in (10, 11):
-        train_step(small, opt, sched, [batch(spec.vocab_size, seed)], args, torch.device("cpu"))
-    save_training_checkpoint(tmp_path / "small", 2, model_sharded_state_dict(small), checkpoint_args(spec, **RECIPE),
-                             opt, sched)
+    trained_checkpoint(tmp_path / "small", 2)
     expand(tmp_path / "small", tmp_path / "wide", Factors.uniform(2), 1, grow_optimizer=True)
     expand(tmp_path / "small", tmp_path / "deep", Factors.uniform(2), 1, grow_optimizer=True, depth=Depth(2))
     wide = torch_dist.load_plain_tensors(torch_dist.find_checkpoint(tmp_path / "wide"))

@@ -56,6 +56,12 @@ def mixture_tensors(mlp: str, router: str, experts: str, names: tuple[str, str, 
     }
 
 
+def without_dense_mlp(layout: dict) -> dict:
+    """A dense family's layout less its MLP's two projections (a mixture's family puts its experts
+    there); the norm before the MLP stays."""
+    return {k: v for k, v in layout.items() if ".mlp.linear_fc" not in k or k.endswith("layer_norm_weight")}
+
+
 def constant(value: float) -> HFTensor:
     return HFTensor((), identity(0), constant=value)
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 from megaclone.formats.hf.configs import mixture_args, mixture_config
 from megaclone.formats.hf.llama import Llama
-from megaclone.formats.hf.mapping import HFTensor, mixture_tensors
+from megaclone.formats.hf.mapping import HFTensor, mixture_tensors, without_dense_mlp
 from megaclone.formats.hf.registry import register
 from megaclone.shape.layout import MLP
 from megaclone.shape.spec import ModelSpec
@@ -22,13 +22,12 @@ class Mixtral(Llama):
     experts = True
 
     def args_from_config(self, c: dict) -> dict:
-        dense = {**c, "intermediate_size": c["intermediate_size"], "model_type": "llama"}
+        dense = {**c, "model_type": "llama"}
         return dict(super().args_from_config(dense), **mixture_args(c, "num_local_experts", "intermediate_size",
                                                                    norm_topk_default=True))
 
     def layout(self, s: ModelSpec) -> dict[str, HFTensor]:
-        out = {k: v for k, v in super().layout(s).items() if not k.startswith(MLP + "linear_fc")
-               or k.endswith("layer_norm_weight")}
+        out = without_dense_mlp(super().layout(s))
         out.update(mixture_tensors(MLP, "block_sparse_moe.gate.weight", "block_sparse_moe.experts", ("w1.weight",
                                    "w3.weight", "w2.weight"), s, "model.layers.{i}."))
         return out

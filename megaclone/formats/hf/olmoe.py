@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from megaclone.formats.hf.configs import mixture_args, mixture_config, require
 from megaclone.formats.hf.llama import Llama
-from megaclone.formats.hf.mapping import HFTensor, identity, mixture_tensors
+from megaclone.formats.hf.mapping import HFTensor, identity, mixture_tensors, without_dense_mlp
 from megaclone.formats.hf.registry import register
 from megaclone.shape.layout import ATTENTION, MLP
 from megaclone.shape.spec import ModelSpec
@@ -29,8 +29,7 @@ class OLMoE(Llama):
 
     def layout(self, s: ModelSpec) -> dict[str, HFTensor]:
         p = "model.layers.{i}."
-        out = {k: v for k, v in super().layout(s).items() if not k.startswith(MLP + "linear_fc")
-               or k.endswith("layer_norm_weight")}
+        out = without_dense_mlp(super().layout(s))
         for which, width in (("q", s.num_attention_heads), ("k", s.num_query_groups)):  # over the projection
             out[ATTENTION + f"{which}_layernorm.weight"] = HFTensor((p + f"self_attn.{which}_norm.weight",),
                                                                      identity(width * s.kv_channels))

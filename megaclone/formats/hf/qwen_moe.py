@@ -11,7 +11,7 @@ from typing import Optional
 
 from megaclone.formats.hf.configs import mixture_args, mixture_config, require
 from megaclone.formats.hf.llama import Llama
-from megaclone.formats.hf.mapping import HFTensor, concat, identity, mixture_tensors
+from megaclone.formats.hf.mapping import HFTensor, concat, identity, mixture_tensors, without_dense_mlp
 from megaclone.formats.hf.registry import register
 from megaclone.shape.layout import MLP, SHARED
 from megaclone.shape.spec import ModelSpec
@@ -37,8 +37,7 @@ class QwenMoe(Llama):
 
     def layout(self, s: ModelSpec) -> dict[str, HFTensor]:
         p = "model.layers.{i}."
-        out = {k: v for k, v in super().layout(s).items() if not k.startswith(MLP + "linear_fc")
-               or k.endswith("layer_norm_weight")}
+        out = without_dense_mlp(super().layout(s))
         out.update(mixture_tensors(MLP, "mlp.gate.weight", "mlp.experts",
                                    ("gate_proj.weight", "up_proj.weight", "down_proj.weight"), s, p))
         if s.experts.shared_ffn_hidden_size:
