@@ -117,8 +117,10 @@ def plan_stages(args, size: dict, runs: list[Run]) -> list[Stage]:
             cmd, after = [*shape_flags(size, factor=2), *common], ()
         else:  # a clone: weights only, or (its optimizer grown) resumed at iteration 0 with its Adam state
             wide = out / "expanded" / run.start.removeprefix("expand-")
-            start = ["--load", str(wide), "--use-checkpoint-args"] + ([] if overrides.get("clone_adam_scaling")
-                                                                      else ["--finetune"])
+            # --use-checkpoint-args takes the dropouts from the checkpoint too: a run that sets its own
+            # gives the clone's shape instead
+            shape = shape_flags(size, factor=2) if "hidden_dropout" in overrides else ["--use-checkpoint-args"]
+            start = ["--load", str(wide), *shape] + ([] if overrides.get("clone_adam_scaling") else ["--finetune"])
             cmd, after = [*start, *common], (run.start,)
         stages.append(Stage(f"train-{run.name}", ["examples/pretrain_gpt.py", *cmd],
                             done=finished(log_json, iters), after=after + ("data-target", "data-valid")))
