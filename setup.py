@@ -25,8 +25,8 @@ setup(
     ],
     extras_require={
         # tests build tiny HF models with transformers' own classes and run the reproduction's quick mode
-        # transformers 5.23 is the version run here (its MoE configs, its per-expert save format); no upper
-        # bound, as for torch and megatron-core: an environment's newer transformers is left alone
+        # transformers 5.23 (the whole suite) and 5.25 (the HF tests) run here: its MoE configs, its
+        # per-expert save format; no upper bound, as for torch and megatron-core
         "test": ["pytest>=8", "packaging>=23", "transformers>=5.23", "matplotlib>=3.7"],
         "hf": ["transformers>=5.23"],  # --src-hf verification, config.json on export, the HF families
         "repro": ["matplotlib>=3.7"],  # figures of the Scaling Smart reproduction
