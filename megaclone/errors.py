@@ -122,16 +122,19 @@ def _write_failure(exc: BaseException, where: "str | os.PathLike",
     chain = [exc]
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    for name, (problem, fix) in _WRITE_FAILURES.items():
+    def said(name: str) -> tuple[str, str]:
+        problem, fix = _WRITE_FAILURES[name]
+        return problem.format(root=where), fix
+
+    for name in _WRITE_FAILURES:
         code = getattr(errno, name)
-        text = os.strerror(code)
-        if any(isinstance(e, OSError) and e.errno == code or text in repr(e) for e in chain):
-            return problem.format(root=where), fix
+        if any(isinstance(e, OSError) and e.errno == code or os.strerror(code) in repr(e) for e in chain):
+            return said(name)
     if _at_file_size_limit(partial):
-        return _WRITE_FAILURES["EFBIG"][0].format(root=where), _WRITE_FAILURES["EFBIG"][1]
+        return said("EFBIG")
     try:
         if shutil.disk_usage(where).free < (1 << 20):
-            return _WRITE_FAILURES["ENOSPC"][0].format(root=where), _WRITE_FAILURES["ENOSPC"][1]
+            return said("ENOSPC")
     except OSError:
         pass
     return None

@@ -50,6 +50,7 @@ class _State:
         self.refusing = False  # a refusal is being reported: a stop now ends quietly with its exit status
         self.installed = False
         self.parent: Optional[int] = None  # the launcher's pid, where this process watches it
+        self.sockets: tuple = ()  # the wakeup socket pair, open for the process's life
 
 
 _state = _State()
@@ -112,7 +113,7 @@ def _watch(wakeup: socket.socket) -> None:
         if ready:
             for signum in wakeup.recv(64):
                 if signum in _CODES:
-                    _state.requested = _state.requested or signum
+                    _noted(signum, None)
                     _end_for(signum)
         _end_if_orphaned()
 
@@ -147,10 +148,7 @@ def install(watch_parent: Optional[bool] = None) -> None:
     os.register_at_fork(before=lambda: fault_point("fork"), after_in_child=_in_child)
     _state.parent = os.getppid() if watch_parent else None
     threading.Thread(target=_watch, args=(reader,), name="megaclone-stop", daemon=True).start()
-    _sockets.extend((reader, writer))  # kept open for the process's life
-
-
-_sockets: list[socket.socket] = []
+    _state.sockets = (reader, writer)
 
 
 def stop_requested() -> bool:

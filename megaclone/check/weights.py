@@ -216,11 +216,9 @@ def check_tensor_layer(rule: ParamRule, layer: Optional[int], source: Source, de
         present = np.zeros((units, rule.c_out, rule.c_in), dtype=np.int64)
         # the cloned block's power, times a granular expert's gain (its clone and noise both carry it)
         unit_power = (src.double() * rule.gain / rule.c_in).square().reshape(units, -1).mean(dim=1).numpy()
-    whole_src = src
     for expert in range(rule.tensor.experts) if rule.tensor.experts else [None]:
         one = rule.for_expert(expert)
-        if rule.source_experts:  # an MoE source: this expert's own source matrix
-            src = whole_src[rule.source_expert(expert)]
+        own = src[rule.source_expert(expert)] if rule.source_experts else src  # an MoE source: its own expert
         for start in range(0, shape[0], step):
             rows = np.arange(start, min(start + step, shape[0]))
             found = _read_rows(destination, rule, layer, expert, start, len(rows))
@@ -231,7 +229,7 @@ def check_tensor_layer(rule: ParamRule, layer: Optional[int], source: Source, de
                     return _mismatch(one, layer, expert, rows, _first(differs), found, original,
                                      f"differs from expert {expert % rule.slices}, which holds the same slice"), []
                 continue
-            expected = torch.zeros_like(found) if zero else expected_exact(one, src, rows, definition, found.dtype)
+            expected = torch.zeros_like(found) if zero else expected_exact(one, own, rows, definition, found.dtype)
             if (mismatch := _non_finite(one, layer, expert, rows, found, expected)) is not None:
                 return mismatch, []
             if not noisy:

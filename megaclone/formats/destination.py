@@ -120,23 +120,36 @@ def _stranger(entry: Path, kind: Kind) -> Optional[Path]:
     return entry
 
 
+def check_writable(dst: str | os.PathLike, flag: str = "--save") -> None:
+    """``dst`` can be written: an existing directory this process may write into, or a path whose nearest
+    existing ancestor it may create it in. Every writer checks it before its work (the trainer's
+    ``--save`` too, which used to train the whole run and then fail)."""
+    dst = Path(dst)
+    if dst.is_symlink() and not dst.exists():
+        raise MegacloneError(f"{flag} {dst} is a broken symlink", "point it at a directory, or choose another path")
+    if dst.exists():
+        if not dst.is_dir():
+            raise MegacloneError(f"{flag} {dst} exists and is not a directory", "choose a directory path")
+        if not os.access(dst, os.W_OK | os.X_OK):
+            raise MegacloneError(f"{flag} {dst} is not writable", "choose a directory you can write to")
+        return
+    parent = Path(os.path.abspath(dst)).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MegacloneError(f"{flag} {dst}: cannot create it, {parent} is not writable",
+                             "choose a directory you can write to")
+
+
 def guard(dst: str | os.PathLike, kind: Kind, sources: Sequence[str | os.PathLike] = (),
           overwrite: bool = False, flag: str = "--save") -> Destination:
     """Check ``dst`` for a writer of ``kind``; nothing is touched. Raises MegacloneError naming the
     problem and the fix."""
     dst = Path(dst)
     check_no_overlap(dst, [Path(s) for s in sources], flag)
-    if dst.is_symlink() and not dst.exists():
-        raise MegacloneError(f"{flag} {dst} is a broken symlink", "point it at a directory, or choose another path")
+    check_writable(dst, flag)
     if not dst.exists():
-        if dst.parent.exists() and not os.access(dst.parent, os.W_OK):
-            raise MegacloneError(f"{flag} {dst}: cannot create it, {dst.parent} is not writable",
-                                 "choose a directory you can write to")
         return Destination(dst, kind)
-    if not dst.is_dir():
-        raise MegacloneError(f"{flag} {dst} exists and is not a directory", "choose a directory path")
-    if not os.access(dst, os.W_OK | os.X_OK):
-        raise MegacloneError(f"{flag} {dst} is not writable", "choose a directory you can write to")
     entries = sorted(dst.iterdir())
     if not entries:
         return Destination(dst, kind)

@@ -142,7 +142,7 @@ def _check_finite(task: SliceTask, parts: list[torch.Tensor]) -> None:
     """Refuse NaN or infinite source values, naming the stored tensor (a weight, or an Adam moment:
     ``optimizer.state.exp_avg.<key>``); a second moment must also be non-negative."""
     where = task.rule.source_key + ("" if task.layer is None else f" (layer {task.layer})")
-    if task.rule.source_key.startswith("optimizer.state.exp_avg_sq."):
+    if task.rule.optimizer_state == "exp_avg_sq":
         negative = sum(int((p < 0).sum()) for p in parts if p.is_floating_point())
         if negative:
             raise MegacloneError(f"the source's {where} holds {negative} negative values; Adam's second moment is a "
@@ -253,7 +253,7 @@ def fill_rank(
                     last = (None, None)  # the previous piece goes before the next is read
                     source_dtype = source.tensors[task.rule.source_key].dtype
                     parts = source.read(box_read)
-                    if not allow_non_finite or task.rule.source_key.startswith("optimizer."):
+                    if not allow_non_finite or task.rule.optimizer_state:  # --allow-non-finite is about weights
                         _check_finite(task, parts)
                     last = (box_read, assemble_piece(task, parts, source_dtype))
                     del parts

@@ -24,11 +24,12 @@ import torch
 from megaclone.errors import MegacloneError
 from megaclone.formats import torch_dist
 from megaclone.formats.base import Source
-from megaclone.pipeline.rules import ParamRule, clone_scale, gradient_scale, moment_rules
+from megaclone.pipeline.rules import ParamRule, clone_scale, gradient_scale, moment_rules, optimizer_state_key
 from megaclone.shape.layout import catalogue
 from megaclone.shape.request import Depth
 
 MOMENTS = (("exp_avg", 1), ("exp_avg_sq", 2))
+MAIN = "fp32_param"  # the optimizer state of a mixed-precision run's fp32 main weights
 
 
 def check_growable(source: Source, depth: Depth, experts, legacy: bool) -> float:
@@ -40,12 +41,12 @@ def check_growable(source: Source, depth: Depth, experts, legacy: bool) -> float
                              "experts have no source moments)", "leave out --num-experts and --save-format torch, "
                              "or --grow-optimizer")
     missing = [t.key for t in catalogue(source.spec) for state, _ in MOMENTS
-               if f"optimizer.state.{state}.{t.key}" not in source.tensors]
+               if optimizer_state_key(state, t.key) not in source.tensors]
     if missing:
         raise MegacloneError(f"{what} holds no Adam moments for {missing[0]} (and {len(missing) - 1} more)",
                              "load a training checkpoint saved with its optimizer (examples/pretrain_gpt.py --save)")
     if mixed_precision(source):
-        missing = [t.key for t in catalogue(source.spec) if f"{MAIN}.{t.key}" not in source.tensors]
+        missing = [t.key for t in catalogue(source.spec) if optimizer_state_key(MAIN, t.key) not in source.tensors]
         if missing:
             raise MegacloneError(f"{what} holds fp32 main weights for some tensors but not for {missing[0]}",
                                  "load a complete training checkpoint")
@@ -56,17 +57,14 @@ def check_growable(source: Source, depth: Depth, experts, legacy: bool) -> float
     return float(step)
 
 
-MAIN = "optimizer.state.fp32_param"  # a mixed-precision run's fp32 main weights, by parameter key
-
-
 def mixed_precision(source: Source) -> bool:
     """Whether a training checkpoint was saved in mixed precision (fp32 main weights beside the moments)."""
-    return any(k.startswith(MAIN + ".") for k in source.tensors)
+    return any(k.startswith(optimizer_state_key(MAIN, "")) for k in source.tensors)
 
 
 def main_weight_rules(rules: list[ParamRule]) -> list[ParamRule]:
     """The weights' own rules, reading the source's fp32 main weights instead of its half-precision ones."""
-    return [dataclasses.replace(r, source=f"{MAIN}.{r.source_key}") for r in rules]
+    return [dataclasses.replace(r, source=optimizer_state_key(MAIN, r.source_key)) for r in rules]
 
 
 def continuation(source: Source) -> dict:
@@ -118,7 +116,7 @@ def grown_adam_state(model, model_sd: dict, step: float, rules: list[ParamRule],
             data = getattr(item, "data", None)
             if isinstance(data, torch.Tensor) and (data.data_ptr(), data.shape) in stepped:
                 tensor = tensor_of(stepped[data.data_ptr(), data.shape])
-                typed = {"dtype": tensor.dtype} if "dtype" in {f.name for f in dataclasses.fields(item)} else {}
+                typed = {"dtype": tensor.dtype} if hasattr(item, "dtype") else {}  # a factory has none
                 item = dataclasses.replace(item, data=tensor, **typed)
             out[key] = item
         return out

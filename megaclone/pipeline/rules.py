@@ -39,6 +39,14 @@ from megaclone.shape.layout import (
 from megaclone.shape.spec import ModelSpec
 
 
+OPTIMIZER_STATE = "optimizer.state."  # the trainer's optimizer tensors: optimizer.state.<state>.<parameter key>
+
+
+def optimizer_state_key(state: str, key: str) -> str:
+    """The stored key of optimizer state ``state`` (exp_avg, exp_avg_sq, fp32_param) of parameter ``key``."""
+    return f"{OPTIMIZER_STATE}{state}.{key}"
+
+
 class Role(Enum):
     """How values are cloned (docs/design.md, "Clone rules")."""
 
@@ -101,6 +109,12 @@ class ParamRule:
     def source_expert(self, expert: int) -> int:
         """The source expert that destination ``expert`` clones (an MoE source: the same expert)."""
         return expert // (self.tensor.experts // self.source_experts)
+
+    @property
+    def optimizer_state(self) -> Optional[str]:
+        """The optimizer state this rule reads (exp_avg, exp_avg_sq, fp32_param); None for a weight."""
+        key = self.source_key
+        return key[len(OPTIMIZER_STATE):].split(".", 1)[0] if key.startswith(OPTIMIZER_STATE) else None
 
     @property
     def split(self) -> Split:
@@ -290,5 +304,5 @@ def moment_rules(rules: list[ParamRule], state: str, power: int) -> list[ParamRu
     with 2) from the source's (the optimizer's key, ``optimizer.state.<state>.<key>``): tiled like
     the weights and multiplied by s**power; no fan-in division, no diagonal mask, no noise."""
     return [dataclasses.replace(r, role=Role.VECTOR, divisor=1.0 / gradient_scale(r) ** power, offset=0.0,
-                                noise_unit=0, gain=1, source=f"optimizer.state.{state}.{r.source_key}")
+                                noise_unit=0, gain=1, source=optimizer_state_key(state, r.source_key))
             for r in rules]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megaclone.errors import MegacloneError
-from megaclone.shape.spec import Experts, ModelSpec, pad_vocab
+from megaclone.shape.spec import Experts, ModelSpec, is_integer, pad_vocab
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Factors:
         for name, value in dataclasses.asdict(self).items():
             if value is None and name == "query_groups":
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not (is_integer(value) and value >= 1):
                 raise MegacloneError(
                     f"the {name} factor must be a positive integer, got {value!r}",
                     "pass --factor N (or --hidden-factor/--head-factor/--query-group-factor/--ffn-factor) "
@@ -91,7 +91,7 @@ class Depth:
 
 
 def grown_spec(src: ModelSpec, factors: Factors, tensor_parallel: int, depth: Depth = Depth(),
-         experts: Optional[Experts] = None, expert_parallel: int = 1) -> ModelSpec:
+               experts: Optional[Experts] = None, expert_parallel: int = 1) -> ModelSpec:
     """The destination spec: widths and layers multiplied, head dim unchanged, vocab re-padded for the
     new TP; with ``experts``, every (grown) MLP upcycled to them. An MoE source keeps its experts (their
     FFN grown by the FFN factor) over ``expert_parallel`` EP ranks."""
@@ -151,9 +151,8 @@ def more_experts(grown: Experts, request: Experts) -> Experts:
                              + (" and sinkhorn balancing" if grown.load_balancing_type == "sinkhorn" else "")
                              + ", under which experts cut into slices do not add up to the whole expert",
                              "grow this mixture without --num-experts (width and depth keep any router)")
-    out = dataclasses.replace(grown, num=request.num, topk=request.topk, ffn_hidden_size=size,
-                              parallel=request.parallel, grouped_gemm=request.grouped_gemm or grown.grouped_gemm)
-    return out
+    return dataclasses.replace(grown, num=request.num, topk=request.topk, ffn_hidden_size=size,
+                               parallel=request.parallel, grouped_gemm=request.grouped_gemm or grown.grouped_gemm)
 
 
 def check_divisible(spec: ModelSpec) -> None:

@@ -243,31 +243,41 @@ FLAG_FIELDS = ("swiglu", "add_bias_linear", "add_qkv_bias", "untie_embeddings_an
                "post_norms", "qk_norm_over_projection")
 
 
+def is_integer(value: Any) -> bool:
+    """An int that is not a bool (Python's True is an int): the one test of a size or count field."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float that is not a bool: the one test of a numeric field (finiteness apart)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _refuse_field(name: str, value: Any, must: str) -> None:
+    raise MegacloneError(f"the model's {name} is {value!r}, but it must be {must}",
+                         "correct it where the checkpoint's args or config.json were written (the model's own "
+                         "value from training)")
+
+
 def check_shape_fields(spec: "ModelSpec") -> None:
     """Every field of a model's shape has its type and range, whether it came from Megatron args or a
     config.json: sizes positive integers (heads a multiple of query groups), the norm's epsilon and the
     RoPE base positive and finite, the rotary fraction in (0, 1], flags booleans."""
-    def refuse(name: str, value: Any, must: str) -> None:
-        raise MegacloneError(f"the model's {name} is {value!r}, but it must be {must}",
-                             "correct it where the checkpoint's args or config.json were written (the model's own "
-                             "value from training)")
-
     for name in SIZE_FIELDS:
         value = getattr(spec, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            refuse(name, value, "a positive integer")
+        if not (is_integer(value) and value >= 1):
+            _refuse_field(name, value, "a positive integer")
     for name in FLAG_FIELDS:
         if not isinstance(getattr(spec, name), bool):
-            refuse(name, getattr(spec, name), "true or false")
+            _refuse_field(name, getattr(spec, name), "true or false")
     for name, low, high in (("norm_epsilon", 0.0, math.inf), ("rotary_base", 0.0, math.inf),
                             ("rotary_percent", 0.0, 1.0)):
         value = getattr(spec, name)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not (number and math.isfinite(value) and low < value <= high):
-            refuse(name, value, "a positive finite number" if high == math.inf else "a number in (0, 1]")
+        if not (is_number(value) and math.isfinite(value) and low < value <= high):
+            _refuse_field(name, value, "a positive finite number" if high == math.inf else "a number in (0, 1]")
     if spec.num_attention_heads % spec.num_query_groups:
-        refuse("num_query_groups", spec.num_query_groups,
-               f"a divisor of the {spec.num_attention_heads} attention heads")
+        _refuse_field("num_query_groups", spec.num_query_groups,
+                      f"a divisor of the {spec.num_attention_heads} attention heads")
 
 
 def _flag(args: Any, name: str, default: bool) -> bool:
@@ -277,8 +287,7 @@ def _flag(args: Any, name: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise MegacloneError(f"the model's {name} is {value!r}, but it must be true or false",
-                             "correct it where the checkpoint's args or config.json were written")
+        _refuse_field(name, value, "true or false")
     return value
 
 
@@ -346,7 +355,7 @@ class Experts:
     def __post_init__(self):
         for name in ("num", "topk", "parallel"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not (is_integer(value) and value >= 1):
                 flag = {"num": "--num-experts", "topk": "--moe-router-topk", "parallel": "--ep"}[name]
                 raise MegacloneError(f"{flag} must be a positive integer, got {value!r}", f"pass {flag} N with N >= 1")
         if self.num < 2:
@@ -438,8 +447,8 @@ class Experts:
         return cls(
             num=get("num_experts"), topk=get("moe_router_topk", 2),
             ffn_hidden_size=get("moe_ffn_hidden_size") or get("ffn_hidden_size") or 4 * get("hidden_size"),
-            parallel=get("expert_model_parallel_size", 1) or 1, grouped_gemm=bool(get("moe_grouped_gemm", False)),
-            router_init=get("moe_router_init", "random"), pre_softmax=bool(get("moe_router_pre_softmax", False)),
+            parallel=get("expert_model_parallel_size", 1) or 1, grouped_gemm=_flag(args, "moe_grouped_gemm", False),
+            router_init=get("moe_router_init", "random"), pre_softmax=_flag(args, "moe_router_pre_softmax", False),
             score_function=get("moe_router_score_function", "softmax"),
             load_balancing_type=get("moe_router_load_balancing_type", "aux_loss"),
             aux_loss_coeff=get("moe_aux_loss_coeff", 0.0) or 0.0,

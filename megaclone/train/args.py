@@ -218,29 +218,13 @@ def refuse_early(args: argparse.Namespace, world_size: Optional[int]) -> None:
         raise MegacloneError(f"--load {args.load} does not exist",
                              "pass the directory tools/expand_sharded.py --save or a training run wrote")
     if args.save:
-        _check_writable(args.save)
+        from megaclone.formats.destination import check_writable
+
+        check_writable(args.save)
     if not args.use_checkpoint_args:
         if world_size is not None:
             _check_world(args, world_size)
         _check_shape_given(args)
-
-
-def _check_writable(save: str) -> None:
-    """--save can be written: an existing directory we may write into, or a path whose nearest existing
-    parent we may create it in (a read-only parent used to fail only when the run had trained)."""
-    path = os.path.abspath(save)
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise MegacloneError(f"--save {save} exists and is not a directory", "choose a directory path")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise MegacloneError(f"--save {save} is not writable", "choose a directory you can write to")
-        return
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise MegacloneError(f"--save {save}: cannot create it, {parent} is not writable",
-                             "choose a directory you can write to")
 
 
 def _check_world(args: argparse.Namespace, world_size: int) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from megaclone.errors import MegacloneError
-from megaclone.shape.spec import ModelSpec
+from megaclone.shape.spec import ModelSpec, is_integer, is_number
 
 
 def rope_fields(config: dict) -> tuple[float, float]:
@@ -118,10 +118,10 @@ def check_config(config: object, path: str) -> dict:
     for field, value in config.items():
         if value is None:
             continue
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if field in SIZES and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        number = is_number(value)
+        if field in SIZES and not (is_integer(value) and value >= 1):
             refuse(field, value, "a positive integer")
-        elif field in COUNTS and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        elif field in COUNTS and not (is_integer(value) and value >= 0):
             refuse(field, value, "a non-negative integer")
         elif field in EPSILONS and not (number and math.isfinite(value) and value > 0):
             refuse(field, value, "a positive finite number")
