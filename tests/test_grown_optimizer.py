@@ -152,41 +152,48 @@ def test_a_damaged_moment_is_refused_naming_the_moment(trained, tmp_path, state,
     assert not (tmp_path / "wide" / "latest_checkpointed_iteration.txt").exists()
 
 
-def test_a_bf16_runs_fp32_main_weights_grow_and_the_clone_takes_its_sources_step(world, tmp_path):
-    """Mixed precision (issue 34): the fp32 main weights of a bf16 run are grown as the weights are,
-    the bf16 weights are their rounding, the moments grow as in fp32, and the clone resumed with
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_runs_fp32_main_weights_grow_and_the_clone_takes_its_sources_step(world, tmp_path, dtype):
+    """Mixed precision (issue 34): the fp32 main weights of a bf16 or fp16 run are grown as the weights
+    are, the half-precision weights are their rounding, the moments grow as in fp32, fp16's loss scale
+    (its scale and trackers, mid-window) is carried over, and the clone resumed with
     --clone-adam-scaling takes its source's step: logits equal within bf16's rounding (2e-2 relative,
     the bf16 tolerance of the logit check; measured 1.1e-4), while its fp32 main weights give the
     source's main weights' function to 1e-5 before the step."""
-    from megaclone.train.precision import MainWeights
+    from megaclone.train.precision import DynamicLossScale, MainWeights
 
     args = argparse.Namespace(**RECIPE)
     spec = presets.preset_spec("llama", 1)
     torch.manual_seed(0)
     small = build_gpt(spec, initialize=True)
     perturb_(small, torch.Generator().manual_seed(1))
-    small = small.to(torch.bfloat16)
+    small = small.to(dtype)
     main = MainWeights([p for p in small.parameters()])
     opt = build_optimizer(small, args, main)
     sched = build_scheduler(opt, args)
+    scale = DynamicLossScale(2.0 ** 12, window=3) if dtype == torch.float16 else None
     for seed in (10, 11):
-        train_step(small, opt, sched, [batch(spec.vocab_size, seed)], args, torch.device("cpu"), main=main)
+        train_step(small, opt, sched, [batch(spec.vocab_size, seed)], args, torch.device("cpu"), main=main, scale=scale)
     saved = checkpoint_args(spec, **RECIPE)
-    saved.bf16 = True
-    save_training_checkpoint(tmp_path / "small", 2, model_sharded_state_dict(small), saved, opt, sched, main=main)
+    saved.bf16, saved.fp16 = dtype == torch.bfloat16, dtype == torch.float16
+    save_training_checkpoint(tmp_path / "small", 2, model_sharded_state_dict(small), saved, opt, sched, main=main,
+                             scale=scale)
     expand(tmp_path / "small", tmp_path / "wide", Factors.uniform(2), 1, grow_optimizer=True)
 
     common = torch_dist.read_common(torch_dist.find_checkpoint(tmp_path / "wide"))
     assert common["iteration"] == 2 and "opt_param_scheduler" in common  # the run continues
     wide_spec = dataclasses.replace(ModelSpec.from_args(common["args"]), tensor_parallel=1)
     scaling = {k: tuple(v) for k, v in common["megaclone"]["adam_scaling"].items()}
-    wide = build_gpt(wide_spec, dtype=torch.bfloat16)
+    wide = build_gpt(wide_spec, dtype=dtype)
     wide_main = MainWeights([p for p in wide.parameters()])
     wide_opt = build_optimizer(wide, args, wide_main, scaling=scaling)
+    wide_scale = DynamicLossScale(1.0, window=3) if scale else None
     load_training_checkpoint(torch_dist.find_checkpoint(tmp_path / "wide"), wide, wide.sharded_state_dict(),
-                             wide_opt, main=wide_main)
+                             wide_opt, main=wide_main, scale=wide_scale)
+    if scale:  # two clean steps of a window of 3: the next one grows the scale, in both runs
+        assert (wide_scale.scale, wide_scale.growth_tracker) == (scale.scale, scale.growth_tracker) == (2.0 ** 12, 2)
     for p, m in wide_main.main.items():  # the half-precision weights are the main weights rounded
-        assert torch.equal(p, m.to(torch.bfloat16))
+        assert torch.equal(p, m.to(dtype))
     tokens = torch.randint(0, spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
 
     def fp32_logits(model, main_weights) -> torch.Tensor:  # the model's function at its fp32 main weights
@@ -202,8 +209,10 @@ def test_a_bf16_runs_fp32_main_weights_grow_and_the_clone_takes_its_sources_step
     wide_sched = build_scheduler(wide_opt, args)
     wide_sched.load_state_dict(common["opt_param_scheduler"])
     step = batch(spec.vocab_size, 12)
-    train_step(wide, wide_opt, wide_sched, [step], args, torch.device("cpu"), main=wide_main)
-    train_step(small, opt, sched, [step], args, torch.device("cpu"), main=main)
+    train_step(wide, wide_opt, wide_sched, [step], args, torch.device("cpu"), main=wide_main, scale=wide_scale)
+    train_step(small, opt, sched, [step], args, torch.device("cpu"), main=main, scale=scale)
+    if scale:
+        assert wide_scale.scale == scale.scale == 2.0 ** 13
     assert relative(fp32_logits(wide, wide_main), fp32_logits(small, main)) < 2e-2
 
 
