@@ -19,6 +19,11 @@ of the source's peak (half of it is the recipe's), a four times longer warm-up, 
 muP rule for Adam, ``--clone-lr-scaling``) and the optimizer state grown with the weights
 (``--grow-optimizer`` with ``--clone-adam-scaling``). Writes ``scaling_smart_opt.json``, ``.md`` and
 a figure to examples/results/.
+
+Two further sets of runs join the stored report, each from the same source, data and validation samples:
+
+    python examples/scaling_smart_opt.py --controls  # the ranking's mechanism: dropout 0, noise at 0 dB (9 runs)
+    python examples/scaling_smart_opt.py --bump      # the bump against the step size (LADDER, 33 runs)
 """
 
 import json
@@ -66,6 +71,26 @@ BEST = "lr-source"  # the setting that ended lowest at seed 1 (chosen after that
 DROPOUT0 = (("hidden_dropout", 0.0), ("attention_dropout", 0.0))
 CONTROLS = {"diagonal-dropout0": ("diagonal", DROPOUT0), "symmetric-dropout0": ("symmetric", DROPOUT0),
             "noisy-symmetric-0db": ("noisy-symmetric-0db", ())}
+# The bump disentangled (issue 37), run with --bump: each setting at 3 paired seeds, all from one source
+# (the recipe rerun beside them, so every difference is paired within one run of the source). The peak
+# lr is a multiple of the recipe's (TARGET_LR, its min lr scaled alike); a fresh Adam moves a 2x
+# symmetric clone about twice as fast as the source at the same lr, per-tensor lr and grown Adam undo
+# that, so at 2x and 4x they match the plain recipe's and the source's effective step size.
+# setting: (multiple of the recipe's lr, trainer flags over the recipe, the expansion it starts from),
+# listed in the order they run (the conclusions' settings first).
+LADDER = {
+    "recipe": (1, {}, "symmetric"),
+    "lr-2x": (2, {}, "symmetric"),
+    "lr-2x-warmup-4x": (2, {"warmup": 4}, "symmetric"),
+    "per-tensor-lr-2x": (2, dict(clone_lr_scaling=True), "symmetric"),
+    "per-tensor-lr-4x": (4, dict(clone_lr_scaling=True), "symmetric"),
+    "grown-adam-2x": (2, dict(clone_adam_scaling=True), "symmetric-adam"),
+    "grown-adam-4x": (4, dict(clone_adam_scaling=True), "symmetric-adam"),
+    "per-tensor-lr-1x": (1, dict(clone_lr_scaling=True), "symmetric"),
+    "grown-adam-1x": (1, dict(clone_adam_scaling=True), "symmetric-adam"),
+    "warmup-4x": (1, {"warmup": 4}, "symmetric"),
+    "lr-quarter": (0.25, {}, "symmetric"),
+}
 
 
 def plan_runs(size: dict) -> list[Run]:
@@ -82,6 +107,19 @@ def plan_runs(size: dict) -> list[Run]:
 def plan_controls(size: dict) -> list[Run]:
     return [Run(f"{name}-s{s}", variant.removesuffix("-0db"), s, _expansion(variant, s), overrides)
             for s in range(1, size["seeds"] + 1) for name, (variant, overrides) in CONTROLS.items()]
+
+
+def plan_ladder(size: dict) -> list[Run]:
+    warmup = max(1, size["train_iters"] // 20)
+    runs = []
+    for name, (multiple, flags, start) in LADDER.items():
+        overrides = dict(lr=TARGET_LR["lr"] * multiple, min_lr=TARGET_LR["min_lr"] * multiple,
+                         **{k: v for k, v in flags.items() if k != "warmup"})
+        if "warmup" in flags:
+            overrides["lr_warmup_iters"] = flags["warmup"] * warmup
+        runs += [Run(f"ladder-{name}-s{s}", "symmetric", s, f"expand-{start}", tuple(overrides.items()))
+                 for s in range(1, size["seeds"] + 1)]
+    return runs
 
 
 def _expansion(variant: str, seed: int) -> str:
@@ -261,6 +299,8 @@ def markdown(report: dict) -> str:
         for name, by in report["speedup_methods"].items():
             lines.append(f"| {name} | " + " | ".join(_fmt(by[m]).split(" (range")[0] for m in methods) + " |")
         lines.append("| the claim's status | " + " | ".join(report["speedup_methods_status"][m] for m in methods) + " |")
+    if "bump_disentangled" in report:
+        lines += ["", ladder_markdown(report["bump_disentangled"]).rstrip()]
     c = report["claim"]
     lines += ["", "| paper's claim | measured | status |", "|---|---|---|", f"| {c['claim']} | {c['measured']} | "
               f"{c['status']} |"]
@@ -300,25 +340,100 @@ def add_controls(report: dict, size: dict, out: Path, stages: Stages) -> dict:
     return report
 
 
+def add_ladder(report: dict, size: dict, out: Path, stages: Stages) -> dict:
+    """The bump disentangled (LADDER), from its run logs, into a stored report: per run its rise, final
+    loss and speedup (against the stored random-init run of its seed); per setting their spread over
+    seeds and each seed's difference from the recipe rerun beside it (the pairing); and how far the
+    rerun recipe lands from the stored one (what a source retrained to 1e-6 does to a paired run)."""
+    from megaclone.study import paper, plots
+
+    iters, seeds = size["train_iters"], range(1, size["seeds"] + 1)
+    logs = {r.name: out / "runs" / f"{r.name}.json" for r in plan_ladder(size)}
+    runs = [r for r in plan_ladder(size) if finished(logs[r.name], iters)]
+    curves = {r.name: _curve(json.loads(logs[r.name].read_text())) for r in runs}
+    stored = {n: [(p["tokens"], p["lm_loss"]) for p in c] for n, c in report["valid_curves"].items()}
+    results = {}
+    for r in runs:
+        c = curves[r.name]
+        results[r.name] = {"seed": r.seed, "overrides": dict(r.overrides),
+                           **paper.speedup(stored[f"{BASELINE}-s{r.seed}"], c, FINAL_EVALS, SMOOTHING),
+                           "final_loss": paper.final_loss(c, FINAL_EVALS), "early_bump": paper.early_bump(c),
+                           "recovered_at": paper.recovery_tokens(c)}
+        report["valid_curves"][r.name] = [{"tokens": t, "lm_loss": loss} for t, loss in c]
+    settings = {}
+    for name, (multiple, _, _) in LADDER.items():
+        names = [f"ladder-{name}-s{s}" for s in seeds]
+        if not all(n in results for n in names):
+            continue
+        paired = {m: [results[n][m] - results[f"ladder-recipe-s{s}"][m] for s, n in zip(seeds, names)]
+                  for m in ("final_loss", "early_bump")}
+        paired["speedup"] = [_minus(results[n]["speedup"], results[f"ladder-recipe-s{s}"]["speedup"])
+                             for s, n in zip(seeds, names)]
+        settings[name] = {"lr_multiple": multiple, "runs": names,
+                          **{m: paper.spread([results[n][m] for n in names]) for m in ("final_loss", "early_bump")},
+                          "speedup": paper.spread([results[n]["speedup"] for n in names],
+                                                  sum(results[n]["from_start"] for n in names)),
+                          "minus_recipe": {m: {"per_seed": v, **paper.spread(v)} for m, v in paired.items()}}
+    rerun = [results[f"ladder-recipe-s{s}"]["final_loss"] - report["runs"][f"symmetric-s{s}"]["final_loss"]
+             for s in seeds] if "recipe" in settings else []
+    shown = [n for n in ("recipe", "lr-2x", "lr-2x-warmup-4x", "per-tensor-lr-2x", "grown-adam-2x") if n in settings]
+    target = sum(report["runs"][f"{BASELINE}-s{s}"]["target_loss"] for s in seeds) / len(seeds)
+    figure = plots.loss_bands({n: _bands([curves[r] for r in settings[n]["runs"]]) for n in shown}, target,
+                              Path(__file__).resolve().parent / "results" / "scaling_smart_opt_bump.png",
+                              "the bump disentangled: symmetric clone, 3 paired seeds")
+    report["bump_disentangled"] = {
+        "runs": results, "settings": settings, "not_run": [n for n in LADDER if n not in settings],
+        "recipe_rerun_minus_stored (final loss, per seed)": rerun, "figure": figure.name}
+    report["commands"].update(stages.commands)
+    report["stage_seconds"].update(stages.seconds)
+    return report
+
+
+def ladder_markdown(ladder: dict) -> str:
+    """The bump-disentangled table: each setting over 3 paired seeds, and its difference from the recipe."""
+    lines = ["| setting (peak lr, multiple of the recipe's 1e-3) | rise in the first quarter | final valid loss | "
+             "speedup | final loss minus the recipe's, per seed | rise minus the recipe's, per seed |",
+             "|---|---:|---:|---:|---|---|"]
+    for name, g in ladder["settings"].items():
+        d = g["minus_recipe"]
+        lines.append(f"| {name} ({g['lr_multiple']:g}x) | {_fmt(g['early_bump'], '', 4)} | {_fmt(g['final_loss'], '', 4)} | "
+                     f"{_fmt(g['speedup'])} | {', '.join(f'{x:+.4f}' for x in d['final_loss']['per_seed'])} | "
+                     f"{', '.join(f'{x:+.4f}' for x in d['early_bump']['per_seed'])} |")
+    return "\n".join(lines) + "\n"
+
+
+EXTRAS = {  # flag: (the runs, what adds them to the stored report, the report's key)
+    "--controls": (plan_controls, add_controls, "ranking_controls"),
+    "--bump": (plan_ladder, add_ladder, "bump_disentangled"),
+}
+
+
+def run_extra(flag: str) -> int:
+    """Runs one of EXTRAS (skipping finished stages) and adds it to the stored report."""
+    import argparse
+
+    from reproduce_scaling_smart import SIZES, ROOT
+
+    plan, add, key = EXTRAS[flag]
+    p = argparse.ArgumentParser()
+    p.add_argument(flag, action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "scaling-smart-opt")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2)
+    args = p.parse_args()
+    size, res = SIZES["default"], Path(__file__).resolve().parent / "results"
+    stages = Stages(args.out, args.tp, args.jobs)
+    stages.run(plan_stages(args, size, plan(size)))
+    report = add(json.loads((res / "scaling_smart_opt.json").read_text()), size, args.out, stages)
+    (res / "scaling_smart_opt.json").write_text(json.dumps(report, indent=1))
+    (res / "scaling_smart_opt.md").write_text(markdown(report))
+    print(json.dumps({k: v for k, v in report[key].items() if k != "runs"}, indent=1))
+    return 0
+
+
 def main() -> int:
-    if sys.argv[1:2] == ["--controls"]:  # the ranking's controls, run and added to the stored report
-        import argparse
-
-        from reproduce_scaling_smart import SIZES, ROOT
-
-        p = argparse.ArgumentParser()
-        p.add_argument("--controls", action="store_true")
-        p.add_argument("--out", type=Path, default=ROOT / "runs" / "scaling-smart-opt")
-        p.add_argument("--tp", type=int, default=1)
-        p.add_argument("--jobs", type=int, default=2)
-        args = p.parse_args()
-        size, res = SIZES["default"], Path(__file__).resolve().parent / "results"
-        stages = Stages(args.out, args.tp, args.jobs)
-        stages.run(plan_stages(args, size, plan_controls(size)))
-        report = add_controls(json.loads((res / "scaling_smart_opt.json").read_text()), size, args.out, stages)
-        (res / "scaling_smart_opt.json").write_text(json.dumps(report, indent=1))
-        print(json.dumps({k: v for k, v in report["ranking_controls"].items() if k != "runs"}, indent=1))
-        return 0
+    if sys.argv[1:2] and sys.argv[1] in EXTRAS:  # extra runs, added to the stored report
+        return run_extra(sys.argv[1])
     if sys.argv[1:] == ["--restate"]:  # recompute the stored report's speedups from its stored curves
         res = Path(__file__).resolve().parent / "results"
         report = restate(json.loads((res / "scaling_smart_opt.json").read_text()))

@@ -172,3 +172,43 @@ def test_the_opt_cases_headline_status_follows_its_stated_rule():
     assert status((1.6, 3.0, 2.2), (2.3, 2.4, 2.6), (3.9, 3.0, 3.1)) == "reproduced"  # means decide, within
     assert status((1.9, 2.0, 2.3), (2.3, 2.4, 2.6), (3.9, 3.0, 3.1)) == "inconclusive"  # one mean below, not all
     assert status((2.5, None, 3.5), (2.3, 2.4, 2.6), (3.9, 3.0, 3.1), from_start=1) == "inconclusive"
+
+
+def test_the_stored_bump_study_recomputes_from_its_curves_and_commands():
+    """examples/results/scaling_smart_opt.json's bump disentangled: every paired difference from the
+    stored validation curves, computed here (mean of the last 5 evaluations; the rise is the highest loss
+    in the first quarter of the tokens above the first evaluation), and every setting's label against the
+    command that ran it (peak lr, warm-up, per-tensor lr, grown Adam, seed)."""
+    import json
+    import re
+
+    from util import ROOT
+
+    report = json.loads((ROOT / "examples" / "results" / "scaling_smart_opt.json").read_text())
+    ladder, curves = report["bump_disentangled"], report["valid_curves"]
+
+    def final(run):
+        return sum(p["lm_loss"] for p in curves[run][-5:]) / 5
+
+    def rise(run):
+        c = curves[run]
+        return max(0.0, max(p["lm_loss"] for p in c if p["tokens"] <= c[-1]["tokens"] / 4) - c[0]["lm_loss"])
+
+    assert {"recipe", "lr-2x", "lr-2x-warmup-4x", "per-tensor-lr-2x", "per-tensor-lr-4x", "grown-adam-2x",
+            "grown-adam-4x"} <= set(ladder["settings"])
+    for name, g in ladder["settings"].items():
+        assert len(g["runs"]) == 3
+        for seed, run in enumerate(g["runs"], 1):
+            recipe = f"ladder-recipe-s{seed}"
+            d = g["minus_recipe"]
+            assert d["final_loss"]["per_seed"][seed - 1] == pytest.approx(final(run) - final(recipe), abs=1e-12)
+            assert d["early_bump"]["per_seed"][seed - 1] == pytest.approx(rise(run) - rise(recipe), abs=1e-12)
+            cmd = report["commands"][f"train-{run}"]
+            flag = dict(re.findall(r"--(lr|lr-warmup-iters|seed) (\S+)", cmd))
+            assert float(flag["lr"]) == pytest.approx(1e-3 * g["lr_multiple"], rel=1e-12)
+            assert int(flag["lr-warmup-iters"]) == (88 if "warmup-4x" in name else 22)
+            assert int(flag["seed"]) == seed
+            assert ("--clone-lr-scaling" in cmd) == name.startswith("per-tensor-lr")
+            assert ("--clone-adam-scaling" in cmd) == name.startswith("grown-adam")
+            assert ("expanded/symmetric-adam " in cmd) == name.startswith("grown-adam")
+            assert ("--finetune" in cmd) != name.startswith("grown-adam")  # grown Adam resumes its state
