@@ -173,6 +173,12 @@ def model_sharded_state_dict(model) -> dict[str, Any]:
     return sd
 
 
+def is_te_moe_norm_copy(key: str, keys) -> bool:
+    """Whether a stored key is the copy add_te_moe_norm_keys writes (a MoE layer's pre-MLP norm under
+    its Transformer Engine key, beside the key the model trains): it has no optimizer state of its own."""
+    return key.startswith(PRE_MLP_NORM) and MLP_NORM + key[len(PRE_MLP_NORM):] in keys
+
+
 def add_te_moe_norm_keys(sd: dict[str, Any]) -> None:
     """Also store a MoE layer's pre-MLP norm under the key a Transformer Engine model loads it from.
 
@@ -261,10 +267,8 @@ def parameter_slots(model_sd: dict[str, Any], own_storage: bool = False) -> Slot
             return item
         match = _LAYER.match(name)
         expert = None
-        if item.key.startswith(EXPERTS):  # the expert axis follows the layer axis (layout.Tensor.stored_shape)
-            if not isinstance(item, ShardedTensor):
-                raise AssertionError(f"{item.key}: expert tensors are filled through their sharded pieces (own_storage)")
-            expert = item.global_offset[1]
+        if item.key.startswith(EXPERTS):
+            expert = _expert_index(item)
         blocks = slots.setdefault((item.key, int(match.group(1)) if match else None, expert), [])
         if own_storage and isinstance(item, ShardedTensor) and not owns_storage(data):
             row = data[0].numel() if data.dim() > 1 else 1
@@ -287,6 +291,19 @@ def parameter_slots(model_sd: dict[str, Any], own_storage: bool = False) -> Slot
     for blocks in slots.values():
         blocks.sort(key=lambda b: b.start)
     return slots
+
+
+def _expert_index(item: Any) -> int:
+    """The global expert index of a per-expert state-dict item: its offset on the expert axis, which
+    follows the layer axis (layout.Tensor.stored_shape). A factory (an expert's SwiGLU ``linear_fc1``)
+    holds the whole local parameter and says it through the pieces it builds."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if not isinstance(item, ShardedTensor):
+        built = item.build()
+        item = built if isinstance(built, ShardedTensor) else next(iter(nested_values(built)))
+    return item.global_offset[1]
 
 
 def owns_storage(tensor: torch.Tensor) -> bool:

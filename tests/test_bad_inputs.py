@@ -396,6 +396,22 @@ def test_trainer_refuses_a_mixture_of_experts_at_tp_2_with_the_reason():
         train_args.finalize(args, 2)
 
 
+def test_trainer_refuses_a_mixture_of_experts_with_linear_biases():
+    """megatron-core's sequential experts add their bias in place to a custom function's output, which
+    torch refuses on the first step (RuntimeError: ... a view and is being modified inplace)."""
+    from megaclone.train import args as train_args
+
+    args = train_args.parse_args(["--num-experts", "4", "--num-layers", "2", "--hidden-size", "32",
+                                  "--num-attention-heads", "4", "--seq-length", "8", "--micro-batch-size", "1",
+                                  "--lr", "1e-4", "--train-iters", "1", "--data-path", "d"])
+    with pytest.raises(MegacloneError, match="pass --disable-bias-linear"):
+        train_args.finalize(args, 1)
+    args = train_args.parse_args(["--num-experts", "4", "--disable-bias-linear", "--num-layers", "2", "--hidden-size",
+                                  "32", "--num-attention-heads", "4", "--seq-length", "8", "--micro-batch-size", "1",
+                                  "--lr", "1e-4", "--train-iters", "1", "--data-path", "d"])
+    train_args.finalize(args, 1)
+
+
 def test_a_refused_expansion_leaves_no_thread_behind(source, tmp_path):
     """The peak-memory sampler a library call starts stops however the call ends: a caller's process
     (a notebook, a test session) that sees refusals must not accumulate threads reading /proc."""

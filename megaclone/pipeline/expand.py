@@ -424,9 +424,6 @@ def validate_request(req: Request, src_root: Path) -> tuple[Source, ModelSpec, O
     source = open_source(src_root, req.load_format, req.vocab_size)
     source.spec.require_megatron(str(source.path))
     dst_spec = destination_spec(source, req.factors, req.tp, req.depth, req.experts, req.expert_parallel)
-    if source.spec.experts and req.grow_optimizer:
-        raise MegacloneError(f"{source.path} is a mixture of experts, whose grown optimizer state megaclone "
-                             "does not make yet", "grow it without --grow-optimizer")
     if req.legacy and req.experts:
         raise MegacloneError("--save-format torch does not write mixture-of-experts checkpoints",
                              "use the default torch_dist format (it loads into sequential and grouped-GEMM experts)")
@@ -480,7 +477,7 @@ def clone_record(req: Request, source: Source, dst_spec: ModelSpec, rules: list[
         "source_format": source.format.value,
         "grown_optimizer": req.grow_optimizer,
     }
-    if not dst_spec.experts:
+    if req.experts is None:  # not for new experts: a router row shared by copies scales no tensor alike
         record["adam_scaling"] = adam_scaling(rules)
     return record
 

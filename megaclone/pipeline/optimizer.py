@@ -37,9 +37,9 @@ def check_growable(source: Source, depth: Depth, experts, legacy: bool) -> float
     returns the source's Adam step count."""
     what = f"--grow-optimizer: {source.path}"
     if experts is not None or legacy:
-        raise MegacloneError(f"{what}: upcycled experts and --save-format torch take no grown optimizer state (new "
-                             "experts have no source moments)", "leave out --num-experts and --save-format torch, "
-                             "or --grow-optimizer")
+        raise MegacloneError(f"{what}: new experts (upcycled, or more from a mixture) and --save-format torch take no "
+                             "grown optimizer state (a router row shared by copies makes no step exact)",
+                             "leave out --num-experts and --save-format torch, or --grow-optimizer")
     missing = [t.key for t in catalogue(source.spec) for state, _ in MOMENTS
                if optimizer_state_key(state, t.key) not in source.tensors]
     if missing:

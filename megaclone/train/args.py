@@ -257,6 +257,11 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
             "run without Transformer Engine or Apex, refuse sequence parallelism",
             "train at --tensor-model-parallel-size 1 (expand with --tp 1 --ep N), or in Megatron-LM with Transformer "
             "Engine and --sequence-parallel")
+    if args.num_experts and args.add_bias_linear:
+        raise MegacloneError(
+            "a mixture of experts with linear biases: megatron-core's sequential experts (the layout without "
+            "Transformer Engine or grouped GEMM) add each expert's bias in place to the output of a custom autograd "
+            "function, which torch refuses on the first forward step", "pass --disable-bias-linear")
     if args.moe_router_load_balancing_type is None:
         args.moe_router_load_balancing_type = "aux_loss"
     if args.moe_aux_loss_coeff is None:

@@ -25,7 +25,7 @@ import torch
 from megaclone.errors import MegacloneError
 from megaclone.formats import destination, iterations, torch_dist
 from megaclone.formats.source import open_source
-from megaclone.model import build_gpt, model_sharded_state_dict
+from megaclone.model import build_gpt, is_te_moe_norm_copy, model_sharded_state_dict
 from megaclone.reference import default_tolerance
 from megaclone.runtime import Runtime, init_parallel
 from megaclone.shape.request import not_function_preserving
@@ -135,8 +135,8 @@ def _check_resumable(args: argparse.Namespace, checkpoint) -> None:
     """A resume that loads the optimizer (neither --finetune nor --no-load-optim) needs its state."""
     if args.finetune or args.no_load_optim:
         return
-    missing = [t for t in checkpoint.tensors if not t.startswith("optimizer.")
-               and f"optimizer.state.exp_avg.{t}" not in checkpoint.tensors]
+    missing = [t for t in checkpoint.tensors if not t.startswith("optimizer.") and not is_te_moe_norm_copy(
+               t, checkpoint.tensors) and f"optimizer.state.exp_avg.{t}" not in checkpoint.tensors]
     if missing:
         raise MegacloneError(f"--load {args.load} holds no optimizer state for {missing[0]} (and {len(missing) - 1} "
                              "more), which resuming a run loads",
