@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from util import CLI_EXPANSION, run, tensor_digests, torchrun, tree_hash
+from util import CLI_EXPANSION, ROOT, run, tensor_digests, torchrun, tree_hash
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +243,6 @@ def test_a_tools_parse_args_runs_from_python(tool):
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
             "try:\n    m.parse_args(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
             "assert 'torch' not in sys.modules\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
