@@ -201,37 +201,50 @@ def noise_plan(source: Source, dst_spec: ModelSpec, depth: Depth, cfg: CloneConf
     return noise_scales(rules, chunks, sums, powers, src_layer_of, cfg)
 
 
-def fill_rank(
-    source: Source,
-    dst_spec: ModelSpec,
-    slots: Slots,
-    tp_rank: int,
-    cfg: CloneConfig,
-    report: RankReport,
-    on_slice: Optional[Callable[[SliceTask, int], None]] = None,
-    allow_non_finite: bool = False,
-    scales: Optional[dict[tuple[str, int], np.ndarray]] = None,
-    depth: Depth = Depth(),
-    only_slots: bool = False,
-    ep_rank: int = 0,
-    rules: Optional[list[ParamRule]] = None,
-    zero_added_layers: bool = False,
-) -> None:
+@dataclass(frozen=True)
+class Growth:
+    """What every slice of one run is computed from, fixed before the first is: the source, the
+    destination's shape, the clone settings and depth map, the clone rules (or an optimizer state's
+    rules, :func:`for_state`) and the noise plan. Values that are not finite are refused unless
+    ``allow_non_finite`` (which is about weights: an optimizer state is always checked)."""
+
+    source: Source
+    dst_spec: ModelSpec
+    cfg: CloneConfig
+    depth: Depth
+    rules: list[ParamRule]
+    scales: Optional[dict[tuple[str, int], np.ndarray]] = None
+    allow_non_finite: bool = False
+    zero_added_layers: bool = False  # every tensor of a layer added by identity depth growth is zero (moments)
+
+
+def plan_growth(source: Source, dst_spec: ModelSpec, cfg: CloneConfig, depth: Depth = Depth(),
+                allow_non_finite: bool = False) -> Growth:
+    """The run's clone rules, built once, and its noise plan (a collective: every rank calls it)."""
+    rules = param_rules(source.spec, dst_spec)
+    scales = noise_plan(source, dst_spec, depth, cfg, rules) if cfg.variant.noisy else None
+    return Growth(source, dst_spec, cfg, depth, rules, scales, allow_non_finite)
+
+
+def for_state(growth: Growth, rules: list[ParamRule]) -> Growth:
+    """The growth of an optimizer state by its own ``rules``: a layer added as an identity gets zeros."""
+    return dataclasses.replace(growth, rules=rules, zero_added_layers=growth.depth.zeroes_added_outputs)
+
+
+def fill_rank(growth: Growth, slots: Slots, report: RankReport, tp_rank: int = 0, ep_rank: int = 0,
+              on_slice: Optional[Callable[[SliceTask, int], None]] = None, only_slots: bool = False) -> None:
     """Compute every destination slice this rank owns into its row blocks (model.parameter_slots),
     one task at a time: read its source boxes (locally, no collective; once for consecutive tasks
-    that read the same boxes, as a layer's experts do), clone, release. Source values
-    that are not finite are refused (naming the tensor) unless ``allow_non_finite``. With
-    ``only_slots`` the rank computes only the (tensor, layer, expert) pieces ``slots`` holds (a share
-    dealt to it), else every piece its TP and EP rank own must have a slot. ``rules`` replaces the
-    clone rules (the optimizer's moments are grown by rules of their own); with ``zero_added_layers``
-    every tensor of a layer added by identity depth growth is zero (its moments)."""
-    rules = rules or param_rules(source.spec, dst_spec)
+    that read the same boxes, as a layer's experts do), clone, release. With ``only_slots`` the rank
+    computes only the (tensor, layer, expert) pieces ``slots`` holds (a share dealt to it), else every
+    piece its TP and EP rank own must have a slot."""
+    source, dst_spec, cfg, depth = growth.source, growth.dst_spec, growth.cfg, growth.depth
     slots = dict(slots)
     layers = layer_map(depth, source.spec.num_layers)
     router_std = 0.0 if dst_spec.experts is None or dst_spec.experts.router_init == "zero" else _init_std(source)
     last: tuple = (None, None)  # (BoxRead, SourcePiece) of the last task that read the source
-    for task in plan_rank(rules, layers, dst_spec.tensor_parallel, tp_rank, depth.zeroes_added_outputs,
-                          dst_spec.expert_parallel, ep_rank, zero_added_layers):
+    for task in plan_rank(growth.rules, layers, dst_spec.tensor_parallel, tp_rank, depth.zeroes_added_outputs,
+                          dst_spec.expert_parallel, ep_rank, growth.zero_added_layers):
         place = (task.rule.key, task.layer, task.expert)
         if only_slots and place not in slots:
             continue
@@ -253,13 +266,13 @@ def fill_rank(
                     last = (None, None)  # the previous piece goes before the next is read
                     source_dtype = source.tensors[task.rule.source_key].dtype
                     parts = source.read(box_read)
-                    if not allow_non_finite or task.rule.optimizer_state:  # --allow-non-finite is about weights
+                    if not growth.allow_non_finite or task.rule.optimizer_state:
                         _check_finite(task, parts)
                     last = (box_read, assemble_piece(task, parts, source_dtype))
                     del parts
                     report.bytes_read += box_read.numel * source_dtype.itemsize
                 t1 = time.perf_counter()
-                scale = (scales or {}).get((task.rule.key, task.layer))
+                scale = (growth.scales or {}).get((task.rule.key, task.layer))
                 for b in blocks:
                     clone_slice(task.rule, task.layer or 0, last[1], task.dst_rows[b.start:b.stop], task.dst_cols,
                                 cfg, out=b.tensor, scale=scale)
@@ -378,20 +391,14 @@ def expand(
             if not req.legacy and not grow_optimizer:
                 del model  # the state dict alone holds the shard; fused tensors it saves in pieces are freed
             report.seconds["build"] = time.perf_counter() - t0
-            rules = param_rules(source.spec, dst_spec)  # once a run: every step below reads these
-            scales = noise_plan(source, dst_spec, depth, cfg, rules) if cfg.variant.noisy else None
-
-            def fill(some_slots: Slots, state_rules: Optional[list[ParamRule]] = None, moments: bool = False) -> None:
-                fill_rank(source, dst_spec, some_slots, parallel_state.get_tensor_model_parallel_rank(), cfg, report,
-                          None if state_rules else on_slice, allow_non_finite, scales, depth,
-                          ep_rank=parallel_state.get_expert_model_parallel_rank(), rules=state_rules or rules,
-                          zero_added_layers=moments and depth.zeroes_added_outputs)  # an added layer's moments: 0
-
+            growth = plan_growth(source, dst_spec, cfg, depth, allow_non_finite)  # once a run
+            ranks = dict(tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                         ep_rank=parallel_state.get_expert_model_parallel_rank())
             # every rank learns of a refusal here (bad values in its part of the source) before the save's collectives
-            agree(lambda: fill(slots))
+            agree(lambda: fill_rank(growth, slots, report, on_slice=on_slice, **ranks))
             del slots
-            extra, place = (grown_run(source, rules, model, model_sd, adam_step, fill) if grow_optimizer
-                            else ({}, {}))
+            extra, place = (grown_run(growth, model, model_sd, adam_step, lambda g, s: fill_rank(g, s, report, **ranks))
+                            if grow_optimizer else ({}, {}))
             claim.clear()  # an earlier output goes only now that the source has been read whole
 
             trim_heap()  # dist_checkpointing forks writers: hand them a compact heap
@@ -401,7 +408,7 @@ def expand(
                 model_sd = model.state_dict()
             iteration = place.get("iteration", 0)  # a new model, or the source's run continued
             save_megatron(dst_root, iteration, model_sd, destination_args(req, source, dst_spec, dtype, place),
-                          {"megaclone": clone_record(req, source, dst_spec, rules), **extra},
+                          {"megaclone": clone_record(req, source, dst_spec, growth.rules), **extra},
                           legacy=(parallel_state.get_tensor_model_parallel_rank(),
                                   parallel_state.get_data_parallel_rank() == 0) if req.legacy else None)
             del model_sd
@@ -440,14 +447,19 @@ def validate_request(req: Request, src_root: Path) -> tuple[Source, ModelSpec, O
     return source, dst_spec, step
 
 
-def grown_run(source: Source, rules: list[ParamRule], model, model_sd: dict, adam_step: float,
-              fill: Callable) -> tuple[dict, dict]:
-    """--grow-optimizer: the destination's optimizer state grown from the source's, and where the
-    source's run stands (its iteration, samples, scheduler and flops), so the destination continues it.
-    Returns (the checkpoint's extra state, the run's place for the args)."""
-    run = continuation(source)
-    optimizer = agree(lambda: grown_adam_state(model, model_sd, adam_step, rules, fill, mixed_precision(source),
-                                               run.get("grad_scaler")))
+def grown_run(growth: Growth, model, model_sd: dict, adam_step: float,
+              fill: Callable[[Growth, Slots], None]) -> tuple[dict, dict]:
+    """--grow-optimizer: the destination's optimizer state grown from the source's (each state by its
+    own rules through ``fill``, this rank's fill_rank), and where the source's run stands (its iteration,
+    samples, scheduler and flops), so the destination continues it. Returns (the checkpoint's extra
+    state, the run's place for the args)."""
+    run = continuation(growth.source)
+
+    def fill_state(slots: Slots, rules: list[ParamRule], moments: bool = False) -> None:
+        fill(for_state(growth, rules) if moments else dataclasses.replace(growth, rules=rules), slots)
+
+    optimizer = agree(lambda: grown_adam_state(model, model_sd, adam_step, growth.rules, fill_state,
+                                               mixed_precision(growth.source), run.get("grad_scaler")))
     extra = {"optimizer": optimizer, **{k: run[k] for k in ("opt_param_scheduler", "num_floating_point_operations_so_far")
                                        if k in run}}
     return extra, {k: run[k] for k in ("iteration", "consumed_train_samples")}

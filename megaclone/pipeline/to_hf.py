@@ -26,16 +26,9 @@ from megaclone.formats.source import open_source
 from megaclone.memory import PeakMemory
 from megaclone.model import RowBlock, Slots
 from megaclone.pipeline.clone import CloneConfig
-from megaclone.pipeline.expand import (
-    RankReport,
-    destination_spec,
-    fill_rank,
-    gather_reports,
-    noise_plan,
-)
+from megaclone.pipeline.expand import RankReport, destination_spec, fill_rank, gather_reports, plan_growth
 from megaclone.pipeline.index_maps import layer_map
 from megaclone.pipeline.plan import SliceTask
-from megaclone.pipeline.rules import param_rules
 from megaclone.runtime import agree, deal, return_large_frees
 from megaclone.shape.layout import catalogue
 from megaclone.shape.request import Depth, Factors
@@ -81,10 +74,8 @@ def expand_to_hf(
                      for (key, layer), who in zip(pieces, deal(sizes, world)) if who == rank}
             slots: Slots = {(key, layer, e if tensors[key].experts else None): [RowBlock(0, t.shape[1], t[e])]
                             for (key, layer), t in whole.items() for e in range(t.shape[0])}
-            rules = param_rules(source.spec, dst_spec)  # once a run
-            scales = noise_plan(source, dst_spec, depth, cfg, rules) if cfg.variant.noisy else None
-            agree(lambda: fill_rank(source, dst_spec, dict(slots), 0, cfg, report, on_slice, allow_non_finite, scales,
-                                    depth, only_slots=True, rules=rules))
+            growth = plan_growth(source, dst_spec, cfg, depth, allow_non_finite)  # once a run
+            agree(lambda: fill_rank(growth, slots, report, on_slice=on_slice, only_slots=True))
             layout = hf.family_of(model_type).layout(dst_spec)
 
             def fulls():  # each piece freed as its HF tensors are made
