@@ -143,7 +143,8 @@ def plan_stages(args, size: dict, runs: list[Run]) -> list[Stage]:
         stages.append(Stage(start, ["tools/expand_sharded.py", "--load", str(source), "--save", str(wide), "--tp",
                                     str(tp), "--factor", "2", "--variant", variant.removesuffix("-0db"), "--seed",
                                     seed, *snr, "--no-progress", "--overwrite",
-                                    *(["--grow-optimizer"] if name.endswith("-adam") else [])],
+                                    # the grown Adam state on the recipe's own schedule, from iteration 0
+                                    *(["--grow-optimizer", "--restart-schedule"] if name.endswith("-adam") else [])],
                             done=(wide / "latest_checkpointed_iteration.txt").exists(), after=("train-source",)))
     target = {"train": data["target"], "valid": data["valid"]}
     for run in sorted(runs, key=lambda r: r.start is not None):  # random init first, beside the source

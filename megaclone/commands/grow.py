@@ -89,7 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="copy NaN/Inf source values instead of refusing the source (default: refuse)")
     p.add_argument("--grow-optimizer", action="store_true",
                    help="grow a training checkpoint's Adam moments with the weights (scaled as each tensor's "
-                        "gradient scales under the clone) and keep its step count; width growth into torch_dist")
+                        "gradient scales under the clone) and keep its step count; the clone continues the source's "
+                        "run (iteration, samples, learning-rate schedule)")
+    p.add_argument("--restart-schedule", action="store_true",
+                   help="with --grow-optimizer: the clone starts at iteration 0 with no schedule state, so the "
+                        "trainer resumes it (grown moments loaded) on a new schedule from its flags")
     p.add_argument("--verify", action="store_true",
                    help="then check the destination as tools/verify_logits.py does (logits per rank, stored "
                         "weights), in the same processes: one launch instead of two; exit status 1 if a check fails")
@@ -109,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.grow_optimizer and (args.save_hf or args.load_hf):
         p.error("--grow-optimizer grows a Megatron training checkpoint's Adam state into a Megatron checkpoint: "
                 "use --load and --save")
+    if args.restart_schedule and not args.grow_optimizer:
+        p.error("--restart-schedule restarts a grown optimizer's run: pass --grow-optimizer too (a clone without "
+                "it starts at iteration 0 anyway, with --finetune)")
     if args.moe_router_topk is not None and args.num_experts is None:
         p.error("--moe-router-topk chooses among experts, but no --num-experts was given: pass --num-experts E, "
                 "or leave out --moe-router-topk")
@@ -177,6 +184,7 @@ def main() -> int:
             load_format=Format.HF if args.load_hf else None, dtype=dtype, pp=args.pp,
             save_format=args.save_format, allow_non_finite=args.allow_non_finite, depth=depth, experts=experts,
             grow_optimizer=args.grow_optimizer, expert_parallel=1 if experts else args.ep,
+            restart_schedule=args.restart_schedule,
         )
     progress.close()
     if rt.is_main:

@@ -312,6 +312,7 @@ class Request:
     load_format: Optional[Format | str]
     allow_non_finite: bool
     grow_optimizer: bool
+    restart_schedule: bool = False  # with grow_optimizer: the clone starts at iteration 0, its moments kept
 
     @property
     def ep(self) -> int:
@@ -341,6 +342,7 @@ def expand(
     experts: Optional[Experts] = None,
     grow_optimizer: bool = False,
     expert_parallel: int = 1,
+    restart_schedule: bool = False,
 ) -> list[RankReport]:
     """Expand ``src_root`` into ``dst_root`` at TP ``tp`` (and ``depth``; with ``experts``, every MLP
     upcycled to a mixture of experts over ``experts.parallel`` EP ranks); returns every rank's report
@@ -359,14 +361,17 @@ def expand(
     cloned), over ``expert_parallel`` EP ranks.
 
     With ``grow_optimizer`` a training checkpoint's Adam moments are grown with the weights and saved
-    in the trainer's layout, the step count kept (pipeline.optimizer).
+    in the trainer's layout, the step count kept (pipeline.optimizer), and the clone continues the
+    source's run (its iteration, samples and learning-rate schedule); with ``restart_schedule`` too it
+    starts at iteration 0 instead, with no schedule state, so the trainer resumes it (the grown moments
+    loaded) on a new schedule from its flags.
     """
     from megatron.core import parallel_state
 
     from megaclone.runtime import init_parallel
 
     req = Request(factors, tp, cfg, depth, experts, expert_parallel, dtype, pp, Format(save_format), vocab_size,
-                  load_format, allow_non_finite, grow_optimizer)
+                  load_format, allow_non_finite, grow_optimizer, restart_schedule)
     start, cpu_start = time.perf_counter(), cpu_seconds()
     return_large_frees()
     memory = PeakMemory().start()
@@ -397,8 +402,8 @@ def expand(
             # every rank learns of a refusal here (bad values in its part of the source) before the save's collectives
             agree(lambda: fill_rank(growth, slots, report, on_slice=on_slice, **ranks))
             del slots
-            extra, place = (grown_run(growth, model, model_sd, adam_step, lambda g, s: fill_rank(g, s, report, **ranks))
-                            if grow_optimizer else ({}, {}))
+            extra, place = (grown_run(growth, model, model_sd, adam_step, lambda g, s: fill_rank(g, s, report, **ranks),
+                                      req.restart_schedule) if grow_optimizer else ({}, {}))
             claim.clear()  # an earlier output goes only now that the source has been read whole
 
             trim_heap()  # dist_checkpointing forks writers: hand them a compact heap
@@ -447,13 +452,17 @@ def validate_request(req: Request, src_root: Path) -> tuple[Source, ModelSpec, O
     return source, dst_spec, step
 
 
-def grown_run(growth: Growth, model, model_sd: dict, adam_step: float,
-              fill: Callable[[Growth, Slots], None]) -> tuple[dict, dict]:
+def grown_run(growth: Growth, model, model_sd: dict, adam_step: float, fill: Callable[[Growth, Slots], None],
+              restart: bool = False) -> tuple[dict, dict]:
     """--grow-optimizer: the destination's optimizer state grown from the source's (each state by its
     own rules through ``fill``, this rank's fill_rank), and where the source's run stands (its iteration,
-    samples, scheduler and flops), so the destination continues it. Returns (the checkpoint's extra
-    state, the run's place for the args)."""
+    samples, scheduler and flops), so the destination continues it; with ``restart`` the destination
+    starts at iteration 0 with no schedule state (the moments and Adam's step count kept). Returns (the
+    checkpoint's extra state, the run's place for the args)."""
     run = continuation(growth.source)
+    if restart:
+        run = {"iteration": 0, "consumed_train_samples": 0,
+               **({"grad_scaler": run["grad_scaler"]} if "grad_scaler" in run else {})}
 
     def fill_state(slots: Slots, rules: list[ParamRule], moments: bool = False) -> None:
         fill(for_state(growth, rules) if moments else dataclasses.replace(growth, rules=rules), slots)
@@ -488,6 +497,7 @@ def clone_record(req: Request, source: Source, dst_spec: ModelSpec, rules: list[
         "source": str(source.path.resolve()),
         "source_format": source.format.value,
         "grown_optimizer": req.grow_optimizer,
+        "restart_schedule": req.restart_schedule,
     }
     if req.experts is None:  # not for new experts: a router row shared by copies scales no tensor alike
         record["adam_scaling"] = adam_scaling(rules)

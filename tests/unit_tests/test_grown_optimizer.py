@@ -283,3 +283,29 @@ def test_identity_depth_growth_gives_added_layers_zero_moments(world, tmp_path):
                 assert torch.equal(deep[key][layer], wide[key][layer // 2]), (key, layer)
     common = torch_dist.read_common(torch_dist.find_checkpoint(tmp_path / "deep"))
     assert (common["optimizer"].get("optimizer", common["optimizer"]))["state"]["common_step"] == 2
+
+
+def test_a_restarted_schedule_keeps_the_grown_moments_and_starts_at_iteration_0(world, tmp_path):
+    """--restart-schedule: the clone is written at iteration 0 (tracker, args, no scheduler state), so
+    the trainer resumes it on a new schedule from its flags, with the moments and Adam's step count a
+    continuing clone gets; without --grow-optimizer the flag is refused before anything runs."""
+    from megaclone.commands import grow
+
+    trained_checkpoint(tmp_path / "small", 2)
+    expand(tmp_path / "small", tmp_path / "on", Factors.uniform(2), 1, grow_optimizer=True)
+    expand(tmp_path / "small", tmp_path / "new", Factors.uniform(2), 1, grow_optimizer=True, restart_schedule=True)
+    assert (tmp_path / "new" / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
+    common = torch_dist.read_common(torch_dist.find_checkpoint(tmp_path / "new"))
+    assert common["iteration"] == 0 and "opt_param_scheduler" not in common
+    assert (common["args"].iteration, common["args"].consumed_train_samples) == (0, 0)
+    assert (common["optimizer"].get("optimizer", common["optimizer"]))["state"]["common_step"] == 2
+    assert common["megaclone"]["restart_schedule"] and common["megaclone"]["grown_optimizer"]
+    on = torch_dist.load_plain_tensors(torch_dist.find_checkpoint(tmp_path / "on"))
+    new = torch_dist.load_plain_tensors(torch_dist.find_checkpoint(tmp_path / "new"))
+    assert on.keys() - new.keys() == {"opt_param_scheduler", "num_floating_point_operations_so_far"}
+    assert any(k.startswith("optimizer.state.exp_avg_sq.") for k in new)
+    assert all(torch.equal(on[k], new[k]) for k in new if isinstance(new[k], torch.Tensor))  # weights, moments
+    with pytest.raises(SystemExit) as stop:
+        grow.parse_args(["--load", str(tmp_path / "small"), "--save", str(tmp_path / "x"), "--tp", "1",
+                         "--factor", "2", "--restart-schedule"])
+    assert stop.value.code == 2 and not (tmp_path / "x").exists()
