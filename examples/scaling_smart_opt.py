@@ -23,7 +23,7 @@ a figure to examples/results/.
 Two further sets of runs join the stored report, each from the same source, data and validation samples:
 
     python examples/scaling_smart_opt.py --controls  # the ranking's mechanism: dropout 0, noise at 0 dB (9 runs)
-    python examples/scaling_smart_opt.py --bump      # the bump against the step size (LADDER, 33 runs)
+    python examples/scaling_smart_opt.py --bump      # the bump against the step size (LADDER, 36 runs)
 """
 
 import json
@@ -76,20 +76,20 @@ CONTROLS = {"diagonal-dropout0": ("diagonal", DROPOUT0), "symmetric-dropout0": (
 # lr is a multiple of the recipe's (TARGET_LR, its min lr scaled alike); a fresh Adam moves a 2x
 # symmetric clone about twice as fast as the source at the same lr, per-tensor lr and grown Adam undo
 # that, so at 2x and 4x they match the plain recipe's and the source's effective step size.
-# setting: (multiple of the recipe's lr, trainer flags over the recipe, the expansion it starts from),
-# listed in the order they run (the conclusions' settings first).
+# setting: (multiple of the recipe's lr, trainer flags over the recipe, the expansion it starts from).
 LADDER = {
     "recipe": (1, {}, "symmetric"),
     "lr-2x": (2, {}, "symmetric"),
     "lr-2x-warmup-4x": (2, {"warmup": 4}, "symmetric"),
+    "warmup-4x": (1, {"warmup": 4}, "symmetric"),
+    "lr-0.5x": (0.5, {}, "symmetric"),
+    "lr-0.25x": (0.25, {}, "symmetric"),
+    "per-tensor-lr-1x": (1, dict(clone_lr_scaling=True), "symmetric"),
     "per-tensor-lr-2x": (2, dict(clone_lr_scaling=True), "symmetric"),
     "per-tensor-lr-4x": (4, dict(clone_lr_scaling=True), "symmetric"),
+    "grown-adam-1x": (1, dict(clone_adam_scaling=True), "symmetric-adam"),
     "grown-adam-2x": (2, dict(clone_adam_scaling=True), "symmetric-adam"),
     "grown-adam-4x": (4, dict(clone_adam_scaling=True), "symmetric-adam"),
-    "per-tensor-lr-1x": (1, dict(clone_lr_scaling=True), "symmetric"),
-    "grown-adam-1x": (1, dict(clone_adam_scaling=True), "symmetric-adam"),
-    "warmup-4x": (1, {"warmup": 4}, "symmetric"),
-    "lr-quarter": (0.25, {}, "symmetric"),
 }
 
 
@@ -335,9 +335,8 @@ def add_controls(report: dict, size: dict, out: Path, stages: Stages) -> dict:
             [final[f"noisy-symmetric-0db-s{s}"] - final[f"symmetric-s{s}"] for s in seeds],
         "noisy symmetric 10 dB - symmetric (final loss, per seed)":
             [final[f"noisy-symmetric-s{s}"] - final[f"symmetric-s{s}"] for s in seeds],
+        **own_stages(stages),
     }
-    report["commands"].update(stages.commands)
-    report["stage_seconds"].update(stages.seconds)
     return report
 
 
@@ -377,17 +376,22 @@ def add_ladder(report: dict, size: dict, out: Path, stages: Stages) -> dict:
                           "minus_recipe": {m: {"per_seed": v, **paper.spread(v)} for m, v in paired.items()}}
     rerun = [results[f"ladder-recipe-s{s}"]["final_loss"] - report["runs"][f"symmetric-s{s}"]["final_loss"]
              for s in seeds] if "recipe" in settings else []
-    shown = [n for n in ("recipe", "lr-2x", "lr-2x-warmup-4x", "per-tensor-lr-2x", "grown-adam-2x") if n in settings]
+    shown = [n for n in ("recipe", "lr-2x", "lr-2x-warmup-4x", "per-tensor-lr-4x", "grown-adam-4x") if n in settings]
     target = sum(report["runs"][f"{BASELINE}-s{s}"]["target_loss"] for s in seeds) / len(seeds)
     figure = plots.loss_bands({n: _bands([curves[r] for r in settings[n]["runs"]]) for n in shown}, target,
                               Path(__file__).resolve().parent / "results" / "scaling_smart_opt_bump.png",
                               "the bump disentangled: symmetric clone, 3 paired seeds")
     report["bump_disentangled"] = {
         "runs": results, "settings": settings, "not_run": [n for n in LADDER if n not in settings],
-        "recipe_rerun_minus_stored (final loss, per seed)": rerun, "figure": figure.name}
-    report["commands"].update(stages.commands)
-    report["stage_seconds"].update(stages.seconds)
+        "recipe_rerun_minus_stored (final loss, per seed)": rerun, "figure": figure.name, **own_stages(stages)}
     return report
+
+
+def own_stages(stages: Stages) -> dict:
+    """An extra set's commands and seconds, kept apart from the main runs': it retrains the source and
+    redoes the expansions in its own directory, under the same stage names."""
+    return {"commands": dict(stages.commands),
+            "stage_seconds": {name: stages.seconds[name] for name in stages.commands if name in stages.seconds}}
 
 
 def ladder_markdown(ladder: dict) -> str:

@@ -203,7 +203,7 @@ def test_the_stored_bump_study_recomputes_from_its_curves_and_commands():
             d = g["minus_recipe"]
             assert d["final_loss"]["per_seed"][seed - 1] == pytest.approx(final(run) - final(recipe), abs=1e-12)
             assert d["early_bump"]["per_seed"][seed - 1] == pytest.approx(rise(run) - rise(recipe), abs=1e-12)
-            cmd = report["commands"][f"train-{run}"]
+            cmd = ladder["commands"][f"train-{run}"]
             flag = dict(re.findall(r"--(lr|lr-warmup-iters|seed) (\S+)", cmd))
             assert float(flag["lr"]) == pytest.approx(1e-3 * g["lr_multiple"], rel=1e-12)
             assert int(flag["lr-warmup-iters"]) == (88 if "warmup-4x" in name else 22)
