@@ -173,6 +173,8 @@ def main(out: Path) -> None:
             "weight_mismatches": [m.line() for w in weights for m in w.mismatches]}
         dist.barrier()
 
+    results["grown_optimizer"] = grown_optimizer_layouts(out, moe_spec)
+
     refusals = {
         "ep-does-not-fit-world": dict(factors=Factors.uniform(2), tp=4, experts=Experts(4, 2, parallel=2)),
         "granular-topk": dict(factors=Factors.uniform(2), tp=2, experts=Experts(4, 2, ffn_hidden_size=48)),
@@ -196,6 +198,45 @@ def main(out: Path) -> None:
     if rt.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
+
+
+# --grow-optimizer from a mixture, at other layouts: (name, TP, EP); the first is the reference
+GROWN_OPTIMIZER_LAYOUTS = [("grown-optim-tp1-ep1", 1, 1), ("grown-optim-tp2-ep2", 2, 2), ("grown-optim-tp1-ep4", 1, 4)]
+
+
+def grown_optimizer_layouts(out: Path, moe_spec: ModelSpec) -> dict:
+    """A training checkpoint of a mixture (two AdamW steps on the same seeded gradients on every rank, so
+    the four data-parallel replicas agree) grown 2x with --grow-optimizer at each layout: the state is
+    stored under global keys, so every layout must write the tensors (weights and every moment) that the
+    TP 1 x EP 1 expansion writes, whose step tests/unit_tests/test_grown_optimizer.py shows exact.
+    Returns, per layout, the keys that differ from the reference's and how many were compared."""
+    from megaclone.model import model_sharded_state_dict
+    from megaclone.sample import checkpoint_args
+    from megaclone.train.state import save_training_checkpoint
+
+    init_parallel(1)
+    torch.manual_seed(0)
+    model = build_gpt(moe_spec, initialize=True)
+    optimizer = torch.optim.AdamW(model.parameters())
+    draw = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=draw)
+        optimizer.step()
+    save_training_checkpoint(out / "moe-trained", 2, model_sharded_state_dict(model), checkpoint_args(moe_spec),
+                             optimizer)
+    for name, tp, ep in GROWN_OPTIMIZER_LAYOUTS:
+        expand(out / "moe-trained", out / name, Factors.uniform(2), tp, expert_parallel=ep, grow_optimizer=True)
+    def real_rows(tensors: dict) -> dict:  # the padded vocabulary depends on the TP: its real rows do not
+        return {k: v[:moe_spec.vocab_size] if k.endswith(VOCAB) else v for k, v in tensors.items()}
+
+    reference = real_rows(plain_tensors(out / GROWN_OPTIMIZER_LAYOUTS[0][0]))
+    layouts = {}
+    for name, _, _ in GROWN_OPTIMIZER_LAYOUTS[1:]:
+        tensors = real_rows(plain_tensors(out / name))
+        layouts[name] = {"compared": sorted(tensors), "differ": sorted(
+            k for k in reference if k not in tensors or not torch.equal(tensors[k], reference[k]))}
+    return layouts
 
 
 def _args(root: Path):

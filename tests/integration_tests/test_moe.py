@@ -6,7 +6,7 @@ equal megatron-core's own run-time upcycling of the same dense model; bad reques
 anything is written."""
 
 import pytest
-from moe_worker import CASES, MOE_SOURCE_CASES, has_oracle
+from moe_worker import CASES, GROWN_OPTIMIZER_LAYOUTS, MOE_SOURCE_CASES, has_oracle
 
 pytestmark = pytest.mark.slow  # torchrun jobs
 
@@ -107,3 +107,13 @@ def test_a_grown_mixture_of_experts_gives_its_sources_logits_on_every_rank(resul
     assert record["weights_checked"] > 0 and record["weight_mismatches"] == []
     if "depth" not in case:  # the top-k choices are compared layer for layer
         assert all(compared > 0 and differ == 0 for compared, differ in record["routes"])
+
+
+@pytest.mark.parametrize("layout", [name for name, _, _ in GROWN_OPTIMIZER_LAYOUTS[1:]])
+def test_a_mixtures_grown_optimizer_state_is_the_same_at_every_layout(results, layout):
+    """--grow-optimizer from a trained mixture at TP 2 x EP 2 and TP 1 x EP 4 writes the weights and every
+    Adam moment (experts, router, the rest) the TP 1 x EP 1 expansion writes."""
+    record = results["grown_optimizer"][layout]
+    assert record["differ"] == []
+    moments = [k for k in record["compared"] if k.startswith("optimizer.state.exp_avg")]
+    assert any(".experts." in k for k in moments) and any(".router." in k for k in moments)
