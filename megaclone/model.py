@@ -173,12 +173,6 @@ def model_sharded_state_dict(model) -> dict[str, Any]:
     return sd
 
 
-def is_te_moe_norm_copy(key: str, keys) -> bool:
-    """Whether a stored key is the copy add_te_moe_norm_keys writes (a MoE layer's pre-MLP norm under
-    its Transformer Engine key, beside the key the model trains): it has no optimizer state of its own."""
-    return key.startswith(PRE_MLP_NORM) and MLP_NORM + key[len(PRE_MLP_NORM):] in keys
-
-
 def add_te_moe_norm_keys(sd: dict[str, Any]) -> None:
     """Also store a MoE layer's pre-MLP norm under the key a Transformer Engine model loads it from.
 

@@ -11,6 +11,7 @@ Order of a run (all ranks together):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -400,7 +401,7 @@ def expand(
             ranks = dict(tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                          ep_rank=parallel_state.get_expert_model_parallel_rank())
             # every rank learns of a refusal here (bad values in its part of the source) before the save's collectives
-            agree(lambda: fill_rank(growth, slots, report, on_slice=on_slice, **ranks))
+            agree(functools.partial(fill_rank, growth, slots, report, on_slice=on_slice, **ranks))
             del slots
             extra, place = (grown_run(growth, model, model_sd, adam_step, lambda g, s: fill_rank(g, s, report, **ranks),
                                       req.restart_schedule) if grow_optimizer else ({}, {}))

@@ -40,8 +40,7 @@ def check_growable(source: Source, depth: Depth, experts, legacy: bool) -> float
         raise MegacloneError(f"{what}: new experts (upcycled, or more from a mixture) and --save-format torch take no "
                              "grown optimizer state (a router row shared by copies makes no step exact)",
                              "leave out --num-experts and --save-format torch, or --grow-optimizer")
-    missing = [t.key for t in catalogue(source.spec) for state, _ in MOMENTS
-               if optimizer_state_key(state, t.key) not in source.tensors]
+    missing = missing_moments(source)
     if missing:
         raise MegacloneError(f"{what} holds no Adam moments for {missing[0]} (and {len(missing) - 1} more)",
                              "load a training checkpoint saved with its optimizer (examples/pretrain_gpt.py --save)")
@@ -55,6 +54,14 @@ def check_growable(source: Source, depth: Depth, experts, legacy: bool) -> float
     if step is None:
         raise MegacloneError(f"{what} records no Adam step count (common_step)", "load a training checkpoint")
     return float(step)
+
+
+def missing_moments(source: Source) -> list[str]:
+    """The parameters of ``source``'s model (its catalogue: the tensors the model trains, not the
+    copies a checkpoint also stores for Transformer Engine) whose Adam moments it does not hold, a key
+    per missing moment; none for a training checkpoint saved with its optimizer."""
+    return [t.key for t in catalogue(source.spec) for state, _ in MOMENTS
+            if optimizer_state_key(state, t.key) not in source.tensors]
 
 
 def mixed_precision(source: Source) -> bool:

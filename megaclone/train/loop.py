@@ -25,7 +25,8 @@ import torch
 from megaclone.errors import MegacloneError
 from megaclone.formats import destination, iterations, torch_dist
 from megaclone.formats.source import open_source
-from megaclone.model import build_gpt, is_te_moe_norm_copy, model_sharded_state_dict
+from megaclone.model import build_gpt, model_sharded_state_dict
+from megaclone.pipeline.optimizer import missing_moments
 from megaclone.reference import default_tolerance
 from megaclone.runtime import Runtime, init_parallel
 from megaclone.shape.request import not_function_preserving
@@ -135,8 +136,7 @@ def _check_resumable(args: argparse.Namespace, checkpoint) -> None:
     """A resume that loads the optimizer (neither --finetune nor --no-load-optim) needs its state."""
     if args.finetune or args.no_load_optim:
         return
-    missing = [t for t in checkpoint.tensors if not t.startswith("optimizer.") and not is_te_moe_norm_copy(
-               t, checkpoint.tensors) and f"optimizer.state.exp_avg.{t}" not in checkpoint.tensors]
+    missing = missing_moments(checkpoint)
     if missing:
         raise MegacloneError(f"--load {args.load} holds no optimizer state for {missing[0]} (and {len(missing) - 1} "
                              "more), which resuming a run loads",
@@ -304,10 +304,6 @@ def pretrain(args: argparse.Namespace, rt: Runtime) -> History:
     if rt.is_main and args.log_json:
         write_json(Path(args.log_json), history.to_json())
     return history
-
-
-# How far the clone's first-batch loss may be from the source's, relative, by the weights' dtype:
-# the same function, computed at that precision (bf16 keeps 8 bits of mantissa).
 
 
 def dtype_name(dtype: torch.dtype) -> str:
