@@ -283,6 +283,21 @@ def _curve(history: dict) -> list[tuple[float, float]]:
     return [(v["tokens"], v["lm_loss"]) for v in history["valid"]]
 
 
+def run_curve(out: Path, name: str) -> list[tuple[float, float]]:
+    """A run's validation curve, (tokens, loss) points, from its --log-json."""
+    return _curve(json.loads((out / "runs" / f"{name}.json").read_text()))
+
+
+def stored_curves(report: dict) -> dict[str, list[tuple[float, float]]]:
+    """A stored report's validation curves as (tokens, loss) points."""
+    return {n: [(p["tokens"], p["lm_loss"]) for p in c] for n, c in report["valid_curves"].items()}
+
+
+def curve_records(curve: list[tuple[float, float]]) -> list[dict]:
+    """(tokens, loss) points as a report stores them."""
+    return [{"tokens": t, "lm_loss": loss} for t, loss in curve]
+
+
 def _bands(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float, float, float]]:
     """(tokens, mean, min, max) over seeds at each evaluation (all seeds evaluate at the same tokens)."""
     import numpy as np
@@ -397,7 +412,7 @@ def analyse(args, size: dict, runs: list[Run], stages: Stages) -> dict:
         "source_valid_curve": _curve(source_history),
         "runs": results,
         "variants": summary,
-        "valid_curves": {n: [{"tokens": t, "lm_loss": l} for t, l in c] for n, c in curves.items()},
+        "valid_curves": {n: curve_records(c) for n, c in curves.items()},
         "symmetry": symmetry,
         "spectrum": {"key": key, "layer": 0, "rank_above_1e-3": ranks, **{n: v.tolist() for n, v in spectra.items()}},
         "figures": {k: str(v.relative_to(res)) for k, v in figures.items()},
@@ -521,7 +536,7 @@ def restate(report: dict) -> dict:
     read from the raw curves (SMOOTHING), and the claims with them (their figures otherwise stored)."""
     from megaclone.study import paper
 
-    curves = {n: [(p["tokens"], p["lm_loss"]) for p in c] for n, c in report["valid_curves"].items()}
+    curves = stored_curves(report)
     for name, r in report["runs"].items():
         r.update(paper.speedup(curves[f"{BASELINE}-s{r['seed']}"], curves[name], FINAL_EVALS, SMOOTHING))
     for g in report["variants"].values():

@@ -44,12 +44,15 @@ from reproduce_scaling_smart import (  # noqa: E402  (the recipe and the stage r
     Stage,
     Stages,
     _bands,
-    _curve,
     _fmt,
+    curve_records,
     data_stages,
+    expanded,
     finished,
     run_case,
+    run_curve,
     shape_flags,
+    stored_curves,
     train_flags,
 )
 
@@ -155,7 +158,7 @@ def plan_stages(args, size: dict, runs: list[Run]) -> list[Stage]:
         if run.start is None:
             cmd, after = [*shape_flags(size, factor=2), *common], ()
         else:  # a clone: weights only, or (its optimizer grown) resumed at iteration 0 with its Adam state
-            wide = out / "expanded" / run.start.removeprefix("expand-")
+            wide = expanded(out, run)
             # --use-checkpoint-args takes the dropouts from the checkpoint too: a run that sets its own
             # gives the clone's shape instead
             shape = shape_flags(size, factor=2) if "hidden_dropout" in overrides else ["--use-checkpoint-args"]
@@ -171,14 +174,8 @@ def analyse(args, size: dict, runs: list[Run], stages: Stages) -> dict:
     from megaclone.study import paper, plots
 
     out, res = args.out, args.results
-    curves = {r.name: _curve(json.loads((out / "runs" / f"{r.name}.json").read_text())) for r in runs}
-    results = {}
-    for r in runs:
-        curve = curves[r.name]
-        results[r.name] = {"variant": r.variant, "seed": r.seed, "overrides": dict(r.overrides),
-                           **paper.speedup(curves[f"{BASELINE}-s{r.seed}"], curve, FINAL_EVALS, SMOOTHING),
-                           "initial_loss": curve[0][1], "final_loss": paper.final_loss(curve, FINAL_EVALS),
-                           "early_bump": paper.early_bump(curve), "recovered_at": paper.recovery_tokens(curve)}
+    curves = {r.name: run_curve(out, r.name) for r in runs}
+    results = {r.name: run_result(r, curves[f"{BASELINE}-s{r.seed}"], curves[r.name]) for r in runs}
     seeds = range(1, size["seeds"] + 1)
     summary = {v: {"runs": [f"{v}-s{s}" for s in seeds]} for v in MAIN}
     for v, g in summary.items():
@@ -210,7 +207,7 @@ def analyse(args, size: dict, runs: list[Run], stages: Stages) -> dict:
                      "final_evals": FINAL_EVALS, "smoothing": SMOOTHING},
         "commands": stages.commands, "stage_seconds": stages.seconds, "runs": results, "variants": summary,
         "paired_differences": paired, "bump": bump, "bump_best_seeds": best_seeds,
-        "valid_curves": {n: [{"tokens": t, "lm_loss": loss} for t, loss in c] for n, c in curves.items()},
+        "valid_curves": {n: curve_records(c) for n, c in curves.items()},
         "figure": str(figure.relative_to(res)),
     }
     report["claim"] = headline_claim(summary)
@@ -219,13 +216,24 @@ def analyse(args, size: dict, runs: list[Run], stages: Stages) -> dict:
     return report
 
 
+def run_result(run: Run, baseline: list[tuple[float, float]], curve: list[tuple[float, float]]) -> dict:
+    """One run's measures against its seed's random-init curve: the speedup (crossings as SMOOTHING
+    says), its first and final loss, its early rise and where the rise ends."""
+    from megaclone.study import paper
+
+    return {"variant": run.variant, "seed": run.seed, "overrides": dict(run.overrides),
+            **paper.speedup(baseline, curve, FINAL_EVALS, SMOOTHING),
+            "initial_loss": curve[0][1], "final_loss": paper.final_loss(curve, FINAL_EVALS),
+            "early_bump": paper.early_bump(curve), "recovered_at": paper.recovery_tokens(curve)}
+
+
 def restate(report: dict, seeds: int = 3) -> dict:
     """Every speedup of a stored report recomputed from its stored validation curves with the crossings
     read from the raw curves (SMOOTHING), the claim's status with them, and each variant's speedup by
     every crossing method beside it (``speedup_methods``): what changes with the method, nothing else."""
     from megaclone.study import paper
 
-    curves = {n: [(p["tokens"], p["lm_loss"]) for p in c] for n, c in report["valid_curves"].items()}
+    curves = stored_curves(report)
     for name, r in report["runs"].items():
         r.update(paper.speedup(curves[f"{BASELINE}-s{r['seed']}"], curves[name], FINAL_EVALS, SMOOTHING))
     results = report["runs"]
@@ -314,8 +322,8 @@ def add_controls(report: dict, size: dict, out: Path, stages: Stages) -> dict:
     from megaclone.study import paper
 
     runs = plan_controls(size)
-    curves = {r.name: _curve(json.loads((out / "runs" / f"{r.name}.json").read_text())) for r in runs}
-    stored = {n: [(p["tokens"], p["lm_loss"]) for p in c] for n, c in report["valid_curves"].items()}
+    curves = {r.name: run_curve(out, r.name) for r in runs}
+    stored = stored_curves(report)
     seeds = range(1, size["seeds"] + 1)
     controls = {}
     for r in runs:
@@ -323,7 +331,7 @@ def add_controls(report: dict, size: dict, out: Path, stages: Stages) -> dict:
         controls[r.name] = {"seed": r.seed, "overrides": dict(r.overrides),
                             **paper.speedup(base, curves[r.name], FINAL_EVALS, SMOOTHING),
                             "final_loss": paper.final_loss(curves[r.name], FINAL_EVALS)}
-        report["valid_curves"][r.name] = [{"tokens": t, "lm_loss": loss} for t, loss in curves[r.name]]
+        report["valid_curves"][r.name] = curve_records(curves[r.name])
     final = {n: r["final_loss"] for n, r in report["runs"].items()} | {n: r["final_loss"] for n, r in controls.items()}
     report["ranking_controls"] = {
         "runs": controls,
@@ -350,16 +358,11 @@ def add_ladder(report: dict, size: dict, out: Path, stages: Stages) -> dict:
     iters, seeds = size["train_iters"], range(1, size["seeds"] + 1)
     logs = {r.name: out / "runs" / f"{r.name}.json" for r in plan_ladder(size)}
     runs = [r for r in plan_ladder(size) if finished(logs[r.name], iters)]
-    curves = {r.name: _curve(json.loads(logs[r.name].read_text())) for r in runs}
-    stored = {n: [(p["tokens"], p["lm_loss"]) for p in c] for n, c in report["valid_curves"].items()}
-    results = {}
-    for r in runs:
-        c = curves[r.name]
-        results[r.name] = {"seed": r.seed, "overrides": dict(r.overrides),
-                           **paper.speedup(stored[f"{BASELINE}-s{r.seed}"], c, FINAL_EVALS, SMOOTHING),
-                           "final_loss": paper.final_loss(c, FINAL_EVALS), "early_bump": paper.early_bump(c),
-                           "recovered_at": paper.recovery_tokens(c)}
-        report["valid_curves"][r.name] = [{"tokens": t, "lm_loss": loss} for t, loss in c]
+    curves = {r.name: run_curve(out, r.name) for r in runs}
+    stored = stored_curves(report)
+    results = {r.name: run_result(r, stored[f"{BASELINE}-s{r.seed}"], curves[r.name]) for r in runs}
+    for name, c in curves.items():
+        report["valid_curves"][name] = curve_records(c)
     settings = {}
     for name, (multiple, _, _) in LADDER.items():
         names = [f"ladder-{name}-s{s}" for s in seeds]
