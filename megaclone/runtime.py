@@ -203,6 +203,13 @@ def init_parallel(tensor_parallel: int, pipeline_parallel: int = 1, expert_paral
     if _cpu:
         _install_cpu_rng_tracker()
     layout = (tensor_parallel, pipeline_parallel, expert_parallel)
+    ranks, world = tensor_parallel * pipeline_parallel * expert_parallel, dist.get_world_size()
+    if world % ranks:  # megatron-core's own refusal is a RuntimeError traceback on every rank
+        from megaclone.errors import MegacloneError
+
+        named = " x ".join(f"{n} {v}" for n, v in zip(("TP", "PP", "EP"), layout) if v > 1 or n == "TP")
+        raise MegacloneError(f"{named} needs a multiple of {ranks} processes, but this job has {world}",
+                             f"launch with torchrun --nproc_per_node {ranks} (or mpirun -n {ranks})")
     if parallel_state.model_parallel_is_initialized():
         if _current == layout:
             return

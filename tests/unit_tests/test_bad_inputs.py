@@ -423,3 +423,17 @@ def test_a_refused_expansion_leaves_no_thread_behind(source, tmp_path):
         with pytest.raises(MegacloneError, match="is not empty"):
             expand(source, tmp_path / "full", Factors.uniform(2), 1)
     assert not [t for t in threading.enumerate() if t.name == "megaclone-rss"]
+
+
+def test_a_layout_the_world_cannot_hold_is_refused_in_one_line(tmp_path):
+    """megatron-core's own refusal of a TP larger than the job (a RuntimeError traceback on every rank)
+    becomes a MegacloneError naming the processes needed: `megaclone make-source --tp 2` started
+    without torchrun writes nothing."""
+    from megaclone import sample
+    from megaclone.runtime import init_distributed
+    from megaclone.shape import presets
+
+    init_distributed("cpu")
+    with pytest.raises(MegacloneError, match=r"TP 2 needs a multiple of 2 processes, but this job has 1"):
+        sample.make_source(tmp_path / "s", presets.preset_spec("llama", 2), train_steps=0)
+    assert not (tmp_path / "s").exists()
